@@ -1,0 +1,92 @@
+"""Transport-neutral facts about a connection, a transaction and a message.
+
+Front ends translate their protocol (SMTP, milter, policy delegation) into
+these types; everything behind the pipeline sees only these. Nothing here
+imports from the rest of the project.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import time
+from dataclasses import dataclass, field
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def new_id() -> str:
+    """A short, sortable, path-safe id: 10 hex digits of time, 8 random."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(4)}"
+
+
+@dataclass
+class Connection:
+    """What we know about the SMTP client, filled in as the session goes."""
+
+    client_ip: IPAddress | None
+    client_port: int = 0
+    client_name: str = ""
+    helo: str = ""
+    tls: bool = False
+    authenticated: str | None = None
+    frontend: str = "smtp"
+    id: str = field(default_factory=new_id)
+
+
+@dataclass
+class Transaction:
+    """One MAIL FROM ... DATA exchange.
+
+    `recipients` holds only the recipients we accepted; `policy` is pinned at
+    MAIL FROM so a reload mid-transaction does not change the rules it is
+    judged by.
+    """
+
+    connection: Connection
+    sender: str
+    mail_options: tuple[str, ...] = ()
+    recipients: list[str] = field(default_factory=list)
+    rcpt_options: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    size_hint: int | None = None
+    id: str = field(default_factory=new_id)
+    started: float = field(default_factory=time.monotonic)
+    route: str | None = None
+    policy: object | None = None
+    hits: list[RuleHit] = field(default_factory=list)
+    headers_to_add: list[tuple[str, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def null_sender(self) -> bool:
+        return self.sender in ("", "<>")
+
+
+@dataclass(frozen=True)
+class RuleHit:
+    """A rule that matched, recorded whether or not it changed the outcome."""
+
+    rule: str
+    kind: str
+    action: str
+    shadow: bool = False
+    detail: str = ""
+    recipient: str | None = None
+
+    def label(self) -> str:
+        return f"{self.kind}:{self.rule}{'(shadow)' if self.shadow else ''}"
+
+
+def domain_of(address: str) -> str:
+    """The domain part of an address, lower-cased; '' for the null sender."""
+    address = address.strip("<>")
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+def parse_ip(text: str | None) -> IPAddress | None:
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_address(text.strip("[]").removeprefix("IPv6:"))
+    except ValueError:
+        return None

@@ -1,0 +1,1 @@
+"""Policy files: typed schema, loader with file:line errors, matchers."""

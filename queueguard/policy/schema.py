@@ -1,0 +1,177 @@
+"""The policy file format, as typed models.
+
+One model per section; pydantic validates types and refuses unknown keys,
+and gives us the JSON Schema that `queueguard schema` prints. Cross-field
+checks (list names exist, CIDRs parse, regexes compile) live in the loader,
+which knows the line numbers.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+from queueguard.policy.units import Rate, parse_duration, parse_rate, parse_size, parse_threshold
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _rate(v: object) -> Rate:
+    return v if isinstance(v, Rate) else parse_rate(str(v))
+
+
+def _threshold(v: object) -> Rate:
+    return v if isinstance(v, Rate) else parse_threshold(str(v))
+
+
+def _duration(v: object) -> float:
+    if isinstance(v, int | float | str):
+        return parse_duration(v)
+    raise ValueError("expected a duration like '5s'")
+
+
+def _size(v: object) -> int:
+    if isinstance(v, int | str):
+        return parse_size(v)
+    raise ValueError("expected a size like '512MiB'")
+
+
+RateSpec = Annotated[
+    Rate, BeforeValidator(_rate), PlainSerializer(str),
+    Field(json_schema_extra={"type": "string", "pattern": r"^\d+/\d*(\.\d+)?(ms|s|m|h|d)?$"}),
+]
+ThresholdSpec = Annotated[
+    Rate, BeforeValidator(_threshold), PlainSerializer(str),
+    Field(json_schema_extra={"type": "string", "examples": ["40 in 10m"]}),
+]
+Duration = Annotated[float, BeforeValidator(_duration), Field(json_schema_extra={"examples": ["5s", "10m"]})]
+Size = Annotated[int, BeforeValidator(_size), Field(json_schema_extra={"examples": ["25MiB", "512MiB"]})]
+
+ListRef = str | list[str]
+"""Either the name of a list under `lists:` or an inline list of entries."""
+
+
+class Mode(str, Enum):
+    enforce = "enforce"
+    shadow = "shadow"
+
+
+class Condition(Strict):
+    """A rule applies when all given facts match (`only`) or is skipped when they do (`unless`).
+
+    Address entries are globs (`*@example.org`, `info@*`) or bare domains
+    (`example.org` matches that domain and its subdomains); client entries are
+    IPs or CIDRs (v4 or v6).
+    """
+
+    sender_in: ListRef | None = None
+    recipient_in: ListRef | None = None
+    client_in: ListRef | None = None
+    helo_in: ListRef | None = None
+    authenticated: bool | None = None
+    null_sender: bool | None = None
+    list_traffic: bool | None = Field(None, description="message carries List-Id/List-Unsubscribe (DATA stage only)")
+    reply: bool | None = Field(None, description="message answers a thread: In-Reply-To/References (DATA stage only)")
+
+
+class RuleBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    mode: Mode = Mode.enforce
+    only: Condition | None = None
+    unless: Condition | None = None
+    description: str = ""
+
+
+class RateLimitRule(RuleBase):
+    key: str = Field(
+        description="recipient | sender | sender_domain | client_ip | client_net[/N] | helo, or several joined by '+'",
+        examples=["recipient", "sender+recipient", "client_net/24"],
+    )
+    rate: RateSpec
+    burst: int | None = Field(None, ge=1, description="extra events allowed at once; default: the rate's count")
+    action: Literal["tempfail", "reject", "quarantine"] = "tempfail"
+
+
+class BurstRule(RuleBase):
+    fingerprint: Literal["body", "subject", "url_hosts", "attachment"] = "body"
+    threshold: ThresholdSpec
+    action: Literal["quarantine", "tempfail", "reject", "tag"] = "quarantine"
+    exempt_list_traffic: bool = True
+    exempt_replies: bool = True
+    exempt_authenticated: bool = True
+
+
+class PatternRule(RuleBase):
+    """All of the given matchers must match (regexes, RE2 syntax, linear time)."""
+
+    subject: str | None = None
+    body: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    action: Literal["quarantine", "tempfail", "reject", "tag"] = "quarantine"
+
+
+class ClamavPolicy(Strict):
+    enabled: bool = True
+    on_infected: Literal["reject", "quarantine"] = "reject"
+    on_error: Literal["tempfail", "accept"] = "tempfail"
+
+
+class Levels(Strict):
+    soften: float
+    shed: float
+
+
+class SizeLevels(Strict):
+    soften: Size
+    shed: Size
+
+
+class PressurePolicy(Strict):
+    """Thresholds per sensor; the worst sensor sets the level. Omit a sensor to ignore it."""
+
+    psi_memory_some_avg10: Levels | None = Levels(soften=10, shed=40)
+    mem_available_below: SizeLevels | None = None
+    cgroup_usage_ratio: Levels | None = None
+    clamd_rss_above: SizeLevels | None = None
+    hysteresis: float = Field(0.8, gt=0, le=1, description="leave a level when below threshold x this")
+    hold: Duration = Field(10.0, description="minimum time at a level before stepping down")
+
+
+class SoftenPolicy(Strict):
+    max_concurrent: int = Field(1, ge=1)
+    defer_larger_than: Size = 1_000_000
+    defer_rate_limited: bool = True
+
+
+class ScanPolicy(Strict):
+    clamav: ClamavPolicy = ClamavPolicy()
+    max_concurrent: int = Field(4, ge=1)
+    min_concurrent: int = Field(1, ge=1)
+    adaptive: bool = True
+    max_waiting: int = Field(32, ge=0)
+    max_wait: Duration = 5.0
+    pressure: PressurePolicy = PressurePolicy()
+    soften: SoftenPolicy = SoftenPolicy()
+
+
+class StatePolicy(Strict):
+    on_error: Literal["fallback", "tempfail", "accept"] = Field(
+        "fallback", description="when the shared state (Redis) fails: in-process limiter, 451, or let mail pass"
+    )
+
+
+class Policy(Strict):
+    """The whole policy: what all files under the policy directory add up to."""
+
+    lists: dict[str, list[str]] = Field(default_factory=dict)
+    ratelimits: list[RateLimitRule] = Field(default_factory=list)
+    bursts: list[BurstRule] = Field(default_factory=list)
+    patterns: list[PatternRule] = Field(default_factory=list)
+    scan: ScanPolicy = ScanPolicy()
+    state: StatePolicy = StatePolicy()

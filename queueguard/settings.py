@@ -1,0 +1,179 @@
+"""Daemon settings: where to listen, where to relay, where state lives.
+
+Validated once at start (pydantic, unknown keys refused); policies — what to
+do with mail — live in the policy directory instead, so they can be reloaded.
+Command-line flags override the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from queueguard.policy.schema import Duration, Size
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def split_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
+    """'127.0.0.1:2525' / '[::1]:25' / 'host' -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if port and not port.isdigit():
+        raise ValueError(f"bad address {text!r}: port must be a number")
+    return host or "127.0.0.1", int(port) if port else default_port
+
+
+class Downstream(Strict):
+    address: str = Field(description="host:port of the MTA we relay to")
+    proxy_protocol: Literal["none", "v1", "v2"] = "none"
+    max_connections: int = Field(16, ge=1)
+    helo: str = ""
+
+    @field_validator("address")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        split_hostport(v)
+        return v
+
+
+class RoutePressure(Strict):
+    """Where the host behind a route publishes its pressure (issue: routes)."""
+
+    source: Literal["redis", "http"] = "redis"
+    name: str = ""
+    url: str = ""
+    stale_after: Duration = 30.0
+    on_missing: Literal["keep", "soften", "shed"] = "keep"
+
+
+class Route(Strict):
+    downstreams: list[Downstream]
+    recipients: list[str] = Field(default_factory=list, description="globs, domains or list names")
+    max_concurrent: int | None = Field(None, ge=1)
+    max_per_minute: int | None = Field(None, ge=1)
+    soften_concurrent: int | None = Field(None, ge=1)
+    pressure: RoutePressure | None = None
+
+
+class SmtpSettings(Strict):
+    listen: str = "127.0.0.1:2525"
+    hostname: str = ""
+    max_message_size: Size = 26_214_400
+    max_recipients: int = Field(1000, ge=1)
+    proxy_protocol_inbound: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_tls: bool = False
+    data_timeout: Duration = 300.0
+    shutdown_grace: Duration = 30.0
+    add_headers: bool = True
+    header_prefix: str = "X-Queueguard"
+
+
+class ClamdSettings(Strict):
+    enabled: bool = False
+    address: str = Field("/run/clamav/clamd.ctl", description="unix socket path, or host:port")
+    timeout: Duration = 30.0
+    connect_timeout: Duration = 2.0
+    stream_max_length: Size = 26_214_400
+    chunk_size: Size = 65536
+    pid_file: Path | None = Path("/run/clamav/clamd.pid")
+    ping_interval: Duration = 10.0
+    breaker_failures: int = Field(3, ge=1)
+    breaker_reset: Duration = 5.0
+
+
+class QuarantineSettings(Strict):
+    directory: Path = Path("/var/lib/queueguard/quarantine")
+    min_free_bytes: Size = 512 * 1024 * 1024
+    min_free_inodes: int = 10_000
+    retention: Duration = 30 * 86400.0
+
+
+class MilterSettings(Strict):
+    enabled: bool = False
+    listen: str = Field("inet:8894@127.0.0.1", description="libmilter socket spec: inet:PORT@HOST or unix:/path")
+    quarantine: Literal["store", "hold"] = "store"
+    timeout: Duration = 600.0
+
+
+class PolicySocketSettings(Strict):
+    enabled: bool = False
+    listen: str = Field("127.0.0.1:10031", description="host:port or a unix socket path")
+
+
+class QueueWatchSettings(Strict):
+    interval: Duration = 30.0
+    exim_spool: Path | None = None
+    postfix_queue: Path | None = None
+    mailman_queue: Path | None = None
+    mailman_runners: list[str] = Field(default_factory=list)
+    filesystems: list[Path] = Field(default_factory=list)
+    processes: list[str] = Field(default_factory=list, description="process names expected to run")
+
+
+class Settings(Strict):
+    smtp: SmtpSettings = SmtpSettings()
+    downstreams: list[Downstream] = Field(default_factory=lambda: [Downstream(address="127.0.0.1:2526")])
+    routes: dict[str, Route] = Field(default_factory=dict)
+    metrics: str = "127.0.0.1:9925"
+    policies: Path = Path("policies")
+    state: str = Field("memory", description="'memory' or a redis:// URL")
+    state_max_keys: int = Field(1_000_000, ge=1000)
+    quarantine: QuarantineSettings = QuarantineSettings()
+    clamd: ClamdSettings = ClamdSettings()
+    milter: MilterSettings = MilterSettings()
+    policy_socket: PolicySocketSettings = PolicySocketSettings()
+    queuewatch: QueueWatchSettings = QueueWatchSettings()
+    log_format: Literal["logfmt", "json"] = "logfmt"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    node: str = Field("", description="this host's name in shared state; default: hostname")
+
+    @field_validator("state")
+    @classmethod
+    def _state(cls, v: str) -> str:
+        if v != "memory" and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("state must be 'memory' or a redis:// URL")
+        return v
+
+
+class SettingsError(Exception):
+    """Settings that cannot run; the message lists every problem."""
+
+
+def load_settings(path: Path | None, overrides: dict[str, object] | None = None) -> Settings:
+    """Read settings from `path` (if given), apply flag overrides, validate."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SettingsError(f"{path}: {e}") from e
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{path}: top level must be a mapping")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        section, _, sub = key.partition(".")
+        if sub:
+            current = data.get(section)
+            data[section] = {**(current if isinstance(current, dict) else {}), sub: value}
+        else:
+            data[key] = value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        where = str(path) if path else "settings"
+        lines = [f"{where}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise SettingsError("\n".join(lines)) from e
