@@ -56,6 +56,9 @@ class Transaction:
     hits: list[RuleHit] = field(default_factory=list)
     headers_to_add: list[tuple[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    size: int = 0
+    downstream: str = ""
+    quarantine_id: str = ""
 
     @property
     def null_sender(self) -> bool:

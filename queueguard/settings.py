@@ -40,6 +40,7 @@ class Downstream(Strict):
     proxy_protocol: Literal["none", "v1", "v2"] = "none"
     max_connections: int = Field(16, ge=1)
     helo: str = ""
+    retry_after: Duration = Field(5.0, description="first back-off after a failure; doubles up to 8x")
 
     @field_validator("address")
     @classmethod

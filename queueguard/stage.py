@@ -46,6 +46,8 @@ class MessageContext:
     raw: bytes
     policy: Policy
     parser: Callable[[bytes], ParsedMessage]
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """Checks that compute fingerprints put them here; the quarantine stores them."""
 
     @cached_property
     def parsed(self) -> ParsedMessage:

@@ -33,7 +33,7 @@ class Verdict:
         return self.action is not Action.ACCEPT
 
     def reply(self) -> str:
-        return f"{self.code} {self.status} {self.text}"
+        return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
 
 
 ACCEPT = Verdict(Action.ACCEPT)

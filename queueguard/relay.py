@@ -1,0 +1,417 @@
+"""Downstream SMTP client: ordered failover, pooled connections, PROXY headers.
+
+Why our own client rather than smtplib/aiosmtplib: the proxy mirrors the
+client's transaction onto the downstream one command at a time (MAIL at the
+first accepted RCPT, each RCPT as it comes, DATA at the end), so the
+downstream's own per-recipient answers (Exim's 550 for an unknown user) reach
+the sender, and we answer 250 only after the downstream did. That needs
+fine control over connection reuse (Exim delays its 221 to QUIT by 200 ms, so
+a fresh connection per message costs Exim's whole budget), over PROXY
+protocol headers (one per TCP connection, so a pooled connection may only be
+reused for the same client address), and over health marking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from queueguard import metrics
+from queueguard.model import Connection, IPAddress
+from queueguard.settings import Downstream as DownstreamSpec
+from queueguard.settings import Settings, split_hostport
+
+log = logging.getLogger("queueguard.relay")
+
+Clock = Callable[[], float]
+
+CONNECT_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 60.0
+DATA_TIMEOUT = 600.0
+IDLE_TIMEOUT = 30.0
+MAX_BACKOFF_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply as the downstream sent it (multi-line joined)."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".rstrip()
+
+
+class DownstreamError(Exception):
+    """The downstream could not be reached or broke off; the caller answers 4xx."""
+
+
+def proxy_header(version: str, client_ip: IPAddress | None, client_port: int, local: tuple[str, int]) -> bytes:
+    """A PROXY protocol v1 or v2 header naming the original client.
+
+    Unknown client (a milter-less release, a local test) → v1 UNKNOWN / v2 LOCAL,
+    which Exim accepts and then uses the socket's own address.
+    """
+    dst_ip = ipaddress.ip_address(local[0])
+    if client_ip is None or client_ip.version != dst_ip.version:
+        if version == "v1":
+            return b"PROXY UNKNOWN\r\n"
+        return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00]) + struct.pack("!H", 0)
+    if version == "v1":
+        fam = "TCP4" if client_ip.version == 4 else "TCP6"
+        return f"PROXY {fam} {client_ip} {dst_ip} {client_port} {local[1]}\r\n".encode()
+    fam_byte = 0x11 if client_ip.version == 4 else 0x21
+    addrs = client_ip.packed + dst_ip.packed + struct.pack("!HH", client_port, local[1])
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, fam_byte]) + struct.pack("!H", len(addrs)) + addrs
+
+
+def dot_stuff(raw: bytes) -> bytes:
+    """Body for DATA: CRLF line ends guaranteed, leading dots doubled, final CRLF.CRLF."""
+    if raw.startswith(b"."):
+        raw = b"." + raw
+    raw = raw.replace(b"\r\n.", b"\r\n..")
+    if not raw.endswith(b"\r\n"):
+        raw += b"\r\n"
+    return raw + b".\r\n"
+
+
+class SmtpConnection:
+    """One open connection to a downstream, after banner and EHLO."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: object) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.key = key
+        self.features: dict[str, str] = {}
+        self.last_used = time.monotonic()
+        self.broken = False
+
+    async def read_reply(self, timeout: float = COMMAND_TIMEOUT) -> Reply:
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    line = await self.reader.readline()
+                    if not line:
+                        raise DownstreamError("connection closed by downstream")
+                    text = line.decode("utf-8", "replace").rstrip("\r\n")
+                    if len(text) < 3 or not text[:3].isdigit():
+                        raise DownstreamError(f"garbled reply {text[:80]!r}")
+                    lines.append(text[4:])
+                    if len(text) == 3 or text[3] != "-":
+                        return Reply(int(text[:3]), tuple(lines))
+        except (OSError, TimeoutError) as e:
+            self.broken = True
+            raise DownstreamError(f"reading reply: {e or type(e).__name__}") from e
+        except DownstreamError:
+            self.broken = True
+            raise
+
+    async def command(self, line: str, timeout: float = COMMAND_TIMEOUT) -> Reply:
+        try:
+            self.writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+            await self.writer.drain()
+        except OSError as e:
+            self.broken = True
+            raise DownstreamError(f"sending {line.split(' ', 1)[0]}: {e}") from e
+        return await self.read_reply(timeout)
+
+    async def data(self, raw: bytes) -> Reply:
+        reply = await self.command("DATA")
+        if reply.code != 354:
+            return reply
+        try:
+            self.writer.write(dot_stuff(raw))
+            await self.writer.drain()
+        except OSError as e:
+            self.broken = True
+            raise DownstreamError(f"sending message data: {e}") from e
+        return await self.read_reply(DATA_TIMEOUT)
+
+    def close(self) -> None:
+        """QUIT without waiting for the 221 (Exim delays it), then close."""
+        with contextlib.suppress(Exception):
+            if not self.broken:
+                self.writer.write(b"QUIT\r\n")
+            self.writer.close()
+
+
+class Downstream:
+    """One downstream MTA: a connection pool, a concurrency bound, a health mark."""
+
+    def __init__(self, spec: DownstreamSpec, *, hostname: str, clock: Clock = time.monotonic) -> None:
+        self.spec = spec
+        self.name = spec.address
+        self.host, self.port = split_hostport(spec.address)
+        self.hostname = spec.helo or hostname
+        self.clock = clock
+        self.slots = asyncio.Semaphore(spec.max_connections)
+        self.idle: dict[object, list[SmtpConnection]] = {}
+        self.failures = 0
+        self.retry_at = 0.0
+        self.open_count = 0
+        metrics.downstream_up.labels(self.name).set(1)
+
+    def available(self) -> bool:
+        return self.clock() >= self.retry_at
+
+    def mark_down(self, why: str) -> None:
+        self.failures += 1
+        delay = self.spec.retry_after * min(2 ** (self.failures - 1), MAX_BACKOFF_FACTOR)
+        self.retry_at = self.clock() + delay
+        metrics.downstream_up.labels(self.name).set(0)
+        log.warning("downstream=%s status=down reason=%r retry_in=%.1fs", self.name, why, delay)
+
+    def mark_up(self) -> None:
+        if self.failures:
+            log.info("downstream=%s status=up", self.name)
+        self.failures = 0
+        self.retry_at = 0.0
+        metrics.downstream_up.labels(self.name).set(1)
+
+    def _pool_key(self, client: Connection) -> object:
+        return str(client.client_ip) if self.spec.proxy_protocol != "none" else None
+
+    async def acquire(self, client: Connection) -> SmtpConnection:
+        """A ready connection (reused when possible); holds one concurrency slot until release()."""
+        await self.slots.acquire()
+        try:
+            key = self._pool_key(client)
+            pool = self.idle.get(key, [])
+            now = time.monotonic()
+            while pool:
+                conn = pool.pop()
+                if not conn.broken and now - conn.last_used < IDLE_TIMEOUT and not conn.reader.at_eof():
+                    return conn
+                self._discard(conn)
+            return await self._connect(client, key)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def release(self, conn: SmtpConnection, *, reusable: bool) -> None:
+        self.slots.release()
+        if reusable and not conn.broken:
+            conn.last_used = time.monotonic()
+            pool = self.idle.setdefault(conn.key, [])
+            pool.append(conn)
+            if sum(len(p) for p in self.idle.values()) <= self.spec.max_connections:
+                return
+            conn = pool.pop(0)
+        self._discard(conn)
+
+    def _discard(self, conn: SmtpConnection) -> None:
+        conn.close()
+        self.open_count -= 1
+        metrics.downstream_connections.labels(self.name).set(self.open_count)
+
+    async def _connect(self, client: Connection, key: object) -> SmtpConnection:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+        except (OSError, TimeoutError) as e:
+            raise DownstreamError(f"connect to {self.name}: {e or 'timeout'}") from e
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = SmtpConnection(reader, writer, key)
+        self.open_count += 1
+        metrics.downstream_connections.labels(self.name).set(self.open_count)
+        try:
+            if self.spec.proxy_protocol != "none":
+                local = writer.get_extra_info("peername")[:2]
+                writer.write(proxy_header(self.spec.proxy_protocol, client.client_ip, client.client_port, local))
+            banner = await conn.read_reply(CONNECT_TIMEOUT + 5)
+            if banner.code != 220:
+                raise DownstreamError(f"banner {banner}")
+            ehlo = await conn.command(f"EHLO {self.hostname}")
+            if ehlo.code != 250:
+                raise DownstreamError(f"EHLO refused: {ehlo}")
+        except BaseException:
+            conn.broken = True
+            self._discard(conn)
+            raise
+        for line in ehlo.lines[1:]:
+            word, _, arg = line.partition(" ")
+            conn.features[word.upper()] = arg
+        return conn
+
+
+@dataclass
+class RelayTransaction:
+    """A transaction mirrored on one downstream (chosen at MAIL by failover)."""
+
+    downstream: Downstream
+    conn: SmtpConnection
+    accepted: list[str] = field(default_factory=list)
+    done: bool = False
+
+    async def rcpt(self, address: str, options: tuple[str, ...] = ()) -> Reply:
+        reply = await self._command(f"RCPT TO:<{address}>" + "".join(" " + o for o in options))
+        if reply.positive:
+            self.accepted.append(address)
+        return reply
+
+    async def data(self, raw: bytes) -> Reply:
+        started = time.monotonic()
+        try:
+            reply = await self.conn.data(raw)
+        except DownstreamError:
+            self.close(reusable=False)
+            raise
+        metrics.downstream_latency.labels(self.downstream.name).observe(time.monotonic() - started)
+        metrics.downstream_replies.labels(self.downstream.name, f"{reply.code // 100}xx").inc()
+        self.close(reusable=True)
+        return reply
+
+    async def _command(self, line: str) -> Reply:
+        try:
+            return await self.conn.command(line)
+        except DownstreamError:
+            self.close(reusable=False)
+            raise
+
+    async def abort(self) -> None:
+        """The client went away or gave up: RSET so no partial transaction survives."""
+        if self.done:
+            return
+        try:
+            reply = await self.conn.command("RSET", timeout=10)
+            self.close(reusable=reply.code == 250)
+        except DownstreamError:
+            self.close(reusable=False)
+
+    def close(self, *, reusable: bool) -> None:
+        if not self.done:
+            self.done = True
+            self.downstream.release(self.conn, reusable=reusable)
+
+
+class DownstreamGroup:
+    """An ordered failover list: the first healthy downstream takes the transaction."""
+
+    def __init__(self, name: str, downstreams: list[Downstream]) -> None:
+        self.name = name
+        self.downstreams = downstreams
+
+    def _candidates(self) -> list[Downstream]:
+        healthy = [d for d in self.downstreams if d.available()]
+        metrics.downstreams_available.labels(self.name).set(len(healthy))
+        return healthy
+
+    async def begin(self, client: Connection, sender: str, mail_params: tuple[str, ...]) -> tuple[
+        RelayTransaction | None, Reply
+    ]:
+        """MAIL FROM on the first downstream that takes it.
+
+        Returns (transaction, reply); transaction is None when the reply is a
+        refusal: a downstream's 5xx to MAIL is final and passed back, while
+        unreachable, 4xx or broken downstreams are skipped for the next one.
+        """
+        last = "no downstream available"
+        for ds in self._candidates():
+            try:
+                conn = await ds.acquire(client)
+            except DownstreamError as e:
+                ds.mark_down(str(e))
+                last = str(e)
+                continue
+            params = [p for p in mail_params if _supported(p, conn.features)]
+            try:
+                reply = await conn.command(f"MAIL FROM:<{sender}>" + "".join(" " + p for p in params))
+            except DownstreamError as e:
+                ds.release(conn, reusable=False)
+                ds.mark_down(str(e))
+                last = str(e)
+                continue
+            if reply.positive:
+                ds.mark_up()
+                return RelayTransaction(ds, conn), reply
+            if reply.permanent:
+                with contextlib.suppress(DownstreamError):
+                    await conn.command("RSET", timeout=10)
+                ds.release(conn, reusable=not conn.broken)
+                return None, reply
+            ds.release(conn, reusable=False)
+            ds.mark_down(f"MAIL answered {reply}")
+            last = f"{ds.name} answered {reply}"
+        return None, Reply(451, (f"4.4.1 No downstream available ({last})",))
+
+
+def _supported(param: str, features: dict[str, str]) -> bool:
+    """Pass SIZE/BODY/SMTPUTF8 on only when the downstream advertised them."""
+    word = param.split("=", 1)[0].upper()
+    needs = {"BODY": "8BITMIME", "SIZE": "SIZE", "SMTPUTF8": "SMTPUTF8"}.get(word)
+    return needs is not None and needs in features
+
+
+@dataclass
+class DeliveryResult:
+    ok: bool
+    reply: str
+    downstream: str = ""
+
+
+class Relay:
+    """All downstream groups (routes) by name; `default` takes what no route claims."""
+
+    def __init__(self, groups: dict[str, DownstreamGroup]) -> None:
+        self.groups = groups
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clock: Clock = time.monotonic) -> Relay:
+        hostname = settings.smtp.hostname or socket.getfqdn()
+        groups = {"default": DownstreamGroup(
+            "default", [Downstream(d, hostname=hostname, clock=clock) for d in settings.downstreams])}
+        for name, route in settings.routes.items():
+            groups[name] = DownstreamGroup(
+                name, [Downstream(d, hostname=hostname, clock=clock) for d in route.downstreams])
+        return cls(groups)
+
+    def group(self, route: str | None) -> DownstreamGroup:
+        return self.groups.get(route or "default", self.groups["default"])
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            for ds in group.downstreams:
+                for pool in ds.idle.values():
+                    for conn in pool:
+                        conn.close()
+                ds.idle.clear()
+
+    async def deliver(self, client: Connection, sender: str, recipients: list[str], raw: bytes,
+                      route: str | None = None) -> DeliveryResult:
+        """Send one whole message (quarantine release, replay): all recipients or nothing."""
+        rtx, reply = await self.group(route).begin(client, sender, ())
+        if rtx is None:
+            return DeliveryResult(False, str(reply))
+        try:
+            for rcpt in recipients:
+                r = await rtx.rcpt(rcpt)
+                if not r.positive:
+                    await rtx.abort()
+                    return DeliveryResult(False, f"RCPT {rcpt}: {r}", rtx.downstream.name)
+            final = await rtx.data(raw)
+        except DownstreamError as e:
+            return DeliveryResult(False, str(e), rtx.downstream.name)
+        return DeliveryResult(final.code == 250, str(final), rtx.downstream.name)
