@@ -43,3 +43,22 @@ policy_reloads = Counter(P + "policy_reloads_total", "Successful policy loads")
 policy_reload_failures = Counter(P + "policy_reload_failures_total", "Policy reloads refused for errors")
 policy_last_success = Gauge(P + "policy_last_success_timestamp_seconds", "When the running policy was loaded")
 policy_rules = Gauge(P + "policy_rules", "Rules in the running policy", ["kind"])
+
+# --- scan: clamd client, admission gate, pressure governor, clamd health -------
+scan_seconds = Histogram(
+    P + "scan_seconds", "Time clamd took for one INSTREAM scan", ["result"], buckets=LATENCY_BUCKETS
+)
+scans = Counter(P + "scans_total", "Scans by result (clean, infected, error)", ["result"])
+scan_in_flight = Gauge(P + "scan_in_flight", "Scans running in clamd now")
+scan_waiting = Gauge(P + "scan_waiting", "Messages waiting for a scan slot")
+scan_limit = Gauge(P + "scan_concurrency_limit", "Current (adaptive, pressure-capped) scan concurrency limit")
+scan_gate_refused = Counter(P + "scan_gate_refused_total", "Scan slots refused by the gate", ["reason"])
+scan_deferrals = Counter(P + "scan_deferrals_total", "Mail deferred by the scan stage, by reason", ["reason"])
+pressure_level = Gauge(P + "pressure_level", "Memory pressure level: 0 normal, 1 soften, 2 shed")
+pressure_sensor = Gauge(P + "pressure_sensor", "Last value read from each pressure sensor", ["sensor"])
+pressure_level_changes = Counter(P + "pressure_level_changes_total", "Pressure level changes by level", ["level"])
+clamd_up = Gauge(P + "clamd_up", "1 when clamd answered its last PING or scan")
+clamd_breaker_open = Gauge(P + "clamd_breaker_open", "1 while the clamd breaker answers 451 unconnected")
+clamd_threads = Gauge(P + "clamd_threads", "clamd threads from STATS", ["state"])
+clamd_queue = Gauge(P + "clamd_queue_items", "Items queued inside clamd, from STATS")
+clamd_memory = Gauge(P + "clamd_memory_bytes", "clamd memory from STATS (MEMSTATS) or its RSS", ["kind"])
