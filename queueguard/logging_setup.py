@@ -1,0 +1,200 @@
+"""Structured logging: one line per event, logfmt or JSON, journald-friendly.
+
+Admins grep and ship these lines, so every event is exactly one line whatever
+its values hold (newlines, quotes, non-ASCII, undecodable bytes from a hostile
+HELO), and every front end logs a message with the same fields
+(`MESSAGE_FIELDS`). Message bodies are never logged: only envelope facts,
+verdicts and timings.
+
+Under systemd (JOURNAL_STREAM names our stderr) lines carry no timestamp —
+journald stamps them — and start with a `<N>` syslog priority so
+`journalctl -p warning` works.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from typing import Literal, TextIO
+
+LogFormat = Literal["logfmt", "json"]
+
+# The one-line-per-message log: these fields, in this order, from every front end.
+MESSAGE_FIELDS = (
+    "id", "client", "helo", "sender", "rcpts", "size", "verdict", "reason", "rule", "hits",
+    "downstream", "reply", "t_total", "t_scan", "t_relay",
+)
+
+# Keeps a line well under journald's LineMax (48 KiB), past which it splits lines.
+MAX_VALUE_CHARS = 4096
+
+# Attribute on a LogRecord that carries structured fields (see `log_event`).
+FIELDS_ATTR = "qg_fields"
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_SYSLOG_PRIORITY = {
+    logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2,
+}
+
+# Characters that some reader treats as a line break or that are not printable:
+# C0/C1 controls, DEL, Unicode line/paragraph separators, lone surrogates.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_LOGFMT_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    ch = match.group()
+    return _SHORT_ESCAPES.get(ch) or f"\\u{ord(ch):04x}"
+
+
+def _truncate(text: str) -> str:
+    if len(text) <= MAX_VALUE_CHARS:
+        return text
+    return f"{text[:MAX_VALUE_CHARS]}...(+{len(text) - MAX_VALUE_CHARS} chars)"
+
+
+def _scalar(value: object) -> object:
+    """JSON-ready form of one value: numbers stay numbers, sequences lists, rest text."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, bytes):
+        return _truncate(value.decode("utf-8", "backslashreplace"))
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        out: list[object] = []
+        used = 0
+        for n, item in enumerate(items):
+            plain = _scalar(item)
+            used += len(str(plain)) + 1
+            if used > MAX_VALUE_CHARS:
+                out.append(f"...(+{len(items) - n} more)")
+                break
+            out.append(plain)
+        return out
+    return _truncate(str(value))
+
+
+def logfmt_value(value: object) -> str:
+    """One logfmt value: bare when safe, else double-quoted with \\\\, \\" and controls escaped."""
+    plain = _scalar(value)
+    if plain is None:
+        text = ""
+    elif plain is True or plain is False:
+        text = "true" if plain else "false"
+    elif isinstance(plain, list):
+        text = ",".join("" if v is None else str(v) for v in plain)
+    else:
+        text = str(plain)
+    if text and not _LOGFMT_NEEDS_QUOTES.search(text) and not _UNSAFE.search(text):
+        return text
+    quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + _UNSAFE.sub(_escape_char, quoted) + '"'
+
+
+def _key(name: str) -> str:
+    return _KEY_CHARS.sub("_", name) or "_"
+
+
+def format_fields(fmt: LogFormat = "logfmt", /, **fields: object) -> str:
+    """Render fields as one logfmt or JSON line (no newline), in the order given."""
+    return _render(fields.items(), fmt)
+
+
+def _render(items: Iterable[tuple[str, object]], fmt: LogFormat) -> str:
+    if fmt == "json":
+        text = json.dumps({_key(k): _scalar(v) for k, v in items}, ensure_ascii=False, separators=(",", ":"))
+        # json escapes C0 controls itself; these it leaves raw.
+        return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    if fmt == "logfmt":
+        return " ".join(f"{_key(k)}={logfmt_value(v)}" for k, v in items)
+    raise ValueError(f"unknown log format {fmt!r}: use 'logfmt' or 'json'")
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, /, **fields: object) -> None:
+    """Log `event` with structured fields, e.g. log_event(log, "message", id=..., verdict=...)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={FIELDS_ATTR: fields})
+
+
+def on_journal(environ: Mapping[str, str], stream_stat: os.stat_result | None) -> bool:
+    """True when JOURNAL_STREAM ('dev:inode') names the stream we write to.
+
+    Checking the inode, not just the variable, matters: a child whose stderr
+    was redirected to a file inherits JOURNAL_STREAM but is not on the journal.
+    """
+    value = environ.get("JOURNAL_STREAM", "")
+    if not value or stream_stat is None:
+        return False
+    dev, _, ino = value.partition(":")
+    return dev == str(stream_stat.st_dev) and ino == str(stream_stat.st_ino)
+
+
+class StructuredFormatter(logging.Formatter):
+    """ts, level, logger, msg, then the record's fields (and exc), on one line."""
+
+    def __init__(self, fmt: LogFormat = "logfmt", journal: bool = False) -> None:
+        super().__init__()
+        if fmt not in ("logfmt", "json"):
+            raise ValueError(f"unknown log format {fmt!r}: use 'logfmt' or 'json'")
+        self.fmt: LogFormat = fmt
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        items: list[tuple[str, object]] = []
+        if not self.journal:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            items.append(("ts", f"{stamp}.{int(record.msecs):03d}Z"))
+        items += [("level", record.levelname.lower()), ("logger", record.name), ("msg", record.getMessage())]
+        extra = getattr(record, FIELDS_ATTR, None)
+        if isinstance(extra, Mapping):
+            taken = {k for k, _ in items} | {"exc"}
+            items += [(f"{k}_" if k in taken else str(k), v) for k, v in extra.items()]
+        if record.exc_info:
+            items.append(("exc", self.formatException(record.exc_info)))
+        line = _render(items, self.fmt)
+        if self.journal:
+            return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
+
+
+_handler: logging.Handler | None = None
+
+
+def configure(
+    fmt: LogFormat,
+    level: str,
+    *,
+    stream: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> logging.Handler:
+    """Send all logging to stderr (or `stream`) as structured lines at `level`.
+
+    Safe to call again (on reload): it replaces the handler it installed before.
+    """
+    if level.lower() not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}: use one of {', '.join(LEVELS)}")
+    target = stream if stream is not None else sys.stderr
+    try:
+        stat: os.stat_result | None = os.fstat(target.fileno())
+    except (OSError, ValueError, AttributeError):
+        stat = None  # not a real file (e.g. io.StringIO)
+    handler = logging.StreamHandler(target)
+    journal = on_journal(os.environ if environ is None else environ, stat)
+    handler.setFormatter(StructuredFormatter(fmt, journal))
+    root = logging.getLogger()
+    global _handler
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(LEVELS[level.lower()])
+    _handler = handler
+    return handler
