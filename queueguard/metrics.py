@@ -37,6 +37,8 @@ downstream_latency = Histogram(
 downstream_replies = Counter(P + "downstream_replies_total", "Downstream answers by class", ["downstream", "class"])
 downstream_connections = Gauge(P + "downstream_connections", "Open pooled connections", ["downstream"])
 downstreams_available = Gauge(P + "downstreams_available", "Downstreams currently marked healthy", ["route"])
+route_active = Gauge(P + "route_active_transactions", "Open transactions toward a route", ["route"])
+route_pressure = Gauge(P + "route_pressure_level", "Pressure reported by the host behind a route (0/1/2)", ["route"])
 
 # --- policy --------------------------------------------------------------------
 policy_reloads = Counter(P + "policy_reloads_total", "Successful policy loads")
@@ -62,3 +64,33 @@ clamd_breaker_open = Gauge(P + "clamd_breaker_open", "1 while the clamd breaker 
 clamd_threads = Gauge(P + "clamd_threads", "clamd threads from STATS", ["state"])
 clamd_queue = Gauge(P + "clamd_queue_items", "Items queued inside clamd, from STATS")
 clamd_memory = Gauge(P + "clamd_memory_bytes", "clamd memory from STATS (MEMSTATS) or its RSS", ["kind"])
+
+# --- queuewatch: MTA and Mailman queues, spool filesystems, daemons, downstreams -
+QUEUE_LABELS = ["mta", "queue"]
+queue_messages = Gauge(P + "queue_messages", "Messages in a watched queue", QUEUE_LABELS)
+queue_oldest_age = Gauge(
+    P + "queue_oldest_age_seconds", "Age of the oldest message in a watched queue (0 when empty)", QUEUE_LABELS
+)
+queue_frozen = Gauge(
+    P + "queue_frozen_messages", "Frozen Exim messages; absent while the queue is too big to count them",
+    QUEUE_LABELS,
+)
+queue_arrived = Counter(P + "queue_arrived_total", "Messages new to the MTA, by the queue they appeared in",
+                        QUEUE_LABELS)
+queue_departed = Counter(
+    P + "queue_departed_total", "Messages gone from the MTA (delivered, bounced, deleted), by last queue",
+    QUEUE_LABELS,
+)
+queue_stuck = Gauge(P + "queue_stuck", "1 when nothing left a non-empty, growing or big queue for 30m",
+                    QUEUE_LABELS)
+queuewatch_up = Gauge(P + "queuewatch_up", "1 when the watcher's last scan worked", ["watcher"])
+queuewatch_scan_seconds = Gauge(P + "queuewatch_scan_seconds", "Duration of the watcher's last scan", ["watcher"])
+mailman_runner_up = Gauge(P + "mailman_runner_up", "1 when an expected Mailman runner has a process", ["runner"])
+filesystem_free_bytes = Gauge(P + "filesystem_free_bytes", "Bytes free to unprivileged writers", ["path"])
+filesystem_size_bytes = Gauge(P + "filesystem_size_bytes", "Filesystem size in bytes", ["path"])
+filesystem_free_inodes = Gauge(P + "filesystem_free_inodes", "Inodes free to unprivileged writers", ["path"])
+filesystem_inodes = Gauge(P + "filesystem_inodes", "Inodes in the filesystem (0: no fixed inode table)", ["path"])
+process_up = Gauge(P + "process_up", "1 when at least one process of an expected name runs", ["name"])
+downstream_reachable = Gauge(
+    P + "downstream_reachable", "1 when the downstream's last banner probe got 220", ["downstream"]
+)
