@@ -1,0 +1,1 @@
+"""Helpers that start real components (Exim, sinks, ...) on loopback for tests."""
