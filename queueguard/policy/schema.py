@@ -139,22 +139,22 @@ class PressurePolicy(Strict):
     mem_available_below: SizeLevels | None = None
     cgroup_usage_ratio: Levels | None = None
     clamd_rss_above: SizeLevels | None = None
-    hysteresis: float = Field(0.8, gt=0, le=1, description="leave a level when below threshold x this")
-    hold: Duration = Field(10.0, description="minimum time at a level before stepping down")
+    hysteresis: float = Field(default=0.8, gt=0, le=1, description="leave a level when below threshold x this")
+    hold: Duration = Field(default=10.0, description="minimum time at a level before stepping down")
 
 
 class SoftenPolicy(Strict):
-    max_concurrent: int = Field(1, ge=1)
+    max_concurrent: int = Field(default=1, ge=1)
     defer_larger_than: Size = 1_000_000
     defer_rate_limited: bool = True
 
 
 class ScanPolicy(Strict):
     clamav: ClamavPolicy = ClamavPolicy()
-    max_concurrent: int = Field(4, ge=1)
-    min_concurrent: int = Field(1, ge=1)
+    max_concurrent: int = Field(default=4, ge=1)
+    min_concurrent: int = Field(default=1, ge=1)
     adaptive: bool = True
-    max_waiting: int = Field(32, ge=0)
+    max_waiting: int = Field(default=32, ge=0)
     max_wait: Duration = 5.0
     pressure: PressurePolicy = PressurePolicy()
     soften: SoftenPolicy = SoftenPolicy()
@@ -162,7 +162,7 @@ class ScanPolicy(Strict):
 
 class StatePolicy(Strict):
     on_error: Literal["fallback", "tempfail", "accept"] = Field(
-        "fallback", description="when the shared state (Redis) fails: in-process limiter, 451, or let mail pass"
+        default="fallback", description="when the shared state (Redis) fails: in-process limiter, 451, or let mail pass"
     )
 
 
