@@ -1,0 +1,289 @@
+"""Before-queue SMTP proxy front end (aiosmtpd).
+
+Translates SMTP into pipeline stages and verdicts back into replies, nothing
+more. The sender gets 250 for a message only after a downstream said 250 for
+it (or it was durably quarantined): the pipeline mirrors MAIL/RCPT onto the
+downstream as they arrive, so the downstream's per-recipient answers reach
+the sender, and DATA is relayed only once the whole message is in and checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from queueguard import metrics
+from queueguard.model import Connection, Transaction, parse_ip
+from queueguard.pipeline import Pipeline
+from queueguard.settings import SmtpSettings, split_hostport
+from queueguard.verdict import INTERNAL_ERROR, Action, Verdict, reject
+
+log = logging.getLogger("queueguard.smtp")
+
+FRONTEND = "smtp"
+SIZE_EXCEEDED = "552 5.3.4 Message size exceeds fixed maximum message size"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+
+
+def smuggling_verdict(raw: bytes) -> Verdict | None:
+    """Refuse bare LF or bare CR anywhere in DATA (SMTP smuggling, 2023).
+
+    aiosmtpd only ends DATA at CRLF.CRLF, so every smuggling end-of-data
+    variant (LF.LF, LF.CRLF, CR.CR, CRLF.LF, CRLF.CR, ...) reaches us as
+    message content containing a bare LF or CR; refusing those is what
+    Postfix's smtpd_forbid_bare_newline does.
+    """
+    stripped = raw.replace(b"\r\n", b"")
+    if b"\n" in stripped:
+        what = "bare <LF>"
+    elif b"\r" in stripped:
+        what = "bare <CR>"
+    else:
+        return None
+    return reject("5.5.2", f"Message refused: {what} in message data (SMTP smuggling protection); "
+                  "lines must end with CRLF", reason="bare_newline", code=554)
+
+
+class _Session:
+    """Our per-connection state, kept beside aiosmtpd's Session."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.txn: Transaction | None = None
+        self.in_data = False
+
+
+class QueueguardSMTP(SMTP):
+    """aiosmtpd's SMTP with our connection bookkeeping and RFC 3463 size replies."""
+
+    def __init__(self, handler: ProxyHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.qg_handler = handler
+        self.qg: _Session | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.qg = _Session(Connection(parse_ip(str(peer[0])), int(peer[1]) if len(peer) > 1 else 0,
+                                      frontend=FRONTEND))
+        self.qg_handler.opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        self.qg_handler.closed(self)
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and status.startswith("552 Error:"):
+            metrics.protocol_errors.labels("oversize").inc()
+            status = SIZE_EXCEEDED
+        await super().push(status)
+
+
+class ProxyHandler:
+    """aiosmtpd handler hooks → pipeline stages."""
+
+    def __init__(self, pipeline: Pipeline, settings: SmtpSettings) -> None:
+        self.pipeline = pipeline
+        self.settings = settings
+        self.sessions: set[QueueguardSMTP] = set()
+        self.closing = False
+        self._pending: set[asyncio.Task[None]] = set()
+
+    # --- connection bookkeeping ------------------------------------------------
+
+    def opened(self, proto: QueueguardSMTP) -> None:
+        self.sessions.add(proto)
+        metrics.connections.labels(FRONTEND).inc()
+        metrics.connections_active.labels(FRONTEND).inc()
+
+    def closed(self, proto: QueueguardSMTP) -> None:
+        self.sessions.discard(proto)
+        metrics.connections_active.labels(FRONTEND).dec()
+        state = proto.qg
+        if state is not None and state.txn is not None:
+            txn, state.txn = state.txn, None
+            task = asyncio.get_running_loop().create_task(self._vanished(txn))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _vanished(self, txn: Transaction) -> None:
+        """Client went away mid-transaction: nothing was answered 250, undo the downstream side."""
+        await self.pipeline.finish(txn, Verdict(Action.TEMPFAIL, 421, "4.4.2", "client disconnected",
+                                                reason="client_disconnected"))
+
+    def in_flight(self) -> int:
+        return sum(1 for s in self.sessions if s.qg is not None and s.qg.in_data)
+
+    # --- hooks -----------------------------------------------------------------
+
+    @staticmethod
+    def _state(server: SMTP) -> _Session:
+        assert isinstance(server, QueueguardSMTP) and server.qg is not None
+        return server.qg
+
+    async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
+        """Inbound PROXY header from a load balancer: the real client is in it."""
+        if not proxy_data or not getattr(proxy_data, "valid", False):
+            return False
+        state = self._state(server)
+        state.conn.client_ip = parse_ip(str(proxy_data.src_addr)) if proxy_data.src_addr else None
+        state.conn.client_port = int(proxy_data.src_port or 0)
+        return True
+
+    async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str) -> str:
+        self._state(server).conn.helo = hostname
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        self._state(server).conn.helo = hostname
+        session.host_name = hostname
+        return responses
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        state = self._state(server)
+        if self.closing:
+            return SHUTTING_DOWN
+        try:
+            if state.txn is not None:
+                await self.pipeline.finish(state.txn, Verdict(Action.TEMPFAIL, 451, "4.5.0", "abandoned",
+                                                               reason="abandoned"))
+                state.txn = None
+            size = next((int(o[5:]) for o in mail_options if o.startswith("SIZE=") and o[5:].isdigit()), None)
+            txn, verdict = await self.pipeline.mail(state.conn, address, tuple(mail_options), size)
+        except Exception:
+            return self._internal_error(state)
+        if verdict.final:
+            return verdict.reply()
+        state.txn = txn
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        state = self._state(server)
+        txn = state.txn
+        if txn is None:
+            return "503 5.5.1 Error: need MAIL command"
+        if len(txn.recipients) >= self.settings.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        try:
+            verdict = await self.pipeline.rcpt(txn, address, tuple(rcpt_options))
+        except Exception:
+            return self._internal_error(state)
+        if verdict.final:
+            return verdict.reply()
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return verdict.reply() if verdict.code == 250 and verdict.text != "Ok" else "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        state = self._state(server)
+        txn = state.txn
+        if txn is None:
+            return "503 5.5.1 Error: need MAIL command"
+        state.txn = None
+        state.in_data = True
+        received = time.monotonic()
+        try:
+            raw = envelope.original_content or b""
+            txn.size = len(raw)
+            txn.timings["receive"] = received - txn.started
+            verdict = smuggling_verdict(raw)
+            if verdict is not None:
+                metrics.protocol_errors.labels("bare_newline").inc()
+            else:
+                verdict = await self.pipeline.message(txn, raw)
+                if verdict.action is Action.ACCEPT:
+                    verdict = await self.pipeline.deliver(txn, raw)
+            await self.pipeline.finish(txn, verdict)
+            return verdict.reply()
+        except Exception:
+            log.exception("id=%s internal error at DATA", txn.id)
+            metrics.internal_errors.labels("data").inc()
+            with contextlib.suppress(Exception):
+                await self.pipeline.finish(txn, INTERNAL_ERROR)
+            return INTERNAL_ERROR.reply()
+        finally:
+            state.in_data = False
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        state = self._state(server)
+        if state.txn is not None:
+            txn, state.txn = state.txn, None
+            await self.pipeline.finish(txn, Verdict(Action.TEMPFAIL, 250, "2.0.0", "reset", reason="rset"))
+        return "250 2.0.0 Ok"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Anything aiosmtpd itself did not expect: 451, never its default 500."""
+        metrics.internal_errors.labels("session").inc()
+        log.error("internal error in SMTP session: %r", error, exc_info=error)
+        return INTERNAL_ERROR.reply()
+
+    def _internal_error(self, state: _Session) -> str:
+        metrics.internal_errors.labels("command").inc()
+        log.exception("conn=%s internal error", state.conn.id)
+        return INTERNAL_ERROR.reply()
+
+
+class SmtpProxy:
+    """The listening server, with a graceful stop: finish in-flight DATA, then 421."""
+
+    def __init__(self, pipeline: Pipeline, settings: SmtpSettings) -> None:
+        self.settings = settings
+        self.handler = ProxyHandler(pipeline, settings)
+        self.server: asyncio.Server | None = None
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if not self.settings.tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(self.settings.tls_cert), str(self.settings.tls_key or self.settings.tls_cert))
+        return ctx
+
+    async def start(self) -> tuple[str, int]:
+        host, port = split_hostport(self.settings.listen)
+        tls = self._tls()
+        s = self.settings
+
+        def factory() -> QueueguardSMTP:
+            return QueueguardSMTP(
+                self.handler, data_size_limit=s.max_message_size, enable_SMTPUTF8=True, decode_data=False,
+                hostname=s.hostname or None, ident="queueguard ESMTP", tls_context=tls,
+                require_starttls=s.require_tls, timeout=s.data_timeout,
+                proxy_protocol_timeout=5.0 if s.proxy_protocol_inbound else None,
+            )
+
+        self.server = await asyncio.get_running_loop().create_server(factory, host, port, reuse_address=True)
+        sock = self.server.sockets[0].getsockname()
+        log.info("smtp proxy listening on %s:%s", sock[0], sock[1])
+        return str(sock[0]), int(sock[1])
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting; let messages already in DATA finish within `grace`; then 421 everyone."""
+        if self.server is None:
+            return
+        self.server.close()
+        self.handler.closing = True
+        deadline = time.monotonic() + (self.settings.shutdown_grace if grace is None else grace)
+        while self.handler.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for proto in list(self.handler.sessions):
+            transport = proto.transport
+            if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+                with contextlib.suppress(Exception):
+                    transport.write(SHUTTING_DOWN.encode() + b"\r\n")
+                    transport.close()
+        await asyncio.sleep(0)
+        if self.handler._pending:
+            await asyncio.gather(*self.handler._pending, return_exceptions=True)
+        await self.server.wait_closed()

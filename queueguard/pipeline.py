@@ -1,0 +1,262 @@
+"""The transport-neutral pipeline: connect → mail → rcpt → message → deliver → finish.
+
+Front ends (SMTP proxy, milter, policy socket) call these stages and turn the
+verdicts into their protocol's replies. The pipeline runs the checks the app
+gave it, records every rule hit, turns any exception into 451 4.3.0 (never a
+5xx, never a silent accept), stores quarantined mail durably before it says
+250, and mirrors the transaction onto a downstream when it has a relay.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from queueguard import metrics
+from queueguard.logging_setup import format_fields
+from queueguard.mime import ParsedMessage, parse_message
+from queueguard.model import Connection, RuleHit, Transaction
+from queueguard.policy.schema import Policy
+from queueguard.relay import DownstreamError, Relay, RelayTransaction, Reply
+from queueguard.stage import MessageCheck, MessageContext, RcptCheck, RcptContext, StageResult
+from queueguard.verdict import ACCEPT, INTERNAL_ERROR, Action, Verdict, quarantine, tempfail
+
+log = logging.getLogger("queueguard.pipeline")
+msglog = logging.getLogger("queueguard.message")
+
+
+class QuarantineFull(Exception):
+    """The quarantine's filesystem is below its free-space or free-inode floor."""
+
+
+class QuarantineSink(Protocol):
+    """What the pipeline needs of the quarantine store."""
+
+    async def put(self, txn: Transaction, raw: bytes, verdict: Verdict, hits: list[RuleHit],
+                  fingerprints: dict[str, str]) -> str: ...
+
+
+RouteFor = Callable[[str], str]
+
+
+@dataclass
+class Pipeline:
+    frontend: str
+    policy: Callable[[], Policy]
+    rcpt_checks: list[RcptCheck] = field(default_factory=list)
+    message_checks: list[MessageCheck] = field(default_factory=list)
+    quarantine: QuarantineSink | None = None
+    relay: Relay | None = None
+    route_for: RouteFor = lambda _rcpt: "default"
+    parser: Callable[[bytes], ParsedMessage] = parse_message
+    header_prefix: str = "X-Queueguard"
+    add_headers: bool = True
+    finishers: list[Callable[[Transaction], None]] = field(default_factory=list)
+    _relayed: dict[str, RelayTransaction] = field(default_factory=dict)
+
+    # --- stages -------------------------------------------------------------
+
+    async def connect(self, conn: Connection) -> Verdict:
+        metrics.connections.labels(self.frontend).inc()
+        return ACCEPT
+
+    async def mail(self, conn: Connection, sender: str, options: tuple[str, ...] = (),
+                   size: int | None = None) -> tuple[Transaction, Verdict]:
+        """Start a transaction; the policy is pinned here for its whole life."""
+        metrics.transactions.labels(self.frontend).inc()
+        txn = Transaction(conn, sender.strip("<>"), options, size_hint=size, policy=self.policy())
+        return txn, ACCEPT
+
+    async def rcpt(self, txn: Transaction, recipient: str, options: tuple[str, ...] = ()) -> Verdict:
+        """Checks, then (with a relay) the downstream's own answer for this recipient."""
+        recipient = recipient.strip("<>")
+        ctx = RcptContext(txn, recipient, self._policy(txn))
+        for check in self.rcpt_checks:
+            result = await self._guard("rcpt", txn, check.on_rcpt(ctx))
+            verdict = self._absorb(txn, result, recipient)
+            if verdict.final:
+                return self._count("rcpt", verdict)
+        if self.relay is not None:
+            verdict = await self._relay_rcpt(txn, recipient, options)
+            if verdict.final:
+                return self._count("rcpt", verdict)
+        txn.recipients.append(recipient)
+        return ACCEPT
+
+    async def message(self, txn: Transaction, raw: bytes) -> Verdict:
+        """Content checks in order (cheap first); a quarantine verdict is stored before we answer."""
+        started = time.monotonic()
+        metrics.messages_bytes.labels(self.frontend).inc(len(raw))
+        policy = self._policy(txn)
+        ctx = MessageContext(txn, raw, policy, self.parser)
+        verdict = self._quarantine_from_rcpt_hits(txn)
+        if not verdict.final:
+            for check in self.message_checks:
+                result = await self._guard("message", txn, check.on_message(ctx))
+                verdict = self._absorb(txn, result, None)
+                if verdict.final:
+                    break
+        if verdict.action is Action.QUARANTINE:
+            verdict = await self._store(txn, raw, verdict, ctx)
+        txn.timings["checks"] = time.monotonic() - started
+        if verdict.final:
+            self._count("message", verdict)
+        return verdict
+
+    async def deliver(self, txn: Transaction, raw: bytes) -> Verdict:
+        """DATA to the downstream; our answer is its answer (4xx mapped to 451 4.4.x)."""
+        rtx = self._relayed.pop(txn.id, None)
+        if rtx is None:
+            return self._count("data", tempfail("4.4.2", "Downstream transaction lost, try again later",
+                                                reason="downstream_lost"))
+        started = time.monotonic()
+        try:
+            reply = await rtx.data(self.with_headers(txn, raw))
+        except DownstreamError as e:
+            rtx.downstream.mark_down(str(e))
+            txn.timings["relay"] = time.monotonic() - started
+            return self._count("data", tempfail("4.4.2", "Downstream connection lost, try again later",
+                                                reason="downstream_lost"))
+        txn.timings["relay"] = time.monotonic() - started
+        txn.downstream = rtx.downstream.name
+        return self._count("data", _from_downstream(reply, "data"))
+
+    async def abort(self, txn: Transaction) -> None:
+        """Client vanished, RSET or a refused DATA: no partial transaction is left downstream."""
+        rtx = self._relayed.pop(txn.id, None)
+        if rtx is not None:
+            await rtx.abort()
+
+    async def finish(self, txn: Transaction, verdict: Verdict, downstream_reply: str = "") -> None:
+        """Record rate limits for mail that went through, count, and write the message's log line."""
+        await self.abort(txn)
+        for release in self.finishers:
+            release(txn)
+        policy = self._policy(txn)
+        if verdict.action in (Action.ACCEPT, Action.QUARANTINE, Action.DISCARD) and txn.recipients:
+            for check in self.rcpt_checks:
+                try:
+                    await check.commit(txn, policy)
+                except Exception:
+                    metrics.internal_errors.labels("commit").inc()
+                    log.exception("id=%s commit in %s failed", txn.id, check.name)
+        metrics.verdicts.labels(self.frontend, "final", verdict.action.value, verdict.reason or "ok").inc()
+        total = time.monotonic() - txn.started
+        added = total - txn.timings.get("relay", 0.0)
+        metrics.added_latency.labels(self.frontend).observe(max(added, 0.0))
+        self._log_line(txn, verdict, downstream_reply, total)
+
+    # --- helpers --------------------------------------------------------------
+
+    def with_headers(self, txn: Transaction, raw: bytes) -> bytes:
+        if not self.add_headers or not (txn.headers_to_add or txn.hits):
+            return raw
+        headers = list(txn.headers_to_add)
+        if txn.hits:
+            headers.append((f"{self.header_prefix}-Hits", ", ".join(h.label() for h in txn.hits)))
+        block = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        return block.encode("utf-8", "replace") + raw
+
+    def _policy(self, txn: Transaction) -> Policy:
+        pinned = txn.policy
+        return pinned if isinstance(pinned, Policy) else self.policy()
+
+    async def _guard(self, stage: str, txn: Transaction, step: Awaitable[StageResult]) -> StageResult:
+        try:
+            return await step
+        except Exception:
+            metrics.internal_errors.labels(stage).inc()
+            log.exception("id=%s internal error in %s stage", txn.id, stage)
+            return StageResult(INTERNAL_ERROR)
+
+    def _absorb(self, txn: Transaction, result: StageResult, recipient: str | None) -> Verdict:
+        for hit in result.hits:
+            txn.hits.append(hit if hit.recipient or recipient is None else
+                            RuleHit(hit.rule, hit.kind, hit.action, hit.shadow, hit.detail, recipient))
+            metrics.rule_hits.labels(hit.rule, hit.kind, hit.action, "shadow" if hit.shadow else "enforce").inc()
+        txn.headers_to_add.extend(result.headers)
+        return result.verdict or ACCEPT
+
+    def _quarantine_from_rcpt_hits(self, txn: Transaction) -> Verdict:
+        """A rate-limit rule with action quarantine marks the RCPT; the message is kept at DATA."""
+        for hit in txn.hits:
+            if hit.action == "quarantine" and not hit.shadow:
+                return quarantine("Ok", reason=hit.kind, rule=hit.rule)
+        return ACCEPT
+
+    async def _store(self, txn: Transaction, raw: bytes, verdict: Verdict, ctx: MessageContext) -> Verdict:
+        if self.quarantine is None:
+            return tempfail("4.3.0", "Quarantine not configured, try again later", reason="no_quarantine",
+                            rule=verdict.rule)
+        try:
+            qid = await self.quarantine.put(txn, raw, verdict, txn.hits, dict(ctx.fingerprints))
+        except Exception as e:
+            if type(e).__name__ == "QuarantineFull" or isinstance(e, QuarantineFull):
+                log.warning("id=%s quarantine full: %s", txn.id, e)
+                return tempfail("4.3.1", "Insufficient system storage, try again later", reason="quarantine_full",
+                                rule=verdict.rule, code=452)
+            metrics.internal_errors.labels("quarantine").inc()
+            log.exception("id=%s quarantine write failed", txn.id)
+            return tempfail("4.3.0", "Temporary local problem storing the message, try again later",
+                            reason="quarantine_error", rule=verdict.rule)
+        txn.quarantine_id = qid
+        return Verdict(Action.QUARANTINE, 250, "2.0.0", f"Ok: quarantined as {qid}", verdict.rule, verdict.reason)
+
+    async def _relay_rcpt(self, txn: Transaction, recipient: str, options: tuple[str, ...]) -> Verdict:
+        assert self.relay is not None
+        route = self.route_for(recipient)
+        if txn.route is None:
+            txn.route = route
+        elif route != txn.route:
+            return tempfail("4.5.3", f"Please send mail for <{recipient}> in a separate transaction",
+                            reason="route_split", code=452)
+        rtx = self._relayed.get(txn.id)
+        try:
+            if rtx is None:
+                params = tuple(o for o in txn.mail_options if o.split("=", 1)[0].upper() in
+                               ("SIZE", "BODY", "SMTPUTF8"))
+                rtx, reply = await self.relay.group(route).begin(txn.connection, txn.sender, params)
+                if rtx is None:
+                    if not txn.recipients:
+                        txn.route = None
+                    return _from_downstream(reply, "mail")
+                self._relayed[txn.id] = rtx
+            reply = await rtx.rcpt(recipient, options)
+        except DownstreamError as e:
+            self._relayed.pop(txn.id, None)
+            if rtx is not None:
+                rtx.downstream.mark_down(str(e))
+            return tempfail("4.4.2", "Downstream connection lost, try again later", reason="downstream_lost")
+        return _from_downstream(reply, "rcpt")
+
+    def _count(self, stage: str, verdict: Verdict) -> Verdict:
+        metrics.verdicts.labels(self.frontend, stage, verdict.action.value, verdict.reason or "ok").inc()
+        return verdict
+
+    def _log_line(self, txn: Transaction, verdict: Verdict, downstream_reply: str, total: float) -> None:
+        conn = txn.connection
+        msglog.info(format_fields(
+            id=txn.id, client=f"{conn.client_name or 'unknown'}[{conn.client_ip}]", helo=conn.helo,
+            sender=f"<{txn.sender}>", rcpts=",".join(txn.recipients), size=txn.size or 0,
+            verdict=verdict.action.value, reason=verdict.reason or "ok", rule=verdict.rule or "",
+            hits=",".join(h.label() for h in txn.hits), downstream=txn.downstream,
+            reply=downstream_reply or verdict.reply(), t_total=f"{total:.3f}",
+            t_scan=f"{txn.timings.get('scan', 0.0):.3f}", t_relay=f"{txn.timings.get('relay', 0.0):.3f}",
+        ))
+
+
+def _from_downstream(reply: Reply, stage: str) -> Verdict:
+    """Downstream 2xx → accept; 5xx passed back as is; 4xx → 451 4.4.x carrying its text."""
+    if reply.positive:
+        return Verdict(Action.ACCEPT, reply.code, "", reply.text, reason="ok")
+    if reply.permanent:
+        status, _, text = reply.text.partition(" ")
+        if not (status[:1] == "5" and status.count(".") == 2):
+            status, text = "5.0.0", reply.text
+        return Verdict(Action.REJECT, reply.code, status, text, reason=f"downstream_{stage}")
+    if reply.text.startswith("4.4.1 "):
+        return tempfail("4.4.1", reply.text[6:], reason="no_downstream")
+    return tempfail("4.4.3", f"Downstream deferred: {reply}", reason=f"downstream_{stage}")

@@ -1,0 +1,240 @@
+"""The SMTP proxy in front of a real Exim 4.96 (hosts_proxy) and real sinks.
+
+Every test here starts its own Exim/sink and a real `queueguard serve`
+process, and speaks SMTP to it with real clients (smtplib, swaks, raw sockets).
+"""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.components.exim import Exim
+from tests.components.guard import Guard, raw_dialogue
+from tests.components.ports import free_port
+from tests.components.sink import RecordingSink
+
+pytestmark = pytest.mark.integration
+
+MSG = b"From: a@client.example\r\nTo: bob@test.example\r\nSubject: hello\r\n\r\nhello bob\r\n"
+
+
+@pytest.fixture
+def exim() -> Iterator[Exim]:
+    with Exim(proxy=True) as e:
+        yield e
+
+
+@pytest.fixture
+def guard_exim(exim: Exim) -> Iterator[Guard]:
+    """Guard with inbound PROXY (as behind a load balancer) and PROXY v2 toward Exim."""
+    with Guard({
+        "smtp": {"proxy_protocol_inbound": True},
+        "downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}],
+    }) as g:
+        yield g
+
+
+def swaks(port: int, *args: str, proxy_source: str | None = None) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("swaks")
+    assert exe, "swaks is not installed: run ./setup.sh"
+    cmd = [exe, "--server", "127.0.0.1", "--port", str(port), "--helo", "client.example", *args]
+    if proxy_source:
+        cmd += ["--proxy-version", "2", "--proxy-source", proxy_source, "--proxy-source-port", "40000",
+                "--proxy-dest", "127.0.0.1", "--proxy-dest-port", str(port)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_delivers_to_exim_maildir_with_real_client_address(exim: Exim, guard_exim: Guard) -> None:
+    r = swaks(guard_exim.port, "--from", "alice@client.example", "--to", "bob@test.example",
+              "--header", "Subject: through the proxy", "--body", "hello via queueguard",
+              proxy_source="198.51.100.9")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "250" in r.stdout.split("DATA")[-1]
+    delivered = exim.wait_maildir("bob", 1)
+    assert b"hello via queueguard" in delivered[0]
+    # Exim saw the client's own address through PROXY v2, not the proxy's.
+    exim.wait_log(r"H=\S*\[198\.51\.100\.9\].*PRX=127\.0\.0\.1")
+    assert guard_exim.metric("queueguard_verdicts_total", stage="final", action="accept") >= 1
+
+
+def test_unknown_user_550_comes_back_per_recipient(exim: Exim, guard_exim: Guard) -> None:
+    with guard_exim.smtp() as c:
+        assert c.mail("alice@client.example")[0] == 250
+        code, text = c.rcpt("nosuchuser@test.example")
+        assert code == 550, text
+        assert c.rcpt("bob@test.example")[0] == 250
+        code, _ = c.data(MSG)
+        assert code == 250
+    assert len(exim.wait_maildir("bob", 1)) == 1
+
+
+def test_external_client_cannot_relay_through_proxy(exim: Exim, guard_exim: Guard) -> None:
+    r = swaks(guard_exim.port, "--from", "spammer@client.example", "--to", "victim@elsewhere.example",
+              proxy_source="203.0.113.7")
+    assert r.returncode != 0
+    assert "550" in r.stdout or "550" in r.stderr
+    assert exim.relayed() == []
+    assert exim.queue_count() == 0
+
+
+def test_failover_primary_down_backup_up_then_primary_again() -> None:
+    dead = free_port()
+    with RecordingSink() as backup, RecordingSink(port=dead, start=False) as primary, Guard({
+        "downstreams": [
+            {"address": f"127.0.0.1:{dead}", "retry_after": 0.3},
+            {"address": f"127.0.0.1:{backup.port}", "retry_after": 0.3},
+        ],
+    }) as g:
+        with g.smtp() as c:
+            c.sendmail("a@client.example", ["bob@test.example"], MSG)
+        assert len(backup.messages) == 1
+        primary.start()
+        time.sleep(3.0)  # past the back-off (0.3 s doubling, capped at 8x)
+        with g.smtp() as c:
+            c.sendmail("a@client.example", ["bob@test.example"], MSG)
+        assert len(primary.messages) == 1, "primary not used again after it came back"
+        assert len(backup.messages) == 1
+
+
+def test_all_downstreams_down_451_nothing_accepted() -> None:
+    with Guard({"downstreams": [{"address": f"127.0.0.1:{free_port()}"},
+                                {"address": f"127.0.0.1:{free_port()}"}]}) as g, g.smtp() as c:
+        assert c.mail("a@client.example")[0] == 250
+        code, text = c.rcpt("bob@test.example")
+        assert code == 451 and b"4.4.1" in text
+        with pytest.raises(smtplib.SMTPDataError):  # no recipients: DATA refused
+            c.data(MSG)
+        assert g.metric("queueguard_downstream_up") == 0
+
+
+def test_downstream_4xx_at_data_becomes_451_and_5xx_passes_through() -> None:
+    with RecordingSink(data_replies={"tempfail@test.example": "452 4.3.1 sink full",
+                                     "reject@test.example": "554 5.7.1 sink says no"}) as sink, \
+            Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        with g.smtp() as c:
+            c.mail("a@client.example")
+            c.rcpt("tempfail@test.example")
+            code, text = c.data(MSG)
+            assert code == 451 and b"4.4.3" in text
+            c.mail("a@client.example")
+            c.rcpt("reject@test.example")
+            code, text = c.data(MSG)
+            assert code == 554 and b"5.7.1 sink says no" in text
+        assert sink.messages == []
+
+
+SMUGGLING_VARIANTS = [
+    b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n", b"\n.\r",
+]
+
+
+@pytest.mark.parametrize("eod", SMUGGLING_VARIANTS, ids=lambda v: repr(v))
+def test_smtp_smuggling_end_of_data_variants_refused(eod: bytes) -> None:
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        smuggled = (b"Subject: legit\r\n\r\nhello" + eod + b"MAIL FROM:<admin@bank.example>\r\n"
+                    b"RCPT TO:<victim@test.example>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n")
+        out = raw_dialogue(g.port, [b"EHLO c.example\r\n", b"MAIL FROM:<a@client.example>\r\n",
+                                    b"RCPT TO:<bob@test.example>\r\n", b"DATA\r\n", smuggled,
+                                    b"QUIT\r\n"])
+        assert "554 5.5.2" in out and "smuggling" in out, out
+        assert sink.messages == [], "a smuggled message reached the downstream"
+
+
+def test_bare_lf_inside_body_refused_but_crlf_body_passes() -> None:
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        out = raw_dialogue(g.port, [b"EHLO c.example\r\n", b"MAIL FROM:<a@client.example>\r\n",
+                                    b"RCPT TO:<bob@test.example>\r\n", b"DATA\r\n",
+                                    b"Subject: x\r\n\r\nline one\nline two\r\n.\r\n"])
+        assert "554 5.5.2" in out and "bare <LF>" in out
+        with g.smtp() as c:
+            c.sendmail("a@client.example", ["bob@test.example"], MSG)
+        assert len(sink.messages) == 1
+
+
+def test_oversized_message_552_5_3_4() -> None:
+    with RecordingSink() as sink, Guard({"smtp": {"max_message_size": 10_000},
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        with g.smtp() as c:
+            assert c.has_extn("size") and c.esmtp_features["size"] == "10000"
+            code, text = c.mail("a@client.example", ["SIZE=20000"])
+            assert code == 552 and b"5.3.4" in text
+            c.rset()
+            c.mail("a@client.example")
+            c.rcpt("bob@test.example")
+            code, text = c.data(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 0 + (b"y" * 70 + b"\r\n") * 300)
+            assert code == 552 and b"5.3.4" in text
+        assert sink.messages == []
+
+
+def test_garbage_commands_get_clear_errors_and_session_survives() -> None:
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        out = raw_dialogue(g.port, [b"EHLO c.example\r\n", b"\x00\xffGARBAGE\r\n", b"RCPT TO:<x@y>\r\n",
+                                    b"MAIL FROM:<not an address\r\n", b"NOOP\r\n"])
+        assert "500" in out and "503" in out and "501" in out
+        assert out.rstrip().endswith("250 OK") or "250 OK" in out.splitlines()[-1]
+        with g.smtp() as c:
+            c.sendmail("a@client.example", ["bob@test.example"], MSG)
+        assert len(sink.messages) == 1
+
+
+def test_client_vanishing_mid_data_delivers_nothing() -> None:
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+        for cmd in (b"EHLO c.example\r\n", b"MAIL FROM:<a@client.example>\r\n", b"RCPT TO:<bob@test.example>\r\n",
+                    b"DATA\r\n"):
+            s.sendall(cmd)
+            time.sleep(0.2)
+        s.sendall(b"Subject: partial\r\n\r\nhalf a messa")
+        s.close()
+        time.sleep(1.0)
+        assert sink.messages == []
+        # the downstream transaction was reset and the guard still works
+        with g.smtp() as c:
+            c.sendmail("a@client.example", ["bob@test.example"], MSG)
+        assert len(sink.messages) == 1
+        assert "client_disconnected" in g.log()
+
+
+def test_sigterm_lets_in_flight_message_finish_then_421() -> None:
+    with RecordingSink(delay=1.5) as sink:
+        g = Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}).start()
+        try:
+            idle = g.smtp()
+            c = g.smtp()
+            c.mail("a@client.example")
+            c.rcpt("bob@test.example")
+            c.putcmd("data")
+            assert c.getreply()[0] == 354
+            c.send(MSG + b".\r\n")
+            time.sleep(0.3)
+            g.signal(15)
+            code, _ = c.getreply()
+            assert code == 250, "in-flight message not finished before shutdown"
+            assert len(sink.messages) == 1
+            with pytest.raises((smtplib.SMTPServerDisconnected, smtplib.SMTPResponseException, OSError)):
+                idle.mail("a@client.example")
+                idle.rcpt("bob@test.example")
+            assert g.proc is not None and g.proc.wait(15) == 0
+        finally:
+            g.kill()
+
+
+def test_one_log_line_per_message() -> None:
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        with g.smtp() as c:
+            c.sendmail("a@client.example", ["bob@test.example", "carol@test.example"], MSG)
+        time.sleep(0.2)
+        lines = [ln for ln in g.log().splitlines() if "verdict=accept" in ln]
+        assert len(lines) == 1, g.log()
+        line = lines[0]
+        for field in ("id=", "client=", "sender=<a@client.example>", "rcpts=bob@test.example,carol@test.example",
+                      "size=", "downstream=127.0.0.1:", "reply=", "t_total="):
+            assert field in line, (field, line)
+        assert "hello bob" not in g.log(), "message bodies must never be logged"
