@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the JSON Schema of policy files (for editors)")
     schema.set_defaults(func=_schema)
 
-    for module in ("queueguard.quarantine.commands", "queueguard.queuewatch.commands", "queueguard.replay"):
+    for module in ("queueguard.quarantine.commands", "queueguard.queuewatch.commands"):
         register = __import__(module, fromlist=["register"]).register
         register(sub)
     return parser
