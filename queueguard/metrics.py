@@ -46,6 +46,22 @@ policy_reload_failures = Counter(P + "policy_reload_failures_total", "Policy rel
 policy_last_success = Gauge(P + "policy_last_success_timestamp_seconds", "When the running policy was loaded")
 policy_rules = Gauge(P + "policy_rules", "Rules in the running policy", ["kind"])
 
+# --- ratelimit: rules, in-process and shared (Redis) state ---------------------
+ratelimit_hits = Counter(P + "ratelimit_hits_total", "Enforced rate-limit rules exceeded", ["rule", "action"])
+ratelimit_shadow_hits = Counter(
+    P + "ratelimit_shadow_hits_total", "Shadow rate-limit rules that would have acted", ["rule", "action"]
+)
+ratelimit_keys_tracked = Gauge(P + "ratelimit_keys_tracked", "Keys held by the in-process limiter", ["store"])
+ratelimit_evictions = Counter(
+    P + "ratelimit_evictions_total", "Live keys dropped because the in-process limiter hit its key cap"
+)
+ratelimit_backend_errors = Counter(
+    P + "ratelimit_backend_errors_total", "Failed calls to the shared rate-limit state", ["backend"]
+)
+ratelimit_fallback_active = Gauge(
+    P + "ratelimit_fallback_active", "1 while the in-process limiter stands in for the shared state"
+)
+
 # --- scan: clamd client, admission gate, pressure governor, clamd health -------
 scan_seconds = Histogram(
     P + "scan_seconds", "Time clamd took for one INSTREAM scan", ["result"], buckets=LATENCY_BUCKETS

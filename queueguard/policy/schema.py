@@ -8,10 +8,10 @@ which knows the line numbers.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 from queueguard.policy.units import Rate, parse_duration, parse_rate, parse_size, parse_threshold
 
@@ -40,22 +40,31 @@ def _size(v: object) -> int:
     raise ValueError("expected a size like '512MiB'")
 
 
+# The JSON Schema describes what admins write (strings like '120/10m'), not the parsed objects.
+_RATE_RE = r"^\s*\d+\s*/\s*(\d+(\.\d+)?)?\s*(ms|s|m|h|d)?\s*$"
+_DURATION_SCHEMA = {"anyOf": [
+    {"type": "number", "minimum": 0}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+], "examples": ["5s", "10m"]}
+_SIZE_SCHEMA = {"anyOf": [
+    {"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[a-zA-Z]*\s*$"},
+], "examples": ["25MiB", "512MiB"]}
+
 RateSpec = Annotated[
     Rate, BeforeValidator(_rate), PlainSerializer(str),
-    Field(json_schema_extra={"type": "string", "pattern": r"^\d+/\d*(\.\d+)?(ms|s|m|h|d)?$"}),
+    WithJsonSchema({"type": "string", "pattern": _RATE_RE, "examples": ["120/10m", "10/1m"]}),
 ]
 ThresholdSpec = Annotated[
     Rate, BeforeValidator(_threshold), PlainSerializer(str),
-    Field(json_schema_extra={"type": "string", "examples": ["40 in 10m"]}),
+    WithJsonSchema({"type": "string", "examples": ["40 in 10m", "40/10m"]}),
 ]
-Duration = Annotated[float, BeforeValidator(_duration), Field(json_schema_extra={"examples": ["5s", "10m"]})]
-Size = Annotated[int, BeforeValidator(_size), Field(json_schema_extra={"examples": ["25MiB", "512MiB"]})]
+Duration = Annotated[float, BeforeValidator(_duration), WithJsonSchema(_DURATION_SCHEMA)]
+Size = Annotated[int, BeforeValidator(_size), WithJsonSchema(_SIZE_SCHEMA)]
 
 ListRef = str | list[str]
 """Either the name of a list under `lists:` or an inline list of entries."""
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     enforce = "enforce"
     shadow = "shadow"
 
@@ -74,8 +83,10 @@ class Condition(Strict):
     helo_in: ListRef | None = None
     authenticated: bool | None = None
     null_sender: bool | None = None
-    list_traffic: bool | None = Field(None, description="message carries List-Id/List-Unsubscribe (DATA stage only)")
-    reply: bool | None = Field(None, description="message answers a thread: In-Reply-To/References (DATA stage only)")
+    list_traffic: bool | None = Field(
+        None, description="message carries List-Id/List-Unsubscribe (DATA stage only)")
+    reply: bool | None = Field(
+        None, description="message answers a thread: In-Reply-To/References (DATA stage only)")
 
 
 class RuleBase(Strict):
@@ -88,11 +99,13 @@ class RuleBase(Strict):
 
 class RateLimitRule(RuleBase):
     key: str = Field(
-        description="recipient | sender | sender_domain | client_ip | client_net[/N] | helo, or several joined by '+'",
+        description="recipient | sender | sender_domain | client_ip | client_net[/N[/M]] | helo, "
+                    "or several joined by '+'",
         examples=["recipient", "sender+recipient", "client_net/24"],
     )
     rate: RateSpec
-    burst: int | None = Field(None, ge=1, description="extra events allowed at once; default: the rate's count")
+    burst: int | None = Field(
+        None, ge=1, description="how many a quiet key may send at once (bucket size); default: the rate's count")
     action: Literal["tempfail", "reject", "quarantine"] = "tempfail"
 
 
@@ -139,7 +152,8 @@ class PressurePolicy(Strict):
     mem_available_below: SizeLevels | None = None
     cgroup_usage_ratio: Levels | None = None
     clamd_rss_above: SizeLevels | None = None
-    hysteresis: float = Field(default=0.8, gt=0, le=1, description="leave a level when below threshold x this")
+    hysteresis: float = Field(
+        default=0.8, gt=0, le=1, description="leave a level when below threshold x this")
     hold: Duration = Field(default=10.0, description="minimum time at a level before stepping down")
 
 
@@ -162,7 +176,8 @@ class ScanPolicy(Strict):
 
 class StatePolicy(Strict):
     on_error: Literal["fallback", "tempfail", "accept"] = Field(
-        default="fallback", description="when the shared state (Redis) fails: in-process limiter, 451, or let mail pass"
+        default="fallback",
+        description="when the shared state (Redis) fails: in-process limiter, 451, or let mail pass",
     )
 
 

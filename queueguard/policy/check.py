@@ -1,0 +1,49 @@
+"""`queueguard check` and `queueguard schema`: validate before you reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from queueguard.policy.holder import describe
+from queueguard.policy.loader import PolicyError, load_policy_dir, policy_files
+from queueguard.policy.schema import Policy
+from queueguard.settings import SettingsError, load_settings
+
+
+def run_check(settings_path: Path | None, policies: Path | None) -> int:
+    """Print every error (`file:line: message`) and return 1, or a one-line summary and 0.
+
+    The policy directory is `policies`, else the settings' `policies`, else ./policies.
+    """
+    errors: list[str] = []
+    settings_note = "settings: defaults (no --settings)"
+    directory = policies
+    if settings_path is not None:
+        try:
+            settings = load_settings(settings_path)
+            settings_note = "settings ok"
+            directory = directory or settings.policies
+        except SettingsError as e:
+            errors.extend(str(e).splitlines())
+    directory = directory or Path("policies")
+    try:
+        policy = load_policy_dir(directory)
+    except PolicyError as e:
+        errors.extend(str(i) for i in e.issues)
+    if errors:
+        for line in errors:
+            print(line)
+        return 1
+    files = len(policy_files(directory))
+    name = f"{directory}/" if not str(directory).endswith("/") else str(directory)
+    print(f"{name}: {files} file{'' if files == 1 else 's'}, {describe(policy)}; {settings_note}")
+    return 0
+
+
+def schema_json() -> str:
+    """JSON Schema of the policy files, for editors (yaml-language-server) and CI."""
+    schema = Policy.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "queueguard policy file"
+    return json.dumps(schema, indent=2, sort_keys=True)
