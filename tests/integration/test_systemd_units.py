@@ -1,0 +1,328 @@
+"""The shipped systemd files, checked by systemd's own tools, and sd_notify from a real process.
+
+`systemd-analyze verify` needs the ExecStart binary to exist, so it runs on a
+copy whose /opt/queueguard path points at a stub; the directives themselves
+are asserted on the shipped file. systemd is not PID 1 here, so the watchdog
+is exercised the way systemd sees it: datagrams (with the sender's
+credentials, which NotifyAccess=main checks) on a socket we bind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from queueguard.settings import QuarantineSettings, SmtpSettings
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SYSTEMD = ROOT / "systemd"
+SERVICE = SYSTEMD / "queueguard.service"
+INSTALLED_BINARY = "/opt/queueguard/.venv/bin/queueguard"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is missing: setup.sh installs the 'systemd' package"
+    return path
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """Unit file -> {section: {key: [values in order]}} (keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            assert line.endswith("]"), raw
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"assignment before any section: {raw!r}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not key=value: {raw!r}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def seconds(value: str) -> float:
+    units = {"": 1, "s": 1, "sec": 1, "min": 60, "m": 60, "ms": 0.001}
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return float(number) * units[value[len(number):]]
+
+
+@pytest.fixture(scope="module")
+def unit() -> dict[str, dict[str, list[str]]]:
+    return parse_unit(SERVICE.read_text())
+
+
+def one(unit: dict[str, dict[str, list[str]]], key: str, section: str = "Service") -> str:
+    values = unit[section].get(key, [])
+    assert len(values) == 1, f"{section}.{key}: {values}"
+    return values[0]
+
+
+def test_service_is_notify_with_watchdog_and_always_restarts(unit: dict[str, dict[str, list[str]]]) -> None:
+    assert one(unit, "Type") == "notify"
+    assert one(unit, "NotifyAccess") == "main"
+    assert seconds(one(unit, "WatchdogSec")) == 30
+    assert one(unit, "Restart") == "always"
+    assert seconds(one(unit, "RestartSec")) > 0
+    assert one(unit, "StartLimitIntervalSec", "Unit") == "0", "systemd must never give up restarting"
+    assert one(unit, "ExecStart") == f"{INSTALLED_BINARY} serve --settings /etc/queueguard/queueguard.yaml"
+    assert unit["Service"]["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
+    assert seconds(one(unit, "TimeoutStopSec")) > SmtpSettings().shutdown_grace
+    assert int(one(unit, "LimitNOFILE")) >= 65536
+    assert one(unit, "WantedBy", "Install") == "multi-user.target"
+
+
+def test_service_runs_as_a_dedicated_user_with_only_bind_capability(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    assert one(unit, "User") == "queueguard"
+    assert one(unit, "Group") == "queueguard"
+    assert "DynamicUser" not in unit["Service"]
+    assert one(unit, "AmbientCapabilities") == "CAP_NET_BIND_SERVICE"
+    assert one(unit, "CapabilityBoundingSet") == "CAP_NET_BIND_SERVICE"
+    assert one(unit, "NoNewPrivileges") == "yes"
+
+
+def test_service_hardening(unit: dict[str, dict[str, list[str]]]) -> None:
+    svc = unit["Service"]
+    assert one(unit, "ProtectSystem") == "strict"
+    for key in ("PrivateTmp", "ProtectHome", "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules",
+                "ProtectControlGroups", "RestrictNamespaces", "RestrictSUIDSGID", "LockPersonality"):
+        assert one(unit, key) == "yes", key
+    assert set(one(unit, "RestrictAddressFamilies").split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert svc["SystemCallFilter"][0] == "@system-service"
+    assert one(unit, "StateDirectory") == "queueguard"
+    assert one(unit, "RuntimeDirectory") == "queueguard"
+    # The quarantine the settings default to must be writable under ProtectSystem=strict.
+    writable = [Path(p.lstrip("-")) for p in one(unit, "ReadWritePaths").split()]
+    quarantine = QuarantineSettings().directory
+    assert any(quarantine.is_relative_to(p) for p in writable), (quarantine, writable)
+    assert "ProtectProc" not in svc, "the queue watch reads other users' /proc entries (clamd, runners)"
+
+
+@pytest.fixture
+def unit_root() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="qg-systemd-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def verify(unit_dir: Path, text: str) -> subprocess.CompletedProcess[str]:
+    """Run systemd-analyze verify on `text` with the install path pointing at a stub."""
+    stub = unit_dir / "queueguard-stub"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    path = unit_dir / "queueguard.service"
+    path.write_text(text.replace(INSTALLED_BINARY, str(stub)))
+    return subprocess.run(
+        [tool("systemd-analyze"), "verify", str(path)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+    )
+
+
+def problems(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines() if "queueguard" in line]
+
+
+def test_systemd_analyze_verify_passes(unit_root: Path) -> None:
+    result = verify(unit_root, SERVICE.read_text())
+    assert result.returncode == 0, result.stderr
+    assert problems(result) == []
+
+
+def test_systemd_analyze_verify_catches_a_broken_unit(unit_root: Path) -> None:
+    """The check above can fail: a typo'd key (the 2014 broken-init-file incident) is reported."""
+    broken = SERVICE.read_text().replace("WatchdogSec=30", "WatchdogSecs=30")
+    assert any("WatchdogSecs" in line for line in problems(verify(unit_root, broken)))
+    missing = SERVICE.read_text().replace(f"ExecStart={INSTALLED_BINARY}", "ExecStart=/opt/no/such/binary")
+    assert verify(unit_root, missing).returncode != 0
+
+
+def test_systemd_analyze_security_report(unit_root: Path) -> None:
+    path = unit_root / "queueguard.service"
+    path.write_text(SERVICE.read_text())
+    result = subprocess.run(
+        [tool("systemd-analyze"), "security", "--offline=true", "--no-pager", str(path)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+    )
+    overall = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
+    assert overall, result.stdout + result.stderr
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "systemd-security.txt").write_text(result.stdout)
+    print(overall[0])  # the score, for the reader of the test output; no threshold asserted
+
+
+def test_sysusers_and_tmpfiles_create_the_user_and_directories(unit_root: Path) -> None:
+    """Apply both files to an empty root with systemd's own tools; the quarantine comes out 0700."""
+    (unit_root / "etc" / "sysusers.d").mkdir(parents=True)
+    (unit_root / "etc" / "tmpfiles.d").mkdir(parents=True)
+    shutil.copy(SYSTEMD / "queueguard.sysusers", unit_root / "etc" / "sysusers.d" / "queueguard.conf")
+    shutil.copy(SYSTEMD / "queueguard.tmpfiles", unit_root / "etc" / "tmpfiles.d" / "queueguard.conf")
+    subprocess.run([tool("systemd-sysusers"), f"--root={unit_root}"], check=True, capture_output=True, timeout=60)
+    passwd = {line.split(":")[0]: line.split(":") for line in (unit_root / "etc/passwd").read_text().splitlines()}
+    assert "queueguard" in passwd
+    uid, gid = int(passwd["queueguard"][2]), int(passwd["queueguard"][3])
+    assert passwd["queueguard"][6] == "/usr/sbin/nologin"
+    subprocess.run([tool("systemd-tmpfiles"), f"--root={unit_root}", "--create"], check=True,
+                   capture_output=True, timeout=60)
+    quarantine = QuarantineSettings().directory
+    expected = {Path("/run/queueguard"): 0o750, Path("/var/lib/queueguard"): 0o750, quarantine: 0o700}
+    for path, mode in expected.items():
+        st = (unit_root / path.relative_to("/")).stat()
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (mode, uid, gid), path
+
+
+CHILD = textwrap.dedent("""
+    import asyncio, signal, time
+    from queueguard import sdnotify
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        # SIGUSR1 blocks the event loop for a second, as a hung call would.
+        loop.add_signal_handler(signal.SIGUSR1, time.sleep, 1.0)
+        ticks = 0
+
+        def status() -> str:
+            nonlocal ticks
+            ticks += 1
+            return f"ticks={ticks}"
+
+        tasks = [asyncio.create_task(sdnotify.Watchdog().run()),
+                 asyncio.create_task(sdnotify.status_loop(status, 0.05))]
+        sdnotify.ready("listening")
+        await stop.wait()
+        sdnotify.stopping("bye")
+        for t in tasks:
+            t.cancel()
+
+    asyncio.run(main())
+""")
+
+
+class NotifySocket:
+    """systemd's side of the notify protocol, with sender credentials."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = str(directory / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(self.path)
+        self.sock.settimeout(10)
+
+    def recv(self) -> tuple[int, dict[str, str], float]:
+        """(sender pid, fields, arrival time)."""
+        data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
+        pid = next(struct.unpack("3i", d)[0] for lvl, typ, d in anc
+                   if lvl == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS)
+        fields = dict(line.split("=", 1) for line in data.decode().split("\n"))
+        return pid, fields, time.monotonic()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def child_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="qg-nc-", dir="/tmp"))  # short: AF_UNIX paths max 107 bytes
+    (d / "qg_notify_child.py").write_text(CHILD)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def start_child(directory: Path, sock: NotifySocket, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "qg_notify_child"], cwd=directory,
+        env={**os.environ, "PYTHONPATH": f"{directory}:{ROOT}", "NOTIFY_SOCKET": sock.path, **env},
+    )
+
+
+def stop_child(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_real_process_notifies_ready_status_watchdog_stopping(child_dir: Path) -> None:
+    usec = 200_000
+    sock = NotifySocket(child_dir)
+    proc = start_child(child_dir, sock, WATCHDOG_USEC=str(usec))
+    try:
+        received = [sock.recv()]
+        while not any(f.get("READY") == "1" for _, f, _ in received):
+            received.append(sock.recv())
+        watchdog: list[float] = []
+        statuses: list[str] = []
+        while len(watchdog) < 3 or len(statuses) < 2:
+            pid, fields, at = sock.recv()
+            received.append((pid, fields, at))
+            if "WATCHDOG" in fields:
+                watchdog.append(at)
+            if "STATUS" in fields:
+                statuses.append(fields["STATUS"])
+        assert statuses[0].startswith("ticks=")
+        before_block = len(watchdog)
+        proc.send_signal(signal.SIGUSR1)
+        while len(watchdog) < before_block + 3:
+            pid, fields, at = sock.recv()
+            received.append((pid, fields, at))
+            if "WATCHDOG" in fields:
+                watchdog.append(at)
+        gaps = [b - a for a, b in itertools.pairwise(watchdog[before_block - 1:])]
+        # While the loop was stuck (1 s) no ping left the process: systemd would
+        # have seen silence longer than WATCHDOG_USEC and restarted the service.
+        assert max(gaps) * 1_000_000 > usec, gaps
+        proc.send_signal(signal.SIGTERM)
+        while True:
+            pid, fields, at = sock.recv()
+            received.append((pid, fields, at))
+            if "STOPPING" in fields:
+                assert fields == {"STOPPING": "1", "STATUS": "bye"}
+                break
+        assert proc.wait(10) == 0
+        # Every datagram came from the main process itself, as NotifyAccess=main requires.
+        assert {pid for pid, _, _ in received} == {proc.pid}
+    finally:
+        stop_child(proc)
+        sock.close()
+
+
+def test_real_process_does_not_ping_someone_elses_watchdog(child_dir: Path) -> None:
+    sock = NotifySocket(child_dir)
+    proc = start_child(child_dir, sock, WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+    try:
+        seen: list[dict[str, str]] = []
+        while sum("STATUS" in f and f["STATUS"].startswith("ticks=") for f in seen) < 5:
+            seen.append(sock.recv()[1])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert any(f.get("READY") == "1" for f in seen)
+        assert not any("WATCHDOG" in f for f in seen)
+    finally:
+        stop_child(proc)
+        sock.close()
