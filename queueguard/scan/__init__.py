@@ -1,0 +1,1 @@
+"""ClamAV scanning under memory backpressure: clamd client, admission gate, pressure governor, health."""

@@ -1,0 +1,222 @@
+"""An async clamd client: INSTREAM, PING, VERSION, STATS.
+
+Our own rather than the `clamd` package: that one is synchronous (a blocking
+socket would stall the event loop, or need a thread per scan), has no connect
+timeout separate from the scan timeout, and opens plain TCP sockets without
+TCP_NODELAY, so small writes wait on delayed ACKs (~40-90 ms per scan over
+loopback). `aioclamd` is async but TCP-only. The protocol is small: a
+NUL-terminated `z` command, then for INSTREAM 4-byte big-endian length-prefixed
+chunks ended by a zero length, and one NUL-terminated answer.
+
+Every failure, whatever its cause (refused, reset, broken pipe, timeout, an
+answer we do not understand, a stream over clamd's limit), is a `ScanError`,
+so the caller has exactly one thing to turn into a verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import struct
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from queueguard.settings import ClamdSettings, split_hostport
+
+ANSWER_LIMIT = 1 << 20
+"""Longest answer we read; STATS on a busy clamd is a few KB."""
+
+
+class ScanError(Exception):
+    """Any failure to get a scan answer from clamd.
+
+    `reason` is a short machine word for metrics and logs (connect, timeout,
+    reset, protocol, clamd_error, too_large); `permanent` is True only when
+    retrying the same message cannot help (it is larger than clamd accepts).
+    """
+
+    def __init__(self, reason: str, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    infected: bool
+    signature: str | None = None
+    elapsed: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClamdStats:
+    """The parts of STATS we use; None where clamd did not say (MEMSTATS is N/A on some builds)."""
+
+    threads_live: int | None = None
+    threads_idle: int | None = None
+    threads_max: int | None = None
+    queue: int | None = None
+    memory: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def threads_busy(self) -> int | None:
+        if self.threads_live is None or self.threads_idle is None:
+            return None
+        return self.threads_live - self.threads_idle
+
+
+class Scanner(Protocol):
+    """What the scan stage needs from a scanner."""
+
+    async def instream(self, data: bytes) -> ScanResult: ...
+
+    async def ping(self) -> None: ...
+
+    async def stats(self) -> ClamdStats: ...
+
+
+_ANSWER = re.compile(r"^stream: (?:(?P<ok>OK)|(?P<sig>.+) FOUND|(?P<err>.*) ERROR)$")
+_THREADS = re.compile(r"THREADS: live (\d+)\s+idle (\d+)\s+max (\d+)")
+_QUEUE = re.compile(r"QUEUE: (\d+) items")
+_MEM = re.compile(r"(heap|mmap|used|free|releasable|pools_used|pools_total) ([0-9.]+)M")
+
+
+def parse_scan_answer(answer: str, elapsed: float = 0.0) -> ScanResult:
+    """'stream: OK' / 'stream: NAME FOUND'; clamd's ERROR answers and anything else raise."""
+    m = _ANSWER.match(answer.strip())
+    if m is None:
+        raise ScanError("protocol", f"clamd answered something we do not understand: {answer[:200]!r}")
+    if m.group("err") is not None:
+        text = m.group("err")
+        if "size limit exceeded" in text:
+            raise ScanError("too_large", f"clamd refused the stream: {text}", permanent=True)
+        raise ScanError("clamd_error", f"clamd error: {text}")
+    if m.group("ok"):
+        return ScanResult(False, None, elapsed)
+    return ScanResult(True, m.group("sig"), elapsed)
+
+
+def parse_stats(text: str) -> ClamdStats:
+    """Pick threads, queue length and memory (MiB figures, as bytes) out of a STATS answer."""
+    threads = _THREADS.search(text)
+    queue = _QUEUE.search(text)
+    memory = {k: float(v) * 1024 * 1024 for k, v in _MEM.findall(text)}
+    if threads is None and queue is None:
+        raise ScanError("protocol", f"clamd STATS answer has no THREADS or QUEUE line: {text[:200]!r}")
+    live, idle, top = (int(g) for g in threads.groups()) if threads else (None, None, None)
+    return ClamdStats(live, idle, top, int(queue.group(1)) if queue else None, memory)
+
+
+class ClamdClient:
+    """One connection per command (clamd's IDSESSION buys nothing here and
+    pins a clamd thread). `address` is a unix socket path ("/run/clamav/clamd.ctl")
+    or "host:port"."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        connect_timeout: float = 2.0,
+        timeout: float = 30.0,
+        chunk_size: int = 65536,
+        stream_max_length: int = 26_214_400,
+    ) -> None:
+        if not address:
+            raise ValueError("clamd address is empty")
+        self.address = address
+        self.unix = address.startswith("/") or address.startswith("./")
+        self.hostport = None if self.unix else split_hostport(address, 3310)
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.chunk_size = max(1, chunk_size)
+        self.stream_max_length = stream_max_length
+
+    @classmethod
+    def from_settings(cls, s: ClamdSettings) -> ClamdClient:
+        return cls(
+            s.address, connect_timeout=s.connect_timeout, timeout=s.timeout,
+            chunk_size=s.chunk_size, stream_max_length=s.stream_max_length,
+        )
+
+    async def instream(self, data: bytes) -> ScanResult:
+        if len(data) > self.stream_max_length:
+            raise ScanError(
+                "too_large",
+                f"message of {len(data)} bytes is over clamd's StreamMaxLength ({self.stream_max_length})",
+                permanent=True,
+            )
+        start = time.monotonic()
+
+        async def body(writer: asyncio.StreamWriter) -> None:
+            view = memoryview(data)
+            for i in range(0, len(view), self.chunk_size):
+                chunk = view[i : i + self.chunk_size]
+                writer.write(struct.pack("!L", len(chunk)))
+                writer.write(chunk)
+                await writer.drain()
+            writer.write(b"\0\0\0\0")
+
+        answer = await self._command(b"zINSTREAM\0", body)
+        return parse_scan_answer(answer, time.monotonic() - start)
+
+    async def ping(self) -> None:
+        answer = await self._command(b"zPING\0")
+        if answer.strip() != "PONG":
+            raise ScanError("protocol", f"clamd answered PING with {answer[:200]!r}")
+
+    async def version(self) -> str:
+        answer = await self._command(b"zVERSION\0")
+        if not answer.startswith("ClamAV"):
+            raise ScanError("protocol", f"clamd answered VERSION with {answer[:200]!r}")
+        return answer.strip()
+
+    async def stats(self) -> ClamdStats:
+        return parse_stats(await self._command(b"zSTATS\0"))
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if self.hostport is None:
+                    return await asyncio.open_unix_connection(self.address, limit=ANSWER_LIMIT)
+                return await asyncio.open_connection(*self.hostport, limit=ANSWER_LIMIT)
+        except TimeoutError as e:
+            raise ScanError("timeout", f"connect to clamd at {self.address} timed out") from e
+        except OSError as e:
+            raise ScanError("connect", f"cannot connect to clamd at {self.address}: {e}") from e
+
+    async def _command(self, command: bytes, body: _Body | None = None) -> str:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await self._connect()
+                writer.write(command)
+                if body is not None:
+                    await body(writer)
+                await writer.drain()
+                raw = await reader.readuntil(b"\0")
+        except ScanError:
+            raise
+        except TimeoutError as e:
+            raise ScanError("timeout", f"clamd at {self.address}: no answer within {self.timeout:g}s") from e
+        except asyncio.IncompleteReadError as e:
+            raise ScanError("reset", f"clamd at {self.address} closed the connection unanswered") from e
+        except asyncio.LimitOverrunError as e:
+            raise ScanError("protocol", f"clamd at {self.address} sent an over-long answer") from e
+        except OSError as e:
+            raise ScanError("reset", f"connection to clamd at {self.address} failed: {e}") from e
+        finally:
+            if writer is not None:
+                writer.close()
+                with suppress(OSError, TimeoutError):
+                    async with asyncio.timeout(1):
+                        await writer.wait_closed()
+        try:
+            return raw[:-1].decode()
+        except UnicodeDecodeError as e:
+            raise ScanError("protocol", f"clamd at {self.address} answered with non-UTF-8 bytes") from e
+
+
+class _Body(Protocol):
+    async def __call__(self, writer: asyncio.StreamWriter, /) -> None: ...

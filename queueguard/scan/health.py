@@ -1,0 +1,146 @@
+"""clamd health: a circuit breaker and a PING/STATS loop.
+
+When clamd is dead every scan would wait for a connect error or, worse, a
+timeout while the sender holds a connection open. After `failures`
+consecutive failures the breaker opens: messages get 451 at once without
+touching the socket. After `reset` seconds one probe (a PING from the health
+loop or the next scan, whichever comes first) may try; success closes the
+breaker, failure re-opens it for another `reset`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+
+from queueguard import metrics
+from queueguard.scan.clamd import ClamdStats, ScanError, Scanner
+
+log = logging.getLogger("queueguard.scan")
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    def __init__(self, failures: int, reset: float, *, clock: Callable[[], float]) -> None:
+        self.failures_to_open = failures
+        self.reset = reset
+        self.clock = clock
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+
+    def rejecting(self) -> bool:
+        """Open and not yet due for a probe: refuse without taking the probe slot."""
+        return self.state is BreakerState.OPEN and self.clock() - self._opened_at < self.reset
+
+    def allow(self) -> bool:
+        """May a request go to clamd now? In half-open, only one at a time (the probe)."""
+        if self.state is BreakerState.CLOSED:
+            return True
+        if self.state is BreakerState.OPEN and self.clock() - self._opened_at >= self.reset:
+            self.state = BreakerState.HALF_OPEN
+        if self.state is BreakerState.HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        if self.state is not BreakerState.CLOSED:
+            log.warning("clamd answered again: breaker closed")
+        self.state, self.failures, self._probing = BreakerState.CLOSED, 0, False
+        metrics.clamd_breaker_open.set(0)
+
+    def failure(self) -> None:
+        self.failures += 1
+        self._probing = False
+        if self.state is BreakerState.HALF_OPEN or (
+            self.state is BreakerState.CLOSED and self.failures >= self.failures_to_open
+        ):
+            if self.state is BreakerState.CLOSED:
+                log.warning("clamd failed %d times in a row: breaker open, scans answer 451", self.failures)
+            self.state, self._opened_at = BreakerState.OPEN, self.clock()
+            metrics.clamd_breaker_open.set(1)
+
+    def release(self) -> None:
+        """A probe that ended without telling us anything (message refused before scanning)."""
+        self._probing = False
+
+
+class ClamdHealth:
+    """Owns the breaker and the `clamd_up` gauge; pings on a schedule and right after a failure."""
+
+    def __init__(self, scanner: Scanner, breaker: CircuitBreaker, *, interval: float) -> None:
+        self.scanner = scanner
+        self.breaker = breaker
+        self.interval = interval
+        self.up: bool | None = None
+        self.stats: ClamdStats | None = None
+        self._kick = asyncio.Event()
+
+    def scan_ok(self) -> None:
+        self.breaker.success()
+        self._set_up(True)
+
+    def scan_failed(self, err: ScanError) -> None:
+        self.breaker.failure()
+        self._set_up(False, str(err))
+        self._kick.set()
+
+    def _set_up(self, up: bool, why: str = "") -> None:
+        if up != self.up:
+            if up:
+                log.info("clamd is up")
+            else:
+                log.warning("clamd is down: %s", why)
+        self.up = up
+        metrics.clamd_up.set(1 if up else 0)
+
+    async def ping(self) -> bool:
+        """One health probe; respects the breaker so a dead clamd is tried once per reset period."""
+        if not self.breaker.allow():
+            return False
+        try:
+            await self.scanner.ping()
+        except ScanError as e:
+            self.breaker.failure()
+            self._set_up(False, str(e))
+            return False
+        self.scan_ok()
+        await self.read_stats()
+        return True
+
+    async def read_stats(self) -> None:
+        try:
+            self.stats = await self.scanner.stats()
+        except ScanError:
+            return  # STATS is optional (may be disabled or slow); PING decides health
+        s = self.stats
+        for state, value in (("live", s.threads_live), ("idle", s.threads_idle), ("max", s.threads_max)):
+            if value is not None:
+                metrics.clamd_threads.labels(state).set(value)
+        if s.queue is not None:
+            metrics.clamd_queue.set(s.queue)
+        for kind, value_b in s.memory.items():
+            metrics.clamd_memory.labels(kind).set(value_b)
+
+    async def run(self) -> None:
+        """PING every `interval`, sooner after a failure (then no faster than the breaker's reset)."""
+        while True:
+            await self.ping()
+            wait = self.interval
+            if self.breaker.state is not BreakerState.CLOSED:
+                wait = min(wait, max(self.breaker.reset, 0.05))
+            self._kick.clear()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
