@@ -1,0 +1,391 @@
+"""Milter front end for Postfix and Sendmail (pymilter / libmilter).
+
+libmilter owns the socket and runs each MTA connection's callbacks on a
+thread of its own; every callback hands its stage to the asyncio loop with
+`run_coroutine_threadsafe` and waits on the result with a deadline, so the
+loop never blocks and we start no threads beyond libmilter's main loop.
+Deadlines stay below Postfix's milter timeouts, so on a slow stage we answer
+451 ourselves rather than let `milter_default_action` decide.
+
+libmilter keeps process-wide state and cannot be started twice in one
+process; tests run the milter in a `queueguard serve` subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import socket
+import threading
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import Milter
+
+from queueguard import metrics
+from queueguard.model import Connection, RuleHit, Transaction, parse_ip
+from queueguard.verdict import INTERNAL_ERROR, Action, Verdict
+
+if TYPE_CHECKING:
+    from queueguard.pipeline import Pipeline
+    from queueguard.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FRONTEND = "milter"
+COMMAND_TIMEOUT = 25.0
+"""Seconds for connect/MAIL/RCPT stages; Postfix's milter_command_timeout is 30 s."""
+CONTENT_TIMEOUT = 280.0
+"""Seconds for the content stage (scan included); Postfix's milter_content_timeout is 300 s."""
+FINISH_TIMEOUT = 10.0
+STOP_GRACE = 10.0
+"""Seconds `stop` waits for callbacks already inside a stage."""
+
+ABORTED = Verdict(Action.TEMPFAIL, 451, "4.5.0", "aborted by the MTA", reason="aborted")
+TOO_BIG = Verdict(Action.REJECT, 552, "5.3.4", "Message size exceeds fixed limit", reason="too_big")
+
+_started = False
+
+
+class MtaHold:
+    """The quarantine sink for `quarantine: hold`: the MTA's hold queue keeps the message.
+
+    Nothing is written here; the milter calls smfi_quarantine at end of
+    message and the MTA stores the message on hold before it answers 250.
+    """
+
+    async def put(self, txn: Transaction, raw: bytes, verdict: Verdict, hits: list[RuleHit],
+                  fingerprints: dict[str, str]) -> str:
+        return f"{txn.id}-mta-hold"
+
+
+def client_from(hostname: str, family: int, hostaddr: object) -> Connection:
+    """libmilter's connect arguments -> Connection; a bracketed hostname means no PTR name."""
+    ip = None
+    port = 0
+    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple) and hostaddr:
+        ip = parse_ip(str(hostaddr[0]))
+        port = int(hostaddr[1]) if len(hostaddr) > 1 else 0
+    name = "" if hostname.startswith("[") or hostname == "unknown" else hostname
+    return Connection(client_ip=ip, client_port=port, client_name=name, frontend=FRONTEND)
+
+
+def size_option(params: tuple[str, ...]) -> int | None:
+    for p in params:
+        key, _, value = p.partition("=")
+        if key.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
+
+
+def header_line(name: str, value: bytes) -> bytes:
+    """One header as it was on the wire: libmilter strips the space after the colon and CRs."""
+    value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return name.encode("ascii", "surrogateescape") + b": " + value + b"\r\n"
+
+
+def reply_args(verdict: Verdict) -> tuple[str, str, str]:
+    """(code, status, text) for smfi_setreply; libmilter drops texts with a lone '%'."""
+    text = " ".join(verdict.text.split()).replace("%", "%%") or "-"
+    code = str(verdict.code)
+    if verdict.action is Action.TEMPFAIL and not code.startswith("4"):
+        return "451", "4.3.0", text
+    if verdict.action is Action.REJECT and not code.startswith("5"):
+        return "550", "5.7.1", text
+    return code, verdict.status or ("4.0.0" if code.startswith("4") else "5.0.0"), text
+
+
+def parse_header_block(block: bytes) -> list[tuple[str, str]]:
+    """`Name: value` CRLF lines -> pairs (used to read the pipeline's header block)."""
+    pairs = []
+    for line in block.decode("utf-8", "replace").split("\r\n"):
+        name, sep, value = line.partition(": ")
+        if sep:
+            pairs.append((name, value))
+    return pairs
+
+
+class MilterServer:
+    """Runs libmilter's main loop on one dedicated thread and bridges callbacks to the loop."""
+
+    def __init__(self, pipeline: Pipeline, settings: Settings) -> None:
+        self.hold = settings.milter.quarantine == "hold"
+        self.pipeline = dataclasses.replace(pipeline, quarantine=MtaHold()) if self.hold else pipeline
+        self.listen = settings.milter.listen
+        self.io_timeout = int(settings.milter.timeout)
+        self.add_headers = settings.smtp.add_headers
+        self.flags = (Milter.ADDHDRS if self.add_headers else 0) | (Milter.QUARANTINE if self.hold else 0)
+        self.max_size = settings.smtp.max_message_size
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.busy = 0
+        self.active = 0
+        self._lock = threading.Lock()
+
+    async def start(self) -> None:
+        global _started
+        if _started:
+            raise RuntimeError("libmilter can run only once per process")
+        _started = True
+        self.loop = asyncio.get_running_loop()
+        Milter.factory = lambda: QueueguardMilter(self)
+        Milter.set_flags(self.flags)
+        Milter.set_exception_policy(Milter.TEMPFAIL)
+        await asyncio.to_thread(self._open)
+        self.thread = threading.Thread(target=self._main, name="milter", daemon=True)
+        self.thread.start()
+        log.info("milter listening on %s (quarantine: %s)", self.listen, "hold" if self.hold else "store")
+
+    def _open(self) -> None:
+        """What Milter.runmilter does before its blocking main(), so socket errors surface in start()."""
+        Milter.set_connect_callback(Milter.connect_callback)
+        Milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+        Milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+        Milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+        Milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+        Milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+        Milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+        Milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+        Milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+        Milter.set_close_callback(Milter.close_callback)
+        Milter.setconn(self.listen)
+        Milter.settimeout(self.io_timeout)
+        Milter.register("queueguard", data=lambda ctx: ctx.getpriv().data(),
+                           unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+                           negotiate=Milter.negotiate_callback)
+        Milter.opensocket(True)
+
+    def _main(self) -> None:
+        try:
+            Milter.main()
+        except Exception:
+            log.exception("milter main loop failed")
+
+    async def stop(self) -> None:
+        """Stop accepting, let stages already running finish (bounded), then return."""
+        if self.thread is None:
+            return
+        Milter.stop()
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline and (self.thread.is_alive() or self.busy):
+            await asyncio.sleep(0.05)
+        if self.thread.is_alive():
+            log.warning("milter main loop still running after %.0fs", STOP_GRACE)
+        self.thread = None
+
+    # --- called on libmilter threads ---------------------------------------------
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run a pipeline stage on the loop and wait for it; raises on timeout (caller tempfails)."""
+        assert self.loop is not None
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:
+            coro.close()
+            raise
+        with self._lock:
+            self.busy += 1
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+        finally:
+            with self._lock:
+                self.busy -= 1
+
+    def opened(self) -> None:
+        with self._lock:
+            self.active += 1
+        metrics.connections_active.labels(FRONTEND).inc()
+
+    def closed(self) -> None:
+        with self._lock:
+            self.active -= 1
+        metrics.connections_active.labels(FRONTEND).dec()
+
+
+class QueueguardMilter(Milter.Base):  # type: ignore[misc]
+    """One MTA connection. Callbacks we do not override are skipped by negotiation."""
+
+    def __init__(self, server: MilterServer) -> None:
+        self.server = server
+        self.pipeline = server.pipeline
+        self.conn: Connection | None = None
+        self.txn: Transaction | None = None
+        self.headers: list[bytes] = []
+        self.body_parts: list[bytes] = []
+        self.size = 0
+        self.too_big = False
+        self.counted = False
+
+    # --- callbacks -------------------------------------------------------------------
+
+    def negotiate(self, opts: list[int]) -> int:
+        """Ask only for the actions we use (add headers, hold) besides the steps the decorators pick."""
+        rc = int(super().negotiate(opts))
+        opts[0] = self._actions = opts[0] & self.server.flags
+        return rc
+
+    def connect(self, hostname: str, family: int, hostaddr: object) -> int:
+        self.server.opened()
+        self.counted = True
+        self.conn = client_from(hostname, family, hostaddr)
+        return self._stage("connect", lambda: self.server.call(self.pipeline.connect(self._conn()), COMMAND_TIMEOUT))
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def hello(self, hostname: str) -> int:
+        conn = self._conn()
+        conn.helo = hostname
+        conn.tls = bool(self.getsymval("{tls_version}"))
+        return int(Milter.CONTINUE)
+
+    def envfrom(self, sender: str, *params: str) -> int:
+        self._abandon()
+        conn = self._conn()
+        conn.authenticated = self.getsymval("{auth_authen}") or None
+
+        def run() -> Verdict:
+            txn, verdict = self.server.call(
+                self.pipeline.mail(conn, sender, tuple(params), size_option(params)), COMMAND_TIMEOUT)
+            if not verdict.final:
+                self.txn = txn
+            return verdict
+
+        return self._stage("mail", run)
+
+    def envrcpt(self, recipient: str, *params: str) -> int:
+        txn = self.txn
+        if txn is None:
+            return self._tempfail(INTERNAL_ERROR)
+        return self._stage("rcpt", lambda: self.server.call(
+            self.pipeline.rcpt(txn, recipient, tuple(params)), COMMAND_TIMEOUT))
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    @Milter.decode("bytes")  # type: ignore[untyped-decorator]
+    def header(self, name: str, value: bytes) -> int:
+        self._keep(header_line(name, value), self.headers)
+        return int(Milter.CONTINUE)
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def body(self, chunk: bytes) -> int:
+        self._keep(chunk, self.body_parts)
+        return int(Milter.CONTINUE)
+
+    def eom(self) -> int:
+        txn, self.txn = self.txn, None
+        if txn is None:
+            return self._tempfail(INTERNAL_ERROR)
+        raw = b"".join(self.headers) + b"\r\n" + b"".join(self.body_parts)
+        txn.size = self.size
+        self._reset_message()
+        try:
+            verdict = TOO_BIG if self.too_big else self.server.call(self.pipeline.message(txn, raw), CONTENT_TIMEOUT)
+            result = self._apply(txn, verdict)
+        except Exception:
+            self._internal_error("eom", txn)
+            verdict = INTERNAL_ERROR
+            result = int(Milter.TEMPFAIL)
+        self._finish(txn, verdict)
+        return result
+
+    def abort(self) -> int:
+        self._abandon()
+        return int(Milter.CONTINUE)
+
+    def close(self) -> int:
+        self._abandon()
+        if self.counted:
+            self.server.closed()
+            self.counted = False
+        return int(Milter.CONTINUE)
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _conn(self) -> Connection:
+        if self.conn is None:
+            self.conn = Connection(client_ip=None, frontend=FRONTEND)
+        return self.conn
+
+    def _keep(self, data: bytes, into: list[bytes]) -> None:
+        """Buffer message bytes up to the size limit; past it, remember to refuse at eom."""
+        self.size += len(data)
+        if self.size > self.server.max_size:
+            self.too_big = True
+        else:
+            into.append(data)
+
+    def _reset_message(self) -> None:
+        self.headers = []
+        self.body_parts = []
+        self.size = 0
+        self.too_big = False
+
+    def _stage(self, stage: str, run: Any) -> int:
+        """Run a connect/MAIL/RCPT stage; accept -> CONTINUE, others -> setreply + code."""
+        try:
+            verdict: Verdict = run()
+            if verdict.action is Action.TEMPFAIL:
+                return self._tempfail(verdict)
+            if verdict.action is Action.REJECT:
+                self.setreply(*reply_args(verdict))
+                return int(Milter.REJECT)
+            if verdict.action is Action.DISCARD:
+                return int(Milter.DISCARD)
+            return int(Milter.CONTINUE)
+        except Exception:
+            self._internal_error(stage, self.txn)
+            return self._tempfail(INTERNAL_ERROR)
+
+    def _apply(self, txn: Transaction, verdict: Verdict) -> int:
+        """The content verdict as milter actions (runs on this callback's thread, as libmilter requires)."""
+        match verdict.action:
+            case Action.TEMPFAIL:
+                return self._tempfail(verdict)
+            case Action.REJECT:
+                self.setreply(*reply_args(verdict))
+                return int(Milter.REJECT)
+            case Action.DISCARD:
+                return int(Milter.DISCARD)
+            case Action.QUARANTINE if not self.server.hold:
+                return int(Milter.DISCARD)
+            case Action.QUARANTINE:
+                self._add_headers(txn)
+                self.quarantine(f"queueguard {verdict.rule or verdict.reason}: {txn.id}")
+                return int(Milter.ACCEPT)
+            case _:
+                self._add_headers(txn)
+                return int(Milter.ACCEPT)
+
+    def _add_headers(self, txn: Transaction) -> None:
+        if not self.server.add_headers:
+            return
+        # The pipeline owns which headers record verdict and hits; read them from its block.
+        for name, value in parse_header_block(self.pipeline.with_headers(txn, b"")):
+            self.addheader(name, value)
+
+    def _tempfail(self, verdict: Verdict) -> int:
+        self.setreply(*reply_args(verdict))
+        return int(Milter.TEMPFAIL)
+
+    def _internal_error(self, stage: str, txn: Transaction | None) -> None:
+        metrics.internal_errors.labels(f"milter_{stage}").inc()
+        log.exception("id=%s milter %s stage failed; answering 451", txn.id if txn else "-", stage)
+
+    def _finish(self, txn: Transaction, verdict: Verdict) -> None:
+        try:
+            self.server.call(self.pipeline.finish(txn, verdict), FINISH_TIMEOUT)
+        except Exception:
+            metrics.internal_errors.labels("milter_finish").inc()
+            log.exception("id=%s milter finish failed", txn.id)
+
+    def _abandon(self) -> None:
+        """A transaction the MTA dropped (RSET, refused DATA, lost client): record it, nothing committed."""
+        txn, self.txn = self.txn, None
+        self._reset_message()
+        if txn is not None:
+            self._finish(txn, ABORTED)
