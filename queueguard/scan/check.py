@@ -64,12 +64,18 @@ class ScanCheck:
         self,
         settings: ClamdSettings,
         *,
-        sensors: Iterable[Sensor],
+        sensors: Iterable[Sensor] | None = None,
         clock: Callable[[], float] = time.monotonic,
         scanner: Scanner | None = None,
         trigger: PsiTrigger | None = None,
         pressure_interval: float = 1.0,
+        cgroup: Path | None = None,
     ) -> None:
+        """Without `sensors`: every sensor this host has (`cgroup`: which group's memory to
+        watch, default our own) and a PSI trigger on system memory pressure."""
+        if sensors is None:
+            sensors = default_sensors(settings.pid_file, cgroup)
+            trigger = trigger or PsiTrigger()
         self.settings = settings
         self.scanner: Scanner = scanner or ClamdClient.from_settings(settings)
         self.governor = Governor(sensors, clock=clock, interval=pressure_interval)
@@ -78,11 +84,6 @@ class ScanCheck:
         self.policy = ScanPolicy()
         self.gate = AdmissionGate(gate_config(self.policy))
         self.trigger = trigger
-
-    @classmethod
-    def from_settings(cls, settings: ClamdSettings, *, cgroup: Path | None = None) -> ScanCheck:
-        """Production wiring: every sensor the host has and a PSI trigger on system memory pressure."""
-        return cls(settings, sensors=default_sensors(settings.pid_file, cgroup), trigger=PsiTrigger())
 
     def set_policy(self, policy: Policy) -> None:
         """Take a (re)loaded policy's scan section: gate bounds and pressure thresholds."""
