@@ -110,3 +110,17 @@ process_up = Gauge(P + "process_up", "1 when at least one process of an expected
 downstream_reachable = Gauge(
     P + "downstream_reachable", "1 when the downstream's last banner probe got 220", ["downstream"]
 )
+
+# --- burst detection and quarantine ------------------------------------------------
+burst_active = Gauge(
+    P + "burst_active", "Similar-message count in its window, for the top fingerprints now", ["rule", "fingerprint"]
+)
+quarantined = Counter(P + "quarantined_total", "Messages stored in the quarantine, by rule", ["rule"])
+quarantine_refused = Counter(P + "quarantine_refused_total", "Quarantine writes refused (full) or failed", ["kind"])
+quarantine_releases = Counter(
+    P + "quarantine_releases_total", "Releases from the quarantine by any process (from its index)", ["result"]
+)
+quarantine_deletions = Counter(P + "quarantine_deletions_total", "Messages deleted or purged from the quarantine")
+quarantine_messages = Gauge(P + "quarantine_messages", "Messages held in the quarantine")
+quarantine_bytes = Gauge(P + "quarantine_bytes", "Bytes of the messages held in the quarantine")
+quarantine_inodes = Gauge(P + "quarantine_inodes", "Files and directories the quarantine uses")

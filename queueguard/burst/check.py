@@ -1,0 +1,184 @@
+"""Burst rules: hold the copies of a wave once too many similar messages arrived in a window.
+
+For each rule that applies, the message's fingerprint keys of the rule's kind
+(16 LSH band keys for `body`, one key for `subject` and `url_hosts`, one per
+attachment) are counted in the rule's sliding window; the message is part of
+a burst when any of its keys counts more than the threshold's number, this
+message included. So `threshold: 40 in 10m` lets 40 similar messages through
+in ten minutes and holds the 41st and later ones. Band keys are per band, so
+a near-duplicate only has to agree with the wave on one band (4 MinHash bins)
+to be counted with it.
+
+Exempt messages (list traffic, replies, authenticated submissions, per the
+rule's flags, and `only`/`unless`) are neither judged nor counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from queueguard import metrics
+from queueguard.burst.actions import apply_hit
+from queueguard.burst.fingerprint import Fingerprints, fingerprints
+from queueguard.burst.window import MemoryWindow, RedisWindow, WindowCounter
+from queueguard.model import RuleHit
+from queueguard.policy.match import rule_applies
+from queueguard.policy.schema import BurstRule, Mode
+from queueguard.stage import MessageContext, StageResult
+from queueguard.verdict import tempfail
+
+if TYPE_CHECKING:
+    from queueguard.settings import Settings
+
+log = logging.getLogger("queueguard.burst")
+
+TRACK_MAX = 1000
+"""Active bursts remembered for the status page (the largest counts win)."""
+METRIC_TOP = 10
+METRIC_INTERVAL = 5.0
+
+
+class _StateUnavailable(Exception):
+    """Shared state failed and the policy's state.on_error is tempfail."""
+
+
+@dataclass
+class ActiveBurst:
+    rule: str
+    fingerprint: str
+    count: int
+    since: float
+    last: float
+    period: float
+
+
+def exempt(rule: BurstRule, ctx: MessageContext) -> bool:
+    """The rule's own exemptions, then its only/unless conditions."""
+    parsed = ctx.parsed
+    if rule.exempt_list_traffic and parsed.is_list_traffic:
+        return True
+    if rule.exempt_replies and parsed.is_reply:
+        return True
+    if rule.exempt_authenticated and ctx.txn.connection.authenticated:
+        return True
+    return not rule_applies(rule, ctx.policy, ctx.txn, None, parsed=parsed)
+
+
+class BurstCheck:
+    """MessageCheck for `bursts:` rules over a shared WindowCounter (memory or Redis)."""
+
+    name = "burst"
+
+    def __init__(
+        self,
+        window: WindowCounter,
+        *,
+        fallback: MemoryWindow | None = None,
+        clock: Callable[[], float] = time.time,
+        header: str = "X-Queueguard-Burst",
+    ) -> None:
+        self.window = window
+        self.fallback = fallback or MemoryWindow()
+        self.clock = clock
+        self.header = header
+        self._active: dict[tuple[str, str], ActiveBurst] = {}
+        self._metrics_at = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BurstCheck:
+        """Memory counts for `state: memory`; Redis counts (shared between MX hosts) for a redis:// URL."""
+        header = f"{settings.smtp.header_prefix}-Burst"
+        if settings.state == "memory":
+            return cls(MemoryWindow(), header=header)
+        from redis.asyncio import Redis
+
+        return cls(RedisWindow(Redis.from_url(settings.state, socket_timeout=2.0, socket_connect_timeout=2.0)),
+                   header=header)
+
+    async def on_message(self, ctx: MessageContext) -> StageResult:
+        rules = ctx.policy.bursts
+        if not rules:
+            return StageResult()
+        fps = fingerprints(ctx.parsed)
+        ctx.fingerprints.update(fps.as_dict())
+        result = StageResult()
+        now = self.clock()
+        for rule in rules:
+            if exempt(rule, ctx):
+                continue
+            try:
+                counted = await self._count(rule, fps, now, ctx)
+            except _StateUnavailable:
+                return StageResult(tempfail("4.3.0", "Shared state unavailable, try again later",
+                                            reason="state_error", rule=rule.name))
+            if counted is None:
+                continue
+            count, key = counted
+            self._track(rule, key, count, now)
+            if count > rule.threshold.count:
+                ctx.fingerprints.setdefault("burst", key)
+                detail = f"{key} {count}>{rule.threshold.count}/{rule.threshold.period:g}s"
+                apply_hit(result, RuleHit(rule.name, "burst", rule.action, rule.mode is Mode.shadow, detail),
+                          self.header)
+        self._publish(now)
+        return result
+
+    async def _count(
+        self, rule: BurstRule, fps: Fingerprints, now: float, ctx: MessageContext
+    ) -> tuple[int, str] | None:
+        """(highest count, its key); None when there is nothing to count (no key of this kind,
+        or the state failed and the policy says accept)."""
+        keys = fps.keys(rule.fingerprint)
+        if not keys:
+            return None
+        scoped = [f"{rule.name}:{k}" for k in keys]
+        period = rule.threshold.period
+        try:
+            counts = await self.window.add(scoped, period, now)
+        except (TimeoutError, RedisError, OSError) as e:
+            on_error = ctx.policy.state.on_error
+            log.warning("id=%s burst state error (%s), on_error=%s: %s", ctx.txn.id, rule.name, on_error, e)
+            if on_error == "tempfail":
+                raise _StateUnavailable from e
+            if on_error == "accept":
+                return None
+            counts = self.fallback.add_now(scoped, period, now)
+        best = max(range(len(keys)), key=lambda i: (counts[i], -i))
+        return counts[best], keys[best]
+
+    def _track(self, rule: BurstRule, key: str, count: int, now: float) -> None:
+        """Remember keys at half their threshold or more, for status() and the metrics."""
+        if count * 2 < rule.threshold.count:
+            return
+        entry = self._active.get((rule.name, key))
+        if entry is None:
+            self._active[(rule.name, key)] = ActiveBurst(rule.name, key, count, now, now, rule.threshold.period)
+            if len(self._active) > TRACK_MAX:
+                del self._active[min(self._active, key=lambda k: self._active[k].count)]
+        else:
+            entry.count, entry.last = max(entry.count, count), now
+
+    def top(self, n: int = METRIC_TOP) -> list[ActiveBurst]:
+        """Bursts seen within their window, largest first."""
+        now = self.clock()
+        for k in [k for k, b in self._active.items() if now - b.last > b.period]:
+            del self._active[k]
+        return sorted(self._active.values(), key=lambda b: -b.count)[:n]
+
+    def status(self) -> list[dict[str, object]]:
+        return [{"rule": b.rule, "fingerprint": b.fingerprint, "count": b.count, "since": b.since}
+                for b in self.top(20)]
+
+    def _publish(self, now: float) -> None:
+        if now - self._metrics_at < METRIC_INTERVAL:
+            return
+        self._metrics_at = now
+        metrics.burst_active.clear()
+        for b in self.top():
+            metrics.burst_active.labels(b.rule, b.fingerprint).set(b.count)

@@ -1,0 +1,350 @@
+"""Message fingerprints that survive what spammers do to defeat exact hashes.
+
+Body: MinHash with one-permutation hashing over word 3-shingles, cut into
+LSH bands. Why MinHash/LSH and not SimHash: it estimates Jaccard similarity
+of shingle *sets*, so reordered paragraphs and sentences change nothing
+(shingles are taken within sentences), and each band is a plain string key
+that can be counted in a sliding window, in memory or in Redis, exactly like
+a rate-limit key — near-duplicates share band keys without any pairwise
+comparison or index. SimHash needs Hamming-distance lookups (several permuted
+tables) to do the same and is less predictable under insertions.
+One-permutation hashing (one hash per shingle, bins by the top bits) keeps the
+cost at one hash per shingle instead of one per shingle per permutation.
+
+Normalisation before shingling removes hash-busters: everything is
+lower-cased; tokens with digits (numbers, prices, random ids), tokens longer
+than 20 characters, and letter salad without vowels or with inner capitals
+are dropped; sentences split at . ! ? and blank lines, not at line wraps, so
+an HTML part and a wrapped text/plain part of the same body give the same
+sentences. Shingles made only of stop words are dropped so that stock phrases
+("let me know if you have any questions") do not tie unrelated mail.
+
+Every function is pure and deterministic across processes and hosts (crc32
+and blake2b, never Python's randomised hash) so MX hosts sharing Redis agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from queueguard.mime import ParsedMessage
+
+BINS = 64
+ROWS = 4
+BANDS = BINS // ROWS
+SHINGLE = 3
+MIN_SHINGLES = 8
+"""Bodies with fewer distinct shingles have no body fingerprint: too little text to judge."""
+
+_BIN_BITS = 6
+_VALUE_MASK = (1 << (64 - _BIN_BITS)) - 1
+_MIX = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+_EMPTY = _VALUE_MASK + 1
+_DONORS = tuple(tuple(random.Random(i).sample(range(BINS), BINS)) for i in range(BINS))
+"""Per-bin fixed probe order for densification (Shrivastava 2017: random donors, not the neighbour)."""
+_K1 = 0xC2B2AE3D27D4EB4F
+_K2 = 0x165667B19E3779F9
+_K3 = 0x9E3779B97F4A7C15
+_COMBINE = (_K1, _K2, _K3)
+
+_WORD_RE = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)?")
+_TOKEN_RE = re.compile(r"(?:https?://|www\.)\S+|[^\W_]+(?:['\u2019][^\W_]+)?|[.!?]+(?=\s|$)|\n[^\S\n]*\n")
+_BREAK_CHARS = frozenset(".!?\n")
+_VOWEL_RE = re.compile("[aeiouyäöüàáâèéêìíîòóôùúûåæø]", re.I)
+_SUBJECT_PREFIX_RE = re.compile(r"^(?:\s*(?:re|fw|fwd|aw|wg|sv|vs|tr)\s*(?:\[\d+\])?\s*:)+", re.I)
+
+STOP_WORDS = frozenset(
+    [
+        "a",
+        "about",
+        "above",
+        "after",
+        "again",
+        "all",
+        "am",
+        "an",
+        "and",
+        "any",
+        "are",
+        "as",
+        "at",
+        "be",
+        "been",
+        "before",
+        "being",
+        "below",
+        "between",
+        "both",
+        "but",
+        "by",
+        "can",
+        "could",
+        "did",
+        "do",
+        "does",
+        "doing",
+        "down",
+        "during",
+        "each",
+        "few",
+        "for",
+        "from",
+        "further",
+        "had",
+        "has",
+        "have",
+        "having",
+        "he",
+        "her",
+        "here",
+        "hers",
+        "him",
+        "his",
+        "how",
+        "i",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "just",
+        "know",
+        "let",
+        "like",
+        "me",
+        "more",
+        "most",
+        "my",
+        "no",
+        "nor",
+        "not",
+        "now",
+        "of",
+        "off",
+        "on",
+        "once",
+        "only",
+        "or",
+        "other",
+        "our",
+        "ours",
+        "out",
+        "over",
+        "own",
+        "please",
+        "same",
+        "she",
+        "should",
+        "so",
+        "some",
+        "such",
+        "than",
+        "thank",
+        "thanks",
+        "that",
+        "the",
+        "their",
+        "them",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "those",
+        "through",
+        "to",
+        "too",
+        "under",
+        "until",
+        "up",
+        "very",
+        "was",
+        "we",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "while",
+        "who",
+        "whom",
+        "why",
+        "will",
+        "with",
+        "would",
+        "you",
+        "your",
+        "yours",
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """All fingerprint keys of one message, each kind a tuple of countable strings."""
+
+    body: tuple[str, ...]
+    subject: tuple[str, ...]
+    url_hosts: tuple[str, ...]
+    attachment: tuple[str, ...]
+
+    def keys(self, kind: str) -> tuple[str, ...]:
+        """Keys for a BurstRule.fingerprint kind; empty when the message has none of that kind."""
+        keys: tuple[str, ...] = getattr(self, kind)
+        return keys
+
+    def as_dict(self) -> dict[str, str]:
+        """Flat form for quarantine metadata and logs (space-separated keys per kind)."""
+        return {
+            kind: " ".join(keys) for kind in ("body", "subject", "url_hosts", "attachment") if (keys := self.keys(kind))
+        }
+
+
+def _keep(token: str) -> bool:
+    """False for the tokens hash-busters are made of: numbers, ids, letter salad.
+
+    Uses str methods and one regex only: this runs once per distinct word.
+    """
+    if len(token) > 20 or not token.replace("'", "").replace("\u2019", "").isalpha():
+        return False
+    if len(token) >= 4 and token.isascii() and not _VOWEL_RE.search(token):
+        return False
+    rest = token[1:]
+    return rest == rest.lower() or token.isupper()
+
+
+def normalise_tokens(text: str) -> list[str]:
+    return [t.lower() for t in _WORD_RE.findall(text) if _keep(t)]
+
+
+def _token_hash(token: str) -> int:
+    """crc32 of the lower-cased token shifted left, low bit set for a stop word; -1 to drop it."""
+    if not _keep(token):
+        return -1
+    low = token.lower()
+    return (zlib.crc32(low.encode()) << 1) | (low in STOP_WORDS)
+
+
+def shingle_hashes(text: str) -> set[int]:
+    """64-bit hashes of word 3-shingles taken within sentences; a shorter sentence is one shingle.
+
+    One regex pass yields words, URLs (dropped: their tracking parts vary per
+    copy) and sentence ends; each distinct token is
+    hashed once per call and shingles combine token hashes arithmetically:
+    this is the hot loop of fingerprinting. Shingles of stop words only are left out.
+    """
+    cache: dict[str, int] = {}
+    result: set[int] = set()
+    hs: list[int] = []
+    for token in _TOKEN_RE.findall(text + "."):
+        if token[0] in _BREAK_CHARS:
+            if len(hs) >= SHINGLE:
+                result.update(
+                    (a * _K1 + b * _K2 + c * _K3) & _MASK64
+                    for a, b, c in zip(hs, hs[1:], hs[2:], strict=False)
+                    if not (a & b & c & 1)
+                )
+            elif hs and not all(h & 1 for h in hs):
+                result.add(sum(h * k for h, k in zip(hs, _COMBINE, strict=False)) & _MASK64)
+            hs = []
+            continue
+        h = cache.get(token)
+        if h is None:
+            h = cache[token] = _token_hash(token)
+        if h >= 0:
+            hs.append(h)
+    return result
+
+
+def minhash(hashes: Iterable[int]) -> list[int]:
+    """One-permutation MinHash: BINS minima, empty bins filled from a non-empty donor bin.
+
+    Returns [] when there are fewer than MIN_SHINGLES items.
+    """
+    bins = [_EMPTY] * BINS
+    n = 0
+    for x in hashes:
+        n += 1
+        b = x >> (64 - _BIN_BITS)
+        v = x & _VALUE_MASK
+        if v < bins[b]:
+            bins[b] = v
+    if n < MIN_SHINGLES:
+        return []
+    for i in range(BINS):  # densification: an empty bin borrows from a pseudo-random donor
+        if bins[i] == _EMPTY:
+            for j in _DONORS[i]:
+                if bins[j] != _EMPTY:
+                    bins[i] = (bins[j] * _MIX + i) & _VALUE_MASK
+                    break
+    return bins
+
+
+def band_keys(signature: list[int]) -> tuple[str, ...]:
+    """LSH band keys 'bNN:<hex>': two messages share a band with probability about J**ROWS.
+
+    A band takes bins BANDS apart, so bins filled from one donor rarely land in the same band.
+    """
+    keys = []
+    for band in range(BANDS):
+        rows = signature[band::BANDS]
+        digest = hashlib.blake2b(b"".join(v.to_bytes(8, "big") for v in rows), digest_size=8).hexdigest()
+        keys.append(f"b{band:02d}:{digest}")
+    return tuple(keys)
+
+
+def body_keys(text: str) -> tuple[str, ...]:
+    signature = minhash(shingle_hashes(text))
+    return band_keys(signature) if signature else ()
+
+
+def subject_skeleton(subject: str) -> str:
+    """Subject without reply prefixes, numbers, ids, punctuation and case."""
+    return " ".join(normalise_tokens(_SUBJECT_PREFIX_RE.sub("", subject)))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def subject_keys(subject: str) -> tuple[str, ...]:
+    skeleton = subject_skeleton(subject)
+    return (f"s:{_short_hash(skeleton)}",) if skeleton else ()
+
+
+def registrable_domain(host: str) -> str:
+    """Last two labels (three under a short second-level like co.uk): random subdomains collapse."""
+    labels = host.rstrip(".").lower().split(".")
+    if len(labels) >= 3 and len(labels[-1]) <= 3 and len(labels[-2]) <= 3:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+def url_host_keys(hosts: Iterable[str]) -> tuple[str, ...]:
+    domains = sorted({registrable_domain(h) for h in hosts if h})
+    return (f"u:{_short_hash(' '.join(domains))}",) if domains else ()
+
+
+def attachment_keys(parsed: ParsedMessage) -> tuple[str, ...]:
+    return tuple(sorted({f"a:{a.sha256[:32]}" for a in parsed.attachments if a.size}))
+
+
+def fingerprints(parsed: ParsedMessage) -> Fingerprints:
+    return Fingerprints(
+        body=body_keys(parsed.text),
+        subject=subject_keys(parsed.subject),
+        url_hosts=url_host_keys(parsed.url_hosts),
+        attachment=attachment_keys(parsed),
+    )
+
+
+def fingerprint_dict(parsed: ParsedMessage) -> dict[str, str]:
+    """What the pipeline passes to QuarantineStore.put as `fingerprints`."""
+    return fingerprints(parsed).as_dict()

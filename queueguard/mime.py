@@ -1,0 +1,266 @@
+"""Decode a received message once, with bounded work, for the checks that read content.
+
+Built on the stdlib `email` package with the compat32 policy: it is the most
+forgiving parser there (it records defects instead of raising on broken
+headers), and we only need decoded payloads, not header objects. Spam is
+often malformed on purpose, so nothing here raises: every problem becomes a
+string in `defects`, and whatever could be decoded is still returned.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email.header
+import email.message
+import email.parser
+import email.policy
+import hashlib
+import re
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from urllib.parse import urlsplit
+
+MAX_HEADERS = 500
+MAX_HEADER_VALUE = 8192
+MAX_URLS = 500
+HTML_INPUT_FACTOR = 4
+"""HTML is mostly markup: convert at most this many times `max_text` characters of it."""
+
+_URL_RE = re.compile(r"""(?i)\b(?:https?://|www\.)[^\s<>"'()\[\]{}]+""")
+_BLOCK_TAGS = frozenset(
+    [
+        "p",
+        "div",
+        "li",
+        "tr",
+        "td",
+        "th",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "table",
+        "ul",
+        "ol",
+        "blockquote",
+        "pre",
+        "section",
+        "article",
+        "header",
+        "footer",
+    ]
+)
+_SKIP_TAGS = frozenset(("script", "style", "head", "title"))
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    headers: list[tuple[str, str]]
+    subject: str = ""
+    from_: str = ""
+    message_id: str = ""
+    list_id: str | None = None
+    list_unsubscribe: str | None = None
+    in_reply_to: str | None = None
+    references: str | None = None
+    text: str = ""
+    urls: list[str] = field(default_factory=list)
+    url_hosts: list[str] = field(default_factory=list)
+    attachments: list[Attachment] = field(default_factory=list)
+    defects: list[str] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        """The first header called `name` (case-insensitive), decoded."""
+        lname = name.lower()
+        return next((v for n, v in self.headers if n.lower() == lname), None)
+
+    @property
+    def is_list_traffic(self) -> bool:
+        return bool(self.list_id or self.list_unsubscribe)
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.in_reply_to or self.references)
+
+
+class _HtmlText(HTMLParser):
+    """HTML to plain text: block elements become paragraph breaks, links are collected."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.links: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _SKIP_TAGS:
+            self._skip += 1
+        elif tag in _BLOCK_TAGS:
+            self.out.append("\n\n")
+        elif tag == "br":
+            self.out.append("\n")
+        for name, value in attrs:
+            if name in ("href", "src") and value and value.lower().startswith(("http://", "https://")):
+                self.links.append(value.strip())
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIP_TAGS:
+            self._skip = max(0, self._skip - 1)
+        elif tag in _BLOCK_TAGS:
+            self.out.append("\n\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.out.append(data)
+
+
+def html_to_text(html: str) -> tuple[str, list[str]]:
+    """(text, links) of an HTML fragment; never raises."""
+    parser = _HtmlText()
+    try:
+        parser.feed(html)
+        parser.close()
+    except Exception:  # html.parser has raised on some malformed declarations
+        pass
+    return "".join(parser.out), parser.links
+
+
+def _fix_surrogates(text: str) -> str:
+    """8-bit header bytes arrive as surrogate escapes; show them as UTF-8 or U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def decode_header_value(value: str) -> str:
+    """RFC 2047 encoded words to text; undecodable parts are kept as they were."""
+    value = _fix_surrogates(str(value))[:MAX_HEADER_VALUE]
+    if "=?" not in value:
+        return " ".join(value.split())
+    try:
+        decoded = str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:
+        return " ".join(value.split())
+    return " ".join(decoded.split())
+
+
+def _charset(part: email.message.Message, defects: list[str]) -> str:
+    name = part.get_content_charset() or "us-ascii"
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        defects.append(f"unknown charset {name[:40]!r}")
+        return "latin-1"
+    return name
+
+
+def _is_attachment(part: email.message.Message) -> bool:
+    disposition = (part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
+    if disposition == "attachment" or part.get_filename():
+        return True
+    return part.get_content_maintype() not in ("text", "multipart", "message")
+
+
+def _hosts(urls: list[str]) -> list[str]:
+    hosts: set[str] = set()
+    for url in urls:
+        try:
+            host = urlsplit(url if "://" in url else "http://" + url).hostname
+        except ValueError:
+            continue
+        if host:
+            hosts.add(host.rstrip(".").lower())
+    return sorted(hosts)
+
+
+def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) -> ParsedMessage:
+    """Decode `raw` into headers, text, URLs and attachments; never raises.
+
+    Work is bounded: at most `max_parts` MIME parts are looked at, text is cut
+    at `max_text` characters, HTML input at a multiple of that, headers and
+    URLs at fixed caps.
+    """
+    defects: list[str] = []
+    try:
+        msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw)
+    except Exception as e:  # deep nesting can exhaust the recursion limit
+        defects.append(f"unparseable: {type(e).__name__}")
+        try:
+            msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
+        except Exception:
+            return ParsedMessage(headers=[], defects=defects)
+    headers = [(_fix_surrogates(n), decode_header_value(v)) for n, v in msg.items()[:MAX_HEADERS]]
+    if len(msg.items()) > MAX_HEADERS:
+        defects.append(f"more than {MAX_HEADERS} headers")
+
+    def first(name: str) -> str | None:
+        lname = name.lower()
+        return next((v for n, v in headers if n.lower() == lname), None)
+
+    texts: list[str] = []
+    links: list[str] = []
+    attachments: list[Attachment] = []
+    budget = max_text
+    try:
+        for count, part in enumerate(msg.walk(), 1):
+            if count > max_parts:
+                defects.append(f"more than {max_parts} MIME parts")
+                break
+            defects.extend(type(d).__name__ for d in part.defects)
+            if part.is_multipart():
+                continue
+            payload = part.get_payload(decode=True)
+            data = payload if isinstance(payload, bytes) else b""
+            if _is_attachment(part):
+                attachments.append(
+                    Attachment(
+                        decode_header_value(part.get_filename() or ""),
+                        part.get_content_type(),
+                        len(data),
+                        hashlib.sha256(data).hexdigest(),
+                    )
+                )
+                continue
+            subtype = part.get_content_subtype()
+            if part.get_content_maintype() != "text" or budget <= 0:
+                continue
+            limit = budget * HTML_INPUT_FACTOR if subtype == "html" else budget
+            text = data[: limit * 4].decode(_charset(part, defects), "replace")[:limit]
+            if subtype == "html":
+                text, found = html_to_text(text)
+                links.extend(found)
+            texts.append(text[:budget])
+            budget -= len(texts[-1])
+    except Exception as e:
+        defects.append(f"MIME walk stopped: {type(e).__name__}")
+    body = "\n\n".join(texts)[:max_text]
+    if budget <= 0:
+        defects.append(f"text truncated at {max_text} characters")
+    urls = list(dict.fromkeys([*links, *_URL_RE.findall(body)]))[:MAX_URLS]
+    return ParsedMessage(
+        headers=headers,
+        subject=first("Subject") or "",
+        from_=first("From") or "",
+        message_id=first("Message-ID") or "",
+        list_id=first("List-Id"),
+        list_unsubscribe=first("List-Unsubscribe"),
+        in_reply_to=first("In-Reply-To"),
+        references=first("References"),
+        text=body,
+        urls=urls,
+        url_hosts=_hosts(urls),
+        attachments=attachments,
+        defects=list(dict.fromkeys(defects)),
+    )
