@@ -1,0 +1,256 @@
+"""ScanCheck against a real clamd (tests/components/clamd.py: local EICAR .ndb, unix socket and TCP).
+
+Checks are called directly with RcptContext/MessageContext; the pipeline-level
+test at the end runs the same check inside queueguard.pipeline.Pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from queueguard import metrics
+from queueguard.mime import parse_message
+from queueguard.model import Connection, Transaction, parse_ip
+from queueguard.pipeline import Pipeline
+from queueguard.policy.schema import Policy
+from queueguard.scan.check import ScanCheck
+from queueguard.scan.clamd import ClamdClient, ClamdStats, ScanError, ScanResult
+from queueguard.scan.health import BreakerState
+from queueguard.settings import ClamdSettings
+from queueguard.stage import MessageContext, StageResult
+from queueguard.verdict import Action, Verdict
+from tests.components.clamd import FOUND, Clamd, eicar
+from tests.unit.scan.test_scan_governor import FakeSensor
+
+pytestmark = pytest.mark.integration
+
+
+def mail(payload: bytes, name: str = "file.bin", subject: str = "test") -> bytes:
+    """A multipart message with `payload` as a base64 attachment."""
+    b64 = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+    return (
+        f"From: a@sender.example\r\nTo: b@rcpt.example\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: multipart/mixed; boundary=BOUND\r\n\r\n--BOUND\r\nContent-Type: text/plain\r\n\r\n"
+        "see attachment\r\n--BOUND\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename={name}\r\n\r\n"
+    ).encode() + b64 + b"\r\n--BOUND--\r\n"
+
+
+def big(n: int) -> bytes:
+    """A distinct large message (clamd caches clean results by hash, so repeats would be free)."""
+    return mail(os.urandom(n))
+
+
+def policy(**scan: Any) -> Policy:
+    return Policy.model_validate({"scan": scan})
+
+
+def txn() -> Transaction:
+    return Transaction(Connection(parse_ip("192.0.2.1")), "a@sender.example", recipients=["b@rcpt.example"])
+
+
+def ctx(raw: bytes, p: Policy) -> MessageContext:
+    return MessageContext(txn(), raw, p, parse_message)
+
+
+def check_for(address: str, *, sensors: list[FakeSensor] | None = None, **settings: Any) -> ScanCheck:
+    cfg = ClamdSettings(enabled=True, address=address, **settings)
+    return ScanCheck(cfg, sensors=sensors or [], pressure_interval=0)
+
+
+@pytest.fixture
+def clamd(tmp_path: Path) -> Iterator[Clamd]:
+    with Clamd(tmp_path / "clamd", max_threads=8) as c:
+        yield c
+
+
+class StatsSampler(threading.Thread):
+    """Polls clamd STATS from a thread while a test runs: the scanner's own view of concurrency."""
+
+    def __init__(self, c: Clamd) -> None:
+        super().__init__(daemon=True)
+        self.c, self.busy, self.queue, self.stop = c, [0], [0], threading.Event()
+
+    def run(self) -> None:
+        from queueguard.scan.clamd import parse_stats
+
+        while not self.stop.is_set():
+            try:
+                s = parse_stats(self.c.command(b"zSTATS\0"))
+            except (OSError, ScanError):
+                continue
+            if s.threads_busy is not None:
+                self.busy.append(s.threads_busy - 1)  # minus the thread answering this STATS
+            if s.queue is not None:
+                self.queue.append(s.queue)
+            time.sleep(0.005)
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+@pytest.mark.parametrize("on_infected", ["reject", "quarantine"])
+async def test_eicar_attachment_and_clean_mail(clamd: Clamd, transport: str, on_infected: str) -> None:
+    address = str(clamd.socket) if transport == "unix" else clamd.tcp_address
+    check = check_for(address)
+    p = policy(clamav={"on_infected": on_infected})
+    r = await check.on_message(ctx(mail(eicar(), "eicar.com"), p))
+    assert r.verdict is not None
+    if on_infected == "reject":
+        assert r.verdict.reply() == f"550 5.7.1 virus found: {FOUND} (scan:clamav)"
+    else:
+        assert r.verdict.action is Action.QUARANTINE and r.verdict.text == f"virus found: {FOUND}"
+    assert r.hits[0].detail == FOUND
+    clean = await check.on_message(ctx(mail(b"just a document\n" * 100, "doc.txt"), p))
+    assert clean.verdict is None and clean.headers == []
+    assert check.health.up is True and metrics.clamd_up._value.get() == 1
+
+
+async def test_client_commands(clamd: Clamd) -> None:
+    client = ClamdClient(str(clamd.socket))
+    await client.ping()
+    assert (await client.version()).startswith("ClamAV ")
+    stats = await client.stats()
+    assert stats.threads_max == 8 and stats.queue == 0
+    assert (await client.instream(eicar())).signature == FOUND
+
+
+async def test_clamd_stream_limit_is_a_scan_error(tmp_path: Path) -> None:
+    """Our limit set higher than clamd's StreamMaxLength: clamd cuts the stream; still one ScanError."""
+    with Clamd(tmp_path / "small", stream_max_length="1M") as c:
+        client = ClamdClient(str(c.socket), stream_max_length=25_000_000)
+        with pytest.raises(ScanError) as e:
+            await client.instream(big(2_000_000))
+        assert e.value.reason in ("too_large", "reset")
+
+
+class Recording:
+    """Passes every call through to the real client and notes when each clean scan finished,
+    so the test can tell a message scanned before the kill from one accepted unscanned."""
+
+    def __init__(self, inner: ClamdClient) -> None:
+        self.inner = inner
+        self.clean_done: dict[int, float] = {}
+
+    async def instream(self, data: bytes) -> ScanResult:
+        result = await self.inner.instream(data)
+        self.clean_done[hash(data)] = time.monotonic()
+        return result
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def stats(self) -> ClamdStats:
+        return await self.inner.stats()
+
+
+async def test_kill9_mid_scan_then_restart(clamd: Clamd) -> None:
+    settings = ClamdSettings(enabled=True, address=str(clamd.socket), breaker_failures=3, breaker_reset=0.3,
+                             timeout=20)
+    rec = Recording(ClamdClient.from_settings(settings))
+    check = ScanCheck(settings, sensors=[], scanner=rec, pressure_interval=0)
+    p = policy(max_concurrent=4, max_waiting=50, max_wait="30s", adaptive=False)
+    msgs = [big(5_000_000) for _ in range(16)]
+    tasks = [asyncio.create_task(check.on_message(ctx(m, p))) for m in msgs]
+    async with asyncio.timeout(20):
+        while check.gate.in_flight < 4:
+            await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)
+    killed_at = time.monotonic()
+    clamd.kill9()
+    results: list[StageResult] = await asyncio.gather(*tasks)
+
+    mid_scan = 0
+    for m, r in zip(msgs, results, strict=True):
+        if r.verdict is None:
+            assert rec.clean_done[hash(m)] < killed_at, "accepted without a scan that finished before the kill"
+            continue
+        v: Verdict = r.verdict
+        assert v.action is Action.TEMPFAIL and v.reply().startswith("451 4.3.2"), v
+        assert v.reason in ("clamd_reset", "clamd_connect", "clamd_down"), v
+        mid_scan += v.reason == "clamd_reset"
+    assert mid_scan >= 1, "the kill did not hit a scan in flight"
+    assert check.breaker.state is BreakerState.OPEN and metrics.clamd_up._value.get() == 0
+
+    down = await check.on_message(ctx(big(1000), p))
+    assert down.verdict is not None and down.verdict.reason == "clamd_down"
+
+    clamd.start()
+    await asyncio.sleep(0.35)  # past breaker_reset: the next message is the half-open probe
+    again = await check.on_message(ctx(big(10_000), p))
+    assert again.verdict is None
+    assert check.breaker.state is BreakerState.CLOSED and metrics.clamd_up._value.get() == 1
+    infected = await check.on_message(ctx(mail(eicar()), p))
+    assert infected.verdict is not None and infected.verdict.code == 550
+
+
+async def test_concurrency_bound_and_waiting_count(clamd: Clamd) -> None:
+    check = check_for(str(clamd.socket))
+    p = policy(max_concurrent=2, max_waiting=4, max_wait="60s", adaptive=False)
+    sampler = StatsSampler(clamd)
+    sampler.start()
+    try:
+        results = await asyncio.gather(*(check.on_message(ctx(big(3_000_000), p)) for _ in range(20)))
+    finally:
+        sampler.stop.set()
+        sampler.join()
+    verdicts = [r.verdict for r in results]
+    busy = [v for v in verdicts if v is not None]
+    assert verdicts.count(None) == 6  # 2 in flight + 4 waiting
+    assert len(busy) == 14 and all(v.reason == "busy_waiting_full" and v.code == 451 for v in busy)
+    assert all("scanner busy" in v.text for v in busy)
+    assert check.gate.peak_in_flight == 2 and check.gate.refused["waiting_full"] == 14
+    assert 1 <= max(sampler.busy) <= 2, sampler.busy  # clamd's own count of scans running
+    assert max(sampler.queue) == 0
+
+
+async def test_wait_bound_in_time(clamd: Clamd) -> None:
+    check = check_for(str(clamd.socket))
+    p = policy(max_concurrent=1, max_waiting=100, max_wait="50ms", adaptive=False)
+    results = await asyncio.gather(*(check.on_message(ctx(big(5_000_000), p)) for _ in range(6)))
+    verdicts = [r.verdict for r in results]
+    assert verdicts[0] is None  # the first got the slot at once
+    timed_out = [v for v in verdicts if v is not None]
+    assert timed_out and all(v.reason == "busy_wait_timeout" and v.reply().startswith("451 4.3.2")
+                             for v in timed_out)
+    assert check.gate.peak_in_flight == 1
+
+
+async def test_soften_lowers_concurrency_and_defers_large(clamd: Clamd) -> None:
+    psi = FakeSensor("psi_memory", "psi_memory_some_avg10", 20.0)  # soften: 10 <= 20 < 40
+    check = check_for(str(clamd.socket), sensors=[psi])
+    p = policy(max_concurrent=4, adaptive=False, soften={"max_concurrent": 1, "defer_larger_than": "4MB"})
+    msgs = [big(2_000_000) for _ in range(5)] + [big(4_000_000)]
+    results = await asyncio.gather(*(check.on_message(ctx(m, p)) for m in msgs))
+    assert [r.verdict for r in results[:5]] == [None] * 5
+    large = results[5].verdict
+    assert large is not None and large.reason == "soften_size" and large.code == 451
+    assert check.gate.peak_in_flight == 1
+    psi.value = 0.0
+    check.governor.update(p.scan.pressure.model_copy(update={"hold": 0}))
+    await asyncio.gather(*(check.on_message(ctx(m, p)) for m in [big(2_000_000) for _ in range(6)]))
+    assert check.gate.peak_in_flight > 1  # back to normal: the soften cap is gone
+
+
+async def test_in_pipeline(clamd: Clamd) -> None:
+    check = check_for(str(clamd.socket))
+    p = policy()
+    pipe = Pipeline("test", lambda: p, rcpt_checks=[check], message_checks=[check])
+    conn = Connection(parse_ip("192.0.2.1"))
+    for raw, expected in ((mail(eicar()), "550 5.7.1"), (mail(b"hello"), "250 ")):
+        t, _ = await pipe.mail(conn, "a@sender.example")
+        assert not (await pipe.rcpt(t, "b@rcpt.example")).final
+        v = await pipe.message(t, raw)
+        assert v.reply().startswith(expected), v
+    clamd.kill9()
+    t, _ = await pipe.mail(conn, "a@sender.example")
+    await pipe.rcpt(t, "b@rcpt.example")
+    v = await pipe.message(t, mail(b"hello again"))
+    assert v.reply().startswith("451 4.3.2"), v
