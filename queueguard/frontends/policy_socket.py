@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from queueguard import metrics
-from queueguard.model import Connection, IPAddress, parse_ip
+from queueguard.model import Connection, IPAddress, RuleHit, Transaction, parse_ip
 from queueguard.settings import PolicySocketSettings, split_hostport
-from queueguard.verdict import ACCEPT, Action, Verdict
+from queueguard.verdict import ACCEPT, Action, Verdict, quarantine
 
 if TYPE_CHECKING:
     from queueguard.pipeline import Pipeline
@@ -204,7 +204,7 @@ class PolicySocket:
         self.pipeline = pipeline
         self.listen = settings.listen
         self.server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     @property
     def unix_path(self) -> Path | None:
@@ -232,9 +232,12 @@ class PolicySocket:
         if self.server is None:
             return
         self.server.close()
-        for task in list(self._clients):
-            task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
+        # Closing the transports ends each client's read (cancelling the handler
+        # tasks would make asyncio's stream callback log a spurious error).
+        for writer in self._clients.values():
+            writer.transport.abort()
+        if self._clients:
+            await asyncio.wait(list(self._clients), timeout=REQUEST_TIMEOUT + 1)
         await self.server.wait_closed()
         self.server = None
         path = self.unix_path
@@ -245,7 +248,7 @@ class PolicySocket:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)
+        self._clients[task] = writer
         metrics.connections_active.labels(FRONTEND).inc()
         try:
             while True:
@@ -268,7 +271,7 @@ class PolicySocket:
         except (TimeoutError, ConnectionError):
             return
         finally:
-            self._clients.discard(task)
+            self._clients.pop(task, None)
             metrics.connections_active.labels(FRONTEND).dec()
             writer.close()
             with contextlib.suppress(Exception):
@@ -308,5 +311,12 @@ class PolicySocket:
         if verdict.final or request.state == "MAIL":
             return verdict
         verdict = await self.pipeline.rcpt(txn, request.recipient)
+        if not verdict.final and (hit := held_by(txn)) is not None:
+            verdict = quarantine(f"Held for review (rule {hit.rule})", reason=hit.kind, rule=hit.rule)
         await self.pipeline.finish(txn, verdict)
         return verdict
+
+
+def held_by(txn: Transaction) -> RuleHit | None:
+    """The enforced quarantine hit, if any: with no body to keep, the MTA's hold queue keeps the message."""
+    return next((h for h in txn.hits if h.action == "quarantine" and not h.shadow), None)
