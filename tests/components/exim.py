@@ -331,7 +331,11 @@ class Exim:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Exim:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(
         self,
