@@ -1,0 +1,99 @@
+"""Reload: validate fully, swap atomically, keep the last good policy on errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from queueguard import metrics
+from queueguard.model import Connection, Transaction, parse_ip
+from queueguard.policy.holder import PolicyHolder
+from queueguard.ratelimit.check import RateLimitCheck
+from queueguard.ratelimit.store import MemoryStore
+from queueguard.stage import RcptContext
+
+GOOD = "ratelimits:\n  - name: r1\n    key: recipient\n    rate: 100/1m\n"
+STRICT = "ratelimits:\n  - name: r1\n    key: recipient\n    rate: 1/1m\n"
+BROKEN = "ratelimits:\n  - name: r1\n    key: recipient\n    rate: 1/1x\n"
+
+
+def value(metric: object) -> float:
+    return float(metric._value.get())  # type: ignore[attr-defined]
+
+
+def test_first_load_and_current(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(GOOD)
+    holder = PolicyHolder(tmp_path, clock=lambda: 1234.0)
+    with pytest.raises(RuntimeError):
+        holder.current()
+    assert holder.reload() == []
+    assert holder.current().ratelimits[0].rate.count == 100
+    assert value(metrics.policy_last_success) == 1234.0
+    assert holder.summary()["rules"] == "0 lists, 1 ratelimit, 0 bursts, 0 patterns"
+
+
+def test_broken_reload_keeps_the_last_good_policy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "a.yaml").write_text(GOOD)
+    holder = PolicyHolder(tmp_path)
+    holder.reload()
+    before = holder.current()
+    failures = value(metrics.policy_reload_failures)
+    (tmp_path / "a.yaml").write_text(BROKEN)
+    with caplog.at_level(logging.ERROR, "queueguard.policy"):
+        issues = holder.reload()
+    assert [i.line for i in issues] == [4]
+    assert holder.current() is before
+    assert value(metrics.policy_reload_failures) == failures + 1
+    assert f"policy error: {tmp_path / 'a.yaml'}:4: ratelimits[0].rate: bad rate '1/1x'" in caplog.text
+    assert "keeping the last good policy" in caplog.text
+    assert holder.summary()["errors"] == [str(issues[0])]
+
+
+async def test_good_reload_changes_behaviour_for_new_transactions_only(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(GOOD)
+    holder = PolicyHolder(tmp_path)
+    holder.reload()
+    check = RateLimitCheck(MemoryStore(), clock=lambda: 1000.0)
+
+    async def send(policy: object) -> str:
+        t = Transaction(Connection(parse_ip("192.0.2.1")), "a@example.org", policy=policy)
+        r = await check.on_rcpt(RcptContext(t, "info@example.org", t.policy))  # type: ignore[arg-type]
+        if r.verdict is None:
+            t.recipients.append("info@example.org")
+            await check.commit(t, t.policy)  # type: ignore[arg-type]
+            return "250"
+        return r.verdict.reply()
+
+    in_flight = Transaction(Connection(parse_ip("192.0.2.1")), "a@example.org", policy=holder.current())
+    assert [await send(holder.current()) for _ in range(3)] == ["250"] * 3
+    (tmp_path / "a.yaml").write_text(STRICT)
+    assert holder.reload() == []
+    assert (await send(holder.current())).startswith("451 4.7.1")
+    # A transaction that pinned the old policy is still judged by it.
+    r = await check.on_rcpt(RcptContext(in_flight, "info@example.org", in_flight.policy))  # type: ignore[arg-type]
+    assert r.verdict is None
+
+
+async def test_watch_reloads_when_a_file_changes(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(GOOD)
+    holder = PolicyHolder(tmp_path)
+    holder.reload()
+    task = asyncio.create_task(holder.watch(interval=0.02))
+    try:
+        (tmp_path / "b.yaml").write_text("patterns:\n  - name: p\n    subject: x\n")
+        for _ in range(500):
+            if holder.current().patterns:
+                break
+            await asyncio.sleep(0.01)
+        assert [p.name for p in holder.current().patterns] == ["p"]
+        (tmp_path / "b.yaml").write_text("patterns: [")
+        for _ in range(500):
+            if holder.summary()["errors"]:
+                break
+            await asyncio.sleep(0.01)
+        assert holder.summary()["errors"] and holder.current().patterns
+    finally:
+        task.cancel()
