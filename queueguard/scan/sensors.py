@@ -256,15 +256,16 @@ class PriorityWaiter:
 
 
 class PsiTrigger:
-    """A kernel PSI trigger ('some 150000 1000000': 150 ms of stall within 1 s).
+    """A kernel PSI trigger ('some 200000 2000000': 200 ms of stall within 2 s).
 
-    The trigger lives as long as its fd. Registration needs a kernel with PSI
-    triggers (and root for windows that are not multiples of 2 s); `open()`
-    raises OSError otherwise and the caller falls back to polling.
+    The trigger lives as long as its fd. The 2 s window is what an unprivileged
+    daemon may use (Linux >= 6.5; shorter windows need CAP_SYS_RESOURCE). Where
+    the kernel refuses (older kernels, PSI off, a read-only /proc) `open()` raises
+    OSError and the caller falls back to polling.
     """
 
     def __init__(self, path: Path = Path("/proc/pressure/memory"), *, line: str = "some",
-                 stall_us: int = 150_000, window_us: int = 1_000_000) -> None:
+                 stall_us: int = 200_000, window_us: int = 2_000_000) -> None:
         self.path, self.spec = path, f"{line} {stall_us} {window_us}"
         self._fd: int | None = None
         self._waiter: PriorityWaiter | None = None
