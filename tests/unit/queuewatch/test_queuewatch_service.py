@@ -55,7 +55,8 @@ async def test_counts_ages_and_departures(tmp_path: Path) -> None:
     snap = watch.snapshot()
     assert queue(snap, "exim", "main")["stuck"] is None  # no history yet
     assert snap["mailman_runners"] == [{"runner": "out", "running": 0, "expected": True}]
-    assert snap["filesystems"] and len(snap["filesystems"]) == 1  # both paths on one filesystem
+    filesystems = snap["filesystems"]
+    assert isinstance(filesystems, list) and len(filesystems) == 1  # both paths on one filesystem
 
     # Exim delivers the oldest message: it leaves the spool, the count says so
     for suffix in ("-H", "-D"):
@@ -101,6 +102,7 @@ async def test_failed_watcher_reports_down_and_drops_stale_series(tmp_path: Path
     assert sample("queueguard_queuewatch_up", watcher="exim") == 0
     assert sample("queueguard_queue_messages", mta="exim", queue="main") is None
     snap = watch.snapshot()
-    watchers = {w["name"]: w for w in snap["watchers"]}  # type: ignore[union-attr, index]
+    assert isinstance(snap["watchers"], list)
+    watchers = {w["name"]: w for w in snap["watchers"]}
     assert watchers["exim"]["ok"] is False and "No such file" in str(watchers["exim"]["error"])
     assert snap["queues"] == []
