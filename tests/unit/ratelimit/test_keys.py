@@ -1,0 +1,59 @@
+"""Rate-limit keys: parsing and values, null sender, client networks."""
+
+from __future__ import annotations
+
+import pytest
+
+from queueguard.model import Connection, Transaction, parse_ip
+from queueguard.ratelimit.keys import KeyPart, key_value, parse_key
+
+
+def txn(sender: str = "Alice@Example.ORG", ip: str | None = "192.0.2.77", helo: str = "MX.example.net") -> Transaction:
+    return Transaction(Connection(parse_ip(ip), helo=helo), sender)
+
+
+def test_parse() -> None:
+    assert parse_key("recipient") == (KeyPart("recipient"),)
+    assert parse_key("sender + recipient") == (KeyPart("sender"), KeyPart("recipient"))
+    assert parse_key("client_net/16") == (KeyPart("client_net", 16, 64),)
+    assert parse_key("client_net/16/48") == (KeyPart("client_net", 16, 48),)
+
+
+@pytest.mark.parametrize("bad", ["", "rcpt", "sender+", "client_net/33", "client_net/x", "client_net/24/129",
+                                 "sender/24", "sender+sender"])
+def test_parse_refuses(bad: str) -> None:
+    with pytest.raises(ValueError, match="bad rate-limit key"):
+        parse_key(bad)
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("recipient", "info@example.org"),
+    ("sender", "alice@example.org"),
+    ("sender_domain", "example.org"),
+    ("client_ip", "192.0.2.77"),
+    ("client_net", "192.0.2.0/24"),
+    ("client_net/16", "192.0.0.0/16"),
+    ("helo", "mx.example.net"),
+    ("sender+recipient", "alice@example.org|info@example.org"),
+])
+def test_values(spec: str, expected: str) -> None:
+    assert key_value(spec, txn(), "<Info@Example.org>") == expected
+
+
+def test_ipv6_and_v4_mapped_networks() -> None:
+    assert key_value("client_net", txn(ip="2001:db8:1:2:3:4:5:6"), "x@y") == "2001:db8:1:2::/64"
+    assert key_value("client_net/24/48", txn(ip="2001:db8:1:2::1"), "x@y") == "2001:db8:1::/48"
+    assert key_value("client_ip", txn(ip="::ffff:192.0.2.1"), "x@y") == "192.0.2.1"
+
+
+def test_null_sender_skips_sender_keys_but_not_recipient_keys() -> None:
+    bounce = txn(sender="")
+    assert key_value("sender", bounce, "x@y") is None
+    assert key_value("sender_domain+recipient", bounce, "x@y") is None
+    assert key_value("recipient", bounce, "x@y") == "x@y"
+    assert key_value("client_ip+recipient", bounce, "x@y") == "192.0.2.77|x@y"
+
+
+def test_missing_facts_skip_the_rule() -> None:
+    assert key_value("client_ip", txn(ip=None), "x@y") is None
+    assert key_value("helo", txn(helo=""), "x@y") is None

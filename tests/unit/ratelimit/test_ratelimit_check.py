@@ -1,0 +1,220 @@
+"""RateLimitCheck: verdicts at RCPT, consumption at commit, shadow, null sender, store failures."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from queueguard import metrics
+from queueguard.model import Connection, Transaction, parse_ip
+from queueguard.policy.schema import Policy
+from queueguard.ratelimit.check import RateLimitCheck
+from queueguard.ratelimit.store import MemoryStore
+from queueguard.stage import RcptContext, StageResult
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_policy(*rules: dict[str, Any], on_error: str = "fallback") -> Policy:
+    return Policy.model_validate({
+        "ratelimits": [{"key": "recipient", "rate": "2/1m", **r} for r in rules],
+        "state": {"on_error": on_error},
+    })
+
+
+def new_txn(sender: str = "a@example.org", ip: str = "192.0.2.1") -> Transaction:
+    return Transaction(Connection(parse_ip(ip)), sender)
+
+
+async def rcpt(check: RateLimitCheck, txn: Transaction, policy: Policy, to: str) -> StageResult:
+    """Ask at RCPT; the pipeline would then accept the recipient if there is no verdict."""
+    result = await check.on_rcpt(RcptContext(txn, to, policy))
+    if result.verdict is None:
+        txn.recipients.append(to)
+    return result
+
+
+async def message(check: RateLimitCheck, policy: Policy, *rcpts: str, sender: str = "a@example.org",
+                  ip: str = "192.0.2.1") -> list[str]:
+    """One transaction: RCPT for each recipient, then commit what was accepted. Returns the replies."""
+    txn = new_txn(sender, ip)
+    replies = []
+    for to in rcpts:
+        r = await rcpt(check, txn, policy, to)
+        replies.append("250" if r.verdict is None else r.verdict.reply())
+    await check.commit(txn, policy)
+    return replies
+
+
+def counter(metric: Any, *labels: str) -> float:
+    return float((metric.labels(*labels) if labels else metric)._value.get())
+
+
+async def test_excess_gets_451_on_that_rcpt_only_and_others_go_on() -> None:
+    clock = Clock()
+    check = RateLimitCheck(MemoryStore(), clock=clock)
+    policy = make_policy({"name": "flood"})
+    assert await message(check, policy, "info@example.org") == ["250"]
+    assert await message(check, policy, "info@example.org") == ["250"]
+    replies = await message(check, policy, "info@example.org", "sales@example.org")
+    assert replies[0].startswith("451 4.7.1 ") and "rule flood" in replies[0] and "try again in 30s" in replies[0]
+    assert replies[1] == "250"
+    clock.t += 30  # one interval later: one more is allowed (a real sender's retry gets through)
+    assert await message(check, policy, "info@example.org") == ["250"]
+
+
+async def test_refused_recipients_do_not_use_budget() -> None:
+    clock = Clock()
+    check = RateLimitCheck(MemoryStore(), clock=clock)
+    policy = make_policy({"name": "flood"})
+    await message(check, policy, "info@example.org")
+    await message(check, policy, "info@example.org")
+    for _ in range(20):  # refused at RCPT: nothing recorded
+        assert (await message(check, policy, "info@example.org"))[0].startswith("451")
+    clock.t += 30
+    assert await message(check, policy, "info@example.org") == ["250"]
+
+
+async def test_earlier_recipients_of_the_same_transaction_count() -> None:
+    check = RateLimitCheck(MemoryStore(), clock=Clock())
+    policy = make_policy({"name": "per-sender", "key": "sender", "rate": "3/1h"})
+    replies = await message(check, policy, "a@x.example", "b@x.example", "c@x.example", "d@x.example")
+    assert replies[:3] == ["250"] * 3 and replies[3].startswith("451 4.7.1")
+
+
+async def test_abandoned_transaction_consumes_nothing() -> None:
+    check = RateLimitCheck(MemoryStore(), clock=Clock())
+    policy = make_policy({"name": "flood"})
+    for _ in range(5):  # RCPT accepted, then the client quits before DATA: no commit
+        txn = new_txn()
+        assert (await rcpt(check, txn, policy, "info@example.org")).verdict is None
+    assert await message(check, policy, "info@example.org", "info@example.org") == ["250", "250"]
+
+
+async def test_shadow_counts_and_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    check = RateLimitCheck(MemoryStore(), clock=Clock())
+    policy = make_policy({"name": "trial", "mode": "shadow", "rate": "1/1h"})
+    before = counter(metrics.ratelimit_shadow_hits, "trial", "tempfail")
+    await message(check, policy, "info@example.org")
+    txn = new_txn()
+    with caplog.at_level(logging.INFO, "queueguard.ratelimit"):
+        r = await rcpt(check, txn, policy, "info@example.org")
+    assert r.verdict is None
+    assert [(h.rule, h.shadow, h.action) for h in r.hits] == [("trial", True, "tempfail")]
+    assert counter(metrics.ratelimit_shadow_hits, "trial", "tempfail") == before + 1
+    assert "ratelimit trial (shadow) would tempfail rcpt=info@example.org" in caplog.text
+
+
+async def test_reject_action() -> None:
+    check = RateLimitCheck(MemoryStore(), clock=Clock())
+    policy = make_policy({"name": "hard", "rate": "1/1h", "action": "reject"})
+    assert await message(check, policy, "x@example.org") == ["250"]
+    assert (await message(check, policy, "x@example.org"))[0] == "550 5.7.1 Rate limit exceeded (rule hard)"
+
+
+async def test_quarantine_marks_the_rcpt_without_a_verdict() -> None:
+    check = RateLimitCheck(MemoryStore(), clock=Clock())
+    policy = make_policy({"name": "q", "rate": "1/1h", "action": "quarantine"},
+                         {"name": "t", "key": "sender", "rate": "1/1h"})
+    await message(check, policy, "x@example.org", sender="s1@example.org")
+    r = await rcpt(check, new_txn("s2@example.org"), policy, "x@example.org")
+    assert r.verdict is None and [(h.rule, h.action, h.shadow) for h in r.hits] == [("q", "quarantine", False)]
+    # When another rule refuses the RCPT, its quarantine hit is dropped: it must not mark the message.
+    r = await rcpt(check, new_txn("s1@example.org"), policy, "x@example.org")
+    assert r.verdict is not None and r.verdict.code == 451 and [h.rule for h in r.hits] == ["t"]
+
+
+async def test_null_sender_counts_by_recipient_but_not_by_sender() -> None:
+    check = RateLimitCheck(MemoryStore(), clock=Clock())
+    policy = make_policy({"name": "by-sender", "key": "sender", "rate": "1/1h"},
+                         {"name": "by-rcpt", "rate": "3/1h"})
+    replies = [(await message(check, policy, "x@example.org", sender=""))[0] for _ in range(4)]
+    assert replies[:3] == ["250"] * 3 and "rule by-rcpt" in replies[3]
+
+
+async def test_only_and_unless_select_the_rules() -> None:
+    check = RateLimitCheck(MemoryStore(), clock=Clock())
+    policy = make_policy({"name": "r", "rate": "1/1h", "unless": {"sender_in": ["*@lists.example.org"]}})
+    assert await message(check, policy, "x@e.example", sender="l@lists.example.org") == ["250"]
+    assert await message(check, policy, "x@e.example", sender="l@lists.example.org") == ["250"]
+    assert await message(check, policy, "x@e.example") == ["250"]
+    assert (await message(check, policy, "x@e.example"))[0].startswith("451")
+
+
+class BrokenStore:
+    """Fault injection for unit tests: a shared store that fails every call (the integration
+    test kills a real redis-server for the same path)."""
+
+    name = "redis"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail = True
+        self.inner = MemoryStore()
+
+    async def peek(self, keys: Sequence[str]) -> list[float | None]:
+        self.calls += 1
+        if self.fail:
+            raise ConnectionError("connection refused")
+        return await self.inner.peek(keys)
+
+    async def advance(self, updates: Sequence[tuple[str, float]], now: float) -> None:
+        self.calls += 1
+        if self.fail:
+            raise ConnectionError("connection refused")
+        await self.inner.advance(updates, now)
+
+    def tracked(self) -> int | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_store_failure_falls_back_to_the_in_process_limiter(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    store = BrokenStore()
+    check = RateLimitCheck(store, clock=clock, retry_after=5.0)
+    policy = make_policy({"name": "flood"})
+    errors = counter(metrics.ratelimit_backend_errors, "redis")
+    with caplog.at_level(logging.ERROR, "queueguard.ratelimit"):
+        replies = [(await message(check, policy, "info@example.org"))[0] for _ in range(3)]
+    assert replies[:2] == ["250", "250"] and replies[2].startswith("451 4.7.1")  # still limited, in memory
+    assert counter(metrics.ratelimit_fallback_active) == 1
+    assert counter(metrics.ratelimit_backend_errors, "redis") == errors + 1  # tried once, then waits
+    assert store.calls == 1
+    assert caplog.text.count("failed") == 1 and "using the in-process limiter" in caplog.text
+    store.fail = False
+    clock.t += 5
+    assert await message(check, policy, "other@example.org") == ["250"]
+    assert counter(metrics.ratelimit_fallback_active) == 0 and check.status()["shared_state_down"] is False
+
+
+async def test_store_failure_with_tempfail_policy() -> None:
+    check = RateLimitCheck(BrokenStore(), clock=Clock())
+    policy = make_policy({"name": "flood"}, on_error="tempfail")
+    assert await message(check, policy, "info@example.org", "x@example.org") == [
+        "451 4.3.0 Temporary local problem (rate-limit state unavailable), please try again later"] * 2
+
+
+async def test_store_failure_with_accept_policy() -> None:
+    check = RateLimitCheck(BrokenStore(), clock=Clock())
+    policy = make_policy({"name": "flood", "rate": "1/1h"}, on_error="accept")
+    assert [(await message(check, policy, "info@example.org"))[0] for _ in range(5)] == ["250"] * 5
+
+
+async def test_rules_that_do_not_apply_cost_nothing() -> None:
+    store = BrokenStore()
+    check = RateLimitCheck(store, clock=Clock())
+    policy = make_policy({"name": "r", "only": {"authenticated": True}})
+    assert await message(check, policy, "info@example.org") == ["250"]
+    assert store.calls == 0
