@@ -129,6 +129,16 @@ def test_proxy_deployment_snippet_is_what_exim_runs(proxied_exim: Exim) -> None:
     assert f".include {CONTRIB_EXIM / 'proxy-deployment.conf'}" in proxied_exim.config_path.read_text()
 
 
+def test_many_messages_on_one_connection_are_all_delivered_at_once(exim: Exim) -> None:
+    """The proxy snippet lifts smtp_accept_queue_per_connection (default 10) for pooled connections."""
+    with smtplib.SMTP("127.0.0.1", exim.port) as c:
+        for i in range(12):
+            c.sendmail("a@client.example", ["bob@test.example"], f"Subject: {i}\r\n\r\nbody\r\n".encode())
+    assert len(exim.wait_maildir("bob", 12)) == 12
+    assert "no immediate delivery" not in exim.mainlog()
+    assert exim.queue_count() == 0
+
+
 def test_queue_only_keeps_mail_until_a_queue_run() -> None:
     with Exim(queue_only=True) as e:
         r = swaks(e.port, "--from", "a@client.example", "--to", "dave@test.example")
