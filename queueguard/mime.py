@@ -201,8 +201,9 @@ def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) 
             msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
         except Exception:
             return ParsedMessage(headers=[], defects=defects)
-    headers = [(_fix_surrogates(n), decode_header_value(v)) for n, v in msg.items()[:MAX_HEADERS]]
-    if len(msg.items()) > MAX_HEADERS:
+    raw_headers = list(msg.raw_items())  # raw: 8-bit bytes kept as surrogates, decoded as UTF-8 below
+    headers = [(_fix_surrogates(n), decode_header_value(v)) for n, v in raw_headers[:MAX_HEADERS]]
+    if len(raw_headers) > MAX_HEADERS:
         defects.append(f"more than {MAX_HEADERS} headers")
 
     def first(name: str) -> str | None:

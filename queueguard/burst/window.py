@@ -7,17 +7,17 @@ slides in steps of period/BUCKETS and old buckets expire by themselves.
 The memory backend is bounded: at most `max_keys` keys, each holding at most
 BUCKETS (bucket, count) pairs; when full, the key touched least recently is
 dropped (a dropped key can only under-count, never invent a burst). Measured
-cost is about 400 bytes per key on CPython 3.11, so the default 100,000 keys
-stay under ~40 MiB — at 16 band keys per body rule, that is the band keys of
-the last ~6,000 distinct messages, and a live burst is never the least recently
-touched. The Redis backend keeps the same buckets in one hash per key with a
-TTL of one window, so its memory is bounded by the keys seen in one window;
+on CPython 3.11: about 370 bytes per key with one live bucket, 540 with all
+ten, so the default 50,000 keys stay under ~27 MiB — at 16 band keys per body
+rule that is the band keys of the last ~3,000 distinct messages, and a live
+burst is never the least recently touched key. The Redis backend keeps the
+same buckets in one hash per key with a TTL of one window, so its memory is
+bounded by the keys seen in one window (plus Redis's own maxmemory policy);
 two MX hosts pointed at the same Redis count together.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
 from importlib import resources
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 BUCKETS = 10
-DEFAULT_MAX_KEYS = 100_000
+DEFAULT_MAX_KEYS = 50_000
 
 
 class WindowCounter(Protocol):
@@ -48,7 +48,6 @@ class MemoryWindow:
     def __init__(self, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.max_keys = max_keys
         self._keys: OrderedDict[str, dict[int, int]] = OrderedDict()
-        self._lock = asyncio.Lock()
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -1,0 +1,114 @@
+"""parse_message: decoding of headers, QP/base64, HTML, attachments; bounded and never raising on junk."""
+
+from __future__ import annotations
+
+import base64
+
+from queueguard.mime import html_to_text, parse_message
+
+MULTIPART = (
+    b"""From: =?utf-8?q?J=C3=BCrgen?= <j@example.org>
+Subject: =?utf-8?b?SGVsbG8gd29ybGQ=?=
+List-Id: <team.lists.example.org>
+In-Reply-To: <a@b>
+Message-ID: <m1@example.org>
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="B"
+
+--B
+Content-Type: multipart/alternative; boundary="C"
+
+--C
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: quoted-printable
+
+Hello J=C3=BCrgen, see https://www.Example.com/a?b=3D1 now.
+--C
+Content-Type: text/html; charset=utf-8
+Content-Transfer-Encoding: base64
+
+"""
+    + base64.encodebytes(
+        b'<html><head><style>p{}</style></head><p>Hello <a href="http://evil.example.net/x">here</a></p>'
+        b"<script>hidden()</script></html>"
+    )
+    + b"""
+--C--
+--B
+Content-Type: application/pdf; name="offer.pdf"
+Content-Disposition: attachment; filename="offer.pdf"
+Content-Transfer-Encoding: base64
+
+JVBERi0xLjQK
+--B--
+"""
+)
+
+
+def test_headers_decoded_and_threading_fields() -> None:
+    p = parse_message(MULTIPART)
+    assert p.subject == "Hello world"
+    assert p.from_ == "Jürgen <j@example.org>"
+    assert p.message_id == "<m1@example.org>"
+    assert p.list_id == "<team.lists.example.org>"
+    assert p.in_reply_to == "<a@b>"
+    assert p.is_list_traffic and p.is_reply
+    assert p.header("subject") == "Hello world"
+
+
+def test_text_from_quoted_printable_and_html_parts() -> None:
+    p = parse_message(MULTIPART)
+    assert "Hello Jürgen, see https://www.Example.com/a?b=1 now." in p.text
+    assert "Hello here" in p.text
+    assert "hidden()" not in p.text and "p{}" not in p.text
+    assert p.url_hosts == ["evil.example.net", "www.example.com"]
+
+
+def test_attachment_hash_and_size() -> None:
+    (att,) = parse_message(MULTIPART).attachments
+    assert (att.filename, att.content_type, att.size) == ("offer.pdf", "application/pdf", 9)
+    assert att.sha256 == "e5c62df5dab5c87b6a015ef3d43597074d1eec433b15f51aec63b8582d0e4ab4"
+
+
+def test_garbage_and_empty_input_do_not_raise() -> None:
+    for raw in (
+        b"",
+        b"\x00\xff\xfe",
+        b"garbage\n\n\xff",
+        b"Subject: \xff\xfe\n\nbody",
+        b"Content-Type: multipart/x\n\n",
+    ):
+        p = parse_message(raw)
+        assert isinstance(p.text, str)
+    assert parse_message(b"Subject: \xc3\xa9t\xc3\xa9\n\nx").subject == "été"
+
+
+def test_unknown_charset_and_bad_base64_are_defects_not_errors() -> None:
+    raw = b"Content-Type: text/plain; charset=x-nonsense\nContent-Transfer-Encoding: base64\n\nSGVsbG8=@@@not-base64\n"
+    p = parse_message(raw)
+    assert "unknown charset 'x-nonsense'" in p.defects
+    assert p.text.startswith("Hello")
+
+
+def test_part_count_bounded() -> None:
+    parts = b"".join(b"--b\nContent-Type: text/plain\n\npart %d\n" % i for i in range(500))
+    p = parse_message(b"Content-Type: multipart/mixed; boundary=b\n\n" + parts + b"--b--\n", max_parts=50)
+    assert "more than 50 MIME parts" in p.defects
+    assert "part 48" in p.text and "part 60" not in p.text
+
+
+def test_deep_nesting_bounded() -> None:
+    nested = b"".join(b"--a%d\nContent-Type: multipart/mixed; boundary=a%d\n\n" % (i, i + 1) for i in range(5000))
+    p = parse_message(b"Content-Type: multipart/mixed; boundary=a0\n\n" + nested)
+    assert p.defects
+
+
+def test_text_truncated_at_max_text() -> None:
+    p = parse_message(b"Subject: x\n\n" + b"word " * 100_000, max_text=1000)
+    assert len(p.text) == 1000
+    assert "text truncated at 1000 characters" in p.defects
+
+
+def test_html_to_text_survives_broken_markup() -> None:
+    text, links = html_to_text('<p>a<b>b</p><a href="https://x.example/">c</a><!bogus <![CDATA[ <p')
+    assert "a" in text and links == ["https://x.example/"]
