@@ -122,20 +122,29 @@ class RateLimitCheck:
         if tats is None:
             return StageResult(STATE_UNAVAILABLE) if policy.state.on_error == "tempfail" else NOTHING
         now = self.clock()
-        result = StageResult()
+        verdict: Verdict | None = None
+        acted: list[RuleHit] = []
+        shadow_hits: list[RuleHit] = []
+        quarantine_hits: list[RuleHit] = []
         for (rule, key), tat in zip(items, tats, strict=True):
             d = decide(tat, now, Limit.of(rule), pending.counts[key] + 1)
             if d.allowed:
                 continue
             shadow = rule.mode is Mode.shadow
             detail = f"key={key.partition(':')[2]} retry_after={d.retry_after:.0f}s"
-            result.hits.append(RuleHit(rule.name, "ratelimit", rule.action, shadow, detail, ctx.recipient))
+            hit = RuleHit(rule.name, "ratelimit", rule.action, shadow, detail, ctx.recipient)
             (metrics.ratelimit_shadow_hits if shadow else metrics.ratelimit_hits).labels(rule.name, rule.action).inc()
-            log.info("ratelimit %s%s: %s would %s rcpt=%s %s", rule.name, " (shadow)" if shadow else "",
-                     txn.id, rule.action, ctx.recipient, detail)
-            if not shadow and result.verdict is None:
-                result.verdict = verdict_for(rule, d.retry_after)
-        return result
+            log.info("ratelimit %s%s %s rcpt=%s %s txn=%s", rule.name, " (shadow) would" if shadow else ":",
+                     rule.action, ctx.recipient, detail, txn.id)
+            if shadow:
+                shadow_hits.append(hit)
+            elif rule.action == "quarantine":
+                quarantine_hits.append(hit)
+            elif verdict is None:
+                verdict, acted = verdict_for(rule, d.retry_after), [hit]
+        # A refused RCPT keeps no quarantine hits: they must not mark the rest of the message.
+        hits = [*shadow_hits, *(acted if verdict is not None else quarantine_hits)]
+        return StageResult(verdict, hits) if verdict is not None or hits else NOTHING
 
     async def commit(self, txn: Transaction, policy: Policy) -> None:
         """Record one event per accepted recipient for every rule that applies."""

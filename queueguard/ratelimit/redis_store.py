@@ -15,6 +15,7 @@ from importlib import resources
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 LUA = resources.files("queueguard.ratelimit").joinpath("gcra.lua").read_text()
@@ -47,9 +48,7 @@ class RedisStore:
             self._sha = await self.client.script_load(LUA)
         try:
             await self.client.evalsha(self._sha, len(keys), *keys, *args)
-        except aioredis.ResponseError as e:  # NOSCRIPT: Redis restarted and lost its script cache
-            if "NOSCRIPT" not in str(e):
-                raise
+        except NoScriptError:  # Redis restarted and lost its script cache
             self._sha = await self.client.script_load(LUA)
             await self.client.evalsha(self._sha, len(keys), *keys, *args)
 

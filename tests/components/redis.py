@@ -4,6 +4,7 @@ Usage:
     with RedisServer(tmp_path) as r:
         r.url            # redis://127.0.0.1:PORT/0
         r.kill()         # SIGKILL, as a crash would
+        r.pause()        # SIGSTOP, a hung server; r.resume()
         r.start()        # again, on the same port, empty
 """
 
@@ -57,11 +58,7 @@ class RedisServer:
             self.pid = None
             return
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                break
+        while _alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
         self.pid = None
 
@@ -69,7 +66,17 @@ class RedisServer:
         """SIGKILL: the crash case (no shutdown, connections reset)."""
         self._signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP: a hung server (connections stay open, nothing answers)."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()
         self._signal(signal.SIGTERM)
 
     def __enter__(self) -> RedisServer:
@@ -77,3 +84,12 @@ class RedisServer:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _alive(pid: int) -> bool:
+    """True while the process runs; a zombie (daemonized, waiting for init to reap it) is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
