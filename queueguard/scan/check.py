@@ -192,7 +192,7 @@ class ScanCheck:
         return self._defer("clamd_down", TEXT_DOWN, str(err))
 
     def _on_error(self, scan: ScanPolicy, err: ScanError) -> StageResult:
-        log.warning("scan failed (%s): %s", err.reason, err)
+        log.debug("scan failed (%s): %s", err.reason, err)  # clamd up/down is logged once by health
         if scan.clamav.on_error == "accept":
             return self._unscanned(err)
         if err.permanent:
