@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-
-import re2
+from typing import TYPE_CHECKING
 
 from queueguard.burst.actions import apply_hit
 from queueguard.burst.fingerprint import fingerprint_dict
@@ -23,7 +22,10 @@ from queueguard.policy.match import rule_applies
 from queueguard.policy.schema import Mode, PatternRule, Policy
 from queueguard.stage import MessageContext, StageResult
 
-Regex = re2._Regexp[str]
+if TYPE_CHECKING:
+    import re2
+
+    Regex = re2._Regexp[str]
 
 
 @dataclass(frozen=True)
