@@ -78,7 +78,7 @@ class StatsSampler(threading.Thread):
 
     def __init__(self, c: Clamd) -> None:
         super().__init__(daemon=True)
-        self.c, self.busy, self.queue, self.stop = c, [0], [0], threading.Event()
+        self.c, self.busy, self.stop = c, [0], threading.Event()
 
     def run(self) -> None:
         from queueguard.scan.clamd import parse_stats
@@ -88,10 +88,10 @@ class StatsSampler(threading.Thread):
                 s = parse_stats(self.c.command(b"zSTATS\0"))
             except (OSError, ScanError):
                 continue
-            if s.threads_busy is not None:
-                self.busy.append(s.threads_busy - 1)  # minus the thread answering this STATS
-            if s.queue is not None:
-                self.queue.append(s.queue)
+            if s.threads_busy is not None and s.queue is not None:
+                # scans running (minus the thread answering this STATS) plus scans handed
+                # to clamd's pool and not yet picked up by a thread
+                self.busy.append(s.threads_busy - 1 + s.queue)
             time.sleep(0.005)
 
 
@@ -207,8 +207,7 @@ async def test_concurrency_bound_and_waiting_count(clamd: Clamd) -> None:
     assert len(busy) == 14 and all(v.reason == "busy_waiting_full" and v.code == 451 for v in busy)
     assert all("scanner busy" in v.text for v in busy)
     assert check.gate.peak_in_flight == 2 and check.gate.refused["waiting_full"] == 14
-    assert 1 <= max(sampler.busy) <= 2, sampler.busy  # clamd's own count of scans running
-    assert max(sampler.queue) == 0
+    assert 1 <= max(sampler.busy) <= 2, sampler.busy  # clamd's own count of our scans
 
 
 async def test_wait_bound_in_time(clamd: Clamd) -> None:
