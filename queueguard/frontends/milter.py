@@ -109,6 +109,22 @@ def parse_header_block(block: bytes) -> list[tuple[str, str]]:
     return pairs
 
 
+def wake(spec: str) -> None:
+    """Connect once to our own socket, so libmilter's listener leaves its poll."""
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind in ("unix", "local"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(1)
+                s.connect(rest)
+        elif kind in ("inet", "inet6"):
+            port, _, host = rest.partition("@")
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1):
+                pass
+    except (OSError, ValueError):
+        pass
+
+
 class MilterServer:
     """Runs libmilter's main loop on one dedicated thread and bridges callbacks to the loop."""
 
@@ -169,8 +185,14 @@ class MilterServer:
         """Stop accepting, let stages already running finish (bounded), then return."""
         if self.thread is None:
             return
-        Milter.stop()
+        # smfi_stop waits for the listener's lock, which libmilter holds across a
+        # 5 s poll; a connection to our own socket ends the poll early.
+        stopping = asyncio.ensure_future(asyncio.to_thread(Milter.stop))
         deadline = time.monotonic() + STOP_GRACE
+        while not stopping.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            await asyncio.to_thread(wake, self.listen)
+        await stopping
         while time.monotonic() < deadline and (self.thread.is_alive() or self.busy):
             await asyncio.sleep(0.05)
         if self.thread.is_alive():
