@@ -13,30 +13,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from queueguard import metrics
 from queueguard.logging_setup import format_fields
 from queueguard.mime import ParsedMessage, parse_message
 from queueguard.model import Connection, RuleHit, Transaction
 from queueguard.policy.schema import Policy
+from queueguard.quarantine.protocol import Quarantine, QuarantineFull
 from queueguard.relay import DownstreamError, Relay, RelayTransaction, Reply
 from queueguard.stage import MessageCheck, MessageContext, RcptCheck, RcptContext, StageResult
 from queueguard.verdict import ACCEPT, INTERNAL_ERROR, Action, Verdict, quarantine, tempfail
 
 log = logging.getLogger("queueguard.pipeline")
 msglog = logging.getLogger("queueguard.message")
-
-
-class QuarantineFull(Exception):
-    """The quarantine's filesystem is below its free-space or free-inode floor."""
-
-
-class QuarantineSink(Protocol):
-    """What the pipeline needs of the quarantine store."""
-
-    async def put(self, txn: Transaction, raw: bytes, verdict: Verdict, hits: list[RuleHit],
-                  fingerprints: dict[str, str]) -> str: ...
 
 
 RouteFor = Callable[[str], str]
@@ -48,7 +37,7 @@ class Pipeline:
     policy: Callable[[], Policy]
     rcpt_checks: list[RcptCheck] = field(default_factory=list)
     message_checks: list[MessageCheck] = field(default_factory=list)
-    quarantine: QuarantineSink | None = None
+    quarantine: Quarantine | None = None
     relay: Relay | None = None
     route_for: RouteFor = lambda _rcpt: "default"
     parser: Callable[[bytes], ParsedMessage] = parse_message
@@ -116,7 +105,7 @@ class Pipeline:
         try:
             reply = await rtx.data(self.with_headers(txn, raw))
         except DownstreamError as e:
-            rtx.downstream.mark_down(str(e))
+            log.warning("id=%s downstream=%s lost during DATA: %s", txn.id, rtx.downstream.name, e)
             txn.timings["relay"] = time.monotonic() - started
             return self._count("data", tempfail("4.4.2", "Downstream connection lost, try again later",
                                                 reason="downstream_lost"))
@@ -193,11 +182,11 @@ class Pipeline:
                             rule=verdict.rule)
         try:
             qid = await self.quarantine.put(txn, raw, verdict, txn.hits, dict(ctx.fingerprints))
-        except Exception as e:
-            if type(e).__name__ == "QuarantineFull" or isinstance(e, QuarantineFull):
-                log.warning("id=%s quarantine full: %s", txn.id, e)
-                return tempfail("4.3.1", "Insufficient system storage, try again later", reason="quarantine_full",
-                                rule=verdict.rule, code=452)
+        except QuarantineFull as e:
+            log.warning("id=%s quarantine full: %s", txn.id, e)
+            return tempfail("4.3.1", "Insufficient system storage, try again later", reason="quarantine_full",
+                            rule=verdict.rule, code=452)
+        except Exception:
             metrics.internal_errors.labels("quarantine").inc()
             log.exception("id=%s quarantine write failed", txn.id)
             return tempfail("4.3.0", "Temporary local problem storing the message, try again later",
@@ -227,8 +216,7 @@ class Pipeline:
             reply = await rtx.rcpt(recipient, options)
         except DownstreamError as e:
             self._relayed.pop(txn.id, None)
-            if rtx is not None:
-                rtx.downstream.mark_down(str(e))
+            log.warning("id=%s downstream lost during RCPT: %s", txn.id, e)
             return tempfail("4.4.2", "Downstream connection lost, try again later", reason="downstream_lost")
         return _from_downstream(reply, "rcpt")
 

@@ -85,6 +85,9 @@ class Router:
     async def on_rcpt(self, ctx: RcptContext) -> StageResult:
         txn = ctx.txn
         route = self.route_for(ctx.recipient)
+        if txn.route is not None and txn.route != route:
+            return StageResult(tempfail("4.5.3", f"Please send mail for <{ctx.recipient}> in a separate transaction "
+                                        f"(route {route})", reason="route_split", code=452, rule=route))
         state = self.states[route]
         if txn.id in state.active or state.spec is None:
             return NOTHING

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from typing import Any
@@ -29,6 +30,16 @@ log = logging.getLogger("queueguard.smtp")
 FRONTEND = "smtp"
 SIZE_EXCEEDED = "552 5.3.4 Message size exceeds fixed maximum message size"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+
+
+_ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+(\.[^\s<>()\[\]\\,;:@\"]+)*@[^\s<>@]+$|^\"[^\"\r\n]*\"@[^\s<>@]+$")
+
+
+def valid_address(address: str, *, allow_null: bool) -> bool:
+    """RFC 5321 path, loosely: local@domain without spaces or brackets; `<>` only where allowed."""
+    if address in ("", "<>"):
+        return allow_null
+    return len(address) <= 320 and _ADDRESS.match(address) is not None
 
 
 def smuggling_verdict(raw: bytes) -> Verdict | None:
@@ -152,6 +163,9 @@ class ProxyHandler:
         state = self._state(server)
         if self.closing:
             return SHUTTING_DOWN
+        if not valid_address(address, allow_null=True):
+            metrics.protocol_errors.labels("bad_address").inc()
+            return "501 5.1.7 Bad sender address syntax"
         try:
             if state.txn is not None:
                 await self.pipeline.finish(state.txn, Verdict(Action.TEMPFAIL, 451, "4.5.0", "abandoned",
@@ -174,6 +188,9 @@ class ProxyHandler:
         txn = state.txn
         if txn is None:
             return "503 5.5.1 Error: need MAIL command"
+        if not valid_address(address, allow_null=False):
+            metrics.protocol_errors.labels("bad_address").inc()
+            return "501 5.1.3 Bad recipient address syntax"
         if len(txn.recipients) >= self.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
         try:

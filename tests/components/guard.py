@@ -39,7 +39,7 @@ class Guard:
         self.metrics_port = free_port()
         self.policy_dir = self.dir / "policies"
         self.policy_dir.mkdir(exist_ok=True)
-        for name, text in (policies or {}).items():
+        for name, text in (policies or {"empty.yaml": "# no rules: every check passes\nlists: {}\n"}).items():
             (self.policy_dir / name).write_text(text)
         base: dict[str, Any] = {
             "smtp": {"listen": f"127.0.0.1:{self.port}", "hostname": "guard.test", "shutdown_grace": 5},

@@ -33,7 +33,14 @@ def exim() -> Iterator[Exim]:
 
 @pytest.fixture
 def guard_exim(exim: Exim) -> Iterator[Guard]:
-    """Guard with inbound PROXY (as behind a load balancer) and PROXY v2 toward Exim."""
+    """Guard with PROXY v2 toward Exim (Exim's hosts_proxy), clients connecting directly."""
+    with Guard({"downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}]}) as g:
+        yield g
+
+
+@pytest.fixture
+def guard_lb(exim: Exim) -> Iterator[Guard]:
+    """Guard behind a load balancer: PROXY inbound (swaks sends it) and PROXY v2 toward Exim."""
     with Guard({
         "smtp": {"proxy_protocol_inbound": True},
         "downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}],
@@ -46,13 +53,13 @@ def swaks(port: int, *args: str, proxy_source: str | None = None) -> subprocess.
     assert exe, "swaks is not installed: run ./setup.sh"
     cmd = [exe, "--server", "127.0.0.1", "--port", str(port), "--helo", "client.example", *args]
     if proxy_source:
-        cmd += ["--proxy-version", "2", "--proxy-source", proxy_source, "--proxy-source-port", "40000",
-                "--proxy-dest", "127.0.0.1", "--proxy-dest-port", str(port)]
+        cmd += ["--proxy-version", "2", "--proxy-family", "AF_INET", "--proxy-source", proxy_source,
+                "--proxy-source-port", "40000", "--proxy-dest", "127.0.0.1", "--proxy-dest-port", str(port)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
-def test_delivers_to_exim_maildir_with_real_client_address(exim: Exim, guard_exim: Guard) -> None:
-    r = swaks(guard_exim.port, "--from", "alice@client.example", "--to", "bob@test.example",
+def test_delivers_to_exim_maildir_with_real_client_address(exim: Exim, guard_lb: Guard) -> None:
+    r = swaks(guard_lb.port, "--from", "alice@client.example", "--to", "bob@test.example",
               "--header", "Subject: through the proxy", "--body", "hello via queueguard",
               proxy_source="198.51.100.9")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -60,8 +67,8 @@ def test_delivers_to_exim_maildir_with_real_client_address(exim: Exim, guard_exi
     delivered = exim.wait_maildir("bob", 1)
     assert b"hello via queueguard" in delivered[0]
     # Exim saw the client's own address through PROXY v2, not the proxy's.
-    exim.wait_log(r"H=\S*\[198\.51\.100\.9\].*PRX=127\.0\.0\.1")
-    assert guard_exim.metric("queueguard_verdicts_total", stage="final", action="accept") >= 1
+    exim.wait_log(r"<= alice@client\.example H=.*\[198\.51\.100\.9\].*PRX=127\.0\.0\.1")
+    assert guard_lb.metric("queueguard_verdicts_total", stage="final", action="accept") >= 1
 
 
 def test_unknown_user_550_comes_back_per_recipient(exim: Exim, guard_exim: Guard) -> None:
@@ -75,8 +82,8 @@ def test_unknown_user_550_comes_back_per_recipient(exim: Exim, guard_exim: Guard
     assert len(exim.wait_maildir("bob", 1)) == 1
 
 
-def test_external_client_cannot_relay_through_proxy(exim: Exim, guard_exim: Guard) -> None:
-    r = swaks(guard_exim.port, "--from", "spammer@client.example", "--to", "victim@elsewhere.example",
+def test_external_client_cannot_relay_through_proxy(exim: Exim, guard_lb: Guard) -> None:
+    r = swaks(guard_lb.port, "--from", "spammer@client.example", "--to", "victim@elsewhere.example",
               proxy_source="203.0.113.7")
     assert r.returncode != 0
     assert "550" in r.stdout or "550" in r.stderr
@@ -86,7 +93,8 @@ def test_external_client_cannot_relay_through_proxy(exim: Exim, guard_exim: Guar
 
 def test_failover_primary_down_backup_up_then_primary_again() -> None:
     dead = free_port()
-    with RecordingSink() as backup, RecordingSink(port=dead, start=False) as primary, Guard({
+    primary = RecordingSink(port=dead)
+    with RecordingSink() as backup, Guard({
         "downstreams": [
             {"address": f"127.0.0.1:{dead}", "retry_after": 0.3},
             {"address": f"127.0.0.1:{backup.port}", "retry_after": 0.3},
@@ -95,12 +103,13 @@ def test_failover_primary_down_backup_up_then_primary_again() -> None:
         with g.smtp() as c:
             c.sendmail("a@client.example", ["bob@test.example"], MSG)
         assert len(backup.messages) == 1
-        primary.start()
-        time.sleep(3.0)  # past the back-off (0.3 s doubling, capped at 8x)
-        with g.smtp() as c:
-            c.sendmail("a@client.example", ["bob@test.example"], MSG)
-        assert len(primary.messages) == 1, "primary not used again after it came back"
-        assert len(backup.messages) == 1
+        assert g.metric("queueguard_downstream_up", downstream=f"127.0.0.1:{dead}") == 0
+        with primary:
+            time.sleep(3.0)  # past the back-off (0.3 s doubling, capped at 8x)
+            with g.smtp() as c:
+                c.sendmail("a@client.example", ["bob@test.example"], MSG)
+            assert len(primary.messages) == 1, "primary not used again after it came back"
+            assert len(backup.messages) == 1
 
 
 def test_all_downstreams_down_451_nothing_accepted() -> None:
@@ -115,19 +124,37 @@ def test_all_downstreams_down_451_nothing_accepted() -> None:
 
 
 def test_downstream_4xx_at_data_becomes_451_and_5xx_passes_through() -> None:
-    with RecordingSink(data_replies={"tempfail@test.example": "452 4.3.1 sink full",
-                                     "reject@test.example": "554 5.7.1 sink says no"}) as sink, \
-            Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
         with g.smtp() as c:
+            sink.behaviour.data_reply = "452 4.3.1 sink full"
             c.mail("a@client.example")
-            c.rcpt("tempfail@test.example")
+            c.rcpt("bob@test.example")
             code, text = c.data(MSG)
             assert code == 451 and b"4.4.3" in text
+            sink.behaviour.data_reply = "554 5.7.1 sink says no"
             c.mail("a@client.example")
-            c.rcpt("reject@test.example")
+            c.rcpt("bob@test.example")
             code, text = c.data(MSG)
             assert code == 554 and b"5.7.1 sink says no" in text
+            sink.behaviour.rcpt_replies["nobody@test.example"] = "550 5.1.1 no such user"
+            c.mail("a@client.example")
+            code, text = c.rcpt("nobody@test.example")
+            assert code == 550 and b"5.1.1 no such user" in text
         assert sink.messages == []
+
+
+def test_downstream_dropping_connection_at_data_is_451() -> None:
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        sink.behaviour.drop_at = "DATA"
+        with g.smtp() as c:
+            c.mail("a@client.example")
+            c.rcpt("bob@test.example")
+            code, text = c.data(MSG)
+            assert code == 451 and b"4.4.2" in text
+        sink.behaviour.drop_at = None
+        with g.smtp() as c:
+            c.sendmail("a@client.example", ["bob@test.example"], MSG)
+        assert len(sink.messages) == 1
 
 
 SMUGGLING_VARIANTS = [
@@ -203,7 +230,8 @@ def test_client_vanishing_mid_data_delivers_nothing() -> None:
 
 
 def test_sigterm_lets_in_flight_message_finish_then_421() -> None:
-    with RecordingSink(delay=1.5) as sink:
+    with RecordingSink() as sink:
+        sink.behaviour.data_delay = 1.5
         g = Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}).start()
         try:
             idle = g.smtp()
@@ -218,9 +246,11 @@ def test_sigterm_lets_in_flight_message_finish_then_421() -> None:
             code, _ = c.getreply()
             assert code == 250, "in-flight message not finished before shutdown"
             assert len(sink.messages) == 1
-            with pytest.raises((smtplib.SMTPServerDisconnected, smtplib.SMTPResponseException, OSError)):
-                idle.mail("a@client.example")
-                idle.rcpt("bob@test.example")
+            try:
+                code = idle.mail("a@client.example")[0]
+            except smtplib.SMTPServerDisconnected:
+                code = 421
+            assert code == 421, "idle session not closed with 421 at shutdown"
             assert g.proc is not None and g.proc.wait(15) == 0
         finally:
             g.kill()

@@ -1,0 +1,201 @@
+"""Wiring: settings → components → pipelines → front ends, and the daemon's life cycle.
+
+The only module that knows every part. Each front end gets its own Pipeline
+(its own `frontend` label) over the same checks, state and quarantine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from queueguard import metrics, sdnotify
+from queueguard.burst.check import BurstCheck
+from queueguard.frontends.smtp_proxy import SmtpProxy
+from queueguard.logging_setup import configure
+from queueguard.patterns import PatternCheck
+from queueguard.pipeline import Pipeline
+from queueguard.policy.holder import PolicyHolder
+from queueguard.quarantine.store import QuarantineStore
+from queueguard.ratelimit.check import RateLimitCheck
+from queueguard.ratelimit.store import make_store
+from queueguard.relay import Relay
+from queueguard.routing import Router
+from queueguard.scan.check import ScanCheck
+from queueguard.settings import Settings, split_hostport
+from queueguard.stage import MessageCheck, RcptCheck
+
+log = logging.getLogger("queueguard")
+
+
+@dataclass
+class App:
+    """Every long-lived component, built once from settings."""
+
+    settings: Settings
+    policies: PolicyHolder
+    relay: Relay
+    router: Router
+    quarantine: QuarantineStore
+    ratelimit: RateLimitCheck
+    bursts: BurstCheck
+    patterns: PatternCheck
+    scan: ScanCheck | None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    def rcpt_checks(self, *, relay: bool) -> list[RcptCheck]:
+        """Route caps only where we relay: behind a milter the MTA routes, not us."""
+        checks: list[RcptCheck] = [self.ratelimit]
+        if relay:
+            checks.append(self.router)
+        if self.scan is not None:
+            checks.append(self.scan)
+        return checks
+
+    @property
+    def message_checks(self) -> list[MessageCheck]:
+        checks: list[MessageCheck] = [self.patterns, self.bursts]
+        if self.scan is not None:
+            checks.append(self.scan)
+        return checks
+
+    def pipeline(self, frontend: str, *, relay: bool) -> Pipeline:
+        return Pipeline(
+            frontend=frontend, policy=self.policies.current, rcpt_checks=self.rcpt_checks(relay=relay),
+            message_checks=self.message_checks, quarantine=self.quarantine,
+            relay=self.relay if relay else None, route_for=self.router.route_for,
+            header_prefix=self.settings.smtp.header_prefix, add_headers=self.settings.smtp.add_headers,
+            finishers=[self.router.release],
+        )
+
+    def status(self) -> dict[str, object]:
+        """What the status page and `STATUS=` show: one dict, cheap to build."""
+        return {
+            "uptime_seconds": round(time.time() - self.started),
+            "policy": self.policies.summary(),
+            "scan": self.scan.status() if self.scan is not None else None,
+            "ratelimit": self.ratelimit.status(),
+            "bursts": self.bursts.status(),
+            "quarantine": self.quarantine.summary(),
+            "routes": self.router.status(),
+            "downstreams": [
+                {"route": name, "address": d.name, "up": d.available(), "open": d.open_count}
+                for name, group in self.relay.groups.items() for d in group.downstreams
+            ],
+        }
+
+
+def build(settings: Settings) -> App:
+    """Construct the components; nothing listens yet."""
+    policies = PolicyHolder(settings.policies)
+    problems = policies.reload()
+    if problems:
+        raise SystemExit("queueguard: policy errors, not starting:\n" + "\n".join(str(p) for p in problems))
+    scan = ScanCheck(settings.clamd) if settings.clamd.enabled else None
+    router = Router(settings, policies.current)
+    return App(
+        settings=settings, policies=policies, relay=Relay.from_settings(settings), router=router,
+        quarantine=QuarantineStore(
+            settings.quarantine.directory, min_free_bytes=settings.quarantine.min_free_bytes,
+            min_free_inodes=settings.quarantine.min_free_inodes),
+        ratelimit=RateLimitCheck(make_store(settings.state, settings.state_max_keys)),
+        bursts=BurstCheck.from_settings(settings), patterns=PatternCheck(f"{settings.smtp.header_prefix}-Pattern"),
+        scan=scan,
+    )
+
+
+async def start(app: App) -> list[object]:
+    """Open every listener and background task; returns the servers to stop later."""
+    from queueguard.web import start_web
+
+    s = app.settings
+    servers: list[object] = []
+    proxy = SmtpProxy(app.pipeline("smtp", relay=True), s.smtp)
+    await proxy.start()
+    servers.append(proxy)
+    if s.milter.enabled:
+        from queueguard.frontends.milter import MilterServer
+
+        milter = MilterServer(app.pipeline("milter", relay=False), s)
+        await milter.start()
+        servers.append(milter)
+    if s.policy_socket.enabled:
+        from queueguard.frontends.policy_socket import PolicySocket
+
+        psock = PolicySocket(app.pipeline("policy", relay=False), s.policy_socket)
+        await psock.start()
+        servers.append(psock)
+    host, port = split_hostport(s.metrics, 9925)
+    servers.append(await start_web(host, port, app.status))
+    loop = asyncio.get_running_loop()
+    app.tasks.append(loop.create_task(app.policies.watch()))
+    if app.scan is not None:
+        app.tasks.append(loop.create_task(app.scan.run()))
+    app.tasks.extend(loop.create_task(t) for t in app.router.background())
+    if s.queuewatch.exim_spool or s.queuewatch.postfix_queue or s.queuewatch.mailman_queue \
+            or s.queuewatch.filesystems or s.queuewatch.processes:
+        from queueguard.queuewatch.service import QueueWatch
+
+        app.tasks.append(loop.create_task(QueueWatch(s.queuewatch).run()))
+    return servers
+
+
+async def stop(app: App, servers: list[object]) -> None:
+    for server in servers:
+        closer = getattr(server, "stop", None) or getattr(server, "close", None)
+        if closer is not None:
+            result = closer()
+            if asyncio.iscoroutine(result):
+                await result
+    for task in app.tasks:
+        task.cancel()
+    await asyncio.gather(*app.tasks, return_exceptions=True)
+    app.relay.close()
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads policies (the last good one stays on errors)."""
+    configure(settings.log_format, settings.log_level)
+    app = build(settings)
+    servers = await start(app)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def reload() -> None:
+        sdnotify.notify(RELOADING=1)
+        problems = app.policies.reload()
+        sdnotify.notify(READY=1, STATUS="reload failed, running last good policy" if problems else "policy reloaded")
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    watchdog = sdnotify.Watchdog()
+    app.tasks.append(loop.create_task(watchdog.run()))
+    app.tasks.append(loop.create_task(sdnotify.status_loop(lambda: _status_line(app), 10.0)))
+    sdnotify.notify(READY=1, STATUS="accepting mail")
+    log.info("queueguard ready: smtp=%s downstreams=%s metrics=%s policies=%s state=%s",
+             settings.smtp.listen, ",".join(d.address for d in settings.downstreams), settings.metrics,
+             settings.policies, settings.state)
+    await stopping.wait()
+    sdnotify.notify(STOPPING=1, STATUS="draining")
+    log.info("queueguard stopping: finishing in-flight messages (grace %.0fs)", settings.smtp.shutdown_grace)
+    with contextlib.suppress(Exception):
+        await stop(app, servers)
+    return 0
+
+
+def _status_line(app: App) -> str:
+    verdicts = {
+        action: sum(
+            s.value for m in metrics.verdicts.collect() for s in m.samples
+            if s.name.endswith("_total") and s.labels.get("stage") == "final" and s.labels.get("action") == action
+        )
+        for action in ("accept", "tempfail", "reject", "quarantine")
+    }
+    return " ".join(f"{k}={int(v)}" for k, v in verdicts.items())
