@@ -1,0 +1,135 @@
+"""`queueguard quarantine` CLI against a real store and a real SMTP downstream (aiosmtpd RecordingSink)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from queueguard.model import Connection, RuleHit, Transaction, parse_ip
+from queueguard.quarantine import QuarantineStore
+from queueguard.verdict import quarantine
+from tests.components.sink import RecordingSink
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, settings: Path | None = None, qdir: Path) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "queueguard.cli", "quarantine", args[0], "--quarantine", str(qdir)]
+    if settings is not None:
+        argv += ["--settings", str(settings)]
+    return subprocess.run([*argv, *args[1:]], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+async def fill(qdir: Path) -> list[str]:
+    store = QuarantineStore(qdir)
+    ids = []
+    for i, (rule, sender) in enumerate([("mini-cooper-wave", "promo@cars.example")] * 3 + [("other", "x@y.example")]):
+        conn = Connection(parse_ip("198.51.100.7"), helo="cars.example")
+        txn = Transaction(conn, sender, recipients=["info@example.org", "vrts@example.org"])
+        raw = f"From: {sender}\r\nSubject: Win a mini cooper {i}\r\n\r\nbody {i}\r\n".encode()
+        ids.append(
+            await store.put(
+                txn,
+                raw,
+                quarantine("Ok", reason="pattern", rule=rule),
+                [RuleHit(rule, "pattern", "quarantine")],
+                {"subject": f"s:{i:04d}abcd"},
+            )
+        )
+    return ids
+
+
+def cli_raw(qdir: Path, qid: str) -> bytes:
+    argv = [sys.executable, "-m", "queueguard.cli", "quarantine", "show", "--quarantine", str(qdir), "--raw", qid]
+    return subprocess.run(argv, capture_output=True, cwd=REPO, check=True, timeout=60).stdout
+
+
+def settings_for(tmp_path: Path, port: int) -> Path:
+    path = tmp_path / "queueguard.yaml"
+    path.write_text(yaml.safe_dump({"downstreams": [{"address": f"127.0.0.1:{port}"}]}))
+    return path
+
+
+async def test_list_show_and_json(tmp_path: Path) -> None:
+    qdir = tmp_path / "q"
+    ids = await fill(qdir)
+    out = cli("list", qdir=qdir)
+    assert out.returncode == 0, out.stderr
+    assert all(i in out.stdout for i in ids) and "4 message(s)" in out.stdout
+    out = cli("list", "--rule", "mini-cooper-wave", "--json", qdir=qdir)
+    assert [m["id"] for m in json.loads(out.stdout)] == ids[:3]
+    assert cli("list", "--sender", "*@y.example", qdir=qdir).stdout.count("\n") == 2
+    assert "0 message(s)" in cli("list", "--since", "1h", "--recipient", "nobody@*", qdir=qdir).stdout
+    out = cli("show", ids[0], qdir=qdir)
+    assert "rule=mini-cooper-wave" in out.stdout and "Win a mini cooper 0" in out.stdout
+    assert "recipients:   info@example.org, vrts@example.org" in out.stdout
+    raw = cli_raw(qdir, ids[1])
+    assert raw == QuarantineStore(qdir).raw(ids[1])
+
+
+async def test_bad_input_answers(tmp_path: Path) -> None:
+    qdir = tmp_path / "q"
+    await fill(qdir)
+    for args, needle in (
+        (("show", "../../../etc/passwd"), "invalid quarantine id"),
+        (("show", "0123456789abcdef"), "no quarantined message"),
+        (("delete",), "name messages by id"),
+        (("list", "--since", "yesterday-ish"), "bad time"),
+        (("purge", "--older-than", "soon"), "bad duration"),
+    ):
+        out = cli(*args, qdir=qdir)
+        assert out.returncode == 2 and needle in out.stderr, (args, out.stderr)
+    out = cli("list", qdir=tmp_path / "missing")
+    assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+async def test_release_delivers_with_original_envelope_once(tmp_path: Path) -> None:
+    qdir = tmp_path / "q"
+    ids = await fill(qdir)
+    with RecordingSink() as sink:
+        settings = settings_for(tmp_path, sink.port)
+        out = cli("release", ids[0], settings=settings, qdir=qdir)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "released 1 of 1" in out.stdout
+        (got,) = sink.messages
+        assert got.mail_from == "promo@cars.example"
+        assert got.rcpt_tos == ["info@example.org", "vrts@example.org"]
+        assert got.data.replace(b"\r\n", b"\n") == QuarantineStore(qdir).raw(ids[0]).replace(b"\r\n", b"\n")
+        again = cli("release", ids[0], settings=settings, qdir=qdir)
+        assert "already released" in again.stdout and len(sink.messages) == 1
+        listed = cli("list", qdir=qdir).stdout
+        assert f"{ids[0]}" in listed and "released" in listed
+
+
+async def test_failed_release_keeps_message_and_says_why(tmp_path: Path) -> None:
+    qdir = tmp_path / "q"
+    ids = await fill(qdir)
+    with RecordingSink() as sink:
+        sink.behaviour.data_reply = "451 4.3.0 downstream busy"
+        out = cli("release", "--rule", "other", settings=settings_for(tmp_path, sink.port), qdir=qdir)
+    assert out.returncode == 1
+    assert "NOT released, kept in quarantine" in out.stdout and "451" in out.stdout
+    entry = QuarantineStore(qdir).get(ids[3])
+    assert entry is not None and entry.released is None
+
+
+async def test_purge_dry_run_changes_nothing_then_purge_and_delete_wave(tmp_path: Path) -> None:
+    qdir = tmp_path / "q"
+    ids = await fill(qdir)
+    out = cli("purge", "--older-than", "0s", "--dry-run", qdir=qdir)
+    assert "4 message(s) would be purged; nothing changed" in out.stdout
+    assert len(QuarantineStore(qdir).list()) == 4
+    assert "0 message(s) would be purged" in cli("purge", "--older-than", "1d", "--dry-run", qdir=qdir).stdout
+    out = cli("delete", "--rule", "mini-cooper-wave", qdir=qdir)  # the wave, in one command
+    assert "deleted 3 message(s)" in out.stdout and "deleted 3/3" in out.stderr
+    assert [e.id for e in QuarantineStore(qdir).list()] == ids[3:]
+    stats = json.loads(cli("stats", "--json", qdir=qdir).stdout)
+    assert stats["messages"] == 1 and stats["by_rule"] == {"other": {"messages": 1, "bytes": stats["bytes"]}}
+    assert stats["counters"]["deleted"] == 3 and stats["inodes"] > 2
+    out = cli("purge", "--older-than", "0s", qdir=qdir)
+    assert "purged 1 message(s)" in out.stdout
+    assert QuarantineStore(qdir).list() == []
