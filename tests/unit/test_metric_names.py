@@ -1,0 +1,117 @@
+"""Every metric the dashboard and alert rules use is one queueguard exports, with labels it has.
+
+Names come from the default registry after importing the modules that define metrics (counters are
+exposed as <name>_total, histograms as <name>_bucket/_sum/_count). `up` is Prometheus's own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
+
+REPO = Path(__file__).resolve().parents[2]
+RULES = REPO / "contrib" / "prometheus" / "queueguard-alerts.yml"
+DASHBOARD = REPO / "contrib" / "grafana" / "queueguard.json"
+METRIC_MODULES = ("queueguard.metrics",)
+PROMETHEUS_OWN = {"up"}
+TARGET_LABELS = {"instance", "job"}
+SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+QG_NAME = re.compile(r"\bqueueguard_[a-zA-Z0-9_]+")
+LABEL = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count", "")}
+
+
+def exported() -> dict[str, set[str]]:
+    """Exposed sample name -> label names."""
+    modules = [importlib.import_module(m) for m in METRIC_MODULES]
+    labels: dict[str, set[str]] = {}
+    for module in modules:
+        for obj in vars(module).values():
+            if isinstance(obj, MetricWrapperBase):
+                labels[obj._name] = set(obj._labelnames)
+    names: dict[str, set[str]] = {}
+    for family in REGISTRY.collect():
+        if not family.name.startswith("queueguard_"):
+            continue
+        base = family.name
+        for suffix in SUFFIXES.get(family.type, ("",)):
+            names[base + suffix] = labels.get(base, set()) | ({"le"} if suffix == "_bucket" else set())
+    return names
+
+
+def rule_expressions() -> list[str]:
+    doc = yaml.safe_load(RULES.read_text())
+    return [str(r["expr"]) for g in doc["groups"] for r in g["rules"]]
+
+
+def dashboard_expressions() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var.get("type") == "query":
+            exprs.append(var["definition"])
+    return exprs
+
+
+def used(exprs: list[str]) -> dict[str, set[str]]:
+    """Metric name -> label names used in its selectors."""
+    found: dict[str, set[str]] = {}
+    for expr in exprs:
+        for name in QG_NAME.findall(expr):
+            found.setdefault(name, set())
+        for name, body in SELECTOR.findall(expr):
+            found.setdefault(name, set()).update(LABEL.findall(body))
+    return found
+
+
+def check(exprs: list[str]) -> list[str]:
+    names = exported()
+    problems = []
+    for name, labels in sorted(used(exprs).items()):
+        if name in PROMETHEUS_OWN:
+            continue
+        if name not in names:
+            problems.append(f"{name}: not exported by queueguard")
+            continue
+        unknown = labels - names[name] - TARGET_LABELS
+        if unknown:
+            problems.append(f"{name}: no label(s) {sorted(unknown)}; it has {sorted(names[name])}")
+    return problems
+
+
+def test_registry_has_queueguard_metrics() -> None:
+    names = exported()
+    assert "queueguard_verdicts_total" in names and "queueguard_added_latency_seconds_bucket" in names
+    assert "queueguard_queue_messages" in names
+
+
+def test_alert_rules_use_exported_metrics() -> None:
+    exprs = rule_expressions()
+    assert len(used(exprs)) > 10
+    assert check(exprs) == []
+
+
+def test_dashboard_uses_exported_metrics() -> None:
+    exprs = dashboard_expressions()
+    assert len(used(exprs)) > 20
+    assert check(exprs) == []
+
+
+def test_checker_catches_a_typo_and_a_wrong_label() -> None:
+    assert check(["rate(queueguard_verdict_total[5m])"]) == ["queueguard_verdict_total: not exported by queueguard"]
+    assert check(['queueguard_queue_messages{mta="exim", qeue="main"}'])[0].startswith(
+        "queueguard_queue_messages: no label(s) ['qeue']")
+
+
+def test_dashboard_datasource_is_a_variable() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert any(v["type"] == "datasource" and v["name"] == "datasource" for v in dash["templating"]["list"])
+    for panel in dash["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
