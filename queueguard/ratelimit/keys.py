@@ -16,7 +16,7 @@ import ipaddress
 from dataclasses import dataclass
 from functools import lru_cache
 
-from queueguard.model import Transaction, domain_of
+from queueguard.model import IPAddress, Transaction, domain_of
 from queueguard.policy.match import normalize_address, normalize_ip
 
 KINDS = ("recipient", "sender", "sender_domain", "client_ip", "client_net", "helo")
@@ -70,7 +70,12 @@ def _value(part: KeyPart, txn: Transaction, recipient: str) -> str | None:
     ip = normalize_ip(conn.client_ip)
     if part.kind == "client_ip":
         return str(ip)
-    prefix = part.v4_prefix if ip.version == 4 else part.v6_prefix
+    return _network(ip, part.v4_prefix if ip.version == 4 else part.v6_prefix)
+
+
+@lru_cache(maxsize=4096)
+def _network(ip: IPAddress, prefix: int) -> str:
+    # Cached: one client asks for its network on every RCPT and again at commit.
     return str(ipaddress.ip_network((ip, prefix), strict=False))
 
 
