@@ -17,6 +17,7 @@ import string
 import textwrap
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.policy import SMTP
 
 NAMES = [
     "Anna",
@@ -271,13 +272,13 @@ def _message(
     for name, value in (headers or {}).items():
         msg[name] = value
     if text is not None:
-        msg.set_content(text, cte=random.Random(subject).choice(("quoted-printable", "base64", "8bit")))
+        msg.set_content(text, cte=random.Random(subject).choice(("quoted-printable", "base64")))
     if html is not None:
         if text is None:
             msg.set_content(html, subtype="html")
         else:
             msg.add_alternative(html, subtype="html")
-    return bytes(msg)
+    return msg.as_bytes(policy=SMTP)
 
 
 def campaign(rng: random.Random, name: str, copies: int, size_paragraphs: int = 4) -> list[Sample]:
