@@ -1,0 +1,156 @@
+"""A real Postfix using the queueguard milter (contrib/postfix/main.cf.milter, master.cf verbatim).
+
+Postfix relays to smtp-sink; `queueguard serve` runs the milter. Shown: mail
+reaches the sink with queueguard's headers, a flood to one recipient is
+tempfailed at RCPT (451 4.7.1) while other recipients go on, quarantined mail
+is kept by queueguard (store) or on Postfix's hold queue (hold), and with
+queueguard stopped Postfix tempfails rather than passing mail.
+"""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Iterator
+
+import pytest
+
+from tests.components.guard import Guard
+from tests.components.ports import free_port
+from tests.components.postfix import Postfix
+from tests.components.sink import SmtpSink
+
+pytestmark = pytest.mark.integration
+
+POLICY = """
+ratelimits:
+  - name: flood-to-one
+    key: recipient
+    rate: 3/1h
+    burst: 3
+    action: tempfail
+    only: {recipient_in: ["flood@test.example"]}
+  - name: keep-second
+    key: recipient
+    rate: 1/1h
+    burst: 1
+    action: quarantine
+    only: {recipient_in: ["kept@test.example"]}
+  - name: watch-one
+    key: recipient
+    rate: 1/1h
+    burst: 1
+    mode: shadow
+    only: {recipient_in: ["watched@test.example"]}
+"""
+
+
+def milter_guard(quarantine: str = "store") -> Guard:
+    listen = f"inet:{free_port()}@127.0.0.1"
+    return Guard({"milter": {"enabled": True, "listen": listen, "quarantine": quarantine}}, {"policy.yaml": POLICY})
+
+
+def postfix_milter(guard: Guard) -> str:
+    """libmilter's inet:PORT@HOST as Postfix writes it, inet:HOST:PORT."""
+    port, _, host = str(guard.settings["milter"]["listen"]).removeprefix("inet:").partition("@")
+    return f"inet:{host}:{port}"
+
+
+def send(port: int, rcpts: list[str], subject: str = "hello",
+         sender: str = "someone@remote.example") -> dict[str, tuple[int, bytes]]:
+    """One message; returns the refused recipients (smtplib raises if all were refused)."""
+    msg = f"From: <{sender}>\r\nTo: <{rcpts[0]}>\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n"
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        refused: dict[str, tuple[int, bytes]] = client.sendmail(sender, rcpts, msg)
+        return refused
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[SmtpSink]:
+    with SmtpSink(dump=True) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def guard() -> Iterator[Guard]:
+    with milter_guard() as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def postfix(sink: SmtpSink, guard: Guard) -> Iterator[Postfix]:
+    with Postfix(relay_port=sink.port, milter=postfix_milter(guard)) as pf:
+        yield pf
+
+
+def test_mail_reaches_the_sink_with_queueguard_headers(postfix: Postfix, sink: SmtpSink, guard: Guard) -> None:
+    before = sink.count()
+    assert send(postfix.port, ["watched@test.example"], "first") == {}
+    assert send(postfix.port, ["watched@test.example"], "second") == {}
+    assert sink.wait_count(before + 2) == before + 2
+    second = next(m for m in reversed(sink.messages()) if b"Subject: second" in m)
+    assert b"X-Queueguard-Hits: ratelimit:watch-one(shadow)" in second
+    assert guard.metric("queueguard_connections_total", frontend="milter") >= 2
+
+
+def test_flood_is_deferred_per_recipient(postfix: Postfix, sink: SmtpSink) -> None:
+    before = sink.count()
+    for i in range(3):
+        assert send(postfix.port, ["flood@test.example"], f"wave {i}") == {}
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        send(postfix.port, ["flood@test.example"], "wave 3")
+    code, text = refused.value.recipients["flood@test.example"]
+    assert code == 451 and text.startswith(b"4.7.1 Rate limit exceeded (rule flood-to-one)")
+    # Other recipients of the same message still go through.
+    partly = send(postfix.port, ["flood@test.example", "other@test.example"], "wave 4")
+    assert list(partly) == ["flood@test.example"] and partly["flood@test.example"][0] == 451
+    assert sink.wait_count(before + 4) == before + 4
+    assert postfix.wait_queue_empty()["deferred"] == 0
+
+
+def test_quarantine_in_store_is_discarded_by_postfix(postfix: Postfix, sink: SmtpSink, guard: Guard) -> None:
+    before = sink.count()
+    assert send(postfix.port, ["kept@test.example"], "keep one") == {}
+    assert send(postfix.port, ["kept@test.example"], "keep two") == {}
+    assert postfix.wait_log(r"milter-discard: END-OF-MESSAGE")
+    assert sink.wait_count(before + 1) == before + 1
+    stored = [p.read_bytes() for p in (guard.dir / "quarantine").rglob("*.eml")]
+    assert any(b"Subject: keep two" in m for m in stored)
+    assert postfix.wait_queue_empty() == dict.fromkeys(postfix.queue_counts(), 0)
+
+
+def test_master_cf_variant_filters_the_smtp_service(sink: SmtpSink, guard: Guard) -> None:
+    before = guard.metric("queueguard_connections_total", frontend="milter")
+    with Postfix(relay_port=sink.port, milter=postfix_milter(guard), milter_in_master_cf=True) as pf:
+        count = sink.count()
+        assert send(pf.port, ["bob@test.example"], "via master.cf") == {}
+        assert sink.wait_count(count + 1) == count + 1
+    assert guard.metric("queueguard_connections_total", frontend="milter") > before
+
+
+def test_quarantine_on_postfix_hold_queue(sink: SmtpSink) -> None:
+    with milter_guard("hold") as g, Postfix(relay_port=sink.port, milter=postfix_milter(g)) as pf:
+        before = sink.count()
+        assert send(pf.port, ["kept@test.example"], "hold one") == {}
+        assert send(pf.port, ["kept@test.example"], "hold two") == {}
+        assert pf.wait_log(r"milter-hold: END-OF-MESSAGE .* to=<kept@test.example>")
+        counts = pf.wait_queue_empty()
+        assert counts["hold"] == 1
+        held = next(p for p in (pf.queue / "hold").rglob("*") if p.is_file()).read_bytes()
+        assert b"Subject: hold two" in held and b"X-Queueguard-Hits: ratelimit:keep-second" in held
+        assert sink.wait_count(before + 1) == before + 1
+        assert list((g.dir / "quarantine").rglob("*.eml")) == []
+
+
+def test_postfix_tempfails_while_queueguard_is_down(sink: SmtpSink) -> None:
+    g = milter_guard()
+    with g, Postfix(relay_port=sink.port, milter=postfix_milter(g)) as pf:
+        assert send(pf.port, ["bob@test.example"], "while up") == {}
+        g.stop()
+        before = sink.count()
+        with pytest.raises(smtplib.SMTPResponseException) as down:
+            send(pf.port, ["bob@test.example"], "while down")
+        error = down.value.smtp_error  # bytes at run time, typed str
+        assert down.value.smtp_code == 451
+        assert (error if isinstance(error, bytes) else error.encode()).startswith(b"4.7.1")
+        assert pf.wait_queue_empty() == dict.fromkeys(pf.queue_counts(), 0)
+        assert sink.wait_count(before, timeout=1) == before
