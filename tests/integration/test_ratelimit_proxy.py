@@ -1,0 +1,125 @@
+"""Rate limits end to end: real `queueguard serve` processes, real SMTP clients from many
+loopback source addresses, a real Exim as the retrying sender, a real redis-server shared
+by two guards, and a recording SMTP sink downstream.
+
+Windows are short (a 1 s interval) so the tests can wait them out; replies are checked,
+not timings: the number of 250s is bounded by the burst plus what the elapsed time allows.
+"""
+
+from __future__ import annotations
+
+import math
+import smtplib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.components.exim import Exim
+from tests.components.guard import Guard
+from tests.components.redis import RedisServer
+from tests.components.sink import RecordingSink
+
+pytestmark = pytest.mark.integration
+
+BURST = 6
+POLICY = f"""\
+ratelimits:
+  - name: flood-to-one-address
+    key: recipient
+    rate: {BURST}/{BURST}s
+    action: tempfail
+"""
+
+
+def body(n: int) -> bytes:
+    return f"From: s{n}@flood.example\r\nSubject: wave {n}\r\n\r\nmessage {n}\r\n".encode()
+
+
+def send(port: int, rcpts: list[str], n: int, source: str = "127.0.0.1") -> dict[str, int | str]:
+    """One transaction from `source`; the reply code per recipient, and 'DATA' -> final reply."""
+    replies: dict[str, int | str] = {}
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0)) as c:
+        c.ehlo("client.example")
+        c.mail(f"s{n}@flood.example")
+        for r in rcpts:
+            code, _ = c.rcpt(r)
+            replies[r] = code
+        if any(v == 250 for v in replies.values()):
+            code, msg = c.data(body(n))
+            replies["DATA"] = f"{code} {msg.decode()}"
+        else:
+            c.rset()
+    return replies
+
+
+def delivered_to(sink: RecordingSink, rcpt: str) -> list[bytes]:
+    return [m.data for m in sink.messages if rcpt in [r.lower() for r in m.rcpt_tos]]
+
+
+@pytest.fixture
+def sink() -> Iterator[RecordingSink]:
+    with RecordingSink() as s:
+        yield s
+
+
+def test_flood_from_many_clients_is_deferred_and_the_retry_gets_through(sink: RecordingSink) -> None:
+    guard = Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}, {"limits.yaml": POLICY})
+    sender = Exim(relay_from_hosts=["127.0.0.1"], smarthost=("127.0.0.1", guard.port))
+    with guard, sender:
+        start = time.monotonic()
+        codes = [send(guard.port, ["info@dest.example"], i, source=f"127.0.3.{i + 1}")["info@dest.example"]
+                 for i in range(30)]
+        elapsed = time.monotonic() - start
+        accepted = codes.count(250)
+        assert set(codes) <= {250, 451}, codes  # never a 5xx
+        assert BURST <= accepted <= BURST + math.ceil(elapsed) + 1, (accepted, elapsed)
+        assert codes[:BURST] == [250] * BURST
+
+        # In the same transaction: info@ deferred, bob@ still accepted and delivered.
+        mixed = send(guard.port, ["info@dest.example", "bob@dest.example"], 99, source="127.0.4.1")
+        assert mixed["info@dest.example"] == 451 and mixed["bob@dest.example"] == 250
+        assert str(mixed["DATA"]).startswith("250")
+        assert sink.wait_count(accepted + 1) == accepted + 1
+        assert len(delivered_to(sink, "info@dest.example")) == accepted  # each 250 delivered once
+        assert len(delivered_to(sink, "bob@dest.example")) == 1
+        assert "ratelimit flood-to-one-address: tempfail rcpt=info@dest.example" in guard.log()
+        assert guard.metric("queueguard_ratelimit_hits_total", rule="flood-to-one-address") >= 30 - accepted
+
+        # A real MTA sends one more: deferred (451 4.7.1), kept in its queue, delivered on retry.
+        with smtplib.SMTP("127.0.0.1", sender.port, timeout=30) as c:
+            c.sendmail("retry@sender.example", ["info@dest.example"], body(1000))
+        sender.wait_log(r"== info@dest\.example .*451 4\.7\.1", timeout=20)
+        assert sender.queue_count() == 1
+        time.sleep(BURST + 1)  # the window passes
+        sender.run_queue()
+        assert sender.queue_count() == 0
+        assert sink.wait_count(accepted + 2) == accepted + 2
+        assert any(b"message 1000" in m for m in delivered_to(sink, "info@dest.example"))
+
+
+def test_two_guards_share_one_limit_in_redis_and_survive_its_crash(sink: RecordingSink, tmp_path: Path) -> None:
+    settings: dict[str, object] = {"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}
+    policy = POLICY.replace(f"rate: {BURST}/{BURST}s", "rate: 6/1h")
+    with RedisServer(tmp_path / "redis") as redis:
+        settings["state"] = redis.url
+        with Guard(settings, {"limits.yaml": policy}) as a, Guard(settings, {"limits.yaml": policy}) as b:
+            codes = [send((a if i % 2 else b).port, ["info@dest.example"], i, source=f"127.0.5.{i + 1}")
+                     ["info@dest.example"] for i in range(12)]
+            assert codes == [250] * 6 + [451] * 6  # 6 in total across both guards, not 6 each
+
+            redis.kill()
+            after = [send((a if i % 2 else b).port, ["info@dest.example", f"u{i}@dest.example"], 100 + i,
+                          source=f"127.0.6.{i + 1}") for i in range(8)]
+            for r in after:
+                assert r["info@dest.example"] in (250, 451) and r[next(k for k in r if k.startswith("u"))] == 250
+                assert str(r["DATA"]).startswith("250"), r  # the message itself is never refused
+            total_250 = 6 + len(after) + sum(1 for r in after if r["info@dest.example"] == 250)
+            assert sink.wait_count(6 + len(after)) == 6 + len(after)
+            delivered_rcpts = sum(len(m.rcpt_tos) for m in sink.messages)
+            assert delivered_rcpts == total_250  # every accepted recipient arrived; nothing lost
+            for g in (a, b):
+                assert g.metric("queueguard_ratelimit_fallback_active") == 1
+                assert g.metric("queueguard_ratelimit_backend_errors_total") >= 1
+                assert "using the in-process limiter" in g.log()
