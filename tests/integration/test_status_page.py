@@ -1,0 +1,193 @@
+"""The status page in headless Chromium, served by start_web with live numbers from a real QueueWatch.
+
+Spools are real directories (Exim split spool, Postfix hashed queues, Mailman .pck files) and a real
+process poses as Mailman's out runner. Chromium loads `/`, the page fetches /status.json and renders;
+`--dump-dom` gives the DOM after that fetch (`--virtual-time-budget` lets the page's timers run), and a
+screenshot is kept in tests/artifacts/status-page.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from queueguard.queuewatch.service import QueueWatch
+from queueguard.settings import QueueWatchSettings
+from queueguard.web import start_web
+from tests.unit.queuewatch.spoolbuild import exim_message, mailman_message, postfix_long, postfix_message
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium")
+    assert path, "chromium missing: ./setup.sh --no-run installs Debian's chromium"
+    return path
+
+
+class Rows(HTMLParser):
+    """data-row -> {data-k: text} for every table row, plus element ids -> text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, dict[str, str]] = {}
+        self.ids: dict[str, str] = {}
+        self.body_attrs: dict[str, str | None] = {}
+        self._row: str | None = None
+        self._key: str | None = None
+        self._id: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "body":
+            self.body_attrs = a
+        if tag == "tr" and a.get("data-row"):
+            self._row = a["data-row"]
+            self.rows[self._row or ""] = {}
+        if tag == "td" and self._row:
+            self._key = a.get("data-k")
+        if a.get("id"):
+            self._id = a["id"]
+            self.ids[self._id or ""] = ""
+
+    def handle_data(self, data: str) -> None:
+        if self._row and self._key:
+            self.rows[self._row][self._key] = self.rows[self._row].get(self._key, "") + data
+        if self._id:
+            self.ids[self._id] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td":
+            self._key = None
+        if tag == "tr":
+            self._row = None
+        self._id = None
+
+
+@pytest.fixture
+def out_runner(tmp_path: Path) -> Iterator[None]:
+    script = tmp_path / "mailman" / "bin" / "runner"
+    script.parent.mkdir(parents=True)
+    script.write_text("import time\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, str(script), "-C", "mailman.cfg", "--runner=out:0:1"])
+    deadline = time.monotonic() + 10
+    while b"--runner" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield
+    proc.kill()
+    proc.wait()
+
+
+def build_spools(root: Path) -> QueueWatchSettings:
+    now = int(time.time())
+    exim = root / "exim"
+    for i in range(1234):
+        exim_message(exim, now - 5 * i, i, split=True, frozen=i < 3)  # oldest: 6165 s, shown as 103m
+    pf = root / "postfix"
+    for q in ("incoming", "active", "deferred", "hold"):
+        (pf / q).mkdir(parents=True)
+    for i in range(42):
+        postfix_message(pf, "deferred", postfix_long(now - 3 * 86400 + i, i))
+    mm = root / "mailman" / "queue"
+    for i in range(17):
+        mailman_message(mm, "out", now - 600.0 + i, i)
+    (mm / "in").mkdir()
+    return QueueWatchSettings(exim_spool=exim, postfix_queue=pf, mailman_queue=mm,
+                              mailman_runners=["out", "in"], filesystems=[root])
+
+
+async def run_chromium(*args: str) -> str:
+    profile = tempfile.mkdtemp(prefix="qg-chromium-")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 90)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+        return out.decode()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def test_status_page_renders_live_numbers(tmp_path: Path, out_runner: None) -> None:
+    watch = QueueWatch(build_spools(tmp_path))
+    await watch.collect()
+
+    def status() -> dict[str, object]:
+        return {
+            "node": "mx-test",
+            "time": time.time(),
+            "queuewatch": watch.snapshot(),
+            "scan": {"level": "soften", "reason": "psi some avg10 12.5 >= 10", "sensors": {"psi_some_avg10": 12.5},
+                     "gate": {"in_flight": 3, "waiting": 2, "limit": 4}, "clamd_up": True, "breaker": "closed",
+                     "clamd_stats": {"queue": 1}},
+            "ratelimit": {"top": [{"key": "info@example.org", "rule": "flood-to-one-address", "count": 311}]},
+            "bursts": {"active": [{"rule": "same-message-wave", "fingerprint": "body:9f2c", "count": 57,
+                                   "since": time.time() - 300}]},
+            "quarantine": {"messages": 8, "bytes": 123456, "by_rule": {"mini-cooper-wave": 8}},
+            "downstreams": [{"route": "default", "address": "127.0.0.1:2525", "up": True}],
+        }
+
+    server = await start_web("127.0.0.1", 0, status)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    try:
+        dom = await run_chromium("--virtual-time-budget=5000", "--dump-dom", url)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "status-page.png"
+        shot.unlink(missing_ok=True)
+        await run_chromium("--virtual-time-budget=5000", "--window-size=1280,1700", f"--screenshot={shot}", url)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    page = Rows()
+    page.feed(dom)
+    assert page.body_attrs.get("data-loaded") == "yes", "the page's fetch of /status.json did not render"
+    assert page.ids["node"] == "mx-test"
+    assert page.rows["exim/main"] == {"messages": "1,234", "oldest": "103m", "frozen": "3", "departed": "0",
+                                      "flow": "n/a"}
+    assert page.rows["postfix/deferred"]["messages"] == "42"
+    assert page.rows["postfix/deferred"]["oldest"] == "3.0d"
+    assert page.rows["mailman/out"]["messages"] == "17"
+    assert page.rows["mailman/out"]["oldest"] == "10m"
+    assert page.rows["mailman runner out"]["state"] == "running"
+    assert page.rows["mailman runner in"]["state"] == "MISSING"
+    assert page.rows[str(tmp_path)]["free_pct"].endswith("%")
+    assert page.ids["pressure-level"] == "soften"
+    assert page.ids["scan-in-flight"] == "3" and page.ids["scan-waiting"] == "2"
+    assert page.ids["quarantine-messages"] == "8"
+    assert "info@example.org" in dom and "same-message-wave" in dom
+    assert page.rows["127.0.0.1:2525"]["relay"] == "up"
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_status_page_shows_na_for_missing_keys() -> None:
+    server = await start_web("127.0.0.1", 0, lambda: {"queuewatch": {"queues": [{"mta": "exim", "queue": "main"}]}})
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    try:
+        dom = await run_chromium("--virtual-time-budget=5000", "--dump-dom", url)
+    finally:
+        server.close()
+        await server.wait_closed()
+    page = Rows()
+    page.feed(dom)
+    assert page.body_attrs.get("data-loaded") == "yes"
+    assert page.ids["pressure-level"] == "n/a" and page.ids["quarantine-messages"] == "n/a"
+    assert page.rows["exim/main"]["messages"] == "n/a" and page.rows["exim/main"]["oldest"] == "n/a"
