@@ -23,6 +23,7 @@ import pwd
 import re
 import shutil
 import signal
+import smtplib
 import subprocess
 import tempfile
 import time
@@ -61,6 +62,15 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
+
+
+def send(port: int, rcpts: list[str], subject: str = "hello",
+         sender: str = "someone@remote.example") -> dict[str, tuple[int, bytes]]:
+    """One message over SMTP; returns the refused recipients (smtplib raises if all were refused)."""
+    msg = f"From: <{sender}>\r\nTo: <{rcpts[0]}>\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n"
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        refused: dict[str, tuple[int, bytes]] = client.sendmail(sender, rcpts, msg)
+        return refused
 
 
 class PostfixError(RuntimeError):
@@ -253,4 +263,4 @@ class Postfix:
         return found
 
 
-__all__ = ["DEFAULT_MILTER", "DEFAULT_POLICY", "Postfix", "PostfixError", "contrib_snippet", "free_port"]
+__all__ = ["DEFAULT_MILTER", "DEFAULT_POLICY", "Postfix", "PostfixError", "contrib_snippet", "free_port", "send"]

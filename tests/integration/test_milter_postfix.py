@@ -16,7 +16,7 @@ import pytest
 
 from tests.components.guard import Guard
 from tests.components.ports import free_port
-from tests.components.postfix import Postfix
+from tests.components.postfix import Postfix, send
 from tests.components.sink import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -53,15 +53,6 @@ def postfix_milter(guard: Guard) -> str:
     """libmilter's inet:PORT@HOST as Postfix writes it, inet:HOST:PORT."""
     port, _, host = str(guard.settings["milter"]["listen"]).removeprefix("inet:").partition("@")
     return f"inet:{host}:{port}"
-
-
-def send(port: int, rcpts: list[str], subject: str = "hello",
-         sender: str = "someone@remote.example") -> dict[str, tuple[int, bytes]]:
-    """One message; returns the refused recipients (smtplib raises if all were refused)."""
-    msg = f"From: <{sender}>\r\nTo: <{rcpts[0]}>\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n"
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        refused: dict[str, tuple[int, bytes]] = client.sendmail(sender, rcpts, msg)
-        return refused
 
 
 @pytest.fixture(scope="module")
