@@ -162,6 +162,8 @@ async def stop(app: App, servers: list[object]) -> None:
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads policies (the last good one stays on errors)."""
     configure(settings.log_format, settings.log_level)
+    # aiosmtpd logs every command at INFO; our one line per message says what matters.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     app = build(settings)
     servers = await start(app)
     loop = asyncio.get_running_loop()

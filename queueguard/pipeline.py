@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from queueguard import metrics
-from queueguard.logging_setup import format_fields
+from queueguard.logging_setup import log_event
 from queueguard.mime import ParsedMessage, parse_message
 from queueguard.model import Connection, RuleHit, Transaction
 from queueguard.policy.schema import Policy
@@ -226,14 +226,14 @@ class Pipeline:
 
     def _log_line(self, txn: Transaction, verdict: Verdict, downstream_reply: str, total: float) -> None:
         conn = txn.connection
-        msglog.info(format_fields(
-            id=txn.id, client=f"{conn.client_name or 'unknown'}[{conn.client_ip}]", helo=conn.helo,
+        log_event(
+            msglog, "message", id=txn.id, client=f"{conn.client_name or 'unknown'}[{conn.client_ip}]", helo=conn.helo,
             sender=f"<{txn.sender}>", rcpts=",".join(txn.recipients), size=txn.size or 0,
             verdict=verdict.action.value, reason=verdict.reason or "ok", rule=verdict.rule or "",
             hits=",".join(h.label() for h in txn.hits), downstream=txn.downstream,
             reply=downstream_reply or verdict.reply(), t_total=f"{total:.3f}",
             t_scan=f"{txn.timings.get('scan', 0.0):.3f}", t_relay=f"{txn.timings.get('relay', 0.0):.3f}",
-        ))
+        )
 
 
 def _from_downstream(reply: Reply, stage: str) -> Verdict:
