@@ -25,6 +25,7 @@ and blake2b, never Python's randomised hash) so MX hosts sharing Redis agree.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import random
 import re
@@ -56,6 +57,8 @@ _COMBINE = (_K1, _K2, _K3)
 _WORD_RE = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)?")
 _TOKEN_RE = re.compile(r"(?:https?://|www\.)\S+|[^\W_]+(?:['\u2019][^\W_]+)?|[.!?]+(?=\s|$)|\n[^\S\n]*\n")
 _BREAK_CHARS = frozenset(".!?\n")
+_DROP = -1
+_BREAK = -2
 _VOWEL_RE = re.compile("[aeiouyäöüàáâèéêìíîòóôùúûåæø]", re.I)
 _SUBJECT_PREFIX_RE = re.compile(r"^(?:\s*(?:re|fw|fwd|aw|wg|sv|vs|tr)\s*(?:\[\d+\])?\s*:)+", re.I)
 
@@ -225,59 +228,56 @@ def normalise_tokens(text: str) -> list[str]:
 
 
 def _token_hash(token: str) -> int:
-    """crc32 of the lower-cased token shifted left, low bit set for a stop word; -1 to drop it."""
+    """crc32 of the lower-cased token shifted left, low bit set for a stop word; _DROP to drop it."""
     if not _keep(token):
-        return -1
+        return _DROP
     low = token.lower()
     return (zlib.crc32(low.encode()) << 1) | (low in STOP_WORDS)
 
 
+class _TokenTable(dict[str, int]):
+    """Token -> hash for one call, computed on first sight: with __missing__ the per-token loop stays in C."""
+
+    def __missing__(self, token: str) -> int:
+        h = self[token] = _BREAK if token[0] in _BREAK_CHARS else _token_hash(token)
+        return h
+
+
 def shingle_hashes(text: str) -> set[int]:
-    """64-bit hashes of word 3-shingles taken within sentences; a shorter sentence is one shingle.
+    """64-bit hashes of word 3-shingles taken within sentences.
 
     One regex pass yields words, URLs (dropped: their tracking parts vary per
-    copy) and sentence ends; each distinct token is
-    hashed once per call and shingles combine token hashes arithmetically:
-    this is the hot loop of fingerprinting. Shingles of stop words only are left out.
+    copy) and sentence ends; each distinct token is hashed once per call and
+    shingles combine token hashes arithmetically: this is the hot loop of
+    fingerprinting. Left out: shingles spanning a sentence end, shingles of
+    stop words only, and so sentences under three words ("Best regards.").
     """
-    cache: dict[str, int] = {}
-    result: set[int] = set()
-    hs: list[int] = []
-    for token in _TOKEN_RE.findall(text + "."):
-        if token[0] in _BREAK_CHARS:
-            if len(hs) >= SHINGLE:
-                result.update(
-                    (a * _K1 + b * _K2 + c * _K3) & _MASK64
-                    for a, b, c in zip(hs, hs[1:], hs[2:], strict=False)
-                    if not (a & b & c & 1)
-                )
-            elif hs and not all(h & 1 for h in hs):
-                result.add(sum(h * k for h, k in zip(hs, _COMBINE, strict=False)) & _MASK64)
-            hs = []
-            continue
-        h = cache.get(token)
-        if h is None:
-            h = cache[token] = _token_hash(token)
-        if h >= 0:
-            hs.append(h)
-    return result
+    table = _TokenTable()
+    hs = [h for h in map(table.__getitem__, _TOKEN_RE.findall(text)) if h != _DROP]
+    return {
+        (a * _K1 + b * _K2 + c * _K3) & _MASK64
+        for a, b, c in zip(hs, hs[1:], hs[2:], strict=False)
+        if (a | b | c) >= 0 and not (a & b & c & 1)
+    }
 
 
 def minhash(hashes: Iterable[int]) -> list[int]:
     """One-permutation MinHash: BINS minima, empty bins filled from a non-empty donor bin.
 
-    Returns [] when there are fewer than MIN_SHINGLES items.
+    The bin is the top bits of a hash, so in sorted order each bin's minimum is
+    the first hash at or above the bin's start: BINS bisections instead of a
+    Python-level loop over every shingle. Returns [] when there are fewer than
+    MIN_SHINGLES items.
     """
-    bins = [_EMPTY] * BINS
-    n = 0
-    for x in hashes:
-        n += 1
-        b = x >> (64 - _BIN_BITS)
-        v = x & _VALUE_MASK
-        if v < bins[b]:
-            bins[b] = v
-    if n < MIN_SHINGLES:
+    ordered = sorted(hashes)
+    if len(ordered) < MIN_SHINGLES:
         return []
+    bins = [_EMPTY] * BINS
+    shift = 64 - _BIN_BITS
+    for b in range(BINS):
+        i = bisect.bisect_left(ordered, b << shift)
+        if i < len(ordered) and ordered[i] >> shift == b:
+            bins[b] = ordered[i] & _VALUE_MASK
     for i in range(BINS):  # densification: an empty bin borrows from a pseudo-random donor
         if bins[i] == _EMPTY:
             for j in _DONORS[i]:
