@@ -51,6 +51,8 @@ from queueguard.stage import NOTHING, RcptContext, StageResult
 from queueguard.verdict import Verdict, reject, tempfail
 
 log = logging.getLogger("queueguard.ratelimit")
+TOP_WINDOW = 3600.0
+TOP_MAX = 1000
 T = TypeVar("T")
 
 STATE_UNAVAILABLE = tempfail(
@@ -108,6 +110,8 @@ class RateLimitCheck:
         self.retry_after = retry_after
         self._down_until: float | None = None
         self._pending: dict[int, _Pending] = {}
+        self._top: Counter[tuple[str, str]] = Counter()
+        self._top_since = clock()
 
     # --- the stage ---------------------------------------------------------------------------------
 
@@ -134,6 +138,8 @@ class RateLimitCheck:
             detail = f"key={key.partition(':')[2]} retry_after={d.retry_after:.0f}s"
             hit = RuleHit(rule.name, "ratelimit", rule.action, shadow, detail, ctx.recipient)
             (metrics.ratelimit_shadow_hits if shadow else metrics.ratelimit_hits).labels(rule.name, rule.action).inc()
+            if not shadow:
+                self._count_limited(rule.name, key.partition(":")[2], now)
             log.info("ratelimit %s%s %s rcpt=%s %s txn=%s", rule.name, " (shadow) would" if shadow else ":",
                      rule.action, ctx.recipient, detail, txn.id)
             if shadow:
@@ -202,8 +208,18 @@ class RateLimitCheck:
             log.error("rate-limit state %s failed (%s: %s); %s until it answers again",
                       self.store.name, type(error).__name__, error, then)
 
+    def _count_limited(self, rule: str, key: str, now: float) -> None:
+        """For the status page: the most-limited keys, over roughly the last hour, bounded."""
+        if now - self._top_since > TOP_WINDOW:
+            self._top.clear()
+            self._top_since = now
+        self._top[(rule, key)] += 1
+        if len(self._top) > TOP_MAX:
+            self._top = Counter(dict(self._top.most_common(TOP_MAX // 2)))
+
     def status(self) -> dict[str, object]:
         return {
+            "top": [{"key": key, "rule": rule, "count": n} for (rule, key), n in self._top.most_common(10)],
             "backend": self.store.name,
             "shared_state_down": self._down_until is not None,
             "keys_tracked": self.store.tracked(),

@@ -218,3 +218,20 @@ async def test_rules_that_do_not_apply_cost_nothing() -> None:
     policy = make_policy({"name": "r", "only": {"authenticated": True}})
     assert await message(check, policy, "info@example.org") == ["250"]
     assert store.calls == 0
+
+
+async def test_status_lists_the_most_limited_keys() -> None:
+    clock = Clock()
+    check = RateLimitCheck(MemoryStore(), clock=clock)
+    policy = make_policy({"name": "flood", "rate": "1/1h"})
+    for _ in range(4):
+        await message(check, policy, "info@example.org")
+    await message(check, policy, "sales@example.org")
+    await message(check, policy, "sales@example.org")
+    top = check.status()["top"]
+    assert top == [{"key": "info@example.org", "rule": "flood", "count": 3},
+                   {"key": "sales@example.org", "rule": "flood", "count": 1}]
+    clock.t += 3601
+    await message(check, policy, "sales@example.org")
+    await message(check, policy, "sales@example.org")  # limited again: the old hour is forgotten
+    assert check.status()["top"] == [{"key": "sales@example.org", "rule": "flood", "count": 1}]
