@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from queueguard.patterns import PatternCheck
 from queueguard.pipeline import Pipeline
 from queueguard.policy.holder import PolicyHolder
 from queueguard.quarantine.store import QuarantineStore
+from queueguard.queuewatch.service import QueueWatch
 from queueguard.ratelimit.check import RateLimitCheck
 from queueguard.ratelimit.store import make_store
 from queueguard.relay import Relay
@@ -46,6 +48,7 @@ class App:
     bursts: BurstCheck
     patterns: PatternCheck
     scan: ScanCheck | None
+    queuewatch: QueueWatch
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
@@ -77,7 +80,9 @@ class App:
     def status(self) -> dict[str, object]:
         """What the status page and `STATUS=` show: one dict, cheap to build."""
         return {
+            "node": self.settings.node or socket.gethostname(),
             "uptime_seconds": round(time.time() - self.started),
+            "queuewatch": self.queuewatch.snapshot(),
             "policy": self.policies.summary(),
             "scan": self.scan.status() if self.scan is not None else None,
             "ratelimit": self.ratelimit.status(),
@@ -106,7 +111,7 @@ def build(settings: Settings) -> App:
             min_free_inodes=settings.quarantine.min_free_inodes),
         ratelimit=RateLimitCheck(make_store(settings.state, settings.state_max_keys)),
         bursts=BurstCheck.from_settings(settings), patterns=PatternCheck(f"{settings.smtp.header_prefix}-Pattern"),
-        scan=scan,
+        scan=scan, queuewatch=QueueWatch.from_settings(settings),
     )
 
 
@@ -138,12 +143,20 @@ async def start(app: App) -> list[object]:
     if app.scan is not None:
         app.tasks.append(loop.create_task(app.scan.run()))
     app.tasks.extend(loop.create_task(t) for t in app.router.background())
-    if s.queuewatch.exim_spool or s.queuewatch.postfix_queue or s.queuewatch.mailman_queue \
-            or s.queuewatch.filesystems or s.queuewatch.processes:
-        from queueguard.queuewatch.service import QueueWatch
-
-        app.tasks.append(loop.create_task(QueueWatch(s.queuewatch).run()))
+    app.tasks.append(loop.create_task(app.queuewatch.run()))
+    app.tasks.append(loop.create_task(_recover_quarantine(app.quarantine)))
     return servers
+
+
+async def _recover_quarantine(store: QuarantineStore) -> None:
+    """After a crash: index entries the index missed, drop temp files of interrupted writes."""
+    try:
+        done = await asyncio.to_thread(store.recover)
+    except Exception:
+        log.exception("quarantine recovery failed in %s", store.dir)
+        return
+    if any(done.values()):
+        log.warning("quarantine recovery in %s: %s", store.dir, done)
 
 
 async def stop(app: App, servers: list[object]) -> None:
