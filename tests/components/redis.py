@@ -1,4 +1,5 @@
-"""A real redis-server for tests: loopback, free port, no persistence, stopped by PID.
+"""A real redis-server for tests: loopback, free port, no persistence, run in the foreground
+as our child and stopped by PID (the recipe's --daemonize would hide the PID behind a pidfile).
 
 Usage:
     with RedisServer(tmp_path) as r:
@@ -14,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
 
@@ -33,34 +33,36 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.pid_file = self.dir / f"redis-{self.port}.pid"
         self.pid: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        self.pid_file.unlink(missing_ok=True)
-        subprocess.run(
-            [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--daemonize", "yes", "--dir", str(self.dir), "--pidfile", str(self.pid_file),
-             "--logfile", str(self.dir / f"redis-{self.port}.log")],
-            check=True, timeout=timeout,
-        )
-        deadline = time.monotonic() + timeout
-        while not self.pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.pid = int(self.pid_file.read_text().strip())
-        wait_port("127.0.0.1", self.port, timeout=max(0.1, deadline - time.monotonic()))
+        """Run redis-server in the foreground as our child (we know its PID at once and reap it)."""
+        with (self.dir / f"redis-{self.port}.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                 "--daemonize", "no", "--dir", str(self.dir), "--pidfile", str(self.pid_file)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        self.pid = self.proc.pid
+        try:
+            wait_port("127.0.0.1", self.port, timeout=timeout)
+        except BaseException:
+            self.kill()
+            raise
         return self
 
     def _signal(self, sig: int) -> None:
-        if self.pid is None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            self.proc = self.pid = None
             return
+        proc.send_signal(sig)
         try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            self.pid = None
-            return
-        deadline = time.monotonic() + 10
-        while _alive(self.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.pid = None
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.proc = self.pid = None
 
     def kill(self) -> None:
         """SIGKILL: the crash case (no shutdown, connections reset)."""
@@ -85,11 +87,3 @@ class RedisServer:
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
-
-def _alive(pid: int) -> bool:
-    """True while the process runs; a zombie (daemonized, waiting for init to reap it) is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
