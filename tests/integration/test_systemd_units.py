@@ -9,6 +9,7 @@ credentials, which NotifyAccess=main checks) on a socket we bind.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,178 @@ def test_real_process_does_not_ping_someone_elses_watchdog(child_dir: Path) -> N
     finally:
         stop_child(proc)
         sock.close()
+
+
+# --- the shipped unit under a real systemd (PID 1 of a systemd-nspawn container) ---------------
+
+SYSTEMD_ROOT = ROOT / ".deps" / "systemd-root"  # a minimal bookworm with systemd and python3, cached
+
+STAND_IN = textwrap.dedent('''\
+    #!/usr/bin/python3
+    """Stand-in for `queueguard serve` built from the shipped sdnotify and logging_setup:
+    binds port 25 as the unprivileged service user, fsyncs a file into the quarantine,
+    notifies READY/STATUS and pings the watchdog from its event loop, which it blocks
+    when /var/lib/queueguard/block appears."""
+    import asyncio, logging, os, sys, time
+    sys.path.insert(0, "/opt/queueguard")
+    from queueguard import sdnotify
+    from queueguard.logging_setup import configure, log_event
+
+    if sys.argv[1:2] == ["check"]:
+        sys.exit(0)
+    configure("logfmt", "info")
+    log = logging.getLogger("queueguard.standin")
+
+    async def main() -> None:
+        await asyncio.start_server(lambda r, w: w.close(), "0.0.0.0", 25)
+        with open("/var/lib/queueguard/quarantine/probe", "w") as f:
+            f.write("x")
+            os.fsync(f.fileno())
+        try:
+            open("/etc/queueguard/probe", "w")
+            log_event(log, "etc_writable")
+        except OSError:
+            log_event(log, "etc_readonly")
+        asyncio.create_task(sdnotify.Watchdog().run())
+        asyncio.create_task(sdnotify.status_loop(lambda: f"uid={os.getuid()}", 0.5))
+        sdnotify.ready("accepting mail")
+        log_event(log, "ready", uid=os.getuid())
+        while True:
+            if os.path.exists("/var/lib/queueguard/block"):
+                os.unlink("/var/lib/queueguard/block")
+                log_event(log, "blocking_loop")
+                time.sleep(600)
+            await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+''')
+
+
+def systemd_root() -> Path:
+    """Build the container root once (mmdebstrap from the Debian mirror, ~25 s), then reuse it."""
+    if (SYSTEMD_ROOT / "usr" / "lib" / "systemd" / "systemd").exists():
+        return SYSTEMD_ROOT
+    building = SYSTEMD_ROOT.with_name("systemd-root.building")
+    shutil.rmtree(building, ignore_errors=True)
+    building.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [tool("mmdebstrap"), "--variant=apt", "--include=systemd,systemd-sysv,dbus,python3", "bookworm",
+         str(building), "/etc/apt/sources.list.d/debian.sources"],
+        check=True, capture_output=True, timeout=600,
+    )
+    building.rename(SYSTEMD_ROOT)
+    return SYSTEMD_ROOT
+
+
+class Container:
+    """systemd-nspawn booting `root` with a throw-away overlay; stopped by PID."""
+
+    def __init__(self, root: Path, binds: dict[Path, str], args: list[str], log: Path) -> None:
+        cmd = [tool("systemd-nspawn"), "-q", "-D", str(root), "--volatile=overlay", "--register=no",
+               "--keep-unit", "--console=passive", "--private-network"]
+        cmd += [f"--bind-ro={src}:{dst}" for src, dst in binds.items()]
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen([*cmd, "-b", *args], stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.leader = 0
+
+    def wait_leader(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not self.leader:
+            assert self.proc.poll() is None, f"systemd-nspawn exited early:\n{self.log.read_text()}"
+            # nspawn forks a short-lived helper before the container's PID 1: wait for systemd itself.
+            for child in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                        self.leader = int(child)
+            time.sleep(0.1)
+        assert self.leader, "container did not start"
+
+    def run(self, *argv: str) -> str:
+        result = subprocess.run(["nsenter", "-t", str(self.leader), "-a", *argv], capture_output=True,
+                                text=True, timeout=30)
+        return result.stdout
+
+    def show(self, unit: str) -> dict[str, str]:
+        text = self.run("systemctl", "show", unit, "-p", "ActiveState,MainPID,NRestarts,StatusText,Result")
+        return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+    def wait_for(self, unit: str, done: Callable[[dict[str, str]], bool], timeout: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        state: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            state = self.show(unit)
+            if done(state):
+                return state
+            time.sleep(0.3)
+        raise AssertionError(f"{unit} never reached the state asked for; last: {state}\n"
+                             + self.run("journalctl", "-u", unit, "--no-pager"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # nspawn asks the container's systemd to power off
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def test_real_systemd_runs_the_unit_and_restarts_a_stuck_event_loop(unit_root: Path) -> None:
+    """Boot systemd in a container with the shipped service, sysusers and tmpfiles files.
+
+    Checks what only a real systemd can: Type=notify start-up, the sandbox letting
+    Python run (MemoryDenyWriteExecute, the system-call filter), port 25 bound by the
+    unprivileged user through AmbientCapabilities, the quarantine writable under
+    ProtectSystem=strict and /etc not, and a blocked event loop answered by a
+    watchdog kill and a restart. WatchdogSec is lowered to 3 s by a drop-in to keep
+    the test short; everything else is the shipped file.
+    """
+    root = systemd_root()
+    opt = unit_root / "opt"
+    (opt / ".venv" / "bin").mkdir(parents=True)
+    (opt / "queueguard").mkdir()  # mount point for the package, inside a read-only bind
+    standin = opt / ".venv" / "bin" / "queueguard"
+    standin.write_text(STAND_IN)
+    standin.chmod(0o755)
+    (unit_root / "etc-queueguard").mkdir()
+    (unit_root / "etc-queueguard" / "queueguard.yaml").write_text("{}\n")
+    dropin = unit_root / "watchdog.conf"
+    dropin.write_text("[Service]\nWatchdogSec=3\n")
+    binds = {
+        SERVICE: "/etc/systemd/system/queueguard.service",
+        dropin: "/etc/systemd/system/queueguard.service.d/watchdog.conf",
+        SYSTEMD / "queueguard.sysusers": "/etc/sysusers.d/queueguard.conf",
+        SYSTEMD / "queueguard.tmpfiles": "/etc/tmpfiles.d/queueguard.conf",
+        opt: "/opt/queueguard",
+        ROOT / "queueguard": "/opt/queueguard/queueguard",
+        unit_root / "etc-queueguard": "/etc/queueguard",
+    }
+    container = Container(root, binds, ["systemd.wants=queueguard.service"], unit_root / "nspawn.log")
+    try:
+        container.wait_leader()
+        first = container.wait_for("queueguard", lambda s: s.get("StatusText", "").startswith("uid="), 60)
+        assert first["ActiveState"] == "active"
+        uid = int(first["StatusText"].removeprefix("uid="))
+        assert uid != 0
+        listening = container.run("cat", "/proc/net/tcp")
+        assert any(f.split()[1].endswith(":0019") and int(f.split()[7]) == uid
+                   for f in listening.splitlines()[1:]), listening
+        journal = container.run("journalctl", "-u", "queueguard", "--no-pager", "-o", "cat")
+        assert "msg=etc_readonly" in journal and "msg=ready" in journal, journal
+        assert container.run("stat", "-c", "%a %u", "/var/lib/queueguard/quarantine").split() == ["700", str(uid)]
+
+        container.run("touch", "/var/lib/queueguard/block")
+        restarted = container.wait_for(
+            "queueguard",
+            lambda s: s.get("NRestarts") == "1" and s.get("ActiveState") == "active"
+            and s.get("MainPID") not in ("0", first["MainPID"]) and s.get("StatusText", "").startswith("uid="),
+            60,
+        )
+        journal = container.run("journalctl", "-u", "queueguard", "--no-pager", "-o", "cat")
+        assert "msg=blocking_loop" in journal
+        assert "Watchdog timeout" in journal, journal
+        assert restarted["MainPID"] != first["MainPID"]
+    finally:
+        container.stop()
