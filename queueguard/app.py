@@ -183,7 +183,7 @@ async def serve(settings: Settings) -> int:
     stopping = asyncio.Event()
 
     def reload() -> None:
-        sdnotify.notify(RELOADING=1)
+        sdnotify.reloading()
         problems = app.policies.reload()
         sdnotify.notify(READY=1, STATUS="reload failed, running last good policy" if problems else "policy reloaded")
 

@@ -227,12 +227,12 @@ class Pipeline:
     def _log_line(self, txn: Transaction, verdict: Verdict, downstream_reply: str, total: float) -> None:
         conn = txn.connection
         log_event(
-            msglog, "message", id=txn.id, client=f"{conn.client_name or 'unknown'}[{conn.client_ip}]", helo=conn.helo,
-            sender=f"<{txn.sender}>", rcpts=",".join(txn.recipients), size=txn.size or 0,
+            msglog, "message", id=txn.id, client=f"{conn.client_name or 'unknown'}[{conn.client_ip}]",
+            helo=conn.helo, sender=f"<{txn.sender}>", rcpts=list(txn.recipients), size=txn.size,
             verdict=verdict.action.value, reason=verdict.reason or "ok", rule=verdict.rule or "",
-            hits=",".join(h.label() for h in txn.hits), downstream=txn.downstream,
-            reply=downstream_reply or verdict.reply(), t_total=f"{total:.3f}",
-            t_scan=f"{txn.timings.get('scan', 0.0):.3f}", t_relay=f"{txn.timings.get('relay', 0.0):.3f}",
+            hits=[h.label() for h in txn.hits], downstream=txn.downstream,
+            reply=downstream_reply or verdict.reply(), t_total=round(total, 4),
+            t_scan=round(txn.timings.get("scan", 0.0), 4), t_relay=round(txn.timings.get("relay", 0.0), 4),
         )
 
 

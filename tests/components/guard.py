@@ -59,10 +59,11 @@ class Guard:
         self.log_path = self.dir / "queueguard.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> Guard:
+    def start(self, timeout: float = 20.0, env_extra: Mapping[str, str] | None = None) -> Guard:
         log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
+        env.update(env_extra or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "queueguard.cli", "serve", "--settings", str(self.settings_path)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
