@@ -22,6 +22,7 @@ from queueguard.logging_setup import configure
 from queueguard.patterns import PatternCheck
 from queueguard.pipeline import Pipeline
 from queueguard.policy.holder import PolicyHolder
+from queueguard.pressure_publish import PressurePublisher, pressure_sources, publisher_from_settings, queue_total
 from queueguard.quarantine.store import QuarantineStore
 from queueguard.queuewatch.service import QueueWatch
 from queueguard.ratelimit.check import RateLimitCheck
@@ -49,6 +50,7 @@ class App:
     patterns: PatternCheck
     scan: ScanCheck | None
     queuewatch: QueueWatch
+    publisher: PressurePublisher | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
@@ -89,6 +91,7 @@ class App:
             "bursts": self.bursts.status(),
             "quarantine": self.quarantine.summary(),
             "routes": self.router.status(),
+            "pressure": self.publisher.report() if self.publisher is not None else None,
             "downstreams": [
                 {"route": name, "address": d.name, "up": d.available(), "open": d.open_count}
                 for name, group in self.relay.groups.items() for d in group.downstreams
@@ -104,6 +107,12 @@ def build(settings: Settings) -> App:
         raise SystemExit("queueguard: policy errors, not starting:\n" + "\n".join(str(p) for p in problems))
     scan = ScanCheck(settings.clamd) if settings.clamd.enabled else None
     router = Router(settings, policies.current)
+    router.readers.update(pressure_sources(settings))
+    queuewatch = QueueWatch.from_settings(settings)
+    publisher = publisher_from_settings(settings, policies.current, scan)
+    q = settings.queuewatch
+    if publisher is not None and (q.exim_spool or q.postfix_queue or q.mailman_queue):
+        publisher.queue = lambda: queue_total(queuewatch.snapshot())
     return App(
         settings=settings, policies=policies, relay=Relay.from_settings(settings), router=router,
         quarantine=QuarantineStore(
@@ -111,7 +120,7 @@ def build(settings: Settings) -> App:
             min_free_inodes=settings.quarantine.min_free_inodes),
         ratelimit=RateLimitCheck(make_store(settings.state, settings.state_max_keys)),
         bursts=BurstCheck.from_settings(settings), patterns=PatternCheck(f"{settings.smtp.header_prefix}-Pattern"),
-        scan=scan, queuewatch=QueueWatch.from_settings(settings),
+        scan=scan, queuewatch=queuewatch, publisher=publisher,
     )
 
 
@@ -143,6 +152,8 @@ async def start(app: App) -> list[object]:
     if app.scan is not None:
         app.tasks.append(loop.create_task(app.scan.run()))
     app.tasks.extend(loop.create_task(t) for t in app.router.background())
+    if app.publisher is not None:
+        app.tasks.append(loop.create_task(app.publisher.run()))
     app.tasks.append(loop.create_task(app.queuewatch.run()))
     app.tasks.append(loop.create_task(_recover_quarantine(app.quarantine)))
     return servers

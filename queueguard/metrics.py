@@ -39,6 +39,11 @@ downstream_connections = Gauge(P + "downstream_connections", "Open pooled connec
 downstreams_available = Gauge(P + "downstreams_available", "Downstreams currently marked healthy", ["route"])
 route_active = Gauge(P + "route_active_transactions", "Open transactions toward a route", ["route"])
 route_pressure = Gauge(P + "route_pressure_level", "Pressure reported by the host behind a route (0/1/2)", ["route"])
+route_deferrals = Counter(
+    P + "route_deferrals_total", "RCPTs deferred by a route (split, shed, concurrency, rate)", ["route", "reason"]
+)
+route_reported_queue = Gauge(P + "route_reported_queue", "Local queue size the host behind a route reports", ["route"])
+pressure_published = Counter(P + "pressure_published_total", "Pressure reports written to Redis, by result", ["result"])
 
 # --- policy --------------------------------------------------------------------
 policy_reloads = Counter(P + "policy_reloads_total", "Successful policy loads")

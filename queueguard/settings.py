@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from queueguard.policy.schema import Duration, Size
 
@@ -50,22 +50,46 @@ class Downstream(Strict):
 
 
 class RoutePressure(Strict):
-    """Where the host behind a route publishes its pressure (issue: routes)."""
+    """Where the host behind a route publishes its pressure (docs/routes.md)."""
 
     source: Literal["redis", "http"] = "redis"
-    name: str = ""
-    url: str = ""
+    name: str = Field("", description="redis: the publisher's publish_pressure name")
+    url: str = Field("", description="http: the other queueguard's /status.json")
+    interval: Duration = Field(2.0, gt=0, description="how often to read the report")
     stale_after: Duration = 30.0
     on_missing: Literal["keep", "soften", "shed"] = "keep"
 
+    @model_validator(mode="after")
+    def _source(self) -> RoutePressure:
+        if self.source == "redis" and not self.name:
+            raise ValueError("pressure.source redis needs pressure.name (the publisher's name)")
+        if self.source == "http" and not self.url.startswith(("http://", "https://")):
+            raise ValueError("pressure.source http needs pressure.url (http://host:port/status.json)")
+        return self
+
 
 class Route(Strict):
-    downstreams: list[Downstream]
+    downstreams: list[Downstream] = Field(min_length=1)
     recipients: list[str] = Field(default_factory=list, description="globs, domains or list names")
     max_concurrent: int | None = Field(None, ge=1)
     max_per_minute: int | None = Field(None, ge=1)
-    soften_concurrent: int | None = Field(None, ge=1)
+    soften_concurrent: int | None = Field(None, ge=1, description="cap under soften; default half max_concurrent")
     pressure: RoutePressure | None = None
+
+    @model_validator(mode="after")
+    def _caps(self) -> Route:
+        if self.soften_concurrent and self.max_concurrent and self.soften_concurrent > self.max_concurrent:
+            raise ValueError("soften_concurrent must not exceed max_concurrent")
+        return self
+
+
+class PublishPressure(Strict):
+    """This host's pressure report for the queueguards that route mail here (docs/routes.md)."""
+
+    name: str = Field("", description="key other hosts read; default: node, else the hostname")
+    interval: Duration = Field(5.0, gt=0)
+    ttl: Duration | None = Field(None, gt=0, description="report lifetime in Redis; default 3 x interval")
+    level_file: Path | None = Field(None, description="file holding normal|soften|shed: publish at least that")
 
 
 class SmtpSettings(Strict):
@@ -138,9 +162,26 @@ class Settings(Strict):
     milter: MilterSettings = MilterSettings()
     policy_socket: PolicySocketSettings = PolicySocketSettings()
     queuewatch: QueueWatchSettings = QueueWatchSettings()
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="uvloop (faster sockets) or the standard asyncio loop")
     log_format: Literal["logfmt", "json"] = "logfmt"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     node: str = Field("", description="this host's name in shared state; default: hostname")
+    publish_pressure: PublishPressure | None = None
+
+    @field_validator("routes")
+    @classmethod
+    def _routes(cls, v: dict[str, Route]) -> dict[str, Route]:
+        if "default" in v:
+            raise ValueError("'default' is the route of the top-level downstreams; name this route otherwise")
+        return v
+
+    @model_validator(mode="after")
+    def _pressure_state(self) -> Settings:
+        redis_routes = [n for n, r in self.routes.items() if r.pressure and r.pressure.source == "redis"]
+        if redis_routes and self.state == "memory":
+            raise ValueError(f"routes {', '.join(redis_routes)} read pressure from Redis: set state to a redis:// URL")
+        return self
 
     @field_validator("state")
     @classmethod
