@@ -1,0 +1,262 @@
+"""The admin docs cannot drift from the code.
+
+- docs/policy.md: every ```yaml block is a policy file that the real `queueguard check`
+  accepts, or, after `<!-- expect-error -->`, refuses with exactly the ```text block that
+  follows; every key of every model in the policy JSON Schema is in a reference table
+  (`<!-- schema: Model ... -->` before it) with its real default and every allowed value.
+- docs/settings.md: the same against Settings.model_json_schema(), examples through
+  load_settings.
+- docs/cli.md: every subcommand's --help runs and every flag it lists is in the doc.
+- docs/operations.md: every reason label the code gives a verdict is in the replies table.
+
+Tables are checked against the models, not generated from them: the meaning column is
+prose an admin needs and the schema does not carry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from queueguard.policy import schema as policy_schema
+from queueguard.policy.check import schema_json
+from queueguard.policy.units import parse_duration, parse_size
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+POLICY_MD = DOCS / "policy.md"
+SETTINGS_MD = DOCS / "settings.md"
+CLI_MD = DOCS / "cli.md"
+OPERATIONS_MD = DOCS / "operations.md"
+
+EXPECT_ERROR = "<!-- expect-error -->"
+SCHEMA_TAG = re.compile(r"^<!-- schema: ([A-Za-z0-9_ ]+) -->$")
+
+
+# --- markdown parsing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    lang: str
+    text: str
+    line: int
+    expect_error: bool
+    expected_output: str | None
+
+
+def fenced_blocks(path: Path) -> list[Block]:
+    """Fenced code blocks in order; an `expect-error` marker binds to the next block, and the
+    ```text block right after that one holds the expected output."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    raw: list[tuple[str, str, int, bool]] = []
+    marker = False
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.strip() == EXPECT_ERROR:
+            marker = True
+        elif line.startswith("```"):
+            lang, start = line[3:].strip(), i + 1
+            i += 1
+            while i < len(lines) and not lines[i].startswith("```"):
+                i += 1
+            raw.append((lang, "\n".join(lines[start:i]) + "\n", start + 1, marker))
+            marker = False
+        i += 1
+    blocks = []
+    for n, (lang, text, line_no, expect) in enumerate(raw):
+        following = raw[n + 1] if n + 1 < len(raw) and raw[n + 1][0] == "text" else None
+        blocks.append(Block(lang, text, line_no, expect, following[1] if expect and following else None))
+    return blocks
+
+
+def yaml_blocks(path: Path) -> list[Block]:
+    return [b for b in fenced_blocks(path) if b.lang == "yaml"]
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    type: str
+    default: str
+    line: int
+
+
+def schema_tables(path: Path) -> dict[str, list[Row]]:
+    """Model name -> rows of every table tagged `<!-- schema: Model ... -->`."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    tables: dict[str, list[Row]] = {}
+    for i, line in enumerate(lines):
+        m = SCHEMA_TAG.match(line.strip())
+        if not m:
+            continue
+        rows: list[Row] = []
+        j = i + 3  # tag, header, separator
+        assert lines[i + 1].startswith("|") and lines[i + 2].startswith("|---"), f"{path}:{i + 1}: no table"
+        while j < len(lines) and lines[j].startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", lines[j].strip())[1:-1]]
+            key = re.fullmatch(r"`([A-Za-z0-9_]+)`", cells[0])
+            assert key, f"{path}:{j + 1}: first cell must be a `key`"
+            rows.append(Row(key.group(1), cells[1], cells[2], j + 1))
+            j += 1
+        for name in m.group(1).split():
+            tables.setdefault(name, []).extend(rows)
+    return tables
+
+
+# --- schema helpers -----------------------------------------------------------------------------------
+
+
+def model_properties(schema: dict[str, Any], top_name: str) -> dict[str, dict[str, Any]]:
+    """Model name -> its JSON Schema properties, for the top level and every $defs model."""
+    out = {top_name: schema["properties"]}
+    for name, d in schema.get("$defs", {}).items():
+        if "properties" in d:
+            out[name] = d["properties"]
+    return out
+
+
+def enum_values(prop: dict[str, Any], defs: dict[str, Any]) -> list[str]:
+    values: list[str] = []
+    if "$ref" in prop:
+        values += enum_values(defs[prop["$ref"].rsplit("/", 1)[1]], defs)
+    for sub in prop.get("anyOf", []) + prop.get("allOf", []):
+        values += enum_values(sub, defs)
+    values += [str(v) for v in prop.get("enum", []) if v is not None]
+    return values
+
+
+def plain(value: Any) -> Any:
+    """A model default in the form YAML would write it."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def literal_matches(literal: str, default: Any) -> bool:
+    if literal == str(default):
+        return True
+    with contextlib.suppress(yaml.YAMLError):
+        if yaml.safe_load(literal) == default:
+            return True
+    for parse in (parse_duration, parse_size):
+        with contextlib.suppress(ValueError, TypeError):
+            if not isinstance(default, bool) and parse(literal) == default:
+                return True
+    return False
+
+
+def check_tables(doc: Path, schema: dict[str, Any], top_name: str, module: Any) -> list[str]:
+    """Every problem between a doc's tagged tables and the models; empty when in step."""
+    problems: list[str] = []
+    tables = schema_tables(doc)
+    models = model_properties(schema, top_name)
+    defs = schema.get("$defs", {})
+    for name in sorted(set(tables) - set(models)):
+        problems.append(f"{doc.name}: table tagged {name!r}, which is not a model in the schema")
+    for name, props in sorted(models.items()):
+        rows = tables.get(name, [])
+        documented = {r.key for r in rows}
+        for key in sorted(set(props) - documented):
+            problems.append(f"{doc.name}: {name}.{key} is not documented (add a row to its table)")
+        for r in rows:
+            if r.key not in props:
+                problems.append(f"{doc.name}:{r.line}: {name}.{r.key} is documented but not in the schema")
+        cls = getattr(module, name)
+        for r in rows:
+            if r.key not in props:
+                continue
+            for value in enum_values(props[r.key], defs):
+                if f"`{value}`" not in r.type:
+                    problems.append(f"{doc.name}:{r.line}: {name}.{r.key}: allowed value `{value}` missing")
+            problems += _default_problems(doc, name, r, cls.model_fields[r.key])
+    return problems
+
+
+def _default_problems(doc: Path, model: str, row: Row, field: Any) -> list[str]:
+    where = f"{doc.name}:{row.line}: {model}.{row.key}"
+    literal = re.match(r"`([^`]*)`", row.default)
+    if field.is_required():
+        return [] if row.default.startswith("required") else [f"{where}: is required; say so"]
+    default = plain(field.get_default(call_default_factory=True))
+    if literal:
+        if default is None:
+            return [f"{where}: has no default, the doc gives `{literal.group(1)}`"]
+        if not literal_matches(literal.group(1), default):
+            return [f"{where}: doc default `{literal.group(1)}`, code default {default!r}"]
+        return []
+    if default is None or (isinstance(default, dict | list) and default):
+        return []  # prose: "none", "the rate's count", "see below"
+    return [f"{where}: give the default as a `literal` (it is {default!r})"]
+
+
+# --- policy.md ----------------------------------------------------------------------------------------
+
+
+def _policy_blocks() -> list[Block]:
+    return yaml_blocks(POLICY_MD)
+
+
+def run_check(tmp_path: Path, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `queueguard check`, as a subprocess in `tmp_path`, on `policies/policy.yaml`."""
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "policy.yaml").write_text(text, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "queueguard.cli", "check", "--policies", "policies", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize("block", _policy_blocks(), ids=lambda b: f"policy.md:{b.line}")
+def test_policy_example_is_checked(block: Block, tmp_path: Path) -> None:
+    result = run_check(tmp_path, block.text)
+    if not block.expect_error:
+        assert result.returncode == 0, f"docs/policy.md:{block.line}: check refused it:\n{result.stdout}{result.stderr}"
+        assert result.stdout.startswith("policies/: 1 file, ")
+        return
+    assert block.expected_output is not None, f"docs/policy.md:{block.line}: expect-error needs a ```text block after"
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines() == block.expected_output.splitlines()
+
+
+def test_policy_has_an_example_per_section() -> None:
+    sections: set[str] = set()
+    for block in _policy_blocks():
+        if not block.expect_error:
+            sections |= set(yaml.safe_load(block.text) or {})
+    assert sections >= set(policy_schema.Policy.model_fields)
+
+
+def test_policy_reference_matches_schema() -> None:
+    problems = check_tables(POLICY_MD, json.loads(schema_json()), "Policy", policy_schema)
+    assert not problems, "\n".join(problems)
+
+
+def test_policy_examples_shown_by_errors_are_real_errors() -> None:
+    """An expect-error block must be followed by its output, and only those blocks are marked."""
+    marked = [b for b in _policy_blocks() if b.expect_error]
+    assert marked, "docs/policy.md shows no check errors"
+    assert all(b.expected_output for b in marked)
