@@ -42,7 +42,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from queueguard.app import serve
 
-    return asyncio.run(serve(settings_from_args(args)))
+    settings = settings_from_args(args)
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(serve(settings))
+    return asyncio.run(serve(settings))
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -81,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the JSON Schema of policy files (for editors)")
     schema.set_defaults(func=_schema)
 
-    for module in ("queueguard.quarantine.commands", "queueguard.queuewatch.commands"):
+    for module in ("queueguard.quarantine.commands", "queueguard.queuewatch.commands", "queueguard.replay"):
         register = __import__(module, fromlist=["register"]).register
         register(sub)
     return parser

@@ -163,7 +163,7 @@ class Settings(Strict):
     policy_socket: PolicySocketSettings = PolicySocketSettings()
     queuewatch: QueueWatchSettings = QueueWatchSettings()
     event_loop: Literal["uvloop", "asyncio"] = Field(
-        "uvloop", description="uvloop (faster sockets) or the standard asyncio loop")
+        "asyncio", description="the standard asyncio loop, or uvloop (faster sockets; STARTTLS untested with it)")
     log_format: Literal["logfmt", "json"] = "logfmt"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     node: str = Field("", description="this host's name in shared state; default: hostname")
