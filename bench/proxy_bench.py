@@ -21,11 +21,13 @@ import smtplib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.components.clamd import Clamd
 from tests.components.exim import Exim
 from tests.components.guard import Guard
 from tests.components.ports import free_port, wait_port
@@ -36,7 +38,7 @@ EXIM_BENCH = "smtp_accept_max = 500\nsmtp_accept_max_per_host = 500\n"
 BODY = b"Subject: bench\r\n\r\n" + (b"x" * 70 + b"\r\n") * 56
 
 
-def shadow_default_policy() -> str:
+def shadow_default_policy(max_concurrent: int | None = None) -> str:
     """The shipped policy with every rule in shadow mode: all the checks' work is done (keys
     computed, counters updated, fingerprints taken) but a one-recipient load is not deferred."""
     import yaml
@@ -45,6 +47,9 @@ def shadow_default_policy() -> str:
     for kind in ("ratelimits", "bursts", "patterns"):
         for rule in doc.get(kind, []):
             rule["mode"] = "shadow"
+    if max_concurrent:
+        doc["scan"]["max_concurrent"] = max_concurrent
+        doc["scan"]["max_waiting"] = 200
     return str(yaml.safe_dump(doc))
 
 
@@ -120,6 +125,19 @@ def main() -> int:
             rows.append(("queueguard → smtp-sink, connection reuse", proxy_reuse))
             direct_lat = latencies(sink.port, 500)
             proxy_lat = latencies(g.port, 500)
+        with tempfile.TemporaryDirectory(prefix="qg-bench-clamd-") as tmp, \
+                Clamd(Path(tmp), max_threads=8) as clamd, \
+                Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}", "max_connections": 32}],
+                       "clamd": {"enabled": True, "address": str(clamd.socket), "pid_file": str(clamd.pid_file)}},
+                      policies={"default.yaml": shadow_default_policy(max_concurrent=6)}) as g:
+            scan_rate = median_rate(lambda: smtp_source(g.port, a.messages, a.sessions), a.repeat)
+            rows.append(("queueguard + clamd scan (unix socket) → smtp-sink, new connection per message", scan_rate))
+            scanned = g.metric("queueguard_scans_total", result="clean")
+            deferred = g.metric("queueguard_verdicts_total", stage="final", action="tempfail")
+    result["scan_msgs_per_s"] = scan_rate
+    result["scan_vs_rspamd_clamav_200"] = scan_rate / 200
+    result["scan_results_counted"] = scanned
+    result["scan_deferred"] = deferred
     result["proxy_vs_bare_new_conn"] = proxy_rate / bare_rate
     result["proxy_vs_bare_reuse"] = proxy_reuse / bare_reuse
 
