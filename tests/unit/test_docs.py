@@ -30,9 +30,11 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from queueguard import settings as settings_module
 from queueguard.policy import schema as policy_schema
 from queueguard.policy.check import schema_json
 from queueguard.policy.units import parse_duration, parse_size
+from queueguard.settings import Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -260,3 +262,29 @@ def test_policy_examples_shown_by_errors_are_real_errors() -> None:
     marked = [b for b in _policy_blocks() if b.expect_error]
     assert marked, "docs/policy.md shows no check errors"
     assert all(b.expected_output for b in marked)
+
+
+# --- settings.md --------------------------------------------------------------------------------------
+
+
+def _settings_blocks() -> list[Block]:
+    return yaml_blocks(SETTINGS_MD)
+
+
+@pytest.mark.parametrize("block", _settings_blocks(), ids=lambda b: f"settings.md:{b.line}")
+def test_settings_example_loads(block: Block, tmp_path: Path) -> None:
+    path = tmp_path / "queueguard.yaml"
+    path.write_text(block.text, encoding="utf-8")
+    if not block.expect_error:
+        load_settings(path)
+        return
+    assert block.expected_output is not None, f"docs/settings.md:{block.line}: expect-error needs a ```text block"
+    with pytest.raises(SettingsError) as e:
+        load_settings(path)
+    shown = str(e.value).replace(str(path), "queueguard.yaml")
+    assert sorted(shown.splitlines()) == sorted(block.expected_output.splitlines())
+
+
+def test_settings_reference_matches_model() -> None:
+    problems = check_tables(SETTINGS_MD, Settings.model_json_schema(), "Settings", settings_module)
+    assert not problems, "\n".join(problems)
