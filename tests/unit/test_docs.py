@@ -15,7 +15,9 @@ prose an admin needs and the schema does not carry.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import json
 import os
 import re
@@ -30,6 +32,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from queueguard import cli
 from queueguard import settings as settings_module
 from queueguard.policy import schema as policy_schema
 from queueguard.policy.check import schema_json
@@ -288,3 +291,49 @@ def test_settings_example_loads(block: Block, tmp_path: Path) -> None:
 def test_settings_reference_matches_model() -> None:
     problems = check_tables(SETTINGS_MD, Settings.model_json_schema(), "Settings", settings_module)
     assert not problems, "\n".join(problems)
+
+
+# --- cli.md -------------------------------------------------------------------------------------------
+
+
+def command_parsers() -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every command path (('quarantine', 'list'), ...) and its parser, found by walking argparse."""
+    found: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+
+    def walk(path: tuple[str, ...], parser: argparse.ArgumentParser) -> None:
+        found[path] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk((*path, name), sub)
+
+    walk((), cli.build_parser())
+    return found
+
+
+def help_text(path: tuple[str, ...]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        cli.main([*path, "--help"])
+    assert e.value.code == 0, f"queueguard {' '.join(path)} --help exited {e.value.code}"
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("path", sorted(command_parsers()), ids=lambda p: " ".join(p) or "queueguard")
+def test_cli_help_runs_and_every_flag_is_documented(path: tuple[str, ...]) -> None:
+    doc = CLI_MD.read_text(encoding="utf-8")
+    text = help_text(path)
+    assert text.startswith("usage: queueguard")
+    if path:
+        assert " ".join(path) in doc, f"docs/cli.md does not mention `queueguard {' '.join(path)}`"
+    parser = command_parsers()[path]
+    flags = {f for a in parser._actions if a.help != argparse.SUPPRESS
+             for f in a.option_strings if f.startswith("--")} - {"--help"}
+    assert all(f in text for f in flags)
+    missing = sorted(f for f in flags if not re.search(rf"{re.escape(f)}(?![\w-])", doc))
+    assert not missing, f"queueguard {' '.join(path)}: flags not in docs/cli.md: {missing}"
+    for action in parser._actions:
+        if action.choices and not isinstance(action, argparse._SubParsersAction):
+            absent = [str(c) for c in action.choices if f"`{c}`" not in doc and f"{c}\\|" not in doc
+                      and f"\\|{c}`" not in doc]
+            assert not absent, f"queueguard {' '.join(path)} {action.dest}: choices not in docs/cli.md: {absent}"
