@@ -236,6 +236,15 @@ class _Handler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self.sink.lock:
             delay, reply = self.sink.behaviour.data_delay, self.sink.behaviour.data_reply
+            self.sink.in_data += 1
+            self.sink.max_in_data = max(self.sink.max_in_data, self.sink.in_data)
+        try:
+            return await self._data(server, session, envelope, delay, reply)
+        finally:
+            with self.sink.lock:
+                self.sink.in_data -= 1
+
+    async def _data(self, server: Any, session: Any, envelope: Any, delay: float, reply: str | None) -> str:
         if delay:
             await asyncio.sleep(delay)
         if self._drop(server, "DATA"):
@@ -276,6 +285,8 @@ class RecordingSink:
         self.messages: list[Received] = []
         self.sessions = 0  # EHLO/HELO greetings seen: how many SMTP sessions clients opened
         self.drops = 0
+        self.in_data = 0  # sessions between DATA and our answer to it, now ...
+        self.max_in_data = 0  # ... and at most so far: a downstream-side view of concurrency
         self.lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
