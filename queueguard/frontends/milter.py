@@ -303,10 +303,10 @@ class QueueguardMilter(Milter.Base):  # type: ignore[misc]
         if txn is None:
             return self._tempfail(INTERNAL_ERROR)
         raw = b"".join(self.headers) + b"\r\n" + b"".join(self.body_parts)
-        txn.size = self.size
+        txn.size, too_big = self.size, self.too_big
         self._reset_message()
         try:
-            verdict = TOO_BIG if self.too_big else self.server.call(self.pipeline.message(txn, raw), CONTENT_TIMEOUT)
+            verdict = TOO_BIG if too_big else self.server.call(self.pipeline.message(txn, raw), CONTENT_TIMEOUT)
             result = self._apply(txn, verdict)
         except Exception:
             self._internal_error("eom", txn)

@@ -43,9 +43,13 @@ ratelimits:
 """
 
 
+MAX_SIZE = 20_000
+"""Small enough that the oversized body still fits one miltertest chunk (libmilter takes 64 KiB)."""
+
+
 def milter_guard(quarantine: str = "store", **settings: object) -> Guard:
     milter = {"enabled": True, "listen": f"inet:{free_port()}@127.0.0.1", "quarantine": quarantine}
-    return Guard({"milter": milter, **settings}, {"policy.yaml": POLICY})
+    return Guard({"milter": milter, "smtp": {"max_message_size": MAX_SIZE}, **settings}, {"policy.yaml": POLICY})
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +97,14 @@ def test_shadow_hit_is_recorded_in_a_header(guard: Guard) -> None:
     assert "header: ratelimit:watch-one(shadow)" in out
 
 
+def test_oversized_message_is_refused_without_buffering_it_all(guard: Guard, tmp_path: Path) -> None:
+    body = tmp_path / "big.txt"
+    body.write_bytes((b"y" * 998 + b"\r\n") * (2 * MAX_SIZE // 1000))
+    assert "refused" in miltertest.run("refused_body.lua", sock(guard), {"body": body})
+    line = guard.message_lines()[-1]
+    assert "verdict=reject reason=too_big" in line and "552 5.3.4 Message size exceeds fixed limit" in line
+
+
 def test_quarantine_in_the_mta_hold_queue() -> None:
     with milter_guard("hold") as g:
         out = miltertest.run("accept.lua", sock(g), {"hold": 1})
@@ -110,8 +122,8 @@ def test_eicar_is_rejected_when_clamd_is_configured(tmp_path: Path) -> None:
     with Clamd(tmp_path / "clamd") as clamd:
         g = milter_guard(clamd={"enabled": True, "address": str(clamd.socket), "pid_file": str(clamd.pid_file)})
         with g:
-            out = miltertest.run("eicar.lua", sock(g), {"body": body})
-            assert "eicar: rejected" in out
+            out = miltertest.run("refused_body.lua", sock(g), {"body": body})
+            assert "refused" in out
             line = g.message_lines()[-1]
             assert "verdict=reject reason=virus" in line and "550 5.7.1 virus found" in line
             assert FOUND in g.log()
