@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,19 +37,23 @@ from tests.components.sink import SmtpSink
 @contextmanager
 def milter_guard(unix: bool) -> Iterator[tuple[Guard, str]]:
     """A guard with the milter; yields it and the address as Postfix writes it."""
+    workdir = Path(tempfile.mkdtemp(prefix="qg-milter-"))
+    workdir.chmod(0o755)
+    sock = workdir / "milter.sock"
     if unix:
-        sock = Path(tempfile.mkdtemp(prefix="qg-milter-")) / "milter.sock"
-        sock.parent.chmod(0o755)
         listen, postfix_side = f"unix:{sock}", f"unix:{sock}"
     else:
         port = free_port()
         listen, postfix_side = f"inet:{port}@127.0.0.1", f"inet:127.0.0.1:{port}"
-    with Guard({"milter": {"enabled": True, "listen": listen}, "log_level": "warning"},
-               {"policy.yaml": shadow_default_policy()}) as g:
-        if unix:
-            _wait_path(sock)
-            sock.chmod(0o666)  # smtpd runs as postfix; deployment would use a shared group
-        yield g, postfix_side
+    try:
+        with Guard({"milter": {"enabled": True, "listen": listen}, "log_level": "warning"},
+                   {"policy.yaml": shadow_default_policy()}) as g:
+            if unix:
+                _wait_path(sock)
+                sock.chmod(0o666)  # smtpd runs as postfix; deployment would use a shared group
+            yield g, postfix_side
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _wait_path(path: Path, timeout: float = 10.0) -> None:

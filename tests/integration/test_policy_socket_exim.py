@@ -12,6 +12,7 @@ from __future__ import annotations
 import grp
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,20 +96,25 @@ def test_exim_refusals_come_first_and_use_no_budget(guard: Guard) -> None:
 
 
 def test_unix_socket() -> None:
-    path = Path(tempfile.mkdtemp(prefix="qg-psock-")) / "policy.sock"
-    with Guard({"policy_socket": {"enabled": True, "listen": str(path)}}, {"policy.yaml": POLICY}) as g:
-        # The socket is 0660; deployment puts Exim's user in queueguard's group, here: the socket's group.
-        assert path.stat().st_mode & 0o777 == 0o660
-        os.chown(path, -1, grp.getgrnam(EXIM_USER).gr_gid)
-        path.parent.chmod(0o755)
-        e = exim_for(str(path))
-        try:
-            got = rcpt_replies(e.bh("192.0.2.1", transactions(*["dave@test.example"] * 4)))
-            assert got[:3] == ["250 Accepted"] * 3
-            assert got[3].startswith("451 4.7.1 Rate limit exceeded (rule flood-to-one)")
-        finally:
-            e.close()
-        assert len(g.message_lines()) == 4
+    # Not pytest's tmp_path: Exim (Debian-exim) must traverse the directory.
+    workdir = Path(tempfile.mkdtemp(prefix="qg-psock-"))
+    workdir.chmod(0o755)
+    path = workdir / "policy.sock"
+    try:
+        with Guard({"policy_socket": {"enabled": True, "listen": str(path)}}, {"policy.yaml": POLICY}) as g:
+            # The socket is 0660; deployment puts Exim's user in queueguard's group, here: the socket's group.
+            assert path.stat().st_mode & 0o777 == 0o660
+            os.chown(path, -1, grp.getgrnam(EXIM_USER).gr_gid)
+            e = exim_for(str(path))
+            try:
+                got = rcpt_replies(e.bh("192.0.2.1", transactions(*["dave@test.example"] * 4)))
+                assert got[:3] == ["250 Accepted"] * 3
+                assert got[3].startswith("451 4.7.1 Rate limit exceeded (rule flood-to-one)")
+            finally:
+                e.close()
+            assert len(g.message_lines()) == 4
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("fail_open", "expected"), [
