@@ -16,6 +16,7 @@ prose an admin needs and the schema does not carry.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import io
 import json
@@ -337,3 +338,108 @@ def test_cli_help_runs_and_every_flag_is_documented(path: tuple[str, ...]) -> No
             absent = [str(c) for c in action.choices if f"`{c}`" not in doc and f"{c}\\|" not in doc
                       and f"\\|{c}`" not in doc]
             assert not absent, f"queueguard {' '.join(path)} {action.dest}: choices not in docs/cli.md: {absent}"
+
+
+# --- operations.md ------------------------------------------------------------------------------------
+
+PACKAGE = ROOT / "queueguard"
+
+# Every non-literal `reason=` expression in the code, and how its labels are found. A new form
+# fails test_every_reason_form_is_understood: teach code_reason_labels about it.
+DYNAMIC_REASONS = {
+    "reason": "scan/check.py _defer(LABEL, ...)",
+    "f'route_{reason}'": "routing.py _defer(route, LABEL, ...)",
+    "kind": "burst/pattern rule kinds",
+    "hit.kind": "rule kinds that quarantine",
+    "f'downstream_{stage}'": "pipeline.py _from_downstream(reply, STAGE)",
+    "verdict.reason": "the pipeline passing a verdict's reason on",
+}
+VERDICT_MAKERS = ("tempfail", "reject", "quarantine", "Verdict")
+RULE_KINDS = ("ratelimit", "burst", "pattern")
+
+
+def _calls(path: Path) -> list[ast.Call]:
+    return [n for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.Call)]
+
+
+def _name(call: ast.Call) -> str:
+    f = call.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+
+
+def _const(node: ast.expr) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def reason_expressions() -> list[tuple[str, ast.expr]]:
+    """(file, expression) for the reason of every verdict the code makes."""
+    found: list[tuple[str, ast.expr]] = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for call in _calls(path):
+            if _name(call) in VERDICT_MAKERS:
+                found += [(path.name, k.value) for k in call.keywords if k.arg == "reason"]
+            if _name(call) == "Verdict" and len(call.args) >= 6:
+                found.append((path.name, call.args[5]))
+    return found
+
+
+def code_reason_labels() -> set[str]:
+    """Every reason label a verdict can carry, read from the source."""
+    labels = {v for _, e in reason_expressions() if (v := _const(e)) is not None}
+    for call in _calls(PACKAGE / "scan" / "check.py"):
+        if _name(call) == "_defer" and call.args:
+            first = call.args[0]
+            if (label := _const(first)) is not None:
+                labels.add(label)
+            elif isinstance(first, ast.BinOp) and (prefix := _const(first.left)) is not None:
+                # "clamd_" + err.reason, "busy_" + e.reason: the codes of ScanError / GateBusy
+                source = {"clamd_": ("clamd.py", "ScanError"), "busy_": ("gate.py", "GateBusy")}[prefix]
+                for c in _calls(PACKAGE / "scan" / source[0]):
+                    permanent = any(k.arg == "permanent" for k in c.keywords)
+                    if _name(c) == source[1] and c.args and (code := _const(c.args[0])) and not permanent:
+                        labels.add(prefix + code)
+    for call in _calls(PACKAGE / "routing.py"):
+        if _name(call) == "_defer" and len(call.args) >= 2 and (label := _const(call.args[1])):
+            labels.add(f"route_{label}")
+    for call in _calls(PACKAGE / "pipeline.py"):
+        if _name(call) == "_from_downstream" and len(call.args) >= 2 and (stage := _const(call.args[1])):
+            labels.add(f"downstream_{stage}")
+    return labels | set(RULE_KINDS)
+
+
+def documented_reasons() -> set[str]:
+    """Backticked labels in the reason column of the tables after `<!-- replies -->`."""
+    lines = OPERATIONS_MD.read_text(encoding="utf-8").splitlines()
+    out: set[str] = set()
+    for i, line in enumerate(lines):
+        if line.strip() != "<!-- replies -->":
+            continue
+        header = [c.strip() for c in lines[i + 1].strip().strip("|").split("|")]
+        col = header.index("reason")
+        j = i + 3
+        while j < len(lines) and lines[j].startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", lines[j].strip())[1:-1]]
+            out |= set(re.findall(r"`([a-z0-9_]+)`", cells[col]))
+            j += 1
+    return out
+
+
+def test_every_reason_form_is_understood() -> None:
+    unknown = sorted({f"{f}: {ast.unparse(e)}" for f, e in reason_expressions()
+                      if _const(e) is None and ast.unparse(e) not in DYNAMIC_REASONS})
+    assert not unknown, f"new kinds of reason= expressions; teach code_reason_labels: {unknown}"
+
+
+def test_every_reason_label_is_in_the_replies_table() -> None:
+    code, doc = code_reason_labels(), documented_reasons()
+    assert {"ratelimit", "shed", "clamd_timeout", "busy_wait_timeout", "route_split", "downstream_data"} <= code
+    assert not code - doc, f"reasons missing from docs/operations.md replies tables: {sorted(code - doc)}"
+    assert not doc - code, f"docs/operations.md lists reasons the code no longer uses: {sorted(doc - code)}"
+
+
+def test_log_line_fields_are_documented() -> None:
+    from queueguard.logging_setup import MESSAGE_FIELDS
+
+    doc = OPERATIONS_MD.read_text(encoding="utf-8")
+    missing = [f for f in MESSAGE_FIELDS if f"`{f}`" not in doc]
+    assert not missing, f"message log fields missing from docs/operations.md: {missing}"
