@@ -140,14 +140,20 @@ class Pipeline:
 
     # --- helpers --------------------------------------------------------------
 
-    def with_headers(self, txn: Transaction, raw: bytes) -> bytes:
-        if not self.add_headers or not (txn.headers_to_add or txn.hits):
-            return raw
+    def headers(self, txn: Transaction) -> list[tuple[str, str]]:
+        """Headers that record the verdict's rule hits, for every front end to add the same way."""
+        if not self.add_headers:
+            return []
         headers = list(txn.headers_to_add)
         if txn.hits:
             headers.append((f"{self.header_prefix}-Hits", ", ".join(h.label() for h in txn.hits)))
-        block = "".join(f"{name}: {value}\r\n" for name, value in headers)
-        return block.encode("utf-8", "replace") + raw
+        return headers
+
+    def with_headers(self, txn: Transaction, raw: bytes) -> bytes:
+        headers = self.headers(txn)
+        if not headers:
+            return raw
+        return "".join(f"{name}: {value}\r\n" for name, value in headers).encode("utf-8", "replace") + raw
 
     def _policy(self, txn: Transaction) -> Policy:
         pinned = txn.policy

@@ -99,16 +99,6 @@ def reply_args(verdict: Verdict) -> tuple[str, str, str]:
     return code, verdict.status or ("4.0.0" if code.startswith("4") else "5.0.0"), text
 
 
-def parse_header_block(block: bytes) -> list[tuple[str, str]]:
-    """`Name: value` CRLF lines -> pairs (used to read the pipeline's header block)."""
-    pairs = []
-    for line in block.decode("utf-8", "replace").split("\r\n"):
-        name, sep, value = line.partition(": ")
-        if sep:
-            pairs.append((name, value))
-    return pairs
-
-
 def wake(spec: str) -> None:
     """Connect once to our own socket, so libmilter's listener leaves its poll."""
     kind, _, rest = spec.partition(":")
@@ -386,8 +376,8 @@ class QueueguardMilter(Milter.Base):  # type: ignore[misc]
     def _add_headers(self, txn: Transaction) -> None:
         if not self.server.add_headers:
             return
-        # The pipeline owns which headers record verdict and hits; read them from its block.
-        for name, value in parse_header_block(self.pipeline.with_headers(txn, b"")):
+        # The pipeline owns which headers record verdict and hits (the proxy adds the same).
+        for name, value in self.pipeline.headers(txn):
             self.addheader(name, value)
 
     def _tempfail(self, verdict: Verdict) -> int:

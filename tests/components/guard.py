@@ -7,8 +7,10 @@ stopped with SIGTERM so its graceful shutdown is exercised too.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -27,6 +29,14 @@ import yaml
 from tests.components.ports import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
+_DIRS: list[Path] = []
+
+
+@atexit.register
+def _remove_dirs() -> None:
+    """Work dirs go when the test process ends (tests may read logs after a guard stopped)."""
+    for d in _DIRS:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class Guard:
@@ -35,6 +45,8 @@ class Guard:
     def __init__(self, settings: Mapping[str, Any] | None = None, policies: Mapping[str, str] | None = None,
                  *, workdir: Path | None = None) -> None:
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="qg-guard-"))
+        if workdir is None:
+            _DIRS.append(self.dir)
         self.port = free_port()
         self.metrics_port = free_port()
         self.policy_dir = self.dir / "policies"

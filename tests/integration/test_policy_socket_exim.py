@@ -32,6 +32,12 @@ ratelimits:
     rate: 3/1h
     burst: 3
     action: tempfail
+  - name: keep-for-review
+    key: sender
+    rate: 1/1h
+    burst: 1
+    action: quarantine
+    only: {sender_in: ["suspect@remote.example"]}
 """
 READSOCKET_ACL = f".include {CONTRIB_EXIM / 'readsocket-acl.conf'}"
 
@@ -129,5 +135,20 @@ def test_policy_socket_down(guard: Guard, fail_open: bool, expected: str) -> Non
         out = e.bh("192.0.2.1", transactions("bob@test.example"))
         assert rcpt_replies(out) == [expected]
         assert "queueguard policy service unavailable" in out
+    finally:
+        e.close()
+
+
+def test_quarantine_hit_freezes_the_message_in_exims_queue(guard: Guard) -> None:
+    """`action=hold` → accepted and frozen (Exim's own hold queue), so quarantine rules work via Exim too."""
+    e = exim_for(tcp(guard))
+    try:
+        dialogue = ("ehlo client.example\n" + "".join(
+            "mail from:<suspect@remote.example>\nrcpt to:<bob@test.example>\ndata\nSubject: x\n\nbody\n.\n"
+            for _ in range(2)) + "quit\n")
+        out = e.bh("192.0.2.1", dialogue)
+        assert "queueguard: hold" in out, out
+        assert "frozen" in out.lower() or "freeze" in out.lower(), out
+        assert [r for r in replies(out) if r.startswith("550")] == []
     finally:
         e.close()

@@ -23,7 +23,6 @@ from queueguard.frontends.milter import (
     QueueguardMilter,
     client_from,
     header_line,
-    parse_header_block,
     reply_args,
     size_option,
 )
@@ -58,12 +57,6 @@ def test_reply_args() -> None:
     limited = tempfail("4.7.1", "Rate limit 100% used", reason="ratelimit")
     assert reply_args(limited) == ("451", "4.7.1", "Rate limit 100%% used")
     assert reply_args(reject("5.7.1", "virus\r\nfound", reason="virus")) == ("550", "5.7.1", "virus found")
-
-
-def test_parse_header_block() -> None:
-    block = b"X-Queueguard-Hits: ratelimit:a, pattern:b\r\nX-Queueguard-Burst: body 41 in 10m\r\n"
-    assert parse_header_block(block) == [("X-Queueguard-Hits", "ratelimit:a, pattern:b"),
-                                         ("X-Queueguard-Burst", "body 41 in 10m")]
 
 
 class Stuck:
