@@ -443,3 +443,11 @@ def test_log_line_fields_are_documented() -> None:
     doc = OPERATIONS_MD.read_text(encoding="utf-8")
     missing = [f for f in MESSAGE_FIELDS if f"`{f}`" not in doc]
     assert not missing, f"message log fields missing from docs/operations.md: {missing}"
+
+
+def test_policy_documents_every_rate_limit_key_part() -> None:
+    from queueguard.ratelimit.keys import KINDS
+
+    doc = POLICY_MD.read_text(encoding="utf-8")
+    missing = [k for k in KINDS if f"| `{k}` |" not in doc]
+    assert not missing, f"rate-limit key parts missing from docs/policy.md: {missing}"
