@@ -7,11 +7,12 @@ per-minute cap, or when the host behind it reported memory pressure, so a
 spam wave for the ticket system's info@ cannot fork unbounded workers there
 (incident 2022-10-17: the MX was healthy, the ticket host ran out of memory).
 
-A transaction stays on one route. A RCPT for another route gets 452 4.5.3:
-RFC 5321 (4.5.3.1.10, 3.3) has a client that sees 452 to a RCPT keep the
-recipients already accepted, send this message to them, and retry the
-refused ones in a later transaction, so the message is split by the sender
-and no DATA answer ever covers two downstreams (nothing is delivered twice).
+A transaction stays on one route. A RCPT for another route gets 452 4.5.3
+("too many recipients", RFC 5321 4.5.3.1.10, RFC 3463): a reply to RCPT is per
+recipient (RFC 5321 3.3), so the client delivers to the recipients accepted
+and retries the refused ones in a later, separate transaction. The sender
+splits the message; no DATA answer covers two downstreams and nothing is
+delivered twice (docs/routes.md).
 """
 
 from __future__ import annotations
