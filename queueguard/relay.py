@@ -36,6 +36,7 @@ CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 60.0
 DATA_TIMEOUT = 600.0
 IDLE_TIMEOUT = 30.0
+SLOT_WAIT = 10.0
 MAX_BACKOFF_FACTOR = 8
 
 
@@ -64,6 +65,10 @@ class Reply:
 
 class DownstreamError(Exception):
     """The downstream could not be reached or broke off; the caller answers 4xx."""
+
+
+class DownstreamBusy(DownstreamError):
+    """Every connection slot toward this downstream stayed taken for SLOT_WAIT: not a failure of it."""
 
 
 def proxy_header(version: str, client_ip: IPAddress | None, client_port: int, local: tuple[str, int]) -> bytes:
@@ -105,6 +110,7 @@ class SmtpConnection:
         self.features: dict[str, str] = {}
         self.last_used = time.monotonic()
         self.broken = False
+        self.uses = 0
 
     async def read_reply(self, timeout: float = COMMAND_TIMEOUT) -> Reply:
         lines: list[str] = []
@@ -128,25 +134,39 @@ class SmtpConnection:
             raise
 
     async def command(self, line: str, timeout: float = COMMAND_TIMEOUT) -> Reply:
+        """One command, one reply. Interrupted half-way (cancelled, timed out), the connection
+        is marked broken: its late reply would otherwise be read as the next command's answer."""
+        completed = False
         try:
-            self.writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
-            await self.writer.drain()
-        except OSError as e:
-            self.broken = True
-            raise DownstreamError(f"sending {line.split(' ', 1)[0]}: {e}") from e
-        return await self.read_reply(timeout)
+            try:
+                self.writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+                await self.writer.drain()
+            except OSError as e:
+                raise DownstreamError(f"sending {line.split(' ', 1)[0]}: {e}") from e
+            reply = await self.read_reply(timeout)
+            completed = True
+            return reply
+        finally:
+            if not completed:
+                self.broken = True
 
     async def data(self, raw: bytes) -> Reply:
         reply = await self.command("DATA")
         if reply.code != 354:
             return reply
+        completed = False
         try:
-            self.writer.write(dot_stuff(raw))
-            await self.writer.drain()
-        except OSError as e:
-            self.broken = True
-            raise DownstreamError(f"sending message data: {e}") from e
-        return await self.read_reply(DATA_TIMEOUT)
+            try:
+                self.writer.write(dot_stuff(raw))
+                await self.writer.drain()
+            except OSError as e:
+                raise DownstreamError(f"sending message data: {e}") from e
+            reply = await self.read_reply(DATA_TIMEOUT)
+            completed = True
+            return reply
+        finally:
+            if not completed:
+                self.broken = True
 
     def close(self) -> None:
         """QUIT without waiting for the 221 (Exim delays it), then close."""
@@ -194,7 +214,11 @@ class Downstream:
 
     async def acquire(self, client: Connection) -> SmtpConnection:
         """A ready connection (reused when possible); holds one concurrency slot until release()."""
-        await self.slots.acquire()
+        try:
+            async with asyncio.timeout(SLOT_WAIT):
+                await self.slots.acquire()
+        except TimeoutError:
+            raise DownstreamBusy(f"{self.name}: all {self.spec.max_connections} connections busy") from None
         try:
             key = self._pool_key(client)
             pool = self.idle.get(key, [])
@@ -211,6 +235,7 @@ class Downstream:
 
     def release(self, conn: SmtpConnection, *, reusable: bool) -> None:
         self.slots.release()
+        conn.uses += 1
         if reusable and not conn.broken:
             conn.last_used = time.monotonic()
             pool = self.idle.setdefault(conn.key, [])
@@ -276,7 +301,7 @@ class RelayTransaction:
         started = time.monotonic()
         try:
             reply = await self.conn.data(raw)
-        except DownstreamError:
+        except BaseException:
             self.close(reusable=False)
             raise
         metrics.downstream_latency.labels(self.downstream.name).observe(time.monotonic() - started)
@@ -287,19 +312,26 @@ class RelayTransaction:
     async def _command(self, line: str) -> Reply:
         try:
             return await self.conn.command(line)
-        except DownstreamError:
+        except BaseException:
             self.close(reusable=False)
             raise
 
     async def abort(self) -> None:
-        """The client went away or gave up: RSET so no partial transaction survives."""
+        """The client went away or gave up: RSET so no partial transaction survives.
+
+        A connection whose last command was interrupted is closed instead: closing
+        also ends the downstream transaction, and its stale reply dies with it."""
         if self.done:
+            return
+        if self.conn.broken:
+            self.close(reusable=False)
             return
         try:
             reply = await self.conn.command("RSET", timeout=10)
             self.close(reusable=reply.code == 250)
-        except DownstreamError:
+        except BaseException:
             self.close(reusable=False)
+            raise
 
     def close(self, *, reusable: bool) -> None:
         if not self.done:
@@ -331,16 +363,11 @@ class DownstreamGroup:
         last = "no downstream available"
         for ds in self._candidates():
             try:
-                conn = await ds.acquire(client)
-            except DownstreamError as e:
-                ds.mark_down(str(e))
+                conn, reply = await self._mail(ds, client, sender, mail_params)
+            except DownstreamBusy as e:
                 last = str(e)
                 continue
-            params = [p for p in mail_params if _supported(p, conn.features)]
-            try:
-                reply = await conn.command(f"MAIL FROM:<{sender}>" + "".join(" " + p for p in params))
             except DownstreamError as e:
-                ds.release(conn, reusable=False)
                 ds.mark_down(str(e))
                 last = str(e)
                 continue
@@ -356,6 +383,24 @@ class DownstreamGroup:
             ds.mark_down(f"MAIL answered {reply}")
             last = f"{ds.name} answered {reply}"
         return None, Reply(451, (f"4.4.1 No downstream available ({last})",))
+
+    @staticmethod
+    async def _mail(ds: Downstream, client: Connection, sender: str,
+                    mail_params: tuple[str, ...]) -> tuple[SmtpConnection, Reply]:
+        """MAIL FROM on a connection to `ds`; a pooled connection the downstream has meanwhile
+        dropped is replaced by a fresh one once, rather than counting against the downstream."""
+        while True:
+            conn = await ds.acquire(client)
+            params = [p for p in mail_params if _supported(p, conn.features)]
+            try:
+                return conn, await conn.command(f"MAIL FROM:<{sender}>" + "".join(" " + p for p in params))
+            except DownstreamError:
+                ds.release(conn, reusable=False)
+                if conn.uses <= 1:
+                    raise
+            except BaseException:
+                ds.release(conn, reusable=False)
+                raise
 
 
 def _supported(param: str, features: dict[str, str]) -> bool:

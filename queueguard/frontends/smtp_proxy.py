@@ -204,17 +204,17 @@ class ProxyHandler:
         return verdict.reply() if verdict.code == 250 and verdict.text != "Ok" else "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Checks, then relay; the answer is the downstream's. The transaction stays on the
+        session until we finish it, so a client vanishing mid-way is finished by closed()."""
         state = self._state(server)
         txn = state.txn
         if txn is None:
             return "503 5.5.1 Error: need MAIL command"
-        state.txn = None
         state.in_data = True
-        received = time.monotonic()
         try:
             raw = envelope.original_content or b""
             txn.size = len(raw)
-            txn.timings["receive"] = received - txn.started
+            txn.timings["receive"] = time.monotonic() - txn.started
             verdict = smuggling_verdict(raw)
             if verdict is not None:
                 metrics.protocol_errors.labels("bare_newline").inc()
@@ -222,16 +222,19 @@ class ProxyHandler:
                 verdict = await self.pipeline.message(txn, raw)
                 if verdict.action is Action.ACCEPT:
                     verdict = await self.pipeline.deliver(txn, raw)
-            await self.pipeline.finish(txn, verdict)
-            return verdict.reply()
         except Exception:
             log.exception("id=%s internal error at DATA", txn.id)
             metrics.internal_errors.labels("data").inc()
-            with contextlib.suppress(Exception):
-                await self.pipeline.finish(txn, INTERNAL_ERROR)
-            return INTERNAL_ERROR.reply()
+            verdict = INTERNAL_ERROR
         finally:
             state.in_data = False
+        if state.txn is txn:
+            state.txn = None
+            try:
+                await self.pipeline.finish(txn, verdict)
+            except Exception:
+                log.exception("id=%s finishing the transaction failed", txn.id)
+        return verdict.reply()
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         state = self._state(server)

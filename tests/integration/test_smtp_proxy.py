@@ -229,6 +229,27 @@ def test_client_vanishing_mid_data_delivers_nothing() -> None:
         assert "client_disconnected" in g.log()
 
 
+def test_client_vanishing_while_downstream_answers_data_frees_the_connection() -> None:
+    """With one downstream connection allowed, a client that disconnects while we wait for the
+    downstream's DATA reply must not leak that connection (or leave its late reply to be read as
+    the next transaction's answer): the next message goes through and is delivered."""
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}",
+                                                          "max_connections": 1}]}) as g:
+        sink.behaviour.data_delay = 1.0
+        s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+        for cmd in (b"EHLO c.example\r\n", b"MAIL FROM:<a@client.example>\r\n", b"RCPT TO:<bob@test.example>\r\n",
+                    b"DATA\r\n", b"Subject: first\r\n\r\nfirst\r\n.\r\n"):
+            s.sendall(cmd)
+            time.sleep(0.1)
+        s.close()
+        time.sleep(1.5)
+        sink.behaviour.data_delay = 0.0
+        with g.smtp(timeout=20) as c:
+            c.sendmail("a@client.example", ["carol@test.example"], b"Subject: second\r\n\r\nsecond\r\n")
+        assert [m.rcpt_tos for m in sink.messages][-1] == ["carol@test.example"]
+        assert b"second" in sink.messages[-1].data
+
+
 def test_sigterm_lets_in_flight_message_finish_then_421() -> None:
     with RecordingSink() as sink:
         sink.behaviour.data_delay = 1.5
