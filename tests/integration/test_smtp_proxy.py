@@ -9,9 +9,11 @@ from __future__ import annotations
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -289,3 +291,31 @@ def test_one_log_line_per_message() -> None:
                       "size=", "downstream=127.0.0.1:", "reply=", "t_total="):
             assert field in line, (field, line)
         assert "hello bob" not in g.log(), "message bodies must never be logged"
+
+
+def test_starttls_with_configured_certificate(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=guard.test", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with RecordingSink() as sink, Guard({"smtp": {"tls_cert": str(cert), "tls_key": str(key)},
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        with g.smtp() as c:
+            assert c.has_extn("starttls")
+            ctx = ssl.create_default_context(cafile=str(cert))
+            ctx.check_hostname = False
+            code, _ = c.starttls(context=ctx)
+            assert code == 220
+            c.ehlo("client.test")
+            c.sendmail("a@client.example", ["bob@test.example"], MSG)
+        assert len(sink.messages) == 1
+
+
+def test_smtputf8_and_8bitmime_pass_through() -> None:
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        body = "Subject: Grüße\r\n\r\nÜmläute\r\n".encode()
+        with g.smtp() as c:
+            assert c.has_extn("smtputf8") and c.has_extn("8bitmime")
+            c.sendmail("jörg@client.example", ["bob@test.example"], body, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        got = sink.messages[0]
+        assert got.mail_from == "jörg@client.example"
+        assert got.data.endswith(body) or body in got.data
