@@ -22,6 +22,7 @@ from queueguard.logging_setup import configure
 from queueguard.patterns import PatternCheck
 from queueguard.pipeline import Pipeline
 from queueguard.policy.holder import PolicyHolder
+from queueguard.policy.schema import Policy
 from queueguard.pressure_publish import PressurePublisher, pressure_sources, publisher_from_settings, queue_total
 from queueguard.quarantine.store import QuarantineStore
 from queueguard.queuewatch.service import QueueWatch
@@ -79,6 +80,11 @@ class App:
             finishers=[self.router.release],
         )
 
+    def policy_changed(self, policy: Policy) -> None:
+        """Parts that keep derived state (the scan gate's bounds, pressure thresholds) take the new policy."""
+        if self.scan is not None:
+            self.scan.set_policy(policy)
+
     def status(self) -> dict[str, object]:
         """What the status page and `STATUS=` show: one dict, cheap to build."""
         return {
@@ -106,6 +112,8 @@ def build(settings: Settings) -> App:
     if problems:
         raise SystemExit("queueguard: policy errors, not starting:\n" + "\n".join(str(p) for p in problems))
     scan = ScanCheck(settings.clamd) if settings.clamd.enabled else None
+    if scan is not None:
+        scan.set_policy(policies.current())
     router = Router(settings, policies.current)
     router.readers.update(pressure_sources(settings))
     queuewatch = QueueWatch.from_settings(settings)
@@ -148,7 +156,7 @@ async def start(app: App) -> list[object]:
     host, port = split_hostport(s.metrics, 9925)
     servers.append(await start_web(host, port, app.status))
     loop = asyncio.get_running_loop()
-    app.tasks.append(loop.create_task(app.policies.watch()))
+    app.tasks.append(loop.create_task(app.policies.watch(on_change=app.policy_changed)))
     if app.scan is not None:
         app.tasks.append(loop.create_task(app.scan.run()))
     app.tasks.extend(loop.create_task(t) for t in app.router.background())
@@ -196,6 +204,8 @@ async def serve(settings: Settings) -> int:
     def reload() -> None:
         sdnotify.reloading()
         problems = app.policies.reload()
+        if not problems:
+            app.policy_changed(app.policies.current())
         sdnotify.notify(READY=1, STATUS="reload failed, running last good policy" if problems else "policy reloaded")
 
     loop.add_signal_handler(signal.SIGHUP, reload)

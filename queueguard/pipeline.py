@@ -201,11 +201,11 @@ class Pipeline:
         return Verdict(Action.QUARANTINE, 250, "2.0.0", f"Ok: quarantined as {qid}", verdict.rule, verdict.reason)
 
     async def _relay_rcpt(self, txn: Transaction, recipient: str, options: tuple[str, ...]) -> Verdict:
+        """Mirror the RCPT on the route's downstream. The transaction is bound to a route only
+        once a recipient is accepted, so a refused first recipient does not pin it."""
         assert self.relay is not None
         route = self.route_for(recipient)
-        if txn.route is None:
-            txn.route = route
-        elif route != txn.route:
+        if txn.route is not None and route != txn.route:
             return tempfail("4.5.3", f"Please send mail for <{recipient}> in a separate transaction",
                             reason="route_split", code=452)
         rtx = self._relayed.get(txn.id)
@@ -215,8 +215,6 @@ class Pipeline:
                                ("SIZE", "BODY", "SMTPUTF8"))
                 rtx, reply = await self.relay.group(route).begin(txn.connection, txn.sender, params)
                 if rtx is None:
-                    if not txn.recipients:
-                        txn.route = None
                     return _from_downstream(reply, "mail")
                 self._relayed[txn.id] = rtx
             reply = await rtx.rcpt(recipient, options)
@@ -224,6 +222,10 @@ class Pipeline:
             self._relayed.pop(txn.id, None)
             log.warning("id=%s downstream lost during RCPT: %s", txn.id, e)
             return tempfail("4.4.2", "Downstream connection lost, try again later", reason="downstream_lost")
+        if reply.positive:
+            txn.route = route
+        elif not txn.recipients:
+            await self.abort(txn)
         return _from_downstream(reply, "rcpt")
 
     def _count(self, stage: str, verdict: Verdict) -> Verdict:

@@ -100,12 +100,15 @@ class PolicyHolder:
             "errors": [str(i) for i in self._last_issues],
         }
 
-    async def watch(self, interval: float = 2.0) -> None:
-        """Poll the directory and reload when a file is added, removed or saved."""
+    async def watch(self, interval: float = 2.0, on_change: Callable[[Policy], None] | None = None) -> None:
+        """Poll the directory and reload when a file is added, removed or saved; `on_change`
+        runs on the event loop after a good policy was swapped in."""
         while True:
             await asyncio.sleep(interval)
             if dir_signature(self.path) != self._signature:
-                await asyncio.to_thread(self.reload)
+                problems = await asyncio.to_thread(self.reload)
+                if not problems and on_change is not None:
+                    on_change(self.current())
 
 
 def describe(policy: Policy) -> str:
