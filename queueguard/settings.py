@@ -217,5 +217,6 @@ def load_settings(path: Path | None, overrides: dict[str, object] | None = None)
         return Settings.model_validate(data)
     except ValidationError as e:
         where = str(path) if path else "settings"
-        lines = [f"{where}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        lines = [f"{where}: {'.'.join(str(p) for p in err['loc']) + ': ' if err['loc'] else ''}{err['msg']}"
+                 for err in e.errors()]
         raise SettingsError("\n".join(lines)) from e

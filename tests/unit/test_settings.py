@@ -1,0 +1,60 @@
+"""Daemon settings: validated at start with clear errors; flags override the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from queueguard.cli import build_parser, settings_from_args
+from queueguard.settings import SettingsError, load_settings, split_hostport
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("127.0.0.1:2525", ("127.0.0.1", 2525)), ("[::1]:25", ("::1", 25)), ("mx.example", ("mx.example", 25)),
+    (":2526", ("127.0.0.1", 2526)), ("::1", ("::1", 25)),
+])
+def test_split_hostport(text: str, expected: tuple[str, int]) -> None:
+    assert split_hostport(text) == expected
+
+
+def test_every_problem_is_reported_with_its_key(tmp_path: Path) -> None:
+    f = tmp_path / "queueguard.yaml"
+    f.write_text("smtp:\n  listen: 127.0.0.1:x\n  max_message_size: 10 parsecs\nstate: mongodb://x\nbogus: 1\n")
+    with pytest.raises(SettingsError) as e:
+        load_settings(f)
+    text = str(e.value)
+    assert f"{f}: smtp.max_message_size: " in text and "bad size" in text
+    assert f"{f}: state: " in text and "redis://" in text
+    assert f"{f}: bogus: Extra inputs are not permitted" in text
+
+
+def test_unreadable_or_non_mapping_file(tmp_path: Path) -> None:
+    f = tmp_path / "q.yaml"
+    f.write_text("- just\n- a list\n")
+    with pytest.raises(SettingsError, match="top level must be a mapping"):
+        load_settings(f)
+    with pytest.raises(SettingsError, match="No such file"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "q.yaml"
+    f.write_text("smtp: {listen: 0.0.0.0:25, max_message_size: 1MiB}\ndownstreams: [{address: 10.0.0.1:25}]\n"
+                 "state: memory\n")
+    args = build_parser().parse_args([
+        "serve", "--settings", str(f), "--listen", "127.0.0.1:2525", "--downstream", "127.0.0.1:2526",
+        "--downstream", "127.0.0.1:2527", "--proxy-protocol", "v2", "--metrics", "127.0.0.1:9999",
+        "--policies", "pol", "--quarantine", "qdir", "--state", "redis://127.0.0.1:6390/0",
+    ])
+    s = settings_from_args(args)
+    assert s.smtp.listen == "127.0.0.1:2525" and s.smtp.max_message_size == 1024 * 1024
+    assert [(d.address, d.proxy_protocol) for d in s.downstreams] == [("127.0.0.1:2526", "v2"),
+                                                                        ("127.0.0.1:2527", "v2")]
+    assert s.metrics == "127.0.0.1:9999" and str(s.policies) == "pol"
+    assert str(s.quarantine.directory) == "qdir" and s.state == "redis://127.0.0.1:6390/0"
+
+
+def test_shipped_settings_file_is_valid() -> None:
+    s = load_settings(Path(__file__).resolve().parents[2] / "queueguard.yaml")
+    assert s.state == "memory" and s.smtp.listen == "127.0.0.1:2525"
