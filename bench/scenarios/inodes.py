@@ -47,7 +47,7 @@ patterns:
 
 
 def run(scale: float, workdir: Path) -> Summary:
-    wave = max(60, int(200 * scale))
+    wave = max(150, int(300 * scale))  # the filesystem is fixed (200 inodes): the wave must outgrow it
     legit = max(20, int(40 * scale))
     mnt = subdir(workdir, "quarantine-fs")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=200,mode=0700", "tmpfs", str(mnt)], check=True)

@@ -48,10 +48,10 @@ def run(scale: float, workdir: Path) -> Summary:
                 primary.start()
             times[phase] = time.time()
             batch = messages[n * per_phase:(n + 1) * per_phase if n < len(phases) - 1 else total]
-            pace = seconds / max(1, len(batch) // 5)
-            for start in range(0, len(batch), 5):
-                accepted.extend(inject(sender.port, batch[start:start + 5], per_connection=5))
-                time.sleep(pace)
+            step = max(1, len(batch) // 12)  # a dozen batches per phase, spread over its seconds
+            for start in range(0, len(batch), step):
+                accepted.extend(inject(sender.port, batch[start:start + step], per_connection=step))
+                time.sleep(seconds * step / len(batch))
         sender.flush(rounds=2)
         time.sleep(1.0)
         on_primary = maildir_messages(primary.dir / "maildir", "primary")

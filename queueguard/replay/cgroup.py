@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from queueguard.scan.sensors import CgroupMemorySensor, own_cgroup
@@ -21,6 +23,7 @@ class CgroupUnavailable(RuntimeError):
 class MemoryGroup:
     def __init__(self, name: str, limit_bytes: int) -> None:
         base = own_cgroup()
+        self.base = base
         if base is None or not os.access(base, os.W_OK):
             raise CgroupUnavailable(f"no writable memory cgroup for this process (found {base}); run as root")
         self.path = base / name
@@ -32,6 +35,17 @@ class MemoryGroup:
         limit_file = "memory.max" if self.v2 else "memory.limit_in_bytes"
         (self.path / limit_file).write_text(str(self.limit))
         return self
+
+    @contextmanager
+    def joined(self) -> Iterator[None]:
+        """Move this process into the group for the block: what it starts meanwhile is born there
+        (and charged there from its first page; v1 does not move charges of a process moved later)."""
+        assert self.base is not None
+        self.add(os.getpid())
+        try:
+            yield
+        finally:
+            (self.base / "cgroup.procs").write_text(str(os.getpid()))
 
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))
