@@ -121,9 +121,11 @@ class Pipeline:
 
     async def finish(self, txn: Transaction, verdict: Verdict, downstream_reply: str = "") -> None:
         """Record rate limits for mail that went through, count, and write the message's log line."""
-        await self.abort(txn)
-        for release in self.finishers:
-            release(txn)
+        try:
+            await self.abort(txn)
+        finally:
+            for release in self.finishers:
+                release(txn)
         policy = self._policy(txn)
         if verdict.action in (Action.ACCEPT, Action.QUARANTINE, Action.DISCARD) and txn.recipients:
             for check in self.rcpt_checks:
@@ -209,6 +211,10 @@ class Pipeline:
             return tempfail("4.5.3", f"Please send mail for <{recipient}> in a separate transaction",
                             reason="route_split", code=452)
         rtx = self._relayed.get(txn.id)
+        if rtx is None and txn.recipients:
+            # The downstream transaction holding the earlier recipients broke off: a new one
+            # would carry only the later recipients while the sender thinks all are in.
+            return tempfail("4.4.2", "Downstream connection lost, try again later", reason="downstream_lost")
         try:
             if rtx is None:
                 params = tuple(o for o in txn.mail_options if o.split("=", 1)[0].upper() in
@@ -248,6 +254,10 @@ def _from_downstream(reply: Reply, stage: str) -> Verdict:
     """Downstream 2xx → accept; 5xx passed back as is; 4xx → 451 4.4.x carrying its text."""
     if reply.positive:
         return Verdict(Action.ACCEPT, reply.code, "", reply.text, reason="ok")
+    if reply.code == 503:
+        # "bad sequence of commands" is our bug or a downstream in a state we did not expect,
+        # never a verdict on the message.
+        return tempfail("4.4.3", f"Downstream deferred: {reply}", reason=f"downstream_{stage}")
     if reply.permanent:
         status, _, text = reply.text.partition(" ")
         if not (status[:1] == "5" and status.count(".") == 2):

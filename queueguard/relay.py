@@ -150,10 +150,8 @@ class SmtpConnection:
             if not completed:
                 self.broken = True
 
-    async def data(self, raw: bytes) -> Reply:
-        reply = await self.command("DATA")
-        if reply.code != 354:
-            return reply
+    async def body(self, raw: bytes, timeout: float) -> Reply:
+        """The message after a 354, and the downstream's final answer to it."""
         completed = False
         try:
             try:
@@ -161,7 +159,7 @@ class SmtpConnection:
                 await self.writer.drain()
             except OSError as e:
                 raise DownstreamError(f"sending message data: {e}") from e
-            reply = await self.read_reply(DATA_TIMEOUT)
+            reply = await self.read_reply(timeout)
             completed = True
             return reply
         finally:
@@ -179,12 +177,14 @@ class SmtpConnection:
 class Downstream:
     """One downstream MTA: a connection pool, a concurrency bound, a health mark."""
 
-    def __init__(self, spec: DownstreamSpec, *, hostname: str, clock: Clock = time.monotonic) -> None:
+    def __init__(self, spec: DownstreamSpec, *, hostname: str, clock: Clock = time.monotonic,
+                 data_timeout: float = DATA_TIMEOUT) -> None:
         self.spec = spec
         self.name = spec.address
         self.host, self.port = split_hostport(spec.address)
         self.hostname = spec.helo or hostname
         self.clock = clock
+        self.data_timeout = data_timeout
         self.slots = asyncio.Semaphore(spec.max_connections)
         self.idle: dict[object, list[SmtpConnection]] = {}
         self.failures = 0
@@ -298,9 +298,15 @@ class RelayTransaction:
         return reply
 
     async def data(self, raw: bytes) -> Reply:
+        """DATA, then the body. A refused DATA command leaves the downstream transaction
+        open, so it is reset (never pooled half-way) before the refusal is passed on."""
         started = time.monotonic()
+        reply = await self._command("DATA")
+        if reply.code != 354:
+            await self.abort()
+            return reply
         try:
-            reply = await self.conn.data(raw)
+            reply = await self.conn.body(raw, self.downstream.data_timeout)
         except BaseException:
             self.close(reusable=False)
             raise
@@ -319,8 +325,9 @@ class RelayTransaction:
     async def abort(self) -> None:
         """The client went away or gave up: RSET so no partial transaction survives.
 
-        A connection whose last command was interrupted is closed instead: closing
-        also ends the downstream transaction, and its stale reply dies with it."""
+        A connection whose last command was interrupted, or whose RSET fails, is
+        closed instead: closing also ends the downstream transaction, and a stale
+        reply dies with it. Never raises but for cancellation."""
         if self.done:
             return
         if self.conn.broken:
@@ -328,10 +335,13 @@ class RelayTransaction:
             return
         try:
             reply = await self.conn.command("RSET", timeout=10)
-            self.close(reusable=reply.code == 250)
+        except DownstreamError:
+            self.close(reusable=False)
+            return
         except BaseException:
             self.close(reusable=False)
             raise
+        self.close(reusable=reply.code == 250)
 
     def close(self, *, reusable: bool) -> None:
         if not self.done:
@@ -357,8 +367,9 @@ class DownstreamGroup:
         """MAIL FROM on the first downstream that takes it.
 
         Returns (transaction, reply); transaction is None when the reply is a
-        refusal: a downstream's 5xx to MAIL is final and passed back, while
-        unreachable, 4xx or broken downstreams are skipped for the next one.
+        refusal. Unreachable or broken downstreams, and a 421, are marked down and
+        skipped for the next one; any other refusal of MAIL is the downstream's
+        verdict on this sender and is passed back (it says nothing of its health).
         """
         last = "no downstream available"
         for ds in self._candidates():
@@ -374,14 +385,23 @@ class DownstreamGroup:
             if reply.positive:
                 ds.mark_up()
                 return RelayTransaction(ds, conn), reply
-            if reply.permanent:
-                with contextlib.suppress(DownstreamError):
-                    await conn.command("RSET", timeout=10)
-                ds.release(conn, reusable=not conn.broken)
-                return None, reply
-            ds.release(conn, reusable=False)
-            ds.mark_down(f"MAIL answered {reply}")
-            last = f"{ds.name} answered {reply}"
+            if reply.code == 421:
+                ds.release(conn, reusable=False)
+                ds.mark_down(f"MAIL answered {reply}")
+                last = f"{ds.name} answered {reply}"
+                continue
+            # The downstream's own verdict on this sender (5xx, or a 4xx such as a deferred
+            # sender verification): passed back, and the downstream stays healthy for others.
+            ds.mark_up()
+            try:
+                rset = await conn.command("RSET", timeout=10)
+            except BaseException as e:
+                ds.release(conn, reusable=False)
+                if isinstance(e, DownstreamError):
+                    return None, reply
+                raise
+            ds.release(conn, reusable=rset.code == 250)
+            return None, reply
         return None, Reply(451, (f"4.4.1 No downstream available ({last})",))
 
     @staticmethod
@@ -426,11 +446,15 @@ class Relay:
     @classmethod
     def from_settings(cls, settings: Settings, clock: Clock = time.monotonic) -> Relay:
         hostname = settings.smtp.hostname or socket.getfqdn()
-        groups = {"default": DownstreamGroup(
-            "default", [Downstream(d, hostname=hostname, clock=clock) for d in settings.downstreams])}
+        timeout = settings.smtp.data_timeout
+
+        def group(name: str, specs: list[DownstreamSpec]) -> DownstreamGroup:
+            return DownstreamGroup(name, [Downstream(d, hostname=hostname, clock=clock, data_timeout=timeout)
+                                          for d in specs])
+
+        groups = {"default": group("default", settings.downstreams)}
         for name, route in settings.routes.items():
-            groups[name] = DownstreamGroup(
-                name, [Downstream(d, hostname=hostname, clock=clock) for d in route.downstreams])
+            groups[name] = group(name, route.downstreams)
         return cls(groups)
 
     def group(self, route: str | None) -> DownstreamGroup:

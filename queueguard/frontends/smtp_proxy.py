@@ -94,7 +94,14 @@ class QueueguardSMTP(SMTP):
         self.qg: _Session | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starttls = self.qg is not None
         super().connection_made(transport)
+        if self.qg is not None and starttls:
+            # aiosmtpd calls us again with the TLS transport: same client (the PROXY-given
+            # address must survive), a new session state per RFC 3207.
+            self.qg.conn.tls = True
+            self.qg.conn.helo = ""
+            return
         peer = transport.get_extra_info("peername") or ("", 0)
         self.qg = _Session(Connection(parse_ip(str(peer[0])), int(peer[1]) if len(peer) > 1 else 0,
                                       frontend=FRONTEND))
@@ -103,6 +110,12 @@ class QueueguardSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
         self.qg_handler.closed(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Any bytes from the client restart aiosmtpd's timer, which otherwise only commands do:
+        the timeout is then an idle timeout, and a large message still arriving is not cut off."""
+        super().data_received(data)
+        self._reset_timeout()
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and status.startswith("552 Error:"):
@@ -235,6 +248,9 @@ class ProxyHandler:
         if txn is None:
             return "503 5.5.1 Error: need MAIL command"
         state.in_data = True
+        # Checks and relay get the whole budget; the relay's own DATA timeout (data_timeout)
+        # expires first, so the client always hears our 451 rather than a silent close.
+        server._reset_timeout(self.settings.data_timeout + 60)
         try:
             raw = envelope.original_content or b""
             txn.size = len(raw)
