@@ -194,7 +194,9 @@ class QuarantineStore:
         if self._ready:
             return
         for d in (self.dir, self.msg_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not d.is_dir():
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _fsync_dir(d.parent)
         fresh = not self.index_path.exists()
         with self._db() as db:
             db.executescript(_SCHEMA)
@@ -302,7 +304,8 @@ class QuarantineStore:
         except QuarantineError:
             raise
         except OSError as e:
-            for p in (tmp_eml, tmp_meta, eml):
+            # Nothing half-written may stay: we answer 4xx, so the sender keeps the message.
+            for p in (tmp_eml, tmp_meta, eml, meta_path):
                 with contextlib.suppress(OSError):
                     p.unlink()
             if e.errno in _NO_SPACE:
