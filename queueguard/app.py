@@ -111,7 +111,7 @@ def build(settings: Settings) -> App:
     problems = policies.reload()
     if problems:
         raise SystemExit("queueguard: policy errors, not starting:\n" + "\n".join(str(p) for p in problems))
-    scan = ScanCheck(settings.clamd) if settings.clamd.enabled else None
+    scan = ScanCheck(settings.clamd, cgroup=settings.clamd.memory_cgroup) if settings.clamd.enabled else None
     if scan is not None:
         scan.set_policy(policies.current())
     router = Router(settings, policies.current)

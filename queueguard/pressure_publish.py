@@ -195,7 +195,7 @@ def publisher_from_settings(settings: Settings, policy: Callable[[], Policy],
                 scan_check.set_policy(current)
             return governor.level.label
     else:
-        governor = Governor(default_sensors(None), clock=time.monotonic)
+        governor = Governor(default_sensors(None, settings.clamd.memory_cgroup), clock=time.monotonic)
 
         def level() -> str:
             return governor.current(policy().scan.pressure).label

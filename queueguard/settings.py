@@ -118,6 +118,9 @@ class ClamdSettings(Strict):
     ping_interval: Duration = 10.0
     breaker_failures: int = Field(3, ge=1)
     breaker_reset: Duration = 5.0
+    memory_cgroup: Path | None = Field(
+        None, description="cgroup directory whose memory use and PSI feed the governor "
+        "(e.g. the slice clamd and the ticket workers share); default: queueguard's own")
 
 
 class QuarantineSettings(Strict):
