@@ -451,3 +451,23 @@ def test_policy_documents_every_rate_limit_key_part() -> None:
     doc = POLICY_MD.read_text(encoding="utf-8")
     missing = [k for k in KINDS if f"| `{k}` |" not in doc]
     assert not missing, f"rate-limit key parts missing from docs/policy.md: {missing}"
+
+
+@pytest.mark.parametrize("doc", [POLICY_MD, SETTINGS_MD, CLI_MD, OPERATIONS_MD], ids=lambda p: p.name)
+def test_links_resolve(doc: Path) -> None:
+    """Relative links point at files that exist and at headings that exist in them."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text(encoding="utf-8")):
+        if "://" in target:
+            continue
+        file, _, anchor = target.partition("#")
+        path = (doc.parent / file) if file else doc
+        if not path.exists() or (anchor and path.suffix == ".md" and anchor not in _anchors(path)):
+            broken.append(target)
+    assert not broken, f"{doc.name}: broken links {broken}"
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading ids: lower-case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
