@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check", help="validate settings and policies; print file:line errors")
-    check.add_argument("--settings", type=Path)
-    check.add_argument("--policies", type=Path)
+    check.add_argument("--settings", type=Path, help="settings file to validate (and to find the policy directory)")
+    check.add_argument("--policies", type=Path, help="policy directory (default: the one the settings name)")
     check.set_defaults(func=_check)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of policy files (for editors)")
@@ -101,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `queueguard schema | head`
+        sys.stderr.close()
+        return 0
     return result
 
 

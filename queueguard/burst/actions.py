@@ -15,8 +15,8 @@ def rule_verdict(kind: str, rule: str, action: str) -> Verdict | None:
     if action == "quarantine":
         return quarantine(f"Ok: held by {kind} rule {rule}", reason=kind, rule=rule)
     if action == "tempfail":
-        return tempfail("4.7.1", f"Too many similar messages, try again later ({kind} rule {rule})",
-                        reason=kind, rule=rule)
+        why = "Too many similar messages" if kind == "burst" else "Message deferred by policy"
+        return tempfail("4.7.1", f"{why}, try again later ({kind} rule {rule})", reason=kind, rule=rule)
     if action == "reject":
         return reject("5.7.1", f"Message refused by {kind} rule {rule}", reason=kind, rule=rule)
     return None

@@ -336,6 +336,8 @@ def _cross_check(docs: list[_Doc]) -> list[PolicyIssue]:
                 cond = getattr(rule, which)
                 if cond is not None:
                     issues.extend(_check_condition(doc, (*loc, which), cond, lists, checked_lists))
+                    if isinstance(rule, RateLimitRule):
+                        issues.extend(_data_stage_only(doc, (*loc, which), cond))
             if isinstance(rule, RateLimitRule):
                 try:
                     parse_key(rule.key)
@@ -373,6 +375,14 @@ def _check_condition(
         else:
             issues.extend(_check_entries(doc, floc, ref, kind))
     return issues
+
+
+def _data_stage_only(doc: _Doc, loc: Loc, cond: Condition) -> list[PolicyIssue]:
+    """Rate limits are decided at RCPT, before the message exists: a condition on its headers
+    would silently never match there, so it is refused instead."""
+    return [doc.issue((*loc, f), f"{_path((*loc, f))}: '{f}' looks at the message, which a rate limit "
+                                 "(checked at RCPT) has not seen yet; use it in bursts or patterns")
+            for f in ("list_traffic", "reply") if getattr(cond, f) is not None]
 
 
 def _check_entries(doc: _Doc, loc: Loc, entries: list[Any], kind: str) -> list[PolicyIssue]:

@@ -275,3 +275,11 @@ def test_schema_is_json_schema_of_the_policy() -> None:
     rate = schema["$defs"]["RateLimitRule"]["properties"]["rate"]
     assert rate["type"] == "string"
     assert schema["$defs"]["RateLimitRule"]["additionalProperties"] is False
+
+
+def test_message_conditions_refused_on_rate_limits(tmp_path: Path) -> None:
+    """list_traffic/reply would never match at RCPT time: refused, not silently ignored."""
+    write(tmp_path, a_yaml=RULE + "    unless:\n      list_traffic: true\n")
+    issue = one_issue(tmp_path)
+    assert issue.line == 6 and "ratelimits[0].unless.list_traffic" in issue.message
+    assert "bursts or patterns" in issue.message
