@@ -24,7 +24,7 @@ from queueguard.pipeline import Pipeline
 from queueguard.policy.holder import PolicyHolder
 from queueguard.policy.schema import Policy
 from queueguard.pressure_publish import PressurePublisher, pressure_sources, publisher_from_settings, queue_total
-from queueguard.quarantine.store import QuarantineStore
+from queueguard.quarantine.store import Filter, QuarantineStore
 from queueguard.queuewatch.service import QueueWatch
 from queueguard.ratelimit.check import RateLimitCheck
 from queueguard.ratelimit.store import make_store
@@ -164,6 +164,7 @@ async def start(app: App) -> list[object]:
         app.tasks.append(loop.create_task(app.publisher.run()))
     app.tasks.append(loop.create_task(app.queuewatch.run()))
     app.tasks.append(loop.create_task(_recover_quarantine(app.quarantine)))
+    app.tasks.append(loop.create_task(_expire_quarantine(app.quarantine, s.quarantine.retention)))
     return servers
 
 
@@ -176,6 +177,27 @@ async def _recover_quarantine(store: QuarantineStore) -> None:
         return
     if any(done.values()):
         log.warning("quarantine recovery in %s: %s", store.dir, done)
+
+
+def expire_quarantine(store: QuarantineStore, retention: float, now: float) -> int:
+    """Delete entries older than `retention` (settings quarantine.retention); returns how many."""
+    removed = 0
+    for entry in store.list(Filter(until=now - retention)):
+        removed += store.delete(entry.id)
+    return removed
+
+
+async def _expire_quarantine(store: QuarantineStore, retention: float, every: float = 3600.0) -> None:
+    """Hourly: the quarantine must never be what fills a disk (2014 inode incident)."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            removed = await asyncio.to_thread(expire_quarantine, store, retention, time.time())
+        except Exception:
+            log.exception("quarantine retention run failed in %s", store.dir)
+            continue
+        if removed:
+            log.info("quarantine retention: deleted %d entries older than %.0f days", removed, retention / 86400)
 
 
 async def stop(app: App, servers: list[object]) -> None:
