@@ -20,7 +20,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from queueguard import metrics
@@ -114,57 +114,51 @@ class SmtpConnection:
 
     async def read_reply(self, timeout: float = COMMAND_TIMEOUT) -> Reply:
         lines: list[str] = []
+        with self._exchange():
+            try:
+                async with asyncio.timeout(timeout):
+                    while True:
+                        line = await self.reader.readline()
+                        if not line:
+                            raise DownstreamError("connection closed by downstream")
+                        text = line.decode("utf-8", "replace").rstrip("\r\n")
+                        if len(text) < 3 or not text[:3].isdigit():
+                            raise DownstreamError(f"garbled reply {text[:80]!r}")
+                        lines.append(text[4:])
+                        if len(text) == 3 or text[3] != "-":
+                            return Reply(int(text[:3]), tuple(lines))
+            except (OSError, TimeoutError) as e:
+                raise DownstreamError(f"reading reply: {e or type(e).__name__}") from e
+
+    @contextlib.contextmanager
+    def _exchange(self) -> Iterator[None]:
+        """An exchange interrupted half-way (cancelled, timed out, failed) leaves a reply in
+        flight that would be read as the next command's answer: the connection is then broken."""
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    line = await self.reader.readline()
-                    if not line:
-                        raise DownstreamError("connection closed by downstream")
-                    text = line.decode("utf-8", "replace").rstrip("\r\n")
-                    if len(text) < 3 or not text[:3].isdigit():
-                        raise DownstreamError(f"garbled reply {text[:80]!r}")
-                    lines.append(text[4:])
-                    if len(text) == 3 or text[3] != "-":
-                        return Reply(int(text[:3]), tuple(lines))
-        except (OSError, TimeoutError) as e:
-            self.broken = True
-            raise DownstreamError(f"reading reply: {e or type(e).__name__}") from e
-        except DownstreamError:
+            yield
+        except BaseException:
             self.broken = True
             raise
 
     async def command(self, line: str, timeout: float = COMMAND_TIMEOUT) -> Reply:
-        """One command, one reply. Interrupted half-way (cancelled, timed out), the connection
-        is marked broken: its late reply would otherwise be read as the next command's answer."""
-        completed = False
-        try:
+        """One command, one reply."""
+        with self._exchange():
             try:
                 self.writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
                 await self.writer.drain()
             except OSError as e:
                 raise DownstreamError(f"sending {line.split(' ', 1)[0]}: {e}") from e
-            reply = await self.read_reply(timeout)
-            completed = True
-            return reply
-        finally:
-            if not completed:
-                self.broken = True
+            return await self.read_reply(timeout)
 
     async def body(self, raw: bytes, timeout: float) -> Reply:
         """The message after a 354, and the downstream's final answer to it."""
-        completed = False
-        try:
+        with self._exchange():
             try:
                 self.writer.write(dot_stuff(raw))
                 await self.writer.drain()
             except OSError as e:
                 raise DownstreamError(f"sending message data: {e}") from e
-            reply = await self.read_reply(timeout)
-            completed = True
-            return reply
-        finally:
-            if not completed:
-                self.broken = True
+            return await self.read_reply(timeout)
 
     def close(self) -> None:
         """QUIT without waiting for the 221 (Exim delays it), then close."""
