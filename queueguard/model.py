@@ -8,16 +8,19 @@ imports from the rest of the project.
 from __future__ import annotations
 
 import ipaddress
-import secrets
+import random
 import time
 from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+_random = random.Random()  # seeded from os.urandom; a syscall per id costs 2 % of the proxy's CPU
+
+
 def new_id() -> str:
-    """A short, sortable, path-safe id: 10 hex digits of time, 8 random."""
-    return f"{int(time.time() * 1000):011x}{secrets.token_hex(4)}"
+    """A short, sortable, path-safe id: 11 hex digits of milliseconds, 8 random."""
+    return f"{int(time.time() * 1000):011x}{_random.getrandbits(32):08x}"
 
 
 @dataclass

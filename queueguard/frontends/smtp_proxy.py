@@ -70,6 +70,12 @@ class _Session:
         self.in_data = False
 
 
+_PLAIN_PATH = re.compile(
+    r"<((?!\.)((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|\.(?!\.))+)(?<!\.)@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z",
+    re.DOTALL)
+"""A path whose local part is a plain dot-atom and whose domain is a plain host name."""
+
+
 def _names(cls: type, *prefixes: str) -> list[str]:
     return sorted(n for n in dir(cls) if n.startswith(prefixes))
 
@@ -116,6 +122,14 @@ class QueueguardSMTP(SMTP):
         the timeout is then an idle timeout, and a large message still arriving is not cut off."""
         super().data_received(data)
         self._reset_timeout()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The everyday `<local@domain>` without going through the email package's RFC 5322
+        parser (8 % of the proxy's CPU); anything else is left to aiosmtpd."""
+        m = _PLAIN_PATH.match(arg)
+        if m is None or "(" in m.group(3) or (self.local_part_limit and len(m.group(2)) > self.local_part_limit):
+            return super()._getaddr(arg)
+        return m.group(1), m.group(3).lstrip(" \t")
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and status.startswith("552 Error:"):
