@@ -42,12 +42,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from queueguard.app import serve
 
-    settings = settings_from_args(args)
-    if settings.event_loop == "uvloop":
-        import uvloop
-
-        return uvloop.run(serve(settings))
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings_from_args(args)))
 
 
 def _check(args: argparse.Namespace) -> int:

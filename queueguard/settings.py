@@ -165,8 +165,6 @@ class Settings(Strict):
     milter: MilterSettings = MilterSettings()
     policy_socket: PolicySocketSettings = PolicySocketSettings()
     queuewatch: QueueWatchSettings = QueueWatchSettings()
-    event_loop: Literal["uvloop", "asyncio"] = Field(
-        "asyncio", description="the standard asyncio loop, or uvloop (faster sockets; STARTTLS untested with it)")
     log_format: Literal["logfmt", "json"] = "logfmt"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     node: str = Field("", description="this host's name in shared state; default: hostname")
