@@ -5,7 +5,10 @@
 Rows (each the median of --repeat runs of Postfix's smtp-source, 4 KB messages):
 - smtp-sink direct: the loopback ceiling of the load generator;
 - bare aiosmtpd sink: the same Python SMTP server the proxy is built on, doing nothing;
-- queueguard → smtp-sink: the proxy with its default policy, relaying every message;
+- queueguard → smtp-sink: the proxy with the shipped default policy (every rule in shadow mode, so
+  all its work is done but a one-recipient load is not deferred), relaying every message;
+- queueguard with an empty policy: the transport alone (aiosmtpd in, our relay out);
+- queueguard + clamd: the default policy and a real clamd scan of every message (unix socket);
 - Exim direct vs queueguard → Exim (PROXY v2, queue-only), one session and many, new
   connection per message (Exim delays its 221 by 200 ms; the proxy pools downstream connections).
 Added latency: one client, connection reused, time from MAIL to the DATA reply, direct to
@@ -125,6 +128,12 @@ def main() -> int:
             rows.append(("queueguard → smtp-sink, connection reuse", proxy_reuse))
             direct_lat = latencies(sink.port, 500)
             proxy_lat = latencies(g.port, 500)
+        with Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}", "max_connections": 32}]}) as g:
+            bare_proxy = median_rate(lambda: smtp_source(g.port, a.messages, a.sessions), a.repeat)
+            rows.append(("queueguard, empty policy (transport only) → smtp-sink, new connection per message",
+                         bare_proxy))
+            bare_proxy_reuse = median_rate(lambda: smtp_source(g.port, a.messages, a.sessions, True), a.repeat)
+            rows.append(("queueguard, empty policy (transport only) → smtp-sink, connection reuse", bare_proxy_reuse))
         with tempfile.TemporaryDirectory(prefix="qg-bench-clamd-") as tmp, \
                 Clamd(Path(tmp), max_threads=8) as clamd, \
                 Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}", "max_connections": 32}],
@@ -138,6 +147,8 @@ def main() -> int:
     result["scan_vs_rspamd_clamav_200"] = scan_rate / 200
     result["scan_results_counted"] = scanned
     result["scan_deferred"] = deferred
+    result["transport_vs_bare_new_conn"] = bare_proxy / bare_rate
+    result["transport_vs_bare_reuse"] = bare_proxy_reuse / bare_reuse
     result["proxy_vs_bare_new_conn"] = proxy_rate / bare_rate
     result["proxy_vs_bare_reuse"] = proxy_reuse / bare_reuse
 
