@@ -191,3 +191,50 @@ async def test_status_page_shows_na_for_missing_keys() -> None:
     assert page.body_attrs.get("data-loaded") == "yes"
     assert page.ids["pressure-level"] == "n/a" and page.ids["quarantine-messages"] == "n/a"
     assert page.rows["exim/main"]["messages"] == "n/a" and page.rows["exim/main"]["oldest"] == "n/a"
+
+
+POLICY_FOR_LIVE_PAGE = """
+ratelimits:
+  - name: flood-to-one-address
+    key: recipient
+    rate: 2/1h
+    burst: 2
+    action: tempfail
+bursts:
+  - name: same-message-wave
+    fingerprint: subject
+    threshold: 3 in 10m
+    action: quarantine
+"""
+
+
+async def test_status_page_of_a_running_guard_shows_its_own_live_numbers() -> None:
+    """A real `queueguard serve`: a flood to one recipient and a wave are sent through it; its own
+    status page (metrics listener, `/`) then shows the rate-limited recipient, the active burst and
+    the quarantine count, as a responder without Grafana would see them."""
+    from tests.components.guard import Guard
+    from tests.components.sink import RecordingSink
+
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]},
+                                        {"policy.yaml": POLICY_FOR_LIVE_PAGE}) as g:
+        def send() -> None:
+            with g.smtp() as c:
+                for i in range(5):
+                    c.mail("a@client.example")
+                    if c.rcpt("info@example.org")[0] == 250:
+                        c.data(b"Subject: hello\r\n\r\nmessage %d\r\n" % i)
+                    else:
+                        c.rset()
+                for i in range(6):
+                    c.sendmail(f"s{i}@client.example", [f"user{i}@example.org"],
+                               b"Subject: Win a MINI Cooper now\r\n\r\nclick here %d\r\n" % i)
+
+        await asyncio.to_thread(send)
+        dom = await run_chromium("--virtual-time-budget=5000", "--dump-dom", f"http://127.0.0.1:{g.metrics_port}/")
+    page = Rows()
+    page.feed(dom)
+    assert page.body_attrs.get("data-loaded") == "yes"
+    assert "info@example.org" in dom and "flood-to-one-address" in dom
+    assert "same-message-wave" in dom
+    assert int(page.ids["quarantine-messages"]) >= 3
+    assert page.ids["pressure-level"] in ("normal", "n/a")
