@@ -7,7 +7,6 @@ The only module that knows every part. Each front end gets its own Pipeline
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
@@ -24,7 +23,7 @@ from queueguard.pipeline import Pipeline
 from queueguard.policy.holder import PolicyHolder
 from queueguard.policy.schema import Policy
 from queueguard.pressure_publish import PressurePublisher, pressure_sources, publisher_from_settings, queue_total
-from queueguard.quarantine.store import Filter, QuarantineStore
+from queueguard.quarantine.store import SUMMARY_TTL, Filter, QuarantineStore
 from queueguard.queuewatch.service import QueueWatch
 from queueguard.ratelimit.check import RateLimitCheck
 from queueguard.ratelimit.store import make_store
@@ -95,7 +94,7 @@ class App:
             "scan": self.scan.status() if self.scan is not None else None,
             "ratelimit": self.ratelimit.status(),
             "bursts": self.bursts.status(),
-            "quarantine": self.quarantine.summary(),
+            "quarantine": self.quarantine.cached_summary(),
             "routes": self.router.status(),
             "pressure": self.publisher.report() if self.publisher is not None else None,
             "downstreams": [
@@ -117,6 +116,8 @@ def build(settings: Settings) -> App:
     router = Router(settings, policies.current)
     router.readers.update(pressure_sources(settings))
     queuewatch = QueueWatch.from_settings(settings)
+    if scan is not None:
+        queuewatch.clamd = None  # the scan stage's health checks own the clamd gauges; one writer
     publisher = publisher_from_settings(settings, policies.current, scan)
     q = settings.queuewatch
     if publisher is not None and (q.exim_spool or q.postfix_queue or q.mailman_queue):
@@ -165,6 +166,7 @@ async def start(app: App) -> list[object]:
     app.tasks.append(loop.create_task(app.queuewatch.run()))
     app.tasks.append(loop.create_task(_recover_quarantine(app.quarantine)))
     app.tasks.append(loop.create_task(_expire_quarantine(app.quarantine, s.quarantine.retention)))
+    app.tasks.append(loop.create_task(_refresh_quarantine_summary(app.quarantine)))
     return servers
 
 
@@ -187,6 +189,13 @@ def expire_quarantine(store: QuarantineStore, retention: float, now: float) -> i
     return removed
 
 
+async def _refresh_quarantine_summary(store: QuarantineStore) -> None:
+    """Keeps the quarantine gauges current for /metrics (and the status page) without I/O on the loop."""
+    while True:
+        await asyncio.to_thread(store.summary, force=True)
+        await asyncio.sleep(SUMMARY_TTL)
+
+
 async def _expire_quarantine(store: QuarantineStore, retention: float, every: float = 3600.0) -> None:
     """Hourly: the quarantine must never be what fills a disk (2014 inode incident)."""
     while True:
@@ -201,12 +210,17 @@ async def _expire_quarantine(store: QuarantineStore, retention: float, every: fl
 
 
 async def stop(app: App, servers: list[object]) -> None:
+    """Stop every server (one failing does not keep the others open), then every task."""
     for server in servers:
         closer = getattr(server, "stop", None) or getattr(server, "close", None)
-        if closer is not None:
+        if closer is None:
+            continue
+        try:
             result = closer()
             if asyncio.iscoroutine(result):
                 await result
+        except Exception:
+            log.exception("stopping %s failed", type(server).__name__)
     for task in app.tasks:
         task.cancel()
     await asyncio.gather(*app.tasks, return_exceptions=True)
@@ -223,28 +237,28 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
-    def reload() -> None:
+    async def reload() -> None:
+        """Off the loop (YAML, validation, RE2 compiles), then the parts that derive state from it."""
         sdnotify.reloading()
-        problems = app.policies.reload()
+        problems = await asyncio.to_thread(app.policies.reload)
         if not problems:
             app.policy_changed(app.policies.current())
-        sdnotify.notify(READY=1, STATUS="reload failed, running last good policy" if problems else "policy reloaded")
+        sdnotify.ready("reload failed, running last good policy" if problems else "policy reloaded")
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, lambda: app.tasks.append(loop.create_task(reload())))
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     watchdog = sdnotify.Watchdog()
     app.tasks.append(loop.create_task(watchdog.run()))
     app.tasks.append(loop.create_task(sdnotify.status_loop(lambda: _status_line(app), 10.0)))
-    sdnotify.notify(READY=1, STATUS="accepting mail")
+    sdnotify.ready("accepting mail")
     log.info("queueguard ready: smtp=%s downstreams=%s metrics=%s policies=%s state=%s",
              settings.smtp.listen, ",".join(d.address for d in settings.downstreams), settings.metrics,
              settings.policies, settings.state)
     await stopping.wait()
-    sdnotify.notify(STOPPING=1, STATUS="draining")
+    sdnotify.stopping("draining")
     log.info("queueguard stopping: finishing in-flight messages (grace %.0fs)", settings.smtp.shutdown_grace)
-    with contextlib.suppress(Exception):
-        await stop(app, servers)
+    await stop(app, servers)
     return 0
 
 

@@ -180,7 +180,7 @@ class Downstream:
         self.clock = clock
         self.data_timeout = data_timeout
         self.slots = asyncio.Semaphore(spec.max_connections)
-        self.idle: dict[object, list[SmtpConnection]] = {}
+        self.idle: list[SmtpConnection] = []
         self.failures = 0
         self.retry_at = 0.0
         self.open_count = 0
@@ -215,29 +215,36 @@ class Downstream:
             raise DownstreamBusy(f"{self.name}: all {self.spec.max_connections} connections busy") from None
         try:
             key = self._pool_key(client)
-            pool = self.idle.get(key, [])
-            now = time.monotonic()
-            while pool:
-                conn = pool.pop()
-                if not conn.broken and now - conn.last_used < IDLE_TIMEOUT and not conn.reader.at_eof():
-                    return conn
-                self._discard(conn)
+            self._expire(time.monotonic())
+            for i in range(len(self.idle) - 1, -1, -1):  # most recently used first
+                conn = self.idle[i]
+                if conn.key == key:
+                    del self.idle[i]
+                    if not conn.broken and not conn.reader.at_eof():
+                        return conn
+                    self._discard(conn)
             return await self._connect(client, key)
         except BaseException:
             self.slots.release()
             raise
 
     def release(self, conn: SmtpConnection, *, reusable: bool) -> None:
+        """Back to the idle list (oldest first), which holds at most max_connections across all
+        client addresses: a wave from ever new addresses recycles the oldest, never grows it."""
         self.slots.release()
         conn.uses += 1
-        if reusable and not conn.broken:
-            conn.last_used = time.monotonic()
-            pool = self.idle.setdefault(conn.key, [])
-            pool.append(conn)
-            if sum(len(p) for p in self.idle.values()) <= self.spec.max_connections:
-                return
-            conn = pool.pop(0)
-        self._discard(conn)
+        if not reusable or conn.broken:
+            self._discard(conn)
+            return
+        conn.last_used = time.monotonic()
+        self.idle.append(conn)
+        self._expire(conn.last_used)
+        while len(self.idle) > self.spec.max_connections:
+            self._discard(self.idle.pop(0))
+
+    def _expire(self, now: float) -> None:
+        while self.idle and now - self.idle[0].last_used >= IDLE_TIMEOUT:
+            self._discard(self.idle.pop(0))
 
     def _discard(self, conn: SmtpConnection) -> None:
         conn.close()
@@ -457,9 +464,8 @@ class Relay:
     def close(self) -> None:
         for group in self.groups.values():
             for ds in group.downstreams:
-                for pool in ds.idle.values():
-                    for conn in pool:
-                        conn.close()
+                for conn in ds.idle:
+                    conn.close()
                 ds.idle.clear()
 
     async def deliver(self, client: Connection, sender: str, recipients: list[str], raw: bytes,

@@ -44,6 +44,10 @@ METRIC_TOP = 10
 METRIC_INTERVAL = 5.0
 
 
+STATE_RETRY = 5.0
+"""After a shared-state failure, seconds before Redis is tried again (meanwhile: state.on_error)."""
+
+
 class _StateUnavailable(Exception):
     """Shared state failed and the policy's state.on_error is tempfail."""
 
@@ -88,6 +92,7 @@ class BurstCheck:
         self.clock = clock
         self.header = header
         self._active: dict[tuple[str, str], ActiveBurst] = {}
+        self._down_until: float | None = None
         self._metrics_at = 0.0
 
     @classmethod
@@ -97,9 +102,12 @@ class BurstCheck:
         if settings.state == "memory":
             return cls(MemoryWindow(), header=header)
         from redis.asyncio import Redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        return cls(RedisWindow(Redis.from_url(settings.state, socket_timeout=2.0, socket_connect_timeout=2.0)),
-                   header=header)
+        client = Redis.from_url(settings.state, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                retry=Retry(NoBackoff(), 0), health_check_interval=30)
+        return cls(RedisWindow(client), header=header)
 
     async def on_message(self, ctx: MessageContext) -> StageResult:
         rules = ctx.policy.bursts
@@ -139,13 +147,23 @@ class BurstCheck:
             return None
         scoped = [f"{rule.name}:{k}" for k in keys]
         period = rule.threshold.period
-        try:
-            counts = await self.window.add(scoped, period, now)
-        except (TimeoutError, RedisError, OSError) as e:
+        counts: list[int] | None = None
+        if self._down_until is None or now >= self._down_until:
+            try:
+                counts = await self.window.add(scoped, period, now)
+            except (TimeoutError, RedisError, OSError) as e:
+                if self._down_until is None:
+                    log.error("burst state failed (%s: %s); policy state.on_error=%s until it answers again "
+                              "(retried every %.0f s)", type(e).__name__, e, ctx.policy.state.on_error, STATE_RETRY)
+                self._down_until = now + STATE_RETRY
+            else:
+                if self._down_until is not None:
+                    log.warning("burst state answers again")
+                    self._down_until = None
+        if counts is None:
             on_error = ctx.policy.state.on_error
-            log.warning("id=%s burst state error (%s), on_error=%s: %s", ctx.txn.id, rule.name, on_error, e)
             if on_error == "tempfail":
-                raise _StateUnavailable from e
+                raise _StateUnavailable
             if on_error == "accept":
                 return None
             counts = self.fallback.add_now(scoped, period, now)

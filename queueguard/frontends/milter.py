@@ -129,7 +129,6 @@ class MilterServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.busy = 0
-        self.active = 0
         self._lock = threading.Lock()
 
     async def start(self) -> None:
@@ -211,13 +210,10 @@ class MilterServer:
                 self.busy -= 1
 
     def opened(self) -> None:
-        with self._lock:
-            self.active += 1
+        metrics.connections.labels(FRONTEND).inc()
         metrics.connections_active.labels(FRONTEND).inc()
 
     def closed(self) -> None:
-        with self._lock:
-            self.active -= 1
         metrics.connections_active.labels(FRONTEND).dec()
 
 

@@ -249,6 +249,7 @@ class PolicySocket:
         task = asyncio.current_task()
         assert task is not None
         self._clients[task] = writer
+        metrics.connections.labels(FRONTEND).inc()
         metrics.connections_active.labels(FRONTEND).inc()
         try:
             while True:

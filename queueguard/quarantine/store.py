@@ -29,6 +29,7 @@ import errno
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -49,6 +50,7 @@ _ID_RE = re.compile(r"[0-9a-f]{12,32}")
 ENTRY_INODES = 3
 """Inodes one put may need: two files and, at worst, a new shard directory."""
 ORPHAN_AGE = 3600.0
+log = logging.getLogger("queueguard.quarantine")
 SUMMARY_TTL = 10.0
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -259,7 +261,18 @@ class QuarantineStore:
             metrics.quarantine_refused.labels("error").inc()
             raise
         metrics.quarantined.labels(verdict.rule or verdict.reason or "").inc()
+        self._count_put(verdict.rule or "", len(raw))
         return qid
+
+    def _count_put(self, rule: str, size: int) -> None:
+        """Keep the summary and gauges current between the periodic re-reads of the index."""
+        summary = self._summary
+        by_rule = dict(summary.get("by_rule", {}))
+        by_rule[rule] = by_rule.get(rule, 0) + 1
+        self._summary = {"messages": summary.get("messages", 0) + 1, "bytes": summary.get("bytes", 0) + size,
+                         "by_rule": by_rule}
+        metrics.quarantine_messages.inc()
+        metrics.quarantine_bytes.inc(size)
 
     def metadata(
         self, qid: str, txn: Transaction, raw: bytes, verdict: Verdict, hits: list[RuleHit],
@@ -316,8 +329,9 @@ class QuarantineStore:
         try:  # the entry is durable; a failed index insert is repaired by recover()
             with self._db() as db:
                 self._index(db, meta)
-        except sqlite3.Error:
-            pass
+        except sqlite3.Error as e:
+            log.warning("quarantine %s: stored %s but could not index it (%s); recover() at the next "
+                        "start, or `queueguard quarantine stats`, re-indexes it", self.dir, qid, e)
         return qid
 
     # --- reading ----------------------------------------------------------------------------
@@ -450,11 +464,16 @@ class QuarantineStore:
         return {"free_bytes": st.f_bavail * st.f_frsize, "size_bytes": st.f_blocks * st.f_frsize,
                 "free_inodes": st.f_favail, "inodes": st.f_files}
 
-    def summary(self) -> dict[str, Any]:
+    def cached_summary(self) -> dict[str, Any]:
+        """The last summary(), without I/O: what the event loop may call."""
+        return self._summary
+
+    def summary(self, *, force: bool = False) -> dict[str, Any]:
         """{"messages", "bytes", "by_rule"} for the status page; re-read from the index at most every
-        SUMMARY_TTL seconds, which also refreshes the quarantine gauges and counters."""
+        SUMMARY_TTL seconds (or now, with force), which also refreshes the quarantine gauges and counters.
+        Blocking (SQLite, a directory listing): the daemon runs it in a thread."""
         now = time.monotonic()
-        if now - self._summary_at < SUMMARY_TTL:
+        if not force and now - self._summary_at < SUMMARY_TTL:
             return self._summary
         self._summary_at = now
         try:
@@ -464,7 +483,8 @@ class QuarantineStore:
                 by_rule = dict(db.execute("SELECT rule, COUNT(*) FROM entries GROUP BY rule").fetchall())
                 counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
             shards = sum(1 for _ in self.msg_dir.iterdir())
-        except (OSError, sqlite3.Error):
+        except (OSError, sqlite3.Error) as e:
+            log.warning("quarantine %s: cannot read its index for the summary: %s", self.dir, e)
             return self._summary
         self._summary = {"messages": messages, "bytes": size, "by_rule": by_rule}
         metrics.quarantine_messages.set(messages)

@@ -163,7 +163,7 @@ class ScanCheck:
                 if e.reason == "timeout":
                     self.gate.record(elapsed, size, ok=False)
             return self._on_error(scan, e)
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or a bug: never leave the half-open probe slot taken
             self.breaker.release()
             raise
         self.health.scan_ok()
