@@ -94,9 +94,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _store(args: argparse.Namespace) -> QuarantineStore:
+    """The configured store; a directory without a quarantine in it (a typo, `/etc`) is refused,
+    never turned into an empty store."""
     s = _settings(args).quarantine
     if not s.directory.is_dir():
         raise UsageError(f"quarantine directory {s.directory} does not exist")
+    if not (s.directory / "index.sqlite").exists() and not (s.directory / "msg").is_dir():
+        raise UsageError(f"{s.directory} is not a quarantine (no index.sqlite, no msg/): check --quarantine "
+                         "or the settings' quarantine.directory")
     return QuarantineStore(s.directory, s.min_free_bytes, s.min_free_inodes)
 
 
@@ -317,6 +322,9 @@ def _delete(args: argparse.Namespace) -> int:
 
 def _purge(args: argparse.Namespace) -> int:
     def run(args: argparse.Namespace) -> int:
+        if args.older_than.strip().replace(".", "", 1).isdigit():
+            raise UsageError(f"--older-than {args.older_than}: give a unit (30d, 12h, 90m): a bare number "
+                             "would be seconds, and purge everything")
         try:
             age = parse_duration(args.older_than)
         except ValueError as e:

@@ -133,3 +133,17 @@ async def test_purge_dry_run_changes_nothing_then_purge_and_delete_wave(tmp_path
     out = cli("purge", "--older-than", "0s", qdir=qdir)
     assert "purged 1 message(s)" in out.stdout
     assert QuarantineStore(qdir).list() == []
+
+
+def test_purge_refuses_an_age_without_unit(tmp_path: Path) -> None:
+    """`--older-than 30` would mean 30 seconds and purge nearly everything: refused, nothing removed."""
+    (tmp_path / "msg").mkdir()
+    r = cli("purge", "--older-than", "30", qdir=tmp_path)
+    assert r.returncode == 2 and "give a unit" in r.stderr
+
+
+def test_commands_refuse_a_directory_that_is_not_a_quarantine(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not mail")
+    r = cli("stats", qdir=tmp_path)
+    assert r.returncode == 2 and "is not a quarantine" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"], "a store was created in a foreign directory"
