@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from queueguard import metrics, sdnotify
@@ -30,7 +32,7 @@ from queueguard.ratelimit.store import make_store
 from queueguard.relay import Relay
 from queueguard.routing import Router
 from queueguard.scan.check import ScanCheck
-from queueguard.settings import Settings, split_hostport
+from queueguard.settings import Settings, host_problems, split_hostport
 from queueguard.stage import MessageCheck, RcptCheck
 
 log = logging.getLogger("queueguard")
@@ -104,12 +106,30 @@ class App:
         }
 
 
+class StartupError(Exception):
+    """queueguard cannot run with these settings; the message says why, in one line per problem."""
+
+
+def _writable(directory: Path) -> None:
+    """The quarantine must take mail from the first wave on: find out now, not at the first 250."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = directory / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StartupError(f"quarantine directory {directory} is not writable: {e.strerror or e}") from e
+
+
 def build(settings: Settings) -> App:
     """Construct the components; nothing listens yet."""
+    if missing := host_problems(settings):
+        raise StartupError("\n".join(missing))
     policies = PolicyHolder(settings.policies)
     problems = policies.reload()
     if problems:
-        raise SystemExit("queueguard: policy errors, not starting:\n" + "\n".join(str(p) for p in problems))
+        raise StartupError("policy errors, not starting:\n" + "\n".join(str(p) for p in problems))
+    _writable(settings.quarantine.directory)
     scan = ScanCheck(settings.clamd, cgroup=settings.clamd.memory_cgroup) if settings.clamd.enabled else None
     if scan is not None:
         scan.set_policy(policies.current())
@@ -233,7 +253,11 @@ async def serve(settings: Settings) -> int:
     # aiosmtpd logs every command at INFO; our one line per message says what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     app = build(settings)
-    servers = await start(app)
+    try:
+        servers = await start(app)
+    except OSError as e:  # a port in use, an address not on this host
+        raise StartupError(f"cannot listen: {e.strerror or e}"
+                           f" (smtp {settings.smtp.listen}, metrics {settings.metrics})") from e
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 

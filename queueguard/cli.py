@@ -40,9 +40,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from queueguard.app import serve
+    from queueguard.app import StartupError, serve
 
-    return asyncio.run(serve(settings_from_args(args)))
+    try:
+        return asyncio.run(serve(settings_from_args(args)))
+    except StartupError as e:
+        print(f"queueguard: {e}", file=sys.stderr)
+        return 2
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ Command-line flags override the file.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +33,24 @@ def split_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
         host, port = text, ""
     if port and not port.isdigit():
         raise ValueError(f"bad address {text!r}: port must be a number")
-    return host or "127.0.0.1", int(port) if port else default_port
+    number = int(port) if port else default_port
+    if not 0 < number < 65536:
+        raise ValueError(f"bad address {text!r}: port must be 1-65535")
+    if any(c.isspace() for c in host):
+        raise ValueError(f"bad address {text!r}: no spaces in a host name")
+    return host or "127.0.0.1", number
+
+
+def listen_address(text: str, default_port: int) -> str:
+    """A listen address must name an address of this host: an IP literal (or localhost), HOST:PORT."""
+    host, _ = split_hostport(text, default_port)
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"bad listen address {text!r}: give an IP address and port, like "
+                             f"127.0.0.1:{default_port} or [::]:{default_port}") from None
+    return text
 
 
 class Downstream(Strict):
@@ -94,6 +112,13 @@ class PublishPressure(Strict):
 
 class SmtpSettings(Strict):
     listen: str = "127.0.0.1:2525"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return listen_address(v, 25)
+
+
     hostname: str = ""
     max_message_size: Size = 26_214_400
     max_recipients: int = Field(1000, ge=1)
@@ -154,7 +179,8 @@ class QueueWatchSettings(Strict):
 
 class Settings(Strict):
     smtp: SmtpSettings = SmtpSettings()
-    downstreams: list[Downstream] = Field(default_factory=lambda: [Downstream(address="127.0.0.1:2526")])
+    downstreams: list[Downstream] = Field(default_factory=lambda: [Downstream(address="127.0.0.1:2526")],
+                                          min_length=1)
     routes: dict[str, Route] = Field(default_factory=dict)
     metrics: str = "127.0.0.1:9925"
     policies: Path = Path("policies")
@@ -169,6 +195,11 @@ class Settings(Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     node: str = Field("", description="this host's name in shared state; default: hostname")
     publish_pressure: PublishPressure | None = None
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: str) -> str:
+        return listen_address(v, 9925)
 
     @field_validator("routes")
     @classmethod
@@ -190,6 +221,16 @@ class Settings(Strict):
         if v != "memory" and not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("state must be 'memory' or a redis:// URL")
         return v
+
+
+def host_problems(settings: Settings) -> list[str]:
+    """What valid settings still cannot run with on this host (files that are not there);
+    `queueguard check` prints these, `serve` refuses to start on them."""
+    problems = []
+    for key, path in (("smtp.tls_cert", settings.smtp.tls_cert), ("smtp.tls_key", settings.smtp.tls_key)):
+        if path is not None and not path.is_file():
+            problems.append(f"{key}: {path}: no such file")
+    return problems
 
 
 class SettingsError(Exception):

@@ -8,7 +8,7 @@ from pathlib import Path
 from queueguard.policy.holder import describe
 from queueguard.policy.loader import PolicyError, load_policy_dir, policy_files
 from queueguard.policy.schema import Policy
-from queueguard.settings import SettingsError, load_settings
+from queueguard.settings import SettingsError, host_problems, load_settings
 
 
 def run_check(settings_path: Path | None, policies: Path | None) -> int:
@@ -24,6 +24,7 @@ def run_check(settings_path: Path | None, policies: Path | None) -> int:
             settings = load_settings(settings_path)
             settings_note = "settings ok"
             directory = directory or settings.policies
+            errors.extend(f"{settings_path}: {p}" for p in host_problems(settings))
         except SettingsError as e:
             errors.extend(str(e).splitlines())
     directory = directory or Path("policies")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from queueguard.cli import build_parser, settings_from_args
-from queueguard.settings import SettingsError, load_settings, split_hostport
+from queueguard.settings import SettingsError, host_problems, load_settings, split_hostport
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -58,3 +58,25 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 def test_shipped_settings_file_is_valid() -> None:
     s = load_settings(Path(__file__).resolve().parents[2] / "queueguard.yaml")
     assert s.state == "memory" and s.smtp.listen == "127.0.0.1:2525"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"smtp.listen": "nonsense"}, "give an IP address and port"),
+    ({"smtp.listen": "127.0.0.1:99999"}, "port must be 1-65535"),
+    ({"metrics": "0.0.0.0:x"}, "port must be a number"),
+    ({"downstreams": []}, "at least 1 item"),
+    ({"downstreams": [{"address": "mx example:25"}]}, "no spaces"),
+])
+def test_settings_serve_could_not_use_are_refused_by_check(override: dict[str, object], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(None, override)
+
+
+def test_listen_accepts_ip_literals_and_localhost() -> None:
+    s = load_settings(None, {"smtp.listen": "[::]:25", "metrics": "localhost:9925"})
+    assert s.smtp.listen == "[::]:25"
+
+
+def test_missing_tls_files_are_host_problems() -> None:
+    s = load_settings(None, {"smtp.tls_cert": "/nonexistent/cert.pem"})
+    assert host_problems(s) == ["smtp.tls_cert: /nonexistent/cert.pem: no such file"]
