@@ -250,8 +250,9 @@ async def stop(app: App, servers: list[object]) -> None:
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads policies (the last good one stays on errors)."""
     configure(settings.log_format, settings.log_level)
-    # aiosmtpd logs every command at INFO; our one line per message says what matters.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs every command at INFO and every junk command a client sends at WARNING;
+    # our one line per message (and protocol_errors_total) say what matters.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     app = build(settings)
     try:
         servers = await start(app)

@@ -35,11 +35,23 @@ SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 _ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+(\.[^\s<>()\[\]\\,;:@\"]+)*@[^\s<>@]+$|^\"[^\"\r\n]*\"@[^\s<>@]+$")
 
 
+BAD_HELO = "501 5.5.2 Syntax error in HELO/EHLO hostname"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def valid_helo(hostname: str) -> bool:
+    """No control characters (a NUL would reach logs and the downstream's Received line)."""
+    return len(hostname) <= 255 and _CONTROL.search(hostname) is None
+
+
 def valid_address(address: str, *, allow_null: bool) -> bool:
-    """RFC 5321 path, loosely: local@domain without spaces or brackets; `<>` only where allowed."""
+    """RFC 5321 path, loosely: local@domain without spaces, brackets or control characters; `<>`
+    only where allowed; `postmaster` alone as a recipient (RFC 5321 4.5.1 says it must be accepted)."""
     if address in ("", "<>"):
         return allow_null
-    return len(address) <= 320 and _ADDRESS.match(address) is not None
+    if not allow_null and address.lower() == "postmaster":
+        return True
+    return len(address) <= 320 and _ADDRESS.match(address) is not None and _CONTROL.search(address) is None
 
 
 def smuggling_verdict(raw: bytes) -> Verdict | None:
@@ -199,12 +211,18 @@ class ProxyHandler:
         return True
 
     async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str) -> str:
+        if not valid_helo(hostname):
+            metrics.protocol_errors.labels("bad_helo").inc()
+            return BAD_HELO
         self._state(server).conn.helo = hostname
         session.host_name = hostname
         return f"250 {server.hostname}"
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
+        if not valid_helo(hostname):
+            metrics.protocol_errors.labels("bad_helo").inc()
+            return [BAD_HELO]
         self._state(server).conn.helo = hostname
         session.host_name = hostname
         return responses

@@ -319,3 +319,14 @@ def test_smtputf8_and_8bitmime_pass_through() -> None:
         got = sink.messages[0]
         assert got.mail_from == "jörg@client.example"
         assert got.data.endswith(body) or body in got.data
+
+
+def test_control_characters_refused_and_postmaster_accepted() -> None:
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        out = raw_dialogue(g.port, [b"EHLO c.\x00test\r\n", b"EHLO client.test\r\n",
+                                    b"MAIL FROM:<a\x00@client.example>\r\n", b"MAIL FROM:<a@client.example>\r\n",
+                                    b"RCPT TO:<postmaster>\r\n"])
+        lines = [ln for ln in out.splitlines() if ln[:3].isdigit()]
+        assert "501 5.5.2 Syntax error in HELO/EHLO hostname" in lines
+        assert "501 5.1.7 Bad sender address syntax" in lines
+        assert lines[-1].startswith("250"), lines
