@@ -243,8 +243,12 @@ def load_settings(path: Path | None, overrides: dict[str, object] | None = None)
     if path is not None:
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise SettingsError(f"{path}: {e}") from e
+        except OSError as e:
+            raise SettingsError(f"{path}: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise SettingsError(f"{where}: {getattr(e, 'problem', None) or e}") from e
         if not isinstance(loaded, dict):
             raise SettingsError(f"{path}: top level must be a mapping")
         data = loaded

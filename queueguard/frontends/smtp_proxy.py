@@ -189,7 +189,8 @@ class ProxyHandler:
     async def _vanished(self, txn: Transaction) -> None:
         """Client went away mid-transaction: nothing was answered 250, undo the downstream side."""
         await self.pipeline.finish(txn, Verdict(Action.TEMPFAIL, 421, "4.4.2", "client disconnected",
-                                                reason="client_disconnected"))
+                                                reason="client_disconnected"),
+                                   downstream_reply="(none: the client disconnected)")
 
     def in_flight(self) -> int:
         return sum(1 for s in self.sessions if s.qg is not None and s.qg.in_data)

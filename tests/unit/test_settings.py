@@ -80,3 +80,10 @@ def test_listen_accepts_ip_literals_and_localhost() -> None:
 def test_missing_tls_files_are_host_problems() -> None:
     s = load_settings(None, {"smtp.tls_cert": "/nonexistent/cert.pem"})
     assert host_problems(s) == ["smtp.tls_cert: /nonexistent/cert.pem: no such file"]
+
+
+def test_yaml_syntax_error_has_file_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "q.yaml"
+    f.write_text("smtp:\n\tlisten: 127.0.0.1:25\n")
+    with pytest.raises(SettingsError, match=rf"^{f}:2: found character '\\t'"):
+        load_settings(f)
