@@ -35,7 +35,8 @@ EXIM_ROOT=.deps/exim/root
 if [ ! -x "$EXIM_ROOT/usr/sbin/exim4" ]; then
   echo "setup: unpacking exim4-daemon-heavy into $EXIM_ROOT"
   mkdir -p .deps/exim/debs "$EXIM_ROOT"
-  (cd .deps/exim/debs && apt-get download -qq exim4-daemon-heavy exim4-base exim4-config)
+  (cd .deps/exim/debs && { apt-get download -qq exim4-daemon-heavy exim4-base exim4-config 2>/dev/null \
+    || { apt-get update -qq && apt-get download -qq exim4-daemon-heavy exim4-base exim4-config; }; })
   for d in .deps/exim/debs/*.deb; do dpkg -x "$d" "$EXIM_ROOT"; done
 fi
 getent passwd Debian-exim >/dev/null || \
