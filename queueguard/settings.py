@@ -34,8 +34,8 @@ def split_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
     if port and not port.isdigit():
         raise ValueError(f"bad address {text!r}: port must be a number")
     number = int(port) if port else default_port
-    if not 0 < number < 65536:
-        raise ValueError(f"bad address {text!r}: port must be 1-65535")
+    if not 0 <= number < 65536:
+        raise ValueError(f"bad address {text!r}: port must be 0-65535 (0: any free port)")
     if any(c.isspace() for c in host):
         raise ValueError(f"bad address {text!r}: no spaces in a host name")
     return host or "127.0.0.1", number

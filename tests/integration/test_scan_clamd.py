@@ -207,7 +207,11 @@ async def test_concurrency_bound_and_waiting_count(clamd: Clamd) -> None:
     assert len(busy) == 14 and all(v.reason == "busy_waiting_full" and v.code == 451 for v in busy)
     assert all("scanner busy" in v.text for v in busy)
     assert check.gate.peak_in_flight == 2 and check.gate.refused["waiting_full"] == 14
-    assert 1 <= max(sampler.busy) <= 2, sampler.busy  # clamd's own count of our scans
+    # clamd's own count of our scans. Its thread may still be tidying up a scan whose answer we
+    # already read (our slot is free, the next scan starts): one over the bound, briefly.
+    assert 1 <= max(sampler.busy) <= 3, sampler.busy
+    over = sum(1 for b in sampler.busy if b > 2)
+    assert over <= max(1, len(sampler.busy) // 20), sampler.busy
 
 
 async def test_wait_bound_in_time(clamd: Clamd) -> None:

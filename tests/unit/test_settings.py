@@ -62,7 +62,7 @@ def test_shipped_settings_file_is_valid() -> None:
 
 @pytest.mark.parametrize(("override", "message"), [
     ({"smtp.listen": "nonsense"}, "give an IP address and port"),
-    ({"smtp.listen": "127.0.0.1:99999"}, "port must be 1-65535"),
+    ({"smtp.listen": "127.0.0.1:99999"}, "port must be 0-65535"),
     ({"metrics": "0.0.0.0:x"}, "port must be a number"),
     ({"downstreams": []}, "at least 1 item"),
     ({"downstreams": [{"address": "mx example:25"}]}, "no spaces"),
