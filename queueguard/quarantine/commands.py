@@ -240,6 +240,8 @@ def _show(args: argparse.Namespace) -> int:
 
 def _release(args: argparse.Namespace) -> int:
     def run(args: argparse.Namespace) -> int:
+        if args.settings is None and not args.dry_run:
+            raise UsageError("release needs --settings: the downstreams (and routes) to deliver to come from it")
         settings = _settings(args)
         store = _store(args)
         entries = _select(store, args, held_only=True)

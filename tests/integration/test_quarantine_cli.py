@@ -147,3 +147,10 @@ def test_commands_refuse_a_directory_that_is_not_a_quarantine(tmp_path: Path) ->
     r = cli("stats", qdir=tmp_path)
     assert r.returncode == 2 and "is not a quarantine" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"], "a store was created in a foreign directory"
+
+
+def test_release_without_settings_is_refused(tmp_path: Path) -> None:
+    """Without --settings the release would go to the built-in default downstream, wherever that is."""
+    (tmp_path / "msg").mkdir()
+    r = cli("release", "--rule", "x", qdir=tmp_path)
+    assert r.returncode == 2 and "release needs --settings" in r.stderr
