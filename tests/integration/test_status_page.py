@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -238,3 +239,23 @@ async def test_status_page_of_a_running_guard_shows_its_own_live_numbers() -> No
     assert "same-message-wave" in dom
     assert int(page.ids["quarantine-messages"]) >= 3
     assert page.ids["pressure-level"] in ("normal", "n/a")
+
+
+async def test_status_page_shows_a_refused_policy_reload() -> None:
+    """An admin's broken edit is refused and the last good policy keeps running: the page says so,
+    with the file:line error, so the responder without shell access sees why the edit did not take."""
+    from tests.components.guard import Guard
+
+    with Guard(policies={"policy.yaml": "lists: {}\n"}) as g:
+        (g.policy_dir / "policy.yaml").write_text("ratelimits:\n  - name: x\n    key: recipient\n    rate: 60/10x\n")
+        g.signal(signal.SIGHUP)
+        for _ in range(50):
+            if "reload" in g.log() and "policy error" in g.log():
+                break
+            await asyncio.sleep(0.1)
+        dom = await run_chromium("--virtual-time-budget=5000", "--dump-dom", f"http://127.0.0.1:{g.metrics_port}/")
+    page = Rows()
+    page.feed(dom)
+    assert page.body_attrs.get("data-loaded") == "yes"
+    assert "reload refused: " in dom and "policy.yaml:4: ratelimits[0].rate: bad rate" in dom
+    assert page.ids["policy-rules"] == "0 lists, 0 ratelimits, 0 bursts, 0 patterns"
