@@ -25,9 +25,9 @@ import re2
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from queueguard.policy.keys import parse_key
 from queueguard.policy.match import compiled, parse_network
 from queueguard.policy.schema import BurstRule, Condition, PatternRule, Policy, RateLimitRule, RuleBase
-from queueguard.ratelimit.keys import parse_key
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 RULE_SECTIONS = ("ratelimits", "bursts", "patterns")

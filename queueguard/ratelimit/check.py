@@ -42,10 +42,10 @@ from typing import TypeVar
 
 from queueguard import metrics
 from queueguard.model import RuleHit, Transaction
+from queueguard.policy.keys import key_value
 from queueguard.policy.match import rule_applies
 from queueguard.policy.schema import Mode, Policy, RateLimitRule
 from queueguard.ratelimit.gcra import Limit, decide
-from queueguard.ratelimit.keys import key_value
 from queueguard.ratelimit.store import MemoryStore, RateStore
 from queueguard.stage import NOTHING, RcptContext, StageResult
 from queueguard.verdict import Verdict, reject, tempfail

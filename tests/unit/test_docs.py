@@ -446,7 +446,7 @@ def test_log_line_fields_are_documented() -> None:
 
 
 def test_policy_documents_every_rate_limit_key_part() -> None:
-    from queueguard.ratelimit.keys import KINDS
+    from queueguard.policy.keys import KINDS
 
     doc = POLICY_MD.read_text(encoding="utf-8")
     missing = [k for k in KINDS if f"| `{k}` |" not in doc]

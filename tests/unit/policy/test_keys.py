@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from queueguard.model import Connection, Transaction, parse_ip
-from queueguard.ratelimit.keys import KeyPart, key_value, parse_key
+from queueguard.policy.keys import KeyPart, key_value, parse_key
 
 
 def txn(sender: str = "Alice@Example.ORG", ip: str | None = "192.0.2.77", helo: str = "MX.example.net") -> Transaction:
