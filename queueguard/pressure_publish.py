@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from queueguard import metrics
 from queueguard.policy.schema import Policy
+from queueguard.redis_client import BACKGROUND, connect
 from queueguard.routing import LEVELS, PressureReport, PressureSource
 from queueguard.scan.governor import Governor
 from queueguard.scan.sensors import default_sensors
@@ -200,11 +201,7 @@ def publisher_from_settings(settings: Settings, policy: Callable[[], Policy],
         def level() -> str:
             return governor.current(policy().scan.pressure).label
 
-    redis = None
-    if settings.state != "memory":
-        from redis.asyncio import Redis
-
-        redis = Redis.from_url(settings.state, socket_timeout=2.0, socket_connect_timeout=2.0)
+    redis = connect(settings.state, BACKGROUND) if settings.state != "memory" else None
     return PressurePublisher(
         pub.name or settings.node or socket.gethostname(), level=level, reason=lambda: governor.reason,
         level_file=LevelFile(pub.level_file) if pub.level_file is not None else None, redis=redis,
@@ -263,8 +260,6 @@ def pressure_sources(settings: Settings) -> dict[str, PressureSource]:
             sources[name] = HttpPressureSource(p.url)
             continue
         if redis is None:
-            from redis.asyncio import Redis
-
-            redis = Redis.from_url(settings.state, socket_timeout=2.0, socket_connect_timeout=2.0)
+            redis = connect(settings.state, BACKGROUND)
         sources[name] = RedisPressureSource(redis, p.name)
     return sources

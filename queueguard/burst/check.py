@@ -30,6 +30,7 @@ from queueguard.burst.window import MemoryWindow, RedisWindow, WindowCounter
 from queueguard.model import RuleHit
 from queueguard.policy.match import rule_applies
 from queueguard.policy.schema import BurstRule, Mode
+from queueguard.redis_client import connect
 from queueguard.stage import MessageContext, StageResult
 from queueguard.verdict import tempfail
 
@@ -101,13 +102,7 @@ class BurstCheck:
         header = f"{settings.smtp.header_prefix}-Burst"
         if settings.state == "memory":
             return cls(MemoryWindow(), header=header)
-        from redis.asyncio import Redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        client = Redis.from_url(settings.state, socket_timeout=0.5, socket_connect_timeout=0.5,
-                                retry=Retry(NoBackoff(), 0), health_check_interval=30)
-        return cls(RedisWindow(client), header=header)
+        return cls(RedisWindow(connect(settings.state)), header=header)
 
     async def on_message(self, ctx: MessageContext) -> StageResult:
         rules = ctx.policy.bursts

@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
-from redis.retry import Retry
+
+from queueguard.redis_client import connect
 
 LUA = resources.files("queueguard.ratelimit").joinpath("gcra.lua").read_text()
 
@@ -26,10 +25,7 @@ class RedisStore:
 
     def __init__(self, url: str, *, prefix: str = "qg:rl:", timeout: float = 0.5) -> None:
         # Fail fast and let the caller fall back: a rate limit must not hold up a RCPT for long.
-        self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
-            health_check_interval=30,
-        )
+        self.client = connect(url, timeout)
         self.prefix = prefix
         self._sha: str | None = None
 
