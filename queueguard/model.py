@@ -67,6 +67,11 @@ class Transaction:
     def null_sender(self) -> bool:
         return self.sender in ("", "<>")
 
+    def quarantine_hit(self) -> RuleHit | None:
+        """The enforced hit of a RCPT-time rule with action quarantine, if any: the message is kept
+        at DATA (proxy, milter) or held by the MTA (policy socket, which never sees the body)."""
+        return next((h for h in self.hits if h.action == "quarantine" and not h.shadow), None)
+
 
 @dataclass(frozen=True)
 class RuleHit:

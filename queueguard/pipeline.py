@@ -183,12 +183,10 @@ class Pipeline:
         txn.headers_to_add.extend(result.headers)
         return result.verdict or ACCEPT
 
-    def _quarantine_from_rcpt_hits(self, txn: Transaction) -> Verdict:
-        """A rate-limit rule with action quarantine marks the RCPT; the message is kept at DATA."""
-        for hit in txn.hits:
-            if hit.action == "quarantine" and not hit.shadow:
-                return quarantine("Ok", reason=hit.kind, rule=hit.rule)
-        return ACCEPT
+    @staticmethod
+    def _quarantine_from_rcpt_hits(txn: Transaction) -> Verdict:
+        hit = txn.quarantine_hit()
+        return ACCEPT if hit is None else quarantine("Ok", reason=hit.kind, rule=hit.rule)
 
     async def _store(self, txn: Transaction, raw: bytes, verdict: Verdict, ctx: MessageContext) -> Verdict:
         if self.quarantine is None:

@@ -98,8 +98,7 @@ def run(scale: float, workdir: Path) -> Summary:
                           "wave quarantined": len(quarantined), "wave queued at sender (452)": len(queued)})
         check_alerts(s, rec.scrapes, workdir, page=["QueueguardFilesystemInodesLow"])
         lost = missing(accepted, [d.mid for d in delivered], quarantined, queued, list(rejected))
-        if lost:
-            s.notes.append(f"lost ids: {', '.join(lost[:20])}")
+        s.note_lost(lost)
         return s
     finally:
         sender.close()

@@ -76,8 +76,7 @@ def run(scale: float, workdir: Path) -> Summary:
             "sender deferrals (retried)": deferrals, "latency p50 s": latency(delivered)["p50_s"],
             "latency p99 s": latency(delivered)["p99_s"],
         })
-        if lost:
-            s.notes.append(f"lost ids: {', '.join(lost[:20])}")
+        s.note_lost(lost)
         return s
     finally:
         sender.close()

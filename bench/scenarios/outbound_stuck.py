@@ -77,8 +77,7 @@ def run(scale: float, workdir: Path) -> Summary:
                      match={"QueueguardQueueStuck": {"mta": "exim"}})
         s.check("queue drained after recovery", not queued, f"{len(queued)} left in the MX queue")
         lost = missing(accepted, delivered, queued)
-        if lost:
-            s.notes.append(f"lost ids: {', '.join(lost[:20])}")
+        s.note_lost(lost)
         return s
     finally:
         guard.stop()

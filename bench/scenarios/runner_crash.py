@@ -131,8 +131,7 @@ def run(scale: float, workdir: Path) -> Summary:
                             "QueueguardQueueStuck": {"mta": "mailman", "queue": "out"}})
         s.check("out queue drained after the restart", not queued, f"{len(queued)} files left in out/")
         lost = missing(sent, delivered, queued)
-        if lost:
-            s.notes.append(f"lost ids: {', '.join(lost[:20])}")
+        s.note_lost(lost)
         return s
     finally:
         guard.stop()

@@ -272,5 +272,4 @@ def _report(s: Summary, accepted: list[str], delivered: list[Delivered], quarant
         "scan deferrals": max(shed) if shed else 0,
     })
     lost = missing(accepted, list(got), quarantined, queued, list(rejected))
-    if lost:
-        s.notes.append(f"lost ids: {', '.join(lost[:20])}")
+    s.note_lost(lost)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from queueguard import metrics
-from queueguard.model import Connection, IPAddress, RuleHit, Transaction, parse_ip
+from queueguard.model import Connection, IPAddress, parse_ip
 from queueguard.settings import PolicySocketSettings, split_hostport
 from queueguard.verdict import ACCEPT, Action, Verdict, quarantine
 
@@ -312,12 +312,7 @@ class PolicySocket:
         if verdict.final or request.state == "MAIL":
             return verdict
         verdict = await self.pipeline.rcpt(txn, request.recipient)
-        if not verdict.final and (hit := held_by(txn)) is not None:
+        if not verdict.final and (hit := txn.quarantine_hit()) is not None:
             verdict = quarantine(f"Held for review (rule {hit.rule})", reason=hit.kind, rule=hit.rule)
         await self.pipeline.finish(txn, verdict)
         return verdict
-
-
-def held_by(txn: Transaction) -> RuleHit | None:
-    """The enforced quarantine hit, if any: with no body to keep, the MTA's hold queue keeps the message."""
-    return next((h for h in txn.hits if h.action == "quarantine" and not h.shadow), None)

@@ -106,6 +106,11 @@ class Summary:
     def check(self, name: str, ok: bool, detail: str) -> None:
         self.checks.append(Check(name, bool(ok), detail))
 
+    def note_lost(self, lost: list[str]) -> None:
+        """Name the first lost message ids (the accounting already counts them)."""
+        if lost:
+            self.notes.append(f"lost ids: {', '.join(lost[:20])}")
+
     @property
     def ok(self) -> bool:
         return self.accounting.lost == 0 and all(c.ok for c in self.checks)
