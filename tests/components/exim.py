@@ -34,7 +34,9 @@ connections or not wait for the 221.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import pwd
 import re
@@ -55,6 +57,30 @@ EXIM_ROOT = REPO / ".deps" / "exim" / "root"
 EXIM_BIN = EXIM_ROOT / "usr" / "sbin" / "exim4"
 CONTRIB_EXIM = REPO / "contrib" / "exim"
 EXIM_USER = "Debian-exim"
+
+
+@functools.cache
+def _runtime() -> Path:
+    """A 0755 copy of the Exim binary and contrib/exim/*.conf, made once per test process.
+
+    Exim drops to Debian-exim before it reads a ``-C`` config and re-execs itself for
+    deliveries, so the binary and every included file must be reachable by that user. A
+    checkout in a 0700 directory (``mktemp -d``) is not; the copies are byte for byte the
+    shipped files.
+    """
+    root = Path(tempfile.mkdtemp(prefix="qg-exim-runtime-"))
+    root.chmod(0o755)
+    atexit.register(shutil.rmtree, root, True)
+    (root / "contrib").mkdir(mode=0o755)
+    for conf in CONTRIB_EXIM.glob("*.conf"):
+        shutil.copy2(conf, root / "contrib" / conf.name)
+    shutil.copy2(EXIM_BIN, root / "exim4")
+    return root
+
+
+def _staged(text: str) -> str:
+    """Config text with the contrib snippets' paths pointed at the runtime copies."""
+    return text.replace(f"{CONTRIB_EXIM}/", f"{_runtime() / 'contrib'}/")
 LOCAL_DOMAIN = "test.example"
 DEFAULT_USERS = ("alice", "bob", "carol", "dave", "postmaster", "info")
 #: Source address for a "direct" client that must not be treated as the proxy.
@@ -102,7 +128,7 @@ QG_LOCAL_INTERFACES = {loopbacks}
 .include {CONTRIB_EXIM / "proxy-deployment.conf"}
 
 primary_hostname = mx.{LOCAL_DOMAIN}
-exim_path = {EXIM_BIN}
+exim_path = {_runtime() / "exim4"}
 spool_directory = {root}/spool
 log_file_path = {root}/log/%slog
 pid_file_path = {root}/exim.pid
@@ -261,23 +287,22 @@ class Exim:
 
     def write_config(self) -> None:
         """(Re)write the config from the current attributes; a running daemon needs restart()."""
-        (self.dir / "acl-rcpt.conf").write_text(self.rcpt_acl + "\n")
-        (self.dir / "acl-data.conf").write_text(self.data_acl + "\n")
-        self.config_path.write_text(
-            _config(
-                root=self.dir,
-                port=self.port,
-                ipv6=_has_ipv6_loopback(),
-                proxy=self.proxy,
-                relay_from_hosts=self.relay_from_hosts,
-                users=self.users,
-                queue_only=self.queue_only,
-                smarthost=self.smarthost,
-                macros=self.macros,
-                main_config=self.main_config,
-                acl_definitions=self.acl_definitions,
-            )
+        (self.dir / "acl-rcpt.conf").write_text(_staged(self.rcpt_acl) + "\n")
+        (self.dir / "acl-data.conf").write_text(_staged(self.data_acl) + "\n")
+        text = _config(
+            root=self.dir,
+            port=self.port,
+            ipv6=_has_ipv6_loopback(),
+            proxy=self.proxy,
+            relay_from_hosts=self.relay_from_hosts,
+            users=self.users,
+            queue_only=self.queue_only,
+            smarthost=self.smarthost,
+            macros=self.macros,
+            main_config=self.main_config,
+            acl_definitions=self.acl_definitions,
         )
+        self.config_path.write_text(_staged(text))
 
     # -- process control -----------------------------------------------------
 
@@ -308,7 +333,7 @@ class Exim:
         stderr = open(self.dir / "daemon.stderr", "ab")  # noqa: SIM115 - handed to the child
         try:
             self._proc = subprocess.Popen(
-                [str(EXIM_BIN), "-C", str(self.config_path), "-bdf"],
+                [str(_runtime() / "exim4"), "-C", str(self.config_path), "-bdf"],
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
@@ -391,7 +416,7 @@ class Exim:
         """Run ``exim -C conf ARGS`` and return stdout+stderr as text."""
         data = input.encode() if isinstance(input, str) else input
         res = subprocess.run(
-            [str(EXIM_BIN), "-C", str(self.config_path), *args],
+            [str(_runtime() / "exim4"), "-C", str(self.config_path), *args],
             input=data,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
