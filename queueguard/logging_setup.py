@@ -45,7 +45,9 @@ _SYSLOG_PRIORITY = {
 # C0/C1 controls, DEL, Unicode line/paragraph separators, lone surrogates.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _LOGFMT_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+_LOGFMT_BARE = re.compile('[^\\s"=\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+')
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+_keys: dict[str, str] = {}
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -85,6 +87,8 @@ def _scalar(value: object) -> object:
 
 def logfmt_value(value: object) -> str:
     """One logfmt value: bare when safe, else double-quoted with \\\\, \\" and controls escaped."""
+    if type(value) is str and len(value) <= MAX_VALUE_CHARS and _LOGFMT_BARE.fullmatch(value):
+        return value  # the common case, one regex pass
     plain = _scalar(value)
     if plain is None:
         text = ""
@@ -101,7 +105,12 @@ def logfmt_value(value: object) -> str:
 
 
 def _key(name: str) -> str:
-    return _KEY_CHARS.sub("_", name) or "_"
+    key = _keys.get(name)
+    if key is None:
+        key = _KEY_CHARS.sub("_", name) or "_"
+        if len(_keys) < 1024:  # field names are few; a bound in case a caller makes them up
+            _keys[name] = key
+    return key
 
 
 def format_fields(fmt: LogFormat = "logfmt", /, **fields: object) -> str:
@@ -147,12 +156,16 @@ class StructuredFormatter(logging.Formatter):
             raise ValueError(f"unknown log format {fmt!r}: use 'logfmt' or 'json'")
         self.fmt: LogFormat = fmt
         self.journal = journal
+        self._second = -1
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
         items: list[tuple[str, object]] = []
         if not self.journal:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            items.append(("ts", f"{stamp}.{int(record.msecs):03d}Z"))
+            second = int(record.created)
+            if second != self._second:  # strftime once a second, not once a line
+                self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            items.append(("ts", f"{self._stamp}.{int(record.msecs):03d}Z"))
         items += [("level", record.levelname.lower()), ("logger", record.name), ("msg", record.getMessage())]
         extra = getattr(record, FIELDS_ATTR, None)
         if isinstance(extra, Mapping):

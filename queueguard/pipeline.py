@@ -223,11 +223,13 @@ class Pipeline:
             if rtx is None:
                 params = tuple(o for o in txn.mail_options if o.split("=", 1)[0].upper() in
                                ("SIZE", "BODY", "SMTPUTF8"))
-                rtx, reply = await self.relay.group(route).begin(txn.connection, txn.sender, params)
+                rtx, reply = await self.relay.group(route).begin(txn.connection, txn.sender, params,
+                                                                 (recipient, options))
                 if rtx is None:
                     return _from_downstream(reply, "mail")
                 self._relayed[txn.id] = rtx
-            reply = await rtx.rcpt(recipient, options)
+            else:
+                reply = await rtx.rcpt(recipient, options)
         except DownstreamError as e:
             self._relayed.pop(txn.id, None)
             log.warning("id=%s downstream lost during RCPT: %s", txn.id, e)

@@ -62,10 +62,10 @@ def smuggling_verdict(raw: bytes) -> Verdict | None:
     message content containing a bare LF or CR; refusing those is what
     Postfix's smtpd_forbid_bare_newline does.
     """
-    stripped = raw.replace(b"\r\n", b"")
-    if b"\n" in stripped:
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") != crlf:
         what = "bare <LF>"
-    elif b"\r" in stripped:
+    elif raw.count(b"\r") != crlf:
         what = "bare <CR>"
     else:
         return None
@@ -347,16 +347,17 @@ class SmtpProxy:
         host, port = split_hostport(self.settings.listen)
         tls = self._tls()
         s = self.settings
+        loop = asyncio.get_running_loop()  # given, or aiosmtpd looks it up per connection
 
         def factory() -> QueueguardSMTP:
             return QueueguardSMTP(
                 self.handler, data_size_limit=s.max_message_size, enable_SMTPUTF8=True, decode_data=False,
                 hostname=s.hostname or None, ident="queueguard ESMTP", tls_context=tls,
                 require_starttls=s.require_tls, timeout=s.data_timeout,
-                proxy_protocol_timeout=5.0 if s.proxy_protocol_inbound else None,
+                proxy_protocol_timeout=5.0 if s.proxy_protocol_inbound else None, loop=loop,
             )
 
-        self.server = await asyncio.get_running_loop().create_server(factory, host, port, reuse_address=True)
+        self.server = await loop.create_server(factory, host, port, reuse_address=True)
         sock = self.server.sockets[0].getsockname()
         log.info("smtp proxy listening on %s:%s", sock[0], sock[1])
         return str(sock[0]), int(sock[1])

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import email.message
+import email.parser
+import email.policy
+import random
 
-from queueguard.mime import html_to_text, parse_message
+from queueguard.mime import _URL_RE, email_message, find_urls, html_to_text, parse_message, single_part_head
 
 MULTIPART = (
     b"""From: =?utf-8?q?J=C3=BCrgen?= <j@example.org>
@@ -112,3 +116,55 @@ def test_text_truncated_at_max_text() -> None:
 def test_html_to_text_survives_broken_markup() -> None:
     text, links = html_to_text('<p>a<b>b</p><a href="https://x.example/">c</a><!bogus <![CDATA[ <p')
     assert "a" in text and links == ["https://x.example/"]
+
+
+def _full_parse(raw: bytes) -> list[tuple[object, ...]]:
+    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw)
+    return _shape(msg)
+
+
+def _shape(msg: email.message.Message) -> list[tuple[object, ...]]:
+    return [(list(p.raw_items()), p.get_payload(decode=True) if not p.is_multipart() else None,
+             [type(d).__name__ for d in p.defects]) for p in msg.walk()]
+
+
+SINGLE_PART_VARIANTS = [
+    b"Subject: plain\r\nFrom: a@b\r\n\r\nHello\r\nworld\r\n",
+    b"Subject: qp\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nJ=C3=BCrgen =\r\nsoft\r\n",
+    b"Subject: b64\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    + base64.encodebytes(b"<p>Hi <a href='https://x.example/'>x</a></p>").replace(b"\n", b"\r\n"),
+    b"Subject: no body\r\n\r\n",
+    b"Subject: 8bit \xc3\xa4\r\n\r\nbody \xff\xfe bytes\r\n\r\n\r\nand blank lines\r\n",
+    b"Subject: folded\r\n continued\r\nX-A: 1\r\n\r\nbody\r\n",
+]
+FULL_PARSE_VARIANTS = [
+    MULTIPART.replace(b"\n", b"\r\n"),
+    b"Subject: rfc822\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner body\r\n",
+    b"Subject: lf only\nFrom: a@b\n\nbody\n",
+    b"Subject: x\r\nnot a header line\r\nX-B: 2\r\n\r\nbody\r\n",
+    b"Subject: no separator\r\nFrom: a@b\r\n",
+    b"Content-Type: multipart/mixed\r\n\r\nno boundary given\r\n",
+]
+
+
+def test_single_part_fast_path_builds_what_the_full_parse_builds() -> None:
+    """email_message skips the feed parser for a single-part body; nothing may differ."""
+    for raw in SINGLE_PART_VARIANTS + FULL_PARSE_VARIANTS:
+        assert _shape(email_message(raw)) == _full_parse(raw), raw
+
+
+def test_fast_path_is_taken_only_for_a_clean_single_part_header_block() -> None:
+    assert all(single_part_head(raw) is not None for raw in SINGLE_PART_VARIANTS)
+    assert [raw for raw in FULL_PARSE_VARIANTS if single_part_head(raw) is not None] == []
+
+
+def test_find_urls_finds_what_the_regex_finds() -> None:
+    """find_urls only narrows where the URL regex is tried; on random text with URLs, word
+    characters before them, overlaps and odd case, both give the same list."""
+    rng = random.Random(7)
+    pieces = ["http://a.example/x", "HTTPS://B.example", "www.c.example/p?q=1", "xwww.d.example", "_http://e",
+              "http://www.f.example", "httpx", "wWw.", "(http://g.example)", "Ünïcödé", "İstanbul", "ß", " ", "\n",
+              "word", "é", "9", "<https://h.example/>", "http", "www"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert find_urls(text) == _URL_RE.findall(text), text
