@@ -232,14 +232,42 @@ def email_message(raw: bytes) -> email.message.Message:
 
 def single_part_head(raw: bytes) -> tuple[email.message.Message, bytes] | None:
     """(parsed header block, body) when the fast path may be taken; None for multipart,
-    message/*, a header block with defects, or one without a CRLF CRLF end."""
+    message/*, a header block the feed parser would flag, or one without a CRLF CRLF end."""
     head, sep, body = raw.partition(b"\r\n\r\n")
-    if not sep:
+    headers = _plain_headers(head) if sep else None
+    if headers is None:
         return None
-    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(head + sep)
-    if msg.defects or msg.get_payload() or msg.get_content_maintype() in ("multipart", "message"):
+    msg = email.message.Message(policy=email.policy.compat32)
+    for name, value in headers:
+        msg.set_raw(name, value)
+    if msg.get_content_maintype() in ("multipart", "message"):
         return None
     return msg, body
+
+
+_HEADER_NAME = re.compile(r"[\041-\071\073-\176]+")
+"""The feed parser's header-name characters: printable ASCII but ':'."""
+
+
+def _plain_headers(head: bytes) -> list[tuple[str, str]] | None:
+    """(name, value) pairs as the feed parser's compat32 policy stores them, for a header block
+    whose lines all end in CRLF and are headers or their continuations; None for anything the
+    feed parser would treat specially (a Unix From line, a defect, a stray CR or LF)."""
+    text = head.decode("ascii", "surrogateescape")
+    if not text or text.startswith("From ") or text[0] in " \t":
+        return None
+    headers: list[tuple[str, list[str]]] = []
+    for line in text.split("\r\n"):
+        if "\r" in line or "\n" in line:
+            return None
+        if line[:1] in (" ", "\t"):
+            headers[-1][1].append(line)
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not _HEADER_NAME.fullmatch(name):
+            return None
+        headers.append((name, [value.lstrip(" \t")]))
+    return [(name, "\r\n".join(parts).rstrip("\r\n")) for name, parts in headers]
 
 
 def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) -> ParsedMessage:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import re
 import ssl
@@ -326,6 +327,11 @@ class ProxyHandler:
         metrics.internal_errors.labels("command").inc()
         log.exception("conn=%s internal error", state.conn.id)
         return INTERNAL_ERROR.reply()
+
+
+# aiosmtpd asks inspect.signature() on every connection which of its two handle_EHLO styles
+# this is; a stored signature makes that a look-up (10 µs, 1 % of the proxy's CPU).
+ProxyHandler.handle_EHLO.__signature__ = inspect.signature(ProxyHandler.handle_EHLO)  # type: ignore[attr-defined]
 
 
 class SmtpProxy:

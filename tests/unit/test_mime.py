@@ -136,6 +136,8 @@ SINGLE_PART_VARIANTS = [
     b"Subject: no body\r\n\r\n",
     b"Subject: 8bit \xc3\xa4\r\n\r\nbody \xff\xfe bytes\r\n\r\n\r\nand blank lines\r\n",
     b"Subject: folded\r\n continued\r\nX-A: 1\r\n\r\nbody\r\n",
+    b"Subject:\r\n\tfolded from empty\r\nX-Empty:   \r\nX-Trail: v  \r\nX-Odd.Name_1: x:y\r\n\r\nb\r\n",
+    b"Content-Type: text/plain;\r\n charset=\"iso-8859-1\"\r\nSubject: =?utf-8?q?a?=\r\n\r\n\xe4\r\n",
 ]
 FULL_PARSE_VARIANTS = [
     MULTIPART.replace(b"\n", b"\r\n"),
@@ -144,6 +146,12 @@ FULL_PARSE_VARIANTS = [
     b"Subject: x\r\nnot a header line\r\nX-B: 2\r\n\r\nbody\r\n",
     b"Subject: no separator\r\nFrom: a@b\r\n",
     b"Content-Type: multipart/mixed\r\n\r\nno boundary given\r\n",
+    b"From someone@example.org Sat Jan  1 00:00:00 2000\r\nSubject: mbox\r\n\r\nb\r\n",
+    b" continued first\r\nSubject: x\r\n\r\nb\r\n",
+    b":no name\r\nSubject: x\r\n\r\nb\r\n",
+    b"Bad Name: spaces\r\nSubject: x\r\n\r\nb\r\n",
+    b"Subject: stray\rCR\r\n\r\nb\r\n",
+    b"\r\n\r\nno headers at all\r\n",
 ]
 
 
