@@ -200,6 +200,31 @@ def test_oversized_message_552_5_3_4() -> None:
             code, text = c.data(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 0 + (b"y" * 70 + b"\r\n") * 300)
             assert code == 552 and b"5.3.4" in text
         assert sink.messages == []
+        assert len([line for line in g.message_lines() if "reason=oversize" in line]) == 1
+
+
+def test_over_long_lines_are_refused_500_and_the_session_goes_on() -> None:
+    """RFC 5321 4.5.3.1.6: text lines of at most 1000 octets, commands of 512. Over-long DATA
+    lines, below and beyond what one read buffers (16 KiB), end the transaction with a 500
+    and its own log reason; the session goes on, and long but legal lines pass intact."""
+    legal = b"Subject: wide\r\n\r\n" + (b"w" * 998 + b"\r\n") * 300
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        with g.smtp() as c:
+            for length in (1_500, 40_000):
+                c.mail("a@client.example")
+                assert c.rcpt("bob@test.example")[0] == 250
+                code, text = c.data(b"Subject: long\r\n\r\n" + b"z" * length + b"\r\n")
+                assert (code, text) == (500, b"5.5.2 Line too long: at most 1000 octets per line (RFC 5321 4.5.3.1.6)")
+            for length in (600, 20_000):
+                assert c.docmd("NOOP", "n" * length) == (500, b"Command line too long")
+            assert c.noop()[0] == 250
+            c.sendmail("a@client.example", ["bob@test.example"], MSG)
+            c.sendmail("a@client.example", ["bob@test.example"], legal)
+        assert sink.messages[-1].data.endswith(legal)
+        assert len(sink.messages) == 2
+        assert g.metric("queueguard_protocol_errors_total", kind="line_too_long") == 2
+        refused = [line for line in g.message_lines() if "reason=line_too_long" in line]
+        assert len(refused) == 2 and all("verdict=reject" in line for line in refused)
 
 
 def test_garbage_commands_get_clear_errors_and_session_survives() -> None:
