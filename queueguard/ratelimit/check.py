@@ -86,13 +86,14 @@ class _Pending:
     """Per transaction: the keys each recipient counted against, and how many earlier
     accepted recipients count against each key."""
 
-    by_rcpt: dict[str, list[str]] = field(default_factory=dict)
+    by_rcpt: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    """recipient -> (key, emission interval) for every rule that applied to it"""
     counted: int = 0
     counts: Counter[str] = field(default_factory=Counter)
 
     def sync(self, accepted: list[str]) -> None:
         for rcpt in accepted[self.counted:]:
-            self.counts.update(self.by_rcpt.get(rcpt, ()))
+            self.counts.update(key for key, _ in self.by_rcpt.get(rcpt, ()))
         self.counted = len(accepted)
 
 
@@ -119,7 +120,7 @@ class RateLimitCheck:
         txn, policy = ctx.txn, ctx.policy
         items = applicable(policy, txn, ctx.recipient)
         pending = self._pending_for(txn)
-        pending.by_rcpt[ctx.recipient] = [k for _, k in items]
+        pending.by_rcpt[ctx.recipient] = [(k, Limit.of(rule).interval) for rule, k in items]
         if not items:
             return NOTHING
         tats = await self._with_store(policy, lambda s: s.peek([k for _, k in items]))
@@ -153,12 +154,16 @@ class RateLimitCheck:
         return StageResult(verdict, hits) if verdict is not None or hits else NOTHING
 
     async def commit(self, txn: Transaction, policy: Policy) -> None:
-        """Record one event per accepted recipient for every rule that applies."""
-        self._pending.pop(id(txn), None)
+        """Record one event per accepted recipient for every rule that applies (as found at
+        its RCPT: the pinned policy and the envelope have not changed since)."""
+        pending = self._pending.pop(id(txn), None)
         increments: dict[str, float] = {}
         for rcpt in txn.recipients:
-            for rule, key in applicable(policy, txn, rcpt):
-                increments[key] = increments.get(key, 0.0) + Limit.of(rule).interval
+            found = pending.by_rcpt.get(rcpt) if pending is not None else None
+            if found is None:
+                found = [(key, Limit.of(rule).interval) for rule, key in applicable(policy, txn, rcpt)]
+            for key, interval in found:
+                increments[key] = increments.get(key, 0.0) + interval
         if not increments:
             return
         now = self.clock()
