@@ -203,6 +203,12 @@ def configure(
     handler = logging.StreamHandler(target)
     journal = on_journal(os.environ if environ is None else environ, stat)
     handler.setFormatter(StructuredFormatter(fmt, journal))
+    # Our lines carry none of these record fields; the logging HOWTO's "Optimization"
+    # switches skip collecting them (a frame walk, thread and process look-ups per line).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     root = logging.getLogger()
     global _handler
     if _handler is not None:

@@ -113,11 +113,16 @@ class SmtpConnection:
         self.uses = 0
 
     async def read_reply(self, timeout: float = COMMAND_TIMEOUT) -> Reply:
+        return (await self.read_replies(1, timeout))[0]
+
+    async def read_replies(self, count: int, timeout: float = COMMAND_TIMEOUT) -> list[Reply]:
+        """`count` replies, all within `timeout`."""
+        replies: list[Reply] = []
         lines: list[str] = []
         with self._exchange():
             try:
                 async with asyncio.timeout(timeout):
-                    while True:
+                    while len(replies) < count:
                         line = await self.reader.readline()
                         if not line:
                             raise DownstreamError("connection closed by downstream")
@@ -126,9 +131,11 @@ class SmtpConnection:
                             raise DownstreamError(f"garbled reply {text[:80]!r}")
                         lines.append(text[4:])
                         if len(text) == 3 or text[3] != "-":
-                            return Reply(int(text[:3]), tuple(lines))
+                            replies.append(Reply(int(text[:3]), tuple(lines)))
+                            lines = []
             except (OSError, TimeoutError) as e:
                 raise DownstreamError(f"reading reply: {e or type(e).__name__}") from e
+        return replies
 
     @contextlib.contextmanager
     def _exchange(self) -> Iterator[None]:
@@ -159,7 +166,8 @@ class SmtpConnection:
                 await self.writer.drain()
             except OSError as e:
                 raise DownstreamError(f"sending {first.split(' ', 1)[0]}: {e}") from e
-            return await self.read_reply(timeout), await self.read_reply(timeout)
+            mail, rcpt = await self.read_replies(2, timeout)
+            return mail, rcpt
 
     async def body(self, raw: bytes, timeout: float) -> Reply:
         """The message after a 354, and the downstream's final answer to it."""
