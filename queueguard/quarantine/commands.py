@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = command("show", "metadata and a readable summary of one message")
     p.add_argument("id")
-    p.add_argument("--raw", action="store_true", help="write the message bytes exactly as received")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--raw", action="store_true", help="write the message bytes exactly as received")
+    shown.add_argument("--json", action="store_true", help="metadata and the decoded summary as one JSON object")
     p.set_defaults(func=_show)
 
     p = command("release", "deliver messages through the downstreams with their original envelope")
@@ -207,7 +209,19 @@ def _show(args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(store.raw(args.id))
             sys.stdout.buffer.flush()
             return 0
+        parsed = parse_message(store.raw(args.id), max_text=2000)
         m = entry.meta
+        if args.json:
+            summary = {
+                "headers": {name: parsed.header(name) for name in ("From", "Subject", "Date", "Message-ID")},
+                "attachments": [vars(a) for a in parsed.attachments],
+                "url_hosts": parsed.url_hosts,
+                "text": parsed.text[:1500],
+                "defects": parsed.defects,
+            }
+            print(json.dumps({**m, "status": "released" if m.get("released") else "held", "summary": summary},
+                             indent=1))
+            return 0
         env, client = m["envelope"], m["client"]
         released = m.get("released")
         print(f"id:           {entry.id}")
@@ -223,7 +237,6 @@ def _show(args: argparse.Namespace) -> int:
                   f"{' (shadow)' if h.get('shadow') else ''} {h.get('detail', '')}")
         for kind, value in m.get("fingerprints", {}).items():
             print(f"fingerprint:  {kind} {value}")
-        parsed = parse_message(store.raw(args.id), max_text=2000)
         for name in ("From", "Subject", "Date", "Message-ID"):
             print(f"{name + ':':14}{parsed.header(name) or ''}")
         if parsed.attachments:

@@ -69,6 +69,13 @@ async def test_list_show_and_json(tmp_path: Path) -> None:
     assert "recipients:   info@example.org, vrts@example.org" in out.stdout
     raw = cli_raw(qdir, ids[1])
     assert raw == QuarantineStore(qdir).raw(ids[1])
+    shown = json.loads(cli("show", "--json", ids[0], qdir=qdir).stdout)
+    assert shown["id"] == ids[0] and shown["rule"] == "mini-cooper-wave" and shown["status"] == "held"
+    assert shown["envelope"]["recipients"] == ["info@example.org", "vrts@example.org"]
+    assert shown["summary"]["headers"]["Subject"] == "Win a mini cooper 0"
+    assert shown["summary"]["text"].strip() == "body 0"
+    out = cli("show", "--json", "--raw", ids[0], qdir=qdir)
+    assert out.returncode == 2 and "not allowed with" in out.stderr
 
 
 async def test_bad_input_answers(tmp_path: Path) -> None:
