@@ -1,4 +1,4 @@
-"""The metrics listener: /metrics, /status.json, /healthz and a status page at /.
+"""The metrics listener: /metrics, /status.json, /healthz, /readyz and a status page at /.
 
 A deliberately small asyncio HTTP/1.1 server (GET and HEAD only, one request
 per connection, bounded request line and headers, a deadline for reading
@@ -145,12 +145,42 @@ async def _serve_one(
         await _respond(writer, code, "application/json", body, head_only=head_only)
     elif path == "/healthz":
         await _respond(writer, 200, "text/plain; charset=utf-8", b"ok\n", head_only=head_only)
+    elif path == "/readyz":
+        try:
+            problems = readiness_problems(status())
+        except Exception as e:
+            log.exception("web: status() failed")
+            problems = [f"status unavailable: {type(e).__name__}"]
+        answer = ("not ready: " + "; ".join(problems) if problems else "ready") + "\n"
+        await _respond(writer, 503 if problems else 200, "text/plain; charset=utf-8", answer.encode(),
+                       head_only=head_only)
     elif path in ("/", "/index.html"):
         await _respond(writer, 200, "text/html; charset=utf-8", page,
                        {"Content-Security-Policy": PAGE_SECURITY}, head_only=head_only)
     else:
-        await _respond(writer, 404, "text/plain; charset=utf-8", b"not found: try /, /metrics, /status.json\n",
-                       head_only=head_only)
+        await _respond(writer, 404, "text/plain; charset=utf-8",
+                       b"not found: try /, /metrics, /status.json, /healthz, /readyz\n", head_only=head_only)
+
+
+def readiness_problems(status: dict[str, object]) -> list[str]:
+    """Why this instance should not be sent mail now: a route with no downstream up (it would
+    answer 451 to all of it), or the scanner shedding. Empty when ready.
+
+    /healthz says the process lives (for restarts); /readyz is for a load balancer in front of
+    several MX hosts, to send mail to one that can take it.
+    """
+    problems: list[str] = []
+    routes: dict[str, bool] = {}
+    downstreams = status.get("downstreams")
+    for d in downstreams if isinstance(downstreams, list) else []:
+        if isinstance(d, dict):
+            route = str(d.get("route", "default"))
+            routes[route] = routes.get(route, False) or bool(d.get("up"))
+    problems += [f"route {route} has no downstream up" for route, up in sorted(routes.items()) if not up]
+    scan = status.get("scan")
+    if isinstance(scan, dict) and scan.get("level") == "shed":
+        problems.append(f"scanner shedding load ({scan.get('reason') or 'memory pressure'})")
+    return problems
 
 
 def _finite(value: object) -> object:

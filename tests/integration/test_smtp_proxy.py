@@ -12,6 +12,8 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +125,17 @@ def test_all_downstreams_down_451_nothing_accepted() -> None:
         with pytest.raises(smtplib.SMTPDataError):  # no recipients: DATA refused
             c.data(MSG)
         assert g.metric("queueguard_downstream_up") == 0
+        with pytest.raises(urllib.error.HTTPError) as ready:  # a load balancer sends mail elsewhere
+            urllib.request.urlopen(f"http://127.0.0.1:{g.metrics_port}/readyz", timeout=5)
+        assert ready.value.code == 503 and ready.value.read() == b"not ready: route default has no downstream up\n"
+
+
+def test_readyz_with_a_downstream_up() -> None:
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        with g.smtp() as c:
+            c.sendmail("a@client.example", ["bob@test.example"], MSG)
+        with urllib.request.urlopen(f"http://127.0.0.1:{g.metrics_port}/readyz", timeout=5) as r:
+            assert (r.status, r.read()) == (200, b"ready\n")
 
 
 def test_downstream_4xx_at_data_becomes_451_and_5xx_passes_through() -> None:

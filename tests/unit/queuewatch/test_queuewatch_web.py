@@ -116,3 +116,20 @@ async def test_bad_requests_get_a_clear_answer(port: int, raw: bytes, code: int)
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     assert data.startswith(f"HTTP/1.1 {code} ".encode()), data[:80]
+
+
+async def test_readyz_names_what_keeps_it_from_taking_mail(port: int, status_value: dict[str, object]) -> None:
+    status_value["downstreams"] = [{"route": "default", "address": "a:25", "up": False},
+                                   {"route": "default", "address": "b:25", "up": True},
+                                   {"route": "tickets", "address": "t:25", "up": False}]
+    status_value["scan"] = {"level": "shed", "reason": "psi_memory_some_avg10=52"}
+    code, _, body = await request(port, get("/readyz"))
+    assert code == 503
+    assert body == b"not ready: route tickets has no downstream up; scanner shedding load (psi_memory_some_avg10=52)\n"
+    status_value["downstreams"] = [{"route": "default", "address": "a:25", "up": True}]
+    status_value["scan"] = {"level": "soften", "reason": ""}
+    code, _, body = await request(port, get("/readyz"))
+    assert (code, body) == (200, b"ready\n")
+    status_value["explode"] = True
+    code, _, body = await request(port, get("/readyz"))
+    assert code == 503 and body == b"not ready: status unavailable: RuntimeError\n"
