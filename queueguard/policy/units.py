@@ -57,6 +57,10 @@ class Rate:
         return f"{self.count}/{self.period:g}s"
 
 
+MAX_RATE_COUNT = 1_000_000_000
+MAX_RATE_PERIOD = 366 * 86400.0
+
+
 def parse_rate(text: str) -> Rate:
     """'120/10m' -> Rate(120, 600.0)."""
     count, sep, period = str(text).partition("/")
@@ -68,6 +72,9 @@ def parse_rate(text: str) -> Rate:
         raise ValueError(f"bad rate {text!r}: period {period!r} is not a duration like '10m'") from None
     if int(count) <= 0 or seconds <= 0:
         raise ValueError(f"bad rate {text!r}: count and period must be positive")
+    if int(count) > MAX_RATE_COUNT or seconds > MAX_RATE_PERIOD:
+        raise ValueError(f"bad rate {text!r}: at most {MAX_RATE_COUNT:,} per period, periods up to 366d "
+                         "(a larger number is no limit at all; leave the rule out instead)")
     return Rate(int(count), seconds)
 
 

@@ -49,6 +49,13 @@ def test_bad_rate_syntax(tmp_path: Path) -> None:
     assert str(issue) == f"{tmp_path / 'a.yaml'}:4: {issue.message}"
 
 
+@pytest.mark.parametrize("rate", ["99999999999999999999/1s", "10/400d", "0/1m"])
+def test_rates_out_of_range_are_refused(tmp_path: Path, rate: str) -> None:
+    write(tmp_path, a_yaml=RULE.replace("10/1m", rate))
+    issue = one_issue(tmp_path)
+    assert issue.line == 4 and f"bad rate '{rate}'" in issue.message
+
+
 def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
     write(tmp_path, a_yaml=RULE + "    bursst: 5\n")
     issue = one_issue(tmp_path)
