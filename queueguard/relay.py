@@ -67,6 +67,12 @@ class DownstreamError(Exception):
     """The downstream could not be reached or broke off; the caller answers 4xx."""
 
 
+class RecipientLost(DownstreamError):
+    """The connection failed at the first RCPT after the downstream accepted MAIL: this
+    transaction is lost (the sender hears 4.4.2), but nothing is known against the downstream's
+    health, so there is no failover and no down mark, as for any later RCPT."""
+
+
 class DownstreamBusy(DownstreamError):
     """Every connection slot toward this downstream stayed taken for SLOT_WAIT: not a failure of it."""
 
@@ -113,16 +119,11 @@ class SmtpConnection:
         self.uses = 0
 
     async def read_reply(self, timeout: float = COMMAND_TIMEOUT) -> Reply:
-        return (await self.read_replies(1, timeout))[0]
-
-    async def read_replies(self, count: int, timeout: float = COMMAND_TIMEOUT) -> list[Reply]:
-        """`count` replies, all within `timeout`."""
-        replies: list[Reply] = []
         lines: list[str] = []
         with self._exchange():
             try:
                 async with asyncio.timeout(timeout):
-                    while len(replies) < count:
+                    while True:
                         line = await self.reader.readline()
                         if not line:
                             raise DownstreamError("connection closed by downstream")
@@ -131,11 +132,9 @@ class SmtpConnection:
                             raise DownstreamError(f"garbled reply {text[:80]!r}")
                         lines.append(text[4:])
                         if len(text) == 3 or text[3] != "-":
-                            replies.append(Reply(int(text[:3]), tuple(lines)))
-                            lines = []
+                            return Reply(int(text[:3]), tuple(lines))
             except (OSError, TimeoutError) as e:
                 raise DownstreamError(f"reading reply: {e or type(e).__name__}") from e
-        return replies
 
     @contextlib.contextmanager
     def _exchange(self) -> Iterator[None]:
@@ -157,17 +156,35 @@ class SmtpConnection:
                 raise DownstreamError(f"sending {line.split(' ', 1)[0]}: {e}") from e
             return await self.read_reply(timeout)
 
-    async def pipelined(self, first: str, second: str, timeout: float = COMMAND_TIMEOUT) -> tuple[Reply, Reply]:
-        """Two commands in one write and their two replies (RFC 2920): one round trip, not two.
-        Only for a downstream that advertised PIPELINING."""
+    async def mail_and_rcpt(self, mail: str, rcpt: str, timeout: float = COMMAND_TIMEOUT) -> tuple[Reply, Reply | None]:
+        """MAIL, and RCPT only if MAIL was accepted; where the downstream offers PIPELINING
+        (RFC 2920) both go in one write, one round trip instead of two. Each reply has its own
+        timeout (a sender callout and a recipient callout may each take long).
+
+        A refused MAIL is the answer even if the connection then fails (Exim's `drop` answers
+        550 and closes): RCPT's reply is then None and the connection broken. A failure after
+        an accepted MAIL raises RecipientLost."""
+        if "PIPELINING" not in self.features:
+            reply = await self.command(mail, timeout)
+            if not reply.positive:
+                return reply, None
+            try:
+                return reply, await self.command(rcpt, timeout)
+            except DownstreamError as e:
+                raise RecipientLost(str(e)) from e
         with self._exchange():
             try:
-                self.writer.write(f"{first}\r\n{second}\r\n".encode("utf-8", "surrogateescape"))
+                self.writer.write(f"{mail}\r\n{rcpt}\r\n".encode("utf-8", "surrogateescape"))
                 await self.writer.drain()
             except OSError as e:
-                raise DownstreamError(f"sending {first.split(' ', 1)[0]}: {e}") from e
-            mail, rcpt = await self.read_replies(2, timeout)
-            return mail, rcpt
+                raise DownstreamError(f"sending MAIL: {e}") from e
+        reply = await self.read_reply(timeout)
+        try:
+            return reply, await self.read_reply(timeout)
+        except DownstreamError as e:
+            if not reply.positive:
+                return reply, None
+            raise RecipientLost(str(e)) from e
 
     async def body(self, raw: bytes, timeout: float) -> Reply:
         """The message after a 354, and the downstream's final answer to it."""
@@ -402,6 +419,8 @@ class DownstreamGroup:
             except DownstreamBusy as e:
                 last = str(e)
                 continue
+            except RecipientLost:
+                raise
             except DownstreamError as e:
                 ds.mark_down(str(e))
                 last = str(e)
@@ -420,6 +439,9 @@ class DownstreamGroup:
             # The downstream's own verdict on this sender (5xx, or a 4xx such as a deferred
             # sender verification): passed back, and the downstream stays healthy for others.
             ds.mark_up()
+            if conn.broken:
+                ds.release(conn, reusable=False)
+                return None, reply
             try:
                 rset = await conn.command("RSET", timeout=10)
             except BaseException as e:
@@ -434,9 +456,9 @@ class DownstreamGroup:
     @staticmethod
     async def _mail(ds: Downstream, client: Connection, sender: str, mail_params: tuple[str, ...],
                     first_rcpt: tuple[str, tuple[str, ...]] | None) -> tuple[SmtpConnection, Reply, Reply | None]:
-        """MAIL FROM (pipelined with the first RCPT where offered; otherwise RCPT only after a
-        positive MAIL) on a connection to `ds`. A pooled connection the downstream has
-        meanwhile dropped is replaced by a fresh one once, rather than counting against it."""
+        """MAIL FROM (and the first RCPT: SmtpConnection.mail_and_rcpt) on a connection to `ds`.
+        A pooled connection the downstream has meanwhile dropped is replaced by a fresh one once,
+        rather than counting against it."""
         while True:
             conn = await ds.acquire(client)
             params = [p for p in mail_params if _supported(p, conn.features)]
@@ -444,11 +466,10 @@ class DownstreamGroup:
             try:
                 if first_rcpt is None:
                     return conn, await conn.command(mail), None
-                rcpt = rcpt_command(*first_rcpt)
-                if "PIPELINING" in conn.features:
-                    return conn, *await conn.pipelined(mail, rcpt)
-                reply = await conn.command(mail)
-                return conn, reply, (await conn.command(rcpt) if reply.positive else None)
+                return conn, *await conn.mail_and_rcpt(mail, rcpt_command(*first_rcpt))
+            except RecipientLost:
+                ds.release(conn, reusable=False)
+                raise
             except DownstreamError:
                 ds.release(conn, reusable=False)
                 if conn.uses <= 1:

@@ -147,12 +147,12 @@ async def _serve_one(
         await _respond(writer, 200, "text/plain; charset=utf-8", b"ok\n", head_only=head_only)
     elif path == "/readyz":
         try:
-            problems = readiness_problems(status())
+            ready, problems = readiness(status())
         except Exception as e:
             log.exception("web: status() failed")
-            problems = [f"status unavailable: {type(e).__name__}"]
-        answer = ("not ready: " + "; ".join(problems) if problems else "ready") + "\n"
-        await _respond(writer, 503 if problems else 200, "text/plain; charset=utf-8", answer.encode(),
+            ready, problems = False, [f"status unavailable: {type(e).__name__}"]
+        answer = ("ready" if ready else "not ready") + (": " + "; ".join(problems) if problems else "") + "\n"
+        await _respond(writer, 200 if ready else 503, "text/plain; charset=utf-8", answer.encode(),
                        head_only=head_only)
     elif path in ("/", "/index.html"):
         await _respond(writer, 200, "text/html; charset=utf-8", page,
@@ -162,25 +162,28 @@ async def _serve_one(
                        b"not found: try /, /metrics, /status.json, /healthz, /readyz\n", head_only=head_only)
 
 
-def readiness_problems(status: dict[str, object]) -> list[str]:
-    """Why this instance should not be sent mail now: a route with no downstream up (it would
-    answer 451 to all of it), or the scanner shedding. Empty when ready.
+def readiness(status: dict[str, object]) -> tuple[bool, list[str]]:
+    """(ready, problems): whether this instance should be sent mail now, and what is wrong.
 
-    /healthz says the process lives (for restarts); /readyz is for a load balancer in front of
-    several MX hosts, to send mail to one that can take it.
+    Not ready when the default route has no downstream up (all its mail would get 451 here)
+    or the scanner sheds load. Another route without a downstream is listed but leaves the
+    instance ready: its downstreams are usually shared by every MX, so steering traffic away
+    would only refuse the rest of the mail too. /healthz says the process lives (for restarts);
+    /readyz is for a load balancer in front of several MX hosts.
     """
-    problems: list[str] = []
     routes: dict[str, bool] = {}
     downstreams = status.get("downstreams")
     for d in downstreams if isinstance(downstreams, list) else []:
         if isinstance(d, dict):
             route = str(d.get("route", "default"))
             routes[route] = routes.get(route, False) or bool(d.get("up"))
-    problems += [f"route {route} has no downstream up" for route, up in sorted(routes.items()) if not up]
+    problems = [f"route {route} has no downstream up" for route, up in sorted(routes.items()) if not up]
+    ready = routes.get("default", True)
     scan = status.get("scan")
     if isinstance(scan, dict) and scan.get("level") == "shed":
         problems.append(f"scanner shedding load ({scan.get('reason') or 'memory pressure'})")
-    return problems
+        ready = False
+    return ready, problems
 
 
 def _finite(value: object) -> object:

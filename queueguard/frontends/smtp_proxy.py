@@ -160,10 +160,13 @@ class QueueguardSMTP(SMTP):
         is in and without calling handle_DATA: our reply text, and the transaction ends here
         (downstream side reset, one log line with the reason) rather than at the next command."""
         if isinstance(status, str):
-            if status.startswith("552 Error:"):
+            if status.startswith("552 Error: Too much mail data"):
                 status = await self._data_refused(SIZE_EXCEEDED)
             elif status.startswith("500 Line too long"):
                 status = await self._data_refused(LINE_TOO_LONG)
+            elif status.startswith("552 Error:"):  # SIZE= at MAIL: no transaction of ours yet
+                metrics.protocol_errors.labels("oversize").inc()
+                status = SIZE_EXCEEDED.reply()
         await super().push(status)
 
     async def _data_refused(self, verdict: Verdict) -> str:
@@ -243,6 +246,7 @@ class ProxyHandler:
         if not valid_helo(hostname):
             metrics.protocol_errors.labels("bad_helo").inc()
             return BAD_HELO
+        await self._reset(server)
         self._state(server).conn.helo = hostname
         session.host_name = hostname
         return f"250 {server.hostname}"
@@ -252,6 +256,7 @@ class ProxyHandler:
         if not valid_helo(hostname):
             metrics.protocol_errors.labels("bad_helo").inc()
             return [BAD_HELO]
+        await self._reset(server)
         self._state(server).conn.helo = hostname
         session.host_name = hostname
         return responses
@@ -338,11 +343,16 @@ class ProxyHandler:
         return verdict.reply()
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await self._reset(server)
+        return "250 2.0.0 Ok"
+
+    async def _reset(self, server: SMTP) -> None:
+        """RSET, and HELO/EHLO, which reset a transaction too (RFC 5321 4.1.4) as aiosmtpd's
+        envelope does: ours ends here, its downstream side reset."""
         state = self._state(server)
         if state.txn is not None:
             txn, state.txn = state.txn, None
             await self.pipeline.finish(txn, Verdict(Action.TEMPFAIL, 250, "2.0.0", "reset", reason="rset"))
-        return "250 2.0.0 Ok"
 
     async def handle_exception(self, error: Exception) -> str:
         """Anything aiosmtpd itself did not expect: 451, never its default 500."""

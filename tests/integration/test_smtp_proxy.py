@@ -216,6 +216,24 @@ def test_oversized_message_552_5_3_4() -> None:
         assert len([line for line in g.message_lines() if "reason=oversize" in line]) == 1
 
 
+def test_ehlo_mid_transaction_resets_it() -> None:
+    """RFC 5321 4.1.4: EHLO resets the transaction, ours included (logged as rset, its downstream
+    side reset), so a refusal of the next MAIL is never booked against it."""
+    with RecordingSink() as sink, Guard({"smtp": {"max_message_size": 10_000},
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        with g.smtp() as c:
+            c.mail("a@client.example")
+            assert c.rcpt("bob@test.example")[0] == 250
+            c.ehlo("again.client.example")
+            code, text = c.mail("b@client.example", ["SIZE=20000"])
+            assert (code, text) == (552, b"5.3.4 Message size exceeds fixed maximum message size")
+            c.sendmail("c@client.example", ["bob@test.example"], MSG)
+        assert [m.mail_from for m in sink.messages] == ["c@client.example"]
+        lines = g.message_lines()
+        assert [line for line in lines if "sender=<a@client.example>" in line and "reason=rset" in line]
+        assert not [line for line in lines if "reason=oversize" in line]
+
+
 def test_over_long_lines_are_refused_500_and_the_session_goes_on() -> None:
     """RFC 5321 4.5.3.1.6: text lines of at most 1000 octets, commands of 512. Over-long DATA
     lines, below and beyond what one read buffers (16 KiB), end the transaction with a 500

@@ -126,8 +126,13 @@ async def test_readyz_names_what_keeps_it_from_taking_mail(port: int, status_val
     code, _, body = await request(port, get("/readyz"))
     assert code == 503
     assert body == b"not ready: route tickets has no downstream up; scanner shedding load (psi_memory_some_avg10=52)\n"
-    status_value["downstreams"] = [{"route": "default", "address": "a:25", "up": True}]
     status_value["scan"] = {"level": "soften", "reason": ""}
+    code, _, body = await request(port, get("/readyz"))  # another route down: listed, still ready
+    assert (code, body) == (200, b"ready: route tickets has no downstream up\n")
+    status_value["downstreams"] = [{"route": "default", "address": "a:25", "up": False}]
+    code, _, body = await request(port, get("/readyz"))
+    assert (code, body) == (503, b"not ready: route default has no downstream up\n")
+    status_value["downstreams"] = [{"route": "default", "address": "a:25", "up": True}]
     code, _, body = await request(port, get("/readyz"))
     assert (code, body) == (200, b"ready\n")
     status_value["explode"] = True
