@@ -1,16 +1,15 @@
 """Burst rules: hold the copies of a wave once too many similar messages arrived in a window.
 
-For each rule that applies, the message's fingerprint keys of the rule's kind
-(16 LSH band keys for `body`, one key for `subject` and `url_hosts`, one per
-attachment) are counted in the rule's sliding window; the message is part of
-a burst when any of its keys counts more than the threshold's number, this
-message included. So `threshold: 40 in 10m` lets 40 similar messages through
-in ten minutes and holds the 41st and later ones. Band keys are per band, so
-a near-duplicate only has to agree with the wave on one band (4 MinHash bins)
-to be counted with it.
+For a `body` rule each message is linked to its campaign (campaign.py: near-duplicate copies and
+the variants they link, in memory or in Redis) and the rule counts the campaign in its sliding
+window; for `subject`, `url_hosts` and `attachment` rules each key is counted as it is. The
+message is part of a burst when the count is over the threshold's number, this message
+included: `threshold: 40 in 10m` lets 40 messages of a campaign through in ten minutes and holds
+the 41st and later ones. The campaign (id, first sight, copies, signals) goes into
+ctx.fingerprints, so the quarantine entry can say why the message was held.
 
-Exempt messages (list traffic, replies, authenticated submissions, per the
-rule's flags, and `only`/`unless`) are neither judged nor counted.
+Exempt messages (authenticated submissions, `only`/`unless`, and the header-only flags an admin
+may still set, which `queueguard check` warns about) are neither judged nor counted.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ from redis.exceptions import RedisError
 
 from queueguard import metrics
 from queueguard.burst.actions import apply_hit
-from queueguard.burst.fingerprint import Fingerprints, fingerprints
+from queueguard.burst.campaign import Campaign, Sighting, sighting
+from queueguard.burst.fingerprint import Fingerprints, fingerprints, subject_skeleton
 from queueguard.burst.window import MemoryWindow, RedisWindow, WindowCounter
 from queueguard.model import RuleHit
 from queueguard.policy.match import rule_applies
@@ -110,22 +110,25 @@ class BurstCheck:
             return StageResult()
         fps = fingerprints(ctx.parsed)
         ctx.fingerprints.update(fps.as_dict())
+        seen = sighting(fps, subject_skeleton(ctx.parsed.subject), ctx.parsed.url_hosts)
         result = StageResult()
         now = self.clock()
         for rule in rules:
             if exempt(rule, ctx):
                 continue
             try:
-                counted = await self._count(rule, fps, now, ctx)
+                counted = await self._count(rule, fps, now, ctx, seen)
             except _StateUnavailable:
                 return StageResult(tempfail("4.3.0", "Shared state unavailable, try again later",
                                             reason="state_error", rule=rule.name))
             if counted is None:
                 continue
-            count, key = counted
+            count, key, campaign = counted
             self._track(rule, key, count, now)
             if count > rule.threshold.count:
-                ctx.fingerprints.setdefault("burst", key)
+                if campaign is not None and "campaign" not in ctx.fingerprints:
+                    ctx.fingerprints.update(campaign.as_dict())
+                ctx.fingerprints.setdefault("burst", fps.body[0] if campaign is not None and fps.body else key)
                 detail = f"{key} {count}>{rule.threshold.count}/{rule.threshold.period:g}s"
                 apply_hit(result, RuleHit(rule.name, "burst", rule.action, rule.mode is Mode.shadow, detail),
                           self.header)
@@ -133,19 +136,25 @@ class BurstCheck:
         return result
 
     async def _count(
-        self, rule: BurstRule, fps: Fingerprints, now: float, ctx: MessageContext
-    ) -> tuple[int, str] | None:
-        """(highest count, its key); None when there is nothing to count (no key of this kind,
-        or the state failed and the policy says accept)."""
+        self, rule: BurstRule, fps: Fingerprints, now: float, ctx: MessageContext, seen: Sighting
+    ) -> tuple[int, str, Campaign | None] | None:
+        """(highest count, its key, the campaign for a body rule); None when there is nothing to
+        count (no key of this kind, or the state failed and the policy says accept)."""
         keys = fps.keys(rule.fingerprint)
-        if not keys:
+        linking = rule.fingerprint == "body"
+        if not (seen if linking else keys):
             return None
         scoped = [f"{rule.name}:{k}" for k in keys]
         period = rule.threshold.period
         counts: list[int] | None = None
+        campaign: Campaign | None = None
         if self._down_until is None or now >= self._down_until:
             try:
-                counts = await self.window.add(scoped, period, now)
+                if linking:
+                    campaign = await self.window.link(f"{rule.name}:", seen, period, now)
+                    counts = [campaign.count]
+                else:
+                    counts = await self.window.add(scoped, period, now)
             except (TimeoutError, RedisError, OSError) as e:
                 if self._down_until is None:
                     log.error("burst state failed (%s: %s); policy state.on_error=%s until it answers again "
@@ -161,9 +170,15 @@ class BurstCheck:
                 raise _StateUnavailable
             if on_error == "accept":
                 return None
-            counts = self.fallback.add_now(scoped, period, now)
+            if linking:
+                campaign = self.fallback.link_now(f"{rule.name}:", seen, period, now)
+                counts = [campaign.count]
+            else:
+                counts = self.fallback.add_now(scoped, period, now)
+        if campaign is not None:
+            return campaign.count, f"c:{campaign.id}", campaign
         best = max(range(len(keys)), key=lambda i: (counts[i], -i))
-        return counts[best], keys[best]
+        return counts[best], keys[best], None
 
     def _track(self, rule: BurstRule, key: str, count: int, now: float) -> None:
         """Remember keys at half their threshold or more, for status() and the metrics."""

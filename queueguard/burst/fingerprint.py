@@ -29,6 +29,7 @@ import bisect
 import hashlib
 import random
 import re
+import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -197,6 +198,8 @@ class Fingerprints:
     subject: tuple[str, ...]
     url_hosts: tuple[str, ...]
     attachment: tuple[str, ...]
+    signature: bytes = b""
+    """The body's MinHash, 16 bits a bin (pack_signature): what campaign linking compares."""
 
     def keys(self, kind: str) -> tuple[str, ...]:
         """Keys for a BurstRule.fingerprint kind; empty when the message has none of that kind."""
@@ -305,6 +308,11 @@ def body_keys(text: str) -> tuple[str, ...]:
     return band_keys(signature) if signature else ()
 
 
+def pack_signature(bins: list[int]) -> bytes:
+    """The low 16 bits of each MinHash bin, big-endian: the same bytes on every host."""
+    return struct.pack(f">{len(bins)}H", *(b & 0xFFFF for b in bins)) if bins else b""
+
+
 def subject_skeleton(subject: str) -> str:
     """Subject without reply prefixes, numbers, ids, punctuation and case."""
     return " ".join(normalise_tokens(_SUBJECT_PREFIX_RE.sub("", subject)))
@@ -337,11 +345,13 @@ def attachment_keys(parsed: ParsedMessage) -> tuple[str, ...]:
 
 
 def fingerprints(parsed: ParsedMessage) -> Fingerprints:
+    signature = minhash(shingle_hashes(parsed.text))
     return Fingerprints(
-        body=body_keys(parsed.text),
+        body=band_keys(signature) if signature else (),
         subject=subject_keys(parsed.subject),
         url_hosts=url_host_keys(parsed.url_hosts),
         attachment=attachment_keys(parsed),
+        signature=pack_signature(signature),
     )
 
 

@@ -14,14 +14,37 @@ burst is never the least recently touched key. The Redis backend keeps the
 same buckets in one hash per key with a TTL of one window, so its memory is
 bounded by the keys seen in one window (plus Redis's own maxmemory policy);
 two MX hosts pointed at the same Redis count together.
+
+Both backends also keep campaigns for `body` rules (campaign.py says how messages link): link keys
+pointing at variants, variants (signature, copies, campaign) and campaigns (first sight, buckets,
+signals). In memory each of the three is capped (links at `max_keys`, variants and campaigns at a
+quarter of it, least recently touched dropped first: a dropped entry can only split a campaign,
+never invent one) and entries older than the window are ignored. In Redis they are keys with a
+TTL of one window, refreshed on use, and one Lua script (campaign.lua) links and counts a message
+atomically, so MX hosts sharing Redis build the same campaigns.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Protocol
+
+from queueguard.burst.campaign import (
+    PENDING,
+    REPEATS,
+    SAME,
+    SHAPE,
+    SIMILAR,
+    TEXT,
+    Campaign,
+    Sighting,
+    may_link,
+    verdict,
+)
+from queueguard.model import new_id
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -37,9 +60,42 @@ class WindowCounter(Protocol):
         """Count one event for each key; return each key's count in the window ending now (this one included)."""
         ...
 
+    async def link(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
+        """Link one message to its campaign (or start one) and count it; the campaign after counting."""
+        ...
+
 
 def bucket_of(now: float, period: float) -> int:
     return int(now // (period / BUCKETS))
+
+
+def window_sum(buckets: dict[int, int], now: float, period: float) -> int:
+    """Drop buckets older than the window ending now; the sum of the rest."""
+    oldest = bucket_of(now, period) - BUCKETS + 1
+    for b in [b for b in buckets if b < oldest]:
+        del buckets[b]
+    return sum(buckets.values())
+
+
+@dataclass
+class _Variant:
+    signature: bytes
+    copies: int
+    campaign: str
+    last: float
+    pending: list[tuple[str, str]] = field(default_factory=list)
+    """(variant, signal) it resembled before either had repeated: linked once both have."""
+
+
+@dataclass
+class _Campaign:
+    id: str
+    first: float
+    last: float
+    variants: int = 0
+    signals: set[str] = field(default_factory=set)
+    buckets: dict[int, int] = field(default_factory=dict)
+    merged_into: str | None = None
 
 
 class MemoryWindow:
@@ -48,6 +104,9 @@ class MemoryWindow:
     def __init__(self, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.max_keys = max_keys
         self._keys: OrderedDict[str, dict[int, int]] = OrderedDict()
+        self._links: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._variants: OrderedDict[str, _Variant] = OrderedDict()
+        self._campaigns: OrderedDict[str, _Campaign] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -71,6 +130,86 @@ class MemoryWindow:
     async def add(self, keys: Sequence[str], period: float, now: float) -> list[int]:
         return self.add_now(keys, period, now)
 
+    def _root(self, cid: str) -> _Campaign | None:
+        camp = self._campaigns.get(cid)
+        for _ in range(16):
+            if camp is None or camp.merged_into is None:
+                return camp
+            camp = self._campaigns.get(camp.merged_into)
+        return camp
+
+    def link_now(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
+        """The synchronous core of `link` (campaign.py's rules; campaign.lua does the same in Redis)."""
+        horizon = now - period
+        found: dict[tuple[str, str], _Variant] = {}
+        for key in seen.variant_keys:
+            hit = self._links.get(scope + key)
+            if hit is None or hit[1] < horizon or any(vid == hit[0] for vid, _ in found):
+                continue
+            v = self._variants.get(hit[0])
+            if v is not None and v.last >= horizon and (why := verdict(seen.signature, v.signature)):
+                found[(hit[0], why)] = v
+        for name, key in seen.signal_keys:
+            hit = self._links.get(scope + key)
+            if hit is not None and hit[1] >= horizon and (v := self._variants.get(hit[0])) and v.last >= horizon:
+                found[(hit[0], name)] = v
+        same = [(vid, v) for (vid, why), v in found.items() if why in (TEXT, SHAPE)]
+        if same:
+            own_id, own = max(same, key=lambda item: item[1].copies)
+            own.copies += 1
+        else:
+            own_id, own = new_id(), _Variant(seen.signature, 1, "", now)
+        for vid, why in found:
+            if why not in (TEXT, SHAPE) and vid != own_id and (vid, why) not in own.pending:
+                own.pending = [*own.pending, (vid, why)][-PENDING:]
+        links = [(v, why) for (_vid, why), v in found.items()]
+        links += [(v, why) for vid, why in own.pending if (v := self._variants.get(vid)) is not None]
+        camps: dict[str, _Campaign] = {}
+        signals: set[str] = set()
+        for v, why in links:
+            camp = self._root(v.campaign)
+            if camp is not None and camp.last >= horizon and (why in (TEXT, SHAPE) or may_link(own.copies, v.copies)):
+                camps[camp.id] = camp
+                signals.add(why)
+        if not camps:
+            first = _Campaign(new_id(), now, now)
+            camps[first.id] = first
+            self._campaigns[first.id] = first
+        target = min(camps.values(), key=lambda c: (c.first, c.id))
+        for other in camps.values():
+            if other is not target:
+                for b, n in other.buckets.items():
+                    target.buckets[b] = target.buckets.get(b, 0) + n
+                target.variants += other.variants
+                target.signals |= other.signals
+                other.buckets, other.merged_into = {}, target.id
+        if own.campaign != target.id and not same:
+            target.variants += 1
+        own.campaign, own.last = target.id, now
+        self._variants[own_id] = own
+        self._variants.move_to_end(own_id)
+        current = bucket_of(now, period)
+        target.buckets[current] = target.buckets.get(current, 0) + 1
+        target.signals |= signals
+        target.last = now
+        self._campaigns.move_to_end(target.id)
+        for key in (*seen.variant_keys, *(k for _, k in seen.signal_keys)):
+            self._links[scope + key] = (own_id, now)
+            self._links.move_to_end(scope + key)
+        self._trim()
+        return Campaign(target.id, target.first, window_sum(target.buckets, now, period), target.variants,
+                        tuple(sorted(target.signals)))
+
+    def _trim(self) -> None:
+        while len(self._links) > self.max_keys:
+            self._links.popitem(last=False)
+        for table in (self._variants, self._campaigns):
+            while len(table) > max(1, self.max_keys // 4):
+                table.popitem(last=False)
+
+    async def link(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
+        return self.link_now(scope, seen, period, now)
+
 
 class RedisWindow:
     """Counts in Redis, one hash per key (field = bucket number), updated by one Lua script call."""
@@ -80,6 +219,7 @@ class RedisWindow:
         self.prefix = prefix
         script = resources.files("queueguard.burst").joinpath("window.lua").read_text()
         self._script = redis.register_script(script)
+        self._link = redis.register_script(resources.files("queueguard.burst").joinpath("campaign.lua").read_text())
 
     async def add(self, keys: Sequence[str], period: float, now: float) -> list[int]:
         if not keys:
@@ -89,3 +229,14 @@ class RedisWindow:
             keys=[self.prefix + k for k in keys], args=[bucket_of(now, period), BUCKETS, ttl_ms]
         )
         return [int(c) for c in result]
+
+    async def link(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
+        ttl_ms = int(period * 1000 * (1 + 1 / BUCKETS)) + 1000
+        signals = [part for pair in seen.signal_keys for part in pair]
+        args: list[bytes | str | int | float] = [
+            self.prefix + scope, seen.signature, repr(now), bucket_of(now, period), BUCKETS, ttl_ms,
+            new_id(), new_id(), SAME, SIMILAR, REPEATS, PENDING, len(seen.variant_keys), *seen.variant_keys, *signals]
+        cid, first, count, variants, names = await self._link(keys=[], args=args)
+        text = names.decode() if isinstance(names, bytes) else str(names)
+        return Campaign(cid.decode() if isinstance(cid, bytes) else str(cid), float(first), int(count),
+                        int(variants), tuple(text.split(",")) if text else ())

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from queueguard import metrics
-from queueguard.policy.loader import PolicyError, PolicyIssue, load_policy_dir, policy_files
+from queueguard.policy.loader import PolicyError, PolicyIssue, load_policy_dir_warned, policy_files
 from queueguard.policy.schema import Policy
 
 log = logging.getLogger("queueguard.policy")
@@ -64,7 +64,7 @@ class PolicyHolder:
         with self._lock:
             signature = dir_signature(self.path)
             try:
-                policy = load_policy_dir(self.path)
+                policy, warnings = load_policy_dir_warned(self.path)
             except PolicyError as e:
                 self._signature = signature
                 self._report(e.issues)
@@ -78,6 +78,8 @@ class PolicyHolder:
                             ("pattern", policy.patterns)):
             metrics.policy_rules.labels(kind).set(len(rules))
         log.info("policy loaded from %s: %s", self.path, describe(policy))
+        for warning in warnings:
+            log.warning("policy %s", warning)
         return []
 
     def _report(self, issues: list[PolicyIssue]) -> None:

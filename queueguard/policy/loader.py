@@ -32,7 +32,9 @@ from queueguard.policy.schema import BurstRule, Condition, PatternRule, Policy, 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 RULE_SECTIONS = ("ratelimits", "bursts", "patterns")
 SINGLE_SECTIONS = ("scan", "state")
-ADDRESS_FIELDS = ("sender_in", "recipient_in", "helo_in")
+ADDRESS_FIELDS = ("sender_in", "recipient_in", "helo_in", "list_id_in")
+MESSAGE_FIELDS = ("list_traffic", "reply", "list_id_in")
+"""Condition keys that look at the message: a rate limit (decided at RCPT) cannot use them."""
 
 Loc = tuple[str | int, ...]
 
@@ -64,6 +66,11 @@ def policy_files(path: Path) -> list[Path]:
 
 def load_policy_dir(path: Path) -> Policy:
     """Read, validate and merge every policy file in `path`; PolicyError lists all problems."""
+    return load_policy_dir_warned(path)[0]
+
+
+def load_policy_dir_warned(path: Path) -> tuple[Policy, list[PolicyIssue]]:
+    """load_policy_dir, plus the warnings: what loads but is probably not what the admin wants."""
     if not path.is_dir():
         raise PolicyError([PolicyIssue(str(path), 0, "not a directory")])
     files = policy_files(path)
@@ -83,7 +90,7 @@ def load_policy_dir(path: Path) -> Policy:
         raise PolicyError(issues)
     policy = _merge(docs)
     compiled(policy).warm(policy)
-    return policy
+    return policy, [w for doc in docs for w in _warnings(doc)]
 
 
 @dataclass
@@ -332,12 +339,10 @@ def _cross_check(docs: list[_Doc]) -> list[PolicyIssue]:
                                                         f"{names[rule.name]}"))
             else:
                 names[rule.name] = where
-            for which in ("only", "unless"):
-                cond = getattr(rule, which)
-                if cond is not None:
-                    issues.extend(_check_condition(doc, (*loc, which), cond, lists, checked_lists))
-                    if isinstance(rule, RateLimitRule):
-                        issues.extend(_data_stage_only(doc, (*loc, which), cond))
+            for cloc, cond in _conditions(loc, rule):
+                issues.extend(_check_condition(doc, cloc, cond, lists, checked_lists))
+                if isinstance(rule, RateLimitRule):
+                    issues.extend(_data_stage_only(doc, cloc, cond))
             if isinstance(rule, RateLimitRule):
                 try:
                     parse_key(rule.key)
@@ -346,6 +351,42 @@ def _cross_check(docs: list[_Doc]) -> list[PolicyIssue]:
             if isinstance(rule, PatternRule):
                 issues.extend(_check_pattern(doc, loc, rule))
     return issues
+
+
+def _conditions(loc: Loc, rule: RuleBase) -> list[tuple[Loc, Condition]]:
+    """Every condition of a rule with its place: `only`, `unless`, or each item of an `unless` list."""
+    found: list[tuple[Loc, Condition]] = [((*loc, "only"), rule.only)] if rule.only is not None else []
+    if isinstance(rule.unless, list):
+        found += [((*loc, "unless", i), c) for i, c in enumerate(rule.unless)]
+    elif rule.unless is not None:
+        found.append(((*loc, "unless"), rule.unless))
+    return found
+
+
+HEADER_ONLY = ("any sender can write that header, so a wave carrying it would pass uncounted; exempt "
+               "configured senders instead (sender_in: bulk_senders, list_id_in: trusted_list_ids, "
+               "client_in, authenticated)")
+
+
+def _warnings(doc: _Doc) -> list[PolicyIssue]:
+    """Burst rules that ask for an exemption a header alone buys (docs/policy.md#bursts says why)."""
+    out = []
+    for loc, rule in doc.rules:
+        if not isinstance(rule, BurstRule):
+            continue
+        for flag, what in (("exempt_list_traffic", "List-Id/List-Unsubscribe"),
+                           ("exempt_replies", "In-Reply-To/References")):
+            if getattr(rule, flag):
+                out.append(doc.issue((*loc, flag), f"warning: {_path((*loc, flag))}: true exempts every message "
+                                                   f"with {what}: {HEADER_ONLY}"))
+        for cloc, cond in _conditions(loc, rule):
+            skips_when = cloc[len(loc)] == "unless"
+            for key in ("list_traffic", "reply"):
+                value = getattr(cond, key)
+                if value is not None and value == skips_when:
+                    out.append(doc.issue((*cloc, key), f"warning: {_path((*cloc, key))}: {str(value).lower()} "
+                                                       f"exempts messages by a header: {HEADER_ONLY}"))
+    return out
 
 
 def _check_condition(
@@ -382,7 +423,7 @@ def _data_stage_only(doc: _Doc, loc: Loc, cond: Condition) -> list[PolicyIssue]:
     would silently never match there, so it is refused instead."""
     return [doc.issue((*loc, f), f"{_path((*loc, f))}: '{f}' looks at the message, which a rate limit "
                                  "(checked at RCPT) has not seen yet; use it in bursts or patterns")
-            for f in ("list_traffic", "reply") if getattr(cond, f) is not None]
+            for f in MESSAGE_FIELDS if getattr(cond, f) is not None]
 
 
 def _check_entries(doc: _Doc, loc: Loc, entries: list[Any], kind: str) -> list[PolicyIssue]:

@@ -161,6 +161,7 @@ class CompiledCondition:
     recipient: AddressMatcher | None = None
     client: NetMatcher | None = None
     helo: HostMatcher | None = None
+    list_id: HostMatcher | None = None
     authenticated: bool | None = None
     null_sender: bool | None = None
     list_traffic: bool | None = None
@@ -184,9 +185,19 @@ class CompiledCondition:
             return False
         if self.helo is not None and not self.helo(txn.connection.helo):
             return False
+        if self.list_id is not None and not self.list_id(list_id_of(parsed)):
+            return False
         if self.list_traffic is not None and (parsed is None or is_list_traffic(parsed) != self.list_traffic):
             return False
         return self.reply is None or (parsed is not None and is_reply(parsed) == self.reply)
+
+
+def list_id_of(parsed: object | None) -> str:
+    """The id of a List-Id header ('Name <announce.example.org>' -> 'announce.example.org'); '' if none.
+    At RCPT time (no message yet) there is none."""
+    value = str(getattr(parsed, "list_id", None) or "")
+    inner = value[value.rfind("<") + 1:value.rfind(">")] if "<" in value and ">" in value else value
+    return inner.strip().lower()
 
 
 def is_list_traffic(parsed: object) -> bool:
@@ -243,6 +254,7 @@ class CompiledPolicy:
             recipient=None if cond.recipient_in is None else self.addresses(cond.recipient_in),
             client=None if cond.client_in is None else self.nets(cond.client_in),
             helo=None if cond.helo_in is None else self.hosts(cond.helo_in),
+            list_id=None if cond.list_id_in is None else self.hosts(cond.list_id_in),
             authenticated=cond.authenticated, null_sender=cond.null_sender,
             list_traffic=cond.list_traffic, reply=cond.reply,
         )
@@ -252,7 +264,7 @@ class CompiledPolicy:
     def warm(self, policy: Policy) -> None:
         """Compile every rule's conditions now (the loader calls this, so errors surface at load)."""
         for rule in all_rules(policy):
-            for cond in (rule.only, rule.unless):
+            for cond in (rule.only, *rule.unless_conditions()):
                 if cond is not None:
                     self.condition(cond)
 
@@ -279,8 +291,8 @@ def compiled(policy: Policy) -> CompiledPolicy:
 def rule_applies(
     rule: RuleBase, policy: Policy, txn: Transaction, recipient: str | None, parsed: object | None = None
 ) -> bool:
-    """True when `rule.only` (if any) matches and `rule.unless` (if any) does not."""
+    """True when `rule.only` (if any) matches and no condition of `rule.unless` does."""
     cp = compiled(policy)
     if rule.only is not None and not cp.condition(rule.only).matches(txn, recipient, parsed):
         return False
-    return rule.unless is None or not cp.condition(rule.unless).matches(txn, recipient, parsed)
+    return not any(cp.condition(c).matches(txn, recipient, parsed) for c in rule.unless_conditions())

@@ -81,6 +81,9 @@ class Condition(Strict):
     recipient_in: ListRef | None = None
     client_in: ListRef | None = None
     helo_in: ListRef | None = None
+    list_id_in: ListRef | None = Field(
+        None, description="the message's List-Id is one of these list ids or under one of these domains "
+                          "(DATA stage only)")
     authenticated: bool | None = None
     null_sender: bool | None = None
     list_traffic: bool | None = Field(
@@ -93,8 +96,15 @@ class RuleBase(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     mode: Mode = Mode.enforce
     only: Condition | None = None
-    unless: Condition | None = None
+    unless: Condition | list[Condition] | None = Field(
+        None, description="skip the rule when this condition (or any condition of a list) matches")
     description: str = ""
+
+    def unless_conditions(self) -> list[Condition]:
+        """`unless` as a list: one condition, several (any of them skips the rule), or none."""
+        if self.unless is None:
+            return []
+        return list(self.unless) if isinstance(self.unless, list) else [self.unless]
 
 
 class RateLimitRule(RuleBase):
@@ -113,8 +123,12 @@ class BurstRule(RuleBase):
     fingerprint: Literal["body", "subject", "url_hosts", "attachment"] = "body"
     threshold: ThresholdSpec
     action: Literal["quarantine", "tempfail", "reject", "tag"] = "quarantine"
-    exempt_list_traffic: bool = True
-    exempt_replies: bool = True
+    exempt_list_traffic: bool = Field(
+        False, description="header-only exemption: any sender can add List-Id/List-Unsubscribe; "
+                           "`queueguard check` warns. Exempt lists by list_id_in or sender_in instead")
+    exempt_replies: bool = Field(
+        False, description="header-only exemption: any sender can add In-Reply-To/References; "
+                           "`queueguard check` warns")
     exempt_authenticated: bool = True
 
 

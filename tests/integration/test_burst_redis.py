@@ -69,3 +69,26 @@ async def test_redis_down_falls_back_or_tempfails(redis_server: RedisServer, cli
     assert results[-1].verdict is not None and results[-1].verdict.action is Action.QUARANTINE  # in-process counts
     r = await check.on_message(ctx(copies[0], policy("tempfail")))
     assert r.verdict is not None and (r.verdict.code, r.verdict.status) == (451, "4.3.0")
+
+
+async def test_redis_links_campaigns_like_memory(client: Redis) -> None:
+    """campaign.lua and MemoryWindow.link_now apply the same rules: the same messages in the same order
+    give the same campaign counts, variants and signals (ids differ: they are random)."""
+    from bench.corpus import distinct
+    from queueguard.burst.campaign import sighting
+    from queueguard.burst.fingerprint import fingerprints, subject_skeleton
+    from queueguard.burst.window import MemoryWindow
+
+    rng = random.Random(9)
+    variants = [campaign(random.Random(seed), f"v{seed}", 6) for seed in (21, 22)]
+    stream = [m.raw for pair in zip(*variants, strict=True) for m in pair] + [m.raw for m in distinct(rng, 20)]
+    rng.shuffle(stream)
+    memory, shared = MemoryWindow(), RedisWindow(client)
+    for i, raw in enumerate(stream):
+        parsed = parse_message(raw)
+        seen = sighting(fingerprints(parsed), subject_skeleton(parsed.subject), parsed.url_hosts)
+        if not seen:
+            continue
+        a = memory.link_now("r:", seen, 600, 5000.0 + i)
+        b = await shared.link("r:", seen, 600, 5000.0 + i)
+        assert (a.count, a.variants, a.signals) == (b.count, b.variants, b.signals), i
