@@ -71,6 +71,7 @@ def summarise(outcomes: list[sa.Outcome], n_waves: int, limit: int) -> dict[str,
         "worst_wave": min(held) if held else 0,
         "ham_sent": len(ham), "ham_held": sum(o.held for o in ham),
         "ham_deferred": sum(400 <= o.code < 500 for o in ham),
+        "ham_refused_line_too_long": sum(o.code == 500 and "Line too long" in o.reply for o in ham),
     }
 
 
@@ -111,14 +112,16 @@ def main() -> None:
         waves = [sa.wave(c, i, rng, COPIES, extra) for i, c in enumerate(chosen)]
         sends = sa.schedule([*waves, sa.ham_sends(ham_used)], rng)
         outcomes, seconds = run_guard(sends, Path("/tmp") / f"qg-burst-real-{label}")
-        results[label] = {**summarise(outcomes, len(chosen), limit), "messages": len(sends), "seconds": round(seconds, 1)}
+        results[label] = {**summarise(outcomes, len(chosen), limit), "messages": len(sends),
+                          "seconds": round(seconds, 1)}
         r = results[label]
         print(f"\n[{label}] {r['messages']} messages in {r['seconds']} s")
         print(f"  held {r['held']} of {r['catchable']} copies past the threshold "
               f"({r['held'] / r['catchable']:.1%}); waves under 90 %: {r['waves_below_90pct']}, under half: "
               f"{r['waves_below_half']}; worst wave {r['worst_wave']}")
         print(f"  per wave: {r['per_wave']}")
-        print(f"  ham held {r['ham_held']} of {r['ham_sent']} (deferred {r['ham_deferred']})")
+        print(f"  ham held {r['ham_held']} of {r['ham_sent']} (deferred {r['ham_deferred']}; refused by SMTP for "
+              f"lines over 1000 octets {r['ham_refused_line_too_long']})")
     outcomes, _ = run_guard(legit_waves(ham, random.Random(args.seed)), Path("/tmp") / "qg-burst-real-legit")
     results["legit"] = {
         "bulk_sender_held": sum(o.held for o in outcomes if o.send.wave == -1),

@@ -3,9 +3,9 @@
 Every subcommand takes `--settings FILE` (downstreams for release, the
 quarantine directory) and `--quarantine DIR` (overrides the directory).
 Selections: ids, or filters (`--rule`, `--sender`, `--recipient`, `--since`,
-`--until`, `--fingerprint`); bulk commands print progress on stderr and a
+`--until`, `--fingerprint`, `--campaign`); bulk commands print progress on stderr and a
 final count on stdout. Deleting a whole wave is one command, e.g.
-`queueguard quarantine delete --rule mini-cooper-wave`.
+`queueguard quarantine delete --campaign ID` (the id `show` and `stats` name).
 Exit codes: 0 done, 1 some message failed (release), 2 bad input.
 """
 
@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("--since", help="quarantined at or after: ISO time or an age like '2h'")
         p.add_argument("--until", help="quarantined before: ISO time or an age like '30m'")
         p.add_argument("--fingerprint", help="a fingerprint key (or its first characters) from show/stats")
+        p.add_argument("--campaign", help="the burst campaign id that show/stats name (held by one wave)")
 
     p = command("list", "list quarantined messages, oldest first")
     filters(p)
@@ -129,11 +130,11 @@ def _filter(args: argparse.Namespace, *, held_only: bool = False, until: float |
     if until is not None:
         until_arg = until if until_arg is None else min(until, until_arg)
     return Filter(rule=args.rule, sender=args.sender, recipient=args.recipient, since=since, until=until_arg,
-                  fingerprint=args.fingerprint, held_only=held_only)
+                  fingerprint=args.fingerprint, campaign=args.campaign, held_only=held_only)
 
 
 def _has_filter(args: argparse.Namespace) -> bool:
-    return any(getattr(args, k) for k in ("rule", "sender", "recipient", "since", "until", "fingerprint"))
+    return any(getattr(args, k) for k in ("rule", "sender", "recipient", "since", "until", "fingerprint", "campaign"))
 
 
 def _select(store: QuarantineStore, args: argparse.Namespace, *, held_only: bool = False) -> list[Entry]:
@@ -150,7 +151,7 @@ def _select(store: QuarantineStore, args: argparse.Namespace, *, held_only: bool
         return entries
     if not _has_filter(args):
         raise UsageError("name messages by id or select them with --rule/--sender/--recipient/--since/"
-                         "--until/--fingerprint")
+                         "--until/--fingerprint/--campaign")
     store.recover()
     return store.list(_filter(args, held_only=held_only))
 
@@ -235,6 +236,11 @@ def _show(args: argparse.Namespace) -> int:
         for h in m.get("hits", []):
             print(f"hit:          {h['kind']}:{h['rule']} action={h['action']}"
                   f"{' (shadow)' if h.get('shadow') else ''} {h.get('detail', '')}")
+        if camp := m.get("campaign"):
+            print(f"campaign:     {camp['id']}  first seen {camp['first_seen_iso']}, {camp['copies']} copies in the "
+                  f"window when held, {camp['variants']} variant(s), linked by: "
+                  f"{', '.join(camp['signals']) or 'identical copies'}")
+            print(f"              all of it: queueguard quarantine delete --campaign {camp['id']} --dry-run")
         for kind, value in m.get("fingerprints", {}).items():
             print(f"fingerprint:  {kind} {value}")
         for name in ("From", "Subject", "Date", "Message-ID"):
@@ -360,7 +366,10 @@ def _stats(args: argparse.Namespace) -> int:
         by_rule: Counter[str] = Counter()
         bytes_by_rule: Counter[str] = Counter()
         by_fp: Counter[str] = Counter()
+        by_campaign: Counter[str] = Counter()
         for e in entries:
+            if e.campaign:
+                by_campaign[e.campaign] += 1
             by_rule[e.rule or "-"] += 1
             bytes_by_rule[e.rule or "-"] += e.size
             fps = e.meta.get("fingerprints", {})
@@ -371,6 +380,7 @@ def _stats(args: argparse.Namespace) -> int:
             "oldest": iso(entries[0].time) if entries else None, "newest": iso(entries[-1].time) if entries else None,
             "by_rule": {r: {"messages": n, "bytes": bytes_by_rule[r]} for r, n in by_rule.most_common()},
             "by_fingerprint": dict(by_fp.most_common(20)),
+            "by_campaign": dict(by_campaign.most_common(20)),
             **store.usage(), "filesystem": store.filesystem(), "counters": store.counters(),
         }
         if args.json:
@@ -385,6 +395,9 @@ def _stats(args: argparse.Namespace) -> int:
         print("by rule:")
         for r, n in by_rule.most_common():
             print(f"  {n:>8}  {bytes_by_rule[r]:>12} bytes  {r}")
+        print("by campaign (top 20; delete one with --campaign ID):")
+        for cid, n in by_campaign.most_common(20):
+            print(f"  {n:>8}  {cid}")
         print("by fingerprint (top 20):")
         for fp, n in by_fp.most_common(20):
             print(f"  {n:>8}  {fp}")

@@ -2,7 +2,7 @@
 
 Layout under the quarantine directory:
     msg/<xx>/<id>.eml     the bytes exactly as received (0600)
-    msg/<xx>/<id>.json    metadata: envelope, client, hits, fingerprints, reason (0600)
+    msg/<xx>/<id>.json    metadata: envelope, client, hits, fingerprints, campaign, reason (0600)
     index.sqlite          one row per entry, for listing and stats without opening files
 
 <xx> is the last two hex digits of the id (random), so 256 shard directories
@@ -94,6 +94,11 @@ class Entry:
         """Every fingerprint key of the entry (and the burst key that caught it)."""
         return {t for v in self.meta.get("fingerprints", {}).values() for t in str(v).split()}
 
+    @property
+    def campaign(self) -> str:
+        """The id of the burst campaign that held it ('' when none did)."""
+        return str((self.meta.get("campaign") or {}).get("id", ""))
+
 
 @dataclass(frozen=True)
 class Filter:
@@ -109,6 +114,7 @@ class Filter:
     since: float | None = None
     until: float | None = None
     fingerprint: str | None = None
+    campaign: str | None = None
     held_only: bool = False
 
     def matches(self, e: Entry) -> bool:
@@ -122,10 +128,28 @@ class Filter:
             fnmatch.fnmatchcase(r.lower(), self.recipient.lower()) for r in e.recipients
         ):
             return False
+        if self.campaign is not None and e.campaign != self.campaign.removeprefix("c:"):
+            return False
         if self.fingerprint is not None:
             fp = self.fingerprint
             return any(t == fp or (len(fp) >= 4 and t.startswith(fp)) for t in e.tokens())
         return True
+
+
+def split_campaign(fingerprints: dict[str, str]) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """The burst check passes its campaign in the fingerprints (Campaign.as_dict); metadata keeps
+    it apart, typed, so `quarantine show` can name it and `delete --campaign` find it."""
+    fps = {k: v for k, v in fingerprints.items() if not k.startswith("campaign")}
+    cid = fingerprints.get("campaign")
+    if not cid:
+        return fps, None
+    try:
+        first = float(fingerprints.get("campaign_first_seen", "0"))
+        copies, variants = int(fingerprints.get("campaign_count", "0")), int(fingerprints.get("campaign_variants", "0"))
+    except ValueError:
+        first, copies, variants = 0.0, 0, 0
+    return fps, {"id": cid, "first_seen": first, "first_seen_iso": iso(first), "copies": copies,
+                 "variants": variants, "signals": fingerprints.get("campaign_signals", "").split()}
 
 
 def _hit_rules(meta: dict[str, Any]) -> set[str]:
@@ -280,6 +304,7 @@ class QuarantineStore:
     ) -> dict[str, Any]:
         conn = txn.connection
         now = self.clock()
+        fps, campaign = split_campaign(fingerprints)
         return {
             "version": 1, "id": qid, "time": now, "time_iso": iso(now),
             "reason": verdict.reason, "rule": verdict.rule, "verdict": verdict.reply(),
@@ -292,7 +317,7 @@ class QuarantineStore:
             "helo": conn.helo, "transaction_id": txn.id, "route": txn.route,
             "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
             "headers": _header_summary(raw),
-            "hits": [asdict(h) for h in hits], "fingerprints": dict(fingerprints), "released": None,
+            "hits": [asdict(h) for h in hits], "fingerprints": fps, "campaign": campaign, "released": None,
         }
 
     def put_sync(
