@@ -1,21 +1,21 @@
 -- Link one message to its campaign and count it, atomically (the rules of campaign.py; window.py's
 -- MemoryWindow.link_now is the same in Python). Keys under P = ARGV[1]:
---   P..'k:'..key  -> variant id (link keys: LSH bands, shape, signals)
+--   P..'k:'..key  -> up to LINK_DEPTH variant ids, newest first, joined by ',' (LSH bands, shape, signals)
 --   P..'v:'..vid  -> hash s=signature n=copies c=campaign
 --   P..'c:'..cid  -> hash f=first seen v=variants g=signals m=merged into, b<N>=count of bucket N
 -- Every key written gets a TTL of one window (ARGV[6] ms), so state lives as long as the wave.
 -- ARGV: prefix, signature, now, current bucket, buckets per window, ttl ms, new variant id,
---       new campaign id, SAME, SIMILAR, REPEATS, PENDING, n, n variant keys, then (signal name, key)
+--       new campaign id, SAME, SIMILAR, REPEATS, PENDING, LINK_DEPTH, n, n variant keys, then (signal name, key)
 --       pairs. A variant's p field keeps 'vid|signal' resemblances from before it repeated.
 -- Returns {campaign id, first seen, count in window, variants, signals joined by ','}.
 local P, sig, now = ARGV[1], ARGV[2], ARGV[3]
 local current, nb, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local new_vid, new_cid = ARGV[7], ARGV[8]
 local same_t, similar_t, repeats = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-local max_pending, nvk = tonumber(ARGV[12]), tonumber(ARGV[13])
+local max_pending, depth, nvk = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local vkeys, skeys = {}, {}
-for i = 1, nvk do vkeys[i] = ARGV[13 + i] end
-for i = 14 + nvk, #ARGV - 1, 2 do table.insert(skeys, {ARGV[i], ARGV[i + 1]}) end
+for i = 1, nvk do vkeys[i] = ARGV[14 + i] end
+for i = 15 + nvk, #ARGV - 1, 2 do table.insert(skeys, {ARGV[i], ARGV[i + 1]}) end
 
 local function similarity(a, b)
   if #a == 0 or #a ~= #b then return 0 end
@@ -35,13 +35,21 @@ local function root(cid)
   return cid
 end
 
+local function ids(key)
+  local out = {}
+  for vid in string.gmatch(redis.call('GET', P .. 'k:' .. key) or '', '[^,]+') do table.insert(out, vid) end
+  return out
+end
+
 local found, seenv = {}, {}
 for _, k in ipairs(vkeys) do
-  local vid = redis.call('GET', P .. 'k:' .. k)
-  if vid and not seenv[vid] then
-    seenv[vid] = true
-    local v = redis.call('HMGET', P .. 'v:' .. vid, 's', 'n', 'c')
-    if v[2] then
+  for _, vid in ipairs(ids(k)) do
+    local v = nil
+    if not seenv[vid] then
+      seenv[vid] = true
+      v = redis.call('HMGET', P .. 'v:' .. vid, 's', 'n', 'c')
+    end
+    if v and v[2] then
       local vs, why = v[1] or '', nil
       if #sig == 0 and #vs == 0 then
         why = 'shape'
@@ -54,8 +62,7 @@ for _, k in ipairs(vkeys) do
   end
 end
 for _, sk in ipairs(skeys) do
-  local vid = redis.call('GET', P .. 'k:' .. sk[2])
-  if vid then
+  for _, vid in ipairs(ids(sk[2])) do
     local v = redis.call('HMGET', P .. 'v:' .. vid, 'n', 'c')
     if v[1] then table.insert(found, {vid, sk[1], tonumber(v[1]), v[2]}) end
   end
@@ -155,6 +162,13 @@ for j = 1, #h, 2 do
   end
 end
 redis.call('PEXPIRE', TK, ttl)
-for _, k in ipairs(vkeys) do redis.call('SET', P .. 'k:' .. k, own, 'PX', ttl) end
-for _, sk in ipairs(skeys) do redis.call('SET', P .. 'k:' .. sk[2], own, 'PX', ttl) end
+local function point(key)
+  local list = {own}
+  for _, vid in ipairs(ids(key)) do
+    if vid ~= own and #list < depth then table.insert(list, vid) end
+  end
+  redis.call('SET', P .. 'k:' .. key, table.concat(list, ','), 'PX', ttl)
+end
+for _, k in ipairs(vkeys) do point(k) end
+for _, sk in ipairs(skeys) do point(sk[2]) end
 return {target, redis.call('HGET', TK, 'f'), total, tonumber(redis.call('HGET', TK, 'v')), table.concat(list, ',')}

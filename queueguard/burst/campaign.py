@@ -13,8 +13,8 @@ verified on the whole signature:
 - similarity >= SIMILAR (0.4): another variant of the same campaign, linked only when both this
   message's variant and the candidate's were each seen at least twice (REPEATS).
 A resemblance seen before both sides repeated is remembered by the variant (up to PENDING) and
-takes effect once both have: link keys point at the latest variant that carried them, so the
-early evidence may not be found again.
+takes effect once both have: link keys point at the last LINK_DEPTH variants that carried them,
+so the early evidence may not be found again.
 
 The repeat rule is what keeps ham out: a campaign repeats each variant, while distinct mail
 that shares boilerplate (a mailing list's footer under short posts, a quoted thread, a company
@@ -48,6 +48,10 @@ SAME = 0.7
 SIMILAR = 0.4
 REPEATS = 2
 PENDING = 4
+"""Resemblances a variant remembers from before it repeated (so a link found early is not lost)."""
+LINK_DEPTH = 3
+"""Variants a link key remembers, newest first: variants of one campaign share most band keys, so
+with one a borderline copy could only ever meet the variant that wrote the key last."""
 """Resemblances a variant remembers from before it repeated (so a link found early is not lost)."""
 SIGNATURE_BYTES = 128
 """64 bins x 16 bits: enough to estimate Jaccard (a false equal bin has probability 2^-16)."""

@@ -33,6 +33,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Protocol
 
 from queueguard.burst.campaign import (
+    LINK_DEPTH,
     PENDING,
     REPEATS,
     SAME,
@@ -104,7 +105,7 @@ class MemoryWindow:
     def __init__(self, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.max_keys = max_keys
         self._keys: OrderedDict[str, dict[int, int]] = OrderedDict()
-        self._links: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._links: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
         self._variants: OrderedDict[str, _Variant] = OrderedDict()
         self._campaigns: OrderedDict[str, _Campaign] = OrderedDict()
 
@@ -142,17 +143,21 @@ class MemoryWindow:
         """The synchronous core of `link` (campaign.py's rules; campaign.lua does the same in Redis)."""
         horizon = now - period
         found: dict[tuple[str, str], _Variant] = {}
+        checked: set[str] = set()
         for key in seen.variant_keys:
             hit = self._links.get(scope + key)
-            if hit is None or hit[1] < horizon or any(vid == hit[0] for vid, _ in found):
-                continue
-            v = self._variants.get(hit[0])
-            if v is not None and v.last >= horizon and (why := verdict(seen.signature, v.signature)):
-                found[(hit[0], why)] = v
+            for vid in hit[0] if hit is not None and hit[1] >= horizon else ():
+                if vid in checked:
+                    continue
+                checked.add(vid)
+                v = self._variants.get(vid)
+                if v is not None and v.last >= horizon and (why := verdict(seen.signature, v.signature)):
+                    found[(vid, why)] = v
         for name, key in seen.signal_keys:
             hit = self._links.get(scope + key)
-            if hit is not None and hit[1] >= horizon and (v := self._variants.get(hit[0])) and v.last >= horizon:
-                found[(hit[0], name)] = v
+            for vid in hit[0] if hit is not None and hit[1] >= horizon else ():
+                if (v := self._variants.get(vid)) is not None and v.last >= horizon:
+                    found[(vid, name)] = v
         same = [(vid, v) for (vid, why), v in found.items() if why in (TEXT, SHAPE)]
         if same:
             own_id, own = max(same, key=lambda item: item[1].copies)
@@ -194,7 +199,8 @@ class MemoryWindow:
         target.last = now
         self._campaigns.move_to_end(target.id)
         for key in (*seen.variant_keys, *(k for _, k in seen.signal_keys)):
-            self._links[scope + key] = (own_id, now)
+            old = self._links.get(scope + key, ((), now))[0]
+            self._links[scope + key] = ((own_id, *(v for v in old if v != own_id))[:LINK_DEPTH], now)
             self._links.move_to_end(scope + key)
         self._trim()
         return Campaign(target.id, target.first, window_sum(target.buckets, now, period), target.variants,
@@ -235,7 +241,8 @@ class RedisWindow:
         signals = [part for pair in seen.signal_keys for part in pair]
         args: list[bytes | str | int | float] = [
             self.prefix + scope, seen.signature, repr(now), bucket_of(now, period), BUCKETS, ttl_ms,
-            new_id(), new_id(), SAME, SIMILAR, REPEATS, PENDING, len(seen.variant_keys), *seen.variant_keys, *signals]
+            new_id(), new_id(), SAME, SIMILAR, REPEATS, PENDING, LINK_DEPTH, len(seen.variant_keys),
+            *seen.variant_keys, *signals]
         cid, first, count, variants, names = await self._link(keys=[], args=args)
         text = names.decode() if isinstance(names, bytes) else str(names)
         return Campaign(cid.decode() if isinstance(cid, bytes) else str(cid), float(first), int(count),
