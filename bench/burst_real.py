@@ -22,6 +22,7 @@ import argparse
 import json
 import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,17 @@ def threshold() -> int:
     return int(str(doc["bursts"][0]["threshold"]).split()[0].split("/")[0])
 
 
-def run_guard(sends: list[sa.Send], workdir: Path) -> tuple[list[sa.Outcome], float]:
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    with SmtpSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]},
-                                   shipped_policies(), workdir=workdir) as guard:
-        started = time.monotonic()
-        outcomes = sa.send_all(guard.port, sends)
-        return outcomes, time.monotonic() - started
+def run_guard(sends: list[sa.Send]) -> tuple[list[sa.Outcome], float]:
+    """A fresh guard (its own work dir, removed afterwards) and sink for one run."""
+    workdir = Path(tempfile.mkdtemp(prefix="qg-burst-real-"))
+    try:
+        with SmtpSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]},
+                                       shipped_policies(), workdir=workdir) as guard:
+            started = time.monotonic()
+            outcomes = sa.send_all(guard.port, sends)
+            return outcomes, time.monotonic() - started
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def summarise(outcomes: list[sa.Outcome], n_waves: int, limit: int) -> dict[str, Any]:
@@ -111,7 +115,7 @@ def main() -> None:
         rng = random.Random(args.seed)
         waves = [sa.wave(c, i, rng, COPIES, extra) for i, c in enumerate(chosen)]
         sends = sa.schedule([*waves, sa.ham_sends(ham_used)], rng)
-        outcomes, seconds = run_guard(sends, Path("/tmp") / f"qg-burst-real-{label}")
+        outcomes, seconds = run_guard(sends)
         results[label] = {**summarise(outcomes, len(chosen), limit), "messages": len(sends),
                           "seconds": round(seconds, 1)}
         r = results[label]
@@ -122,7 +126,7 @@ def main() -> None:
         print(f"  per wave: {r['per_wave']}")
         print(f"  ham held {r['ham_held']} of {r['ham_sent']} (deferred {r['ham_deferred']}; refused by SMTP for "
               f"lines over 1000 octets {r['ham_refused_line_too_long']})")
-    outcomes, _ = run_guard(legit_waves(ham, random.Random(args.seed)), Path("/tmp") / "qg-burst-real-legit")
+    outcomes, _ = run_guard(legit_waves(ham, random.Random(args.seed)))
     results["legit"] = {
         "bulk_sender_held": sum(o.held for o in outcomes if o.send.wave == -1),
         "trusted_list_id_held": sum(o.held for o in outcomes if o.send.wave == -2),

@@ -96,9 +96,26 @@ def canonical(raw: bytes) -> bytes:
     return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
+def smtp_safe(raw: bytes) -> bytes:
+    """The message as a sending MTA would have to pass it on: parts with lines over 998 octets
+    (SMTP's limit; a few corpus messages have them) re-encoded as quoted-printable, content unchanged."""
+    if all(len(line) <= 998 for line in raw.split(b"\r\n")):
+        return raw
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    for part in msg.walk():
+        payload = part.get_payload()
+        if part.is_multipart() or not isinstance(payload, str) or all(len(x) <= 998 for x in payload.splitlines()):
+            continue
+        data = part.get_payload(decode=True)
+        del part["Content-Transfer-Encoding"]
+        part["Content-Transfer-Encoding"] = "quoted-printable"
+        part.set_payload(quopri.encodestring(data if isinstance(data, bytes) else b"").decode("ascii"))
+    return canonical(msg.as_bytes(policy=email.policy.compat32))
+
+
 def load(directory: Path, kind: str) -> list[Mail]:
-    """`kind` is 'spam' or 'ham'; messages in file-name order."""
-    return [Mail(p.name, canonical(p.read_bytes())) for p in sorted((directory / kind).iterdir())]
+    """`kind` is 'spam' or 'ham'; messages in file-name order, each as an MTA could send it (smtp_safe)."""
+    return [Mail(p.name, smtp_safe(canonical(p.read_bytes()))) for p in sorted((directory / kind).iterdir())]
 
 
 # --- campaigns: the ground truth ----------------------------------------------------------------
@@ -219,7 +236,7 @@ def make_copy(mail: Mail, rng: random.Random, recipient: str, extra_headers: Ite
     leaf = next((p for p in msg.walk() if not p.is_multipart() and p.get_content_maintype() == "text"), None)
     if leaf is not None:
         _prepend_text(leaf, _token_line(rng))
-    return canonical(msg.as_bytes(policy=email.policy.compat32))
+    return smtp_safe(canonical(msg.as_bytes(policy=email.policy.compat32)))
 
 
 def with_header(mail: Mail, name: str, value: str) -> Mail:

@@ -180,3 +180,23 @@ async def test_summary_counts_by_rule(tmp_path: Path) -> None:
     await put(store, rule="wave")
     await put(store, rule="mini")
     assert store.summary() == {"messages": 3, "bytes": 3 * len(RAW), "by_rule": {"wave": 2, "mini": 1}}
+
+
+async def test_campaign_is_kept_apart_typed_and_selectable(tmp_path: Path) -> None:
+    """The burst check passes its campaign in the fingerprints (Campaign.as_dict); the entry keeps it as a
+    mapping that show can print, and Filter(campaign=) selects the wave."""
+    from queueguard.burst.campaign import Campaign
+
+    store = QuarantineStore(tmp_path / "q", clock=Clock())
+    camp = Campaign("1a2b3c4d5e6f70819", 1_699_999_940.5, 57, 3, ("similar-text", "text"))
+    a = await put(store, fps={"body": "b00:1111", "burst": "b00:1111", **camp.as_dict()})
+    b = await put(store)
+    entry = store.get(a)
+    assert entry is not None and entry.campaign == camp.id
+    assert entry.meta["campaign"] == {"id": camp.id, "first_seen": 1_699_999_940.5,
+                                      "first_seen_iso": "2023-11-14T22:12:20Z", "copies": 57, "variants": 3,
+                                      "signals": ["similar-text", "text"]}
+    assert set(entry.meta["fingerprints"]) == {"body", "burst"}
+    assert store.get(b).meta["campaign"] is None  # type: ignore[union-attr]
+    assert [e.id for e in store.list(Filter(campaign=camp.id))] == [a]
+    assert [e.id for e in store.list(Filter(campaign=f"c:{camp.id}"))] == [a]
