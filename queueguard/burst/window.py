@@ -8,24 +8,29 @@ The memory backend is bounded: at most `max_keys` keys, each holding at most
 BUCKETS (bucket, count) pairs; when full, the key touched least recently is
 dropped (a dropped key can only under-count, never invent a burst). Measured
 on CPython 3.11: about 370 bytes per key with one live bucket, 540 with all
-ten, so the default 50,000 keys stay under ~27 MiB — at 16 band keys per body
-rule that is the band keys of the last ~3,000 distinct messages, and a live
-burst is never the least recently touched key. The Redis backend keeps the
+ten, so the default 50,000 keys stay under ~27 MiB (these are the exact
+counts of `subject`, `url_hosts` and `attachment` rules, a key or a few per
+message), and a live burst is never the least recently touched key. The Redis backend keeps the
 same buckets in one hash per key with a TTL of one window, so its memory is
 bounded by the keys seen in one window (plus Redis's own maxmemory policy);
 two MX hosts pointed at the same Redis count together.
 
 Both backends also keep campaigns for `body` rules (campaign.py says how messages link): link keys
 pointing at variants, variants (signature, copies, campaign) and campaigns (first sight, buckets,
-signals). In memory each of the three is capped (links at `max_keys`, variants and campaigns at a
-quarter of it, least recently touched dropped first: a dropped entry can only split a campaign,
-never invent one) and entries older than the window are ignored. In Redis they are keys with a
+signals). In memory a distinct message costs about 5.6 KB (33 link keys, its variant and
+campaign; measured in tests/unit/burst/test_burst_window.py; copies of a variant add almost
+nothing); links are capped at 4 x `max_keys` (the links of the last ~6,000 distinct messages,
+~35 MB), variants and campaigns at a sixteenth of that each, least recently touched dropped
+first (a dropped entry can only split a campaign, never invent one), and entries older than the
+window are ignored. Sites whose distinct mail in one window is more than that should use Redis,
+where a distinct message is ~35 keys (mostly short strings) that expire a window later. In Redis they are keys with a
 TTL of one window, refreshed on use, and one Lua script (campaign.lua) links and counts a message
 atomically, so MX hosts sharing Redis build the same campaigns.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,8 +109,10 @@ class MemoryWindow:
 
     def __init__(self, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.max_keys = max_keys
+        self.max_links = 4 * max_keys
         self._keys: OrderedDict[str, dict[int, int]] = OrderedDict()
-        self._links: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
+        self._links: dict[int, tuple[str, ...]] = {}
+        """hash((scope, link key)) -> the last LINK_DEPTH variant ids (a variant's own `last` says if it is live)."""
         self._variants: OrderedDict[str, _Variant] = OrderedDict()
         self._campaigns: OrderedDict[str, _Campaign] = OrderedDict()
 
@@ -145,8 +152,7 @@ class MemoryWindow:
         found: dict[tuple[str, str], _Variant] = {}
         checked: set[str] = set()
         for key in seen.variant_keys:
-            hit = self._links.get(scope + key)
-            for vid in hit[0] if hit is not None and hit[1] >= horizon else ():
+            for vid in self._links.get(hash((scope, key)), ()):
                 if vid in checked:
                     continue
                 checked.add(vid)
@@ -154,8 +160,7 @@ class MemoryWindow:
                 if v is not None and v.last >= horizon and (why := verdict(seen.signature, v.signature)):
                     found[(vid, why)] = v
         for name, key in seen.signal_keys:
-            hit = self._links.get(scope + key)
-            for vid in hit[0] if hit is not None and hit[1] >= horizon else ():
+            for vid in self._links.get(hash((scope, key)), ()):
                 if (v := self._variants.get(vid)) is not None and v.last >= horizon:
                     found[(vid, name)] = v
         same = [(vid, v) for (vid, why), v in found.items() if why in (TEXT, SHAPE)]
@@ -199,18 +204,21 @@ class MemoryWindow:
         target.last = now
         self._campaigns.move_to_end(target.id)
         for key in (*seen.variant_keys, *(k for _, k in seen.signal_keys)):
-            old = self._links.get(scope + key, ((), now))[0]
-            self._links[scope + key] = ((own_id, *(v for v in old if v != own_id))[:LINK_DEPTH], now)
-            self._links.move_to_end(scope + key)
+            h = hash((scope, key))
+            old = self._links.pop(h, ())
+            self._links[h] = old if old[:1] == (own_id,) else (own_id, *(v for v in old if v != own_id))[:LINK_DEPTH]
         self._trim()
         return Campaign(target.id, target.first, window_sum(target.buckets, now, period), target.variants,
                         tuple(sorted(target.signals)))
 
     def _trim(self) -> None:
-        while len(self._links) > self.max_keys:
-            self._links.popitem(last=False)
+        if len(self._links) > self.max_links * 1.1:
+            # insertion order is use order (link_now re-inserts): keep the newest max_keys in one O(n)
+            # rebuild per 10 % of growth; deleting from the front one by one leaves dummies that
+            # every later next(iter()) walks over (measured: 6 x slower per message)
+            self._links = dict(itertools.islice(self._links.items(), len(self._links) - self.max_links, None))
         for table in (self._variants, self._campaigns):
-            while len(table) > max(1, self.max_keys // 4):
+            while len(table) > max(1, self.max_links // 16):
                 table.popitem(last=False)
 
     async def link(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign:

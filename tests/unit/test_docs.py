@@ -2,8 +2,9 @@
 
 - docs/policy.md: every ```yaml block is a policy file that the real `queueguard check`
   accepts (with exactly the warnings of a ```text block that follows, if one does), or, after
-  `<!-- expect-error -->`, refuses with exactly the ```text block that follows; every key of every model in the policy JSON Schema is in a reference table
-  (`<!-- schema: Model ... -->` before it) with its real default and every allowed value.
+  `<!-- expect-error -->`, refuses with exactly the ```text block that follows; every key of
+  every model in the policy JSON Schema is in a reference table (`<!-- schema: Model ... -->`
+  before it) with its real default and every allowed value.
 - docs/settings.md: the same against Settings.model_json_schema(), examples through
   load_settings.
 - docs/cli.md: every subcommand's --help runs and every flag it lists is in the doc.

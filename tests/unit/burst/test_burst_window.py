@@ -47,3 +47,28 @@ def test_memory_per_key_matches_the_documented_bound() -> None:
     tracemalloc.stop()
     assert len(w) == 5_000
     assert used / 5_000 < 600, f"{used / 5_000:.0f} bytes per key"
+
+
+def test_campaign_memory_per_distinct_message_matches_the_documented_bound() -> None:
+    """window.py promises about 5.6 KB per distinct message in campaign state (33 link keys, a variant,
+    a campaign) and a cap on links; measure both."""
+    import random
+    import tracemalloc
+
+    from queueguard.burst.campaign import Sighting, link_keys
+
+    rng = random.Random(1)
+    signatures = [bytes(rng.getrandbits(8) for _ in range(128)) for _ in range(2_000)]
+    seen = [Sighting(s, link_keys(s), (("subject+links", f"sl:{rng.getrandbits(64):016x}"),)) for s in signatures]
+    w = MemoryWindow()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i, s in enumerate(seen):
+        w.link_now("same-body-wave:", s, 600, 1000.0 + i)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert used / len(seen) < 6_500, f"{used / len(seen):.0f} bytes per distinct message"
+    small = MemoryWindow(max_keys=1_000)
+    for i, s in enumerate(seen):
+        small.link_now("r:", s, 600, 1000.0 + i)
+    assert len(small._links) <= 1.1 * small.max_links and len(small._variants) <= small.max_links // 16
