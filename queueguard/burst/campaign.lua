@@ -87,7 +87,9 @@ for _, f in ipairs(found) do
 end
 while #pending > max_pending do table.remove(pending, 1) end
 local links = {}
-for _, f in ipairs(found) do table.insert(links, f) end
+for _, f in ipairs(found) do
+  if f[1] ~= own or f[2] == 'text' or f[2] == 'shape' then table.insert(links, f) end
+end
 for _, item in ipairs(pending) do
   local vid, why = string.match(item, '([^|]+)|(.+)')
   local v = redis.call('HMGET', P .. 'v:' .. vid, 'n', 'c')

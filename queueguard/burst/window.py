@@ -172,7 +172,7 @@ class MemoryWindow:
         for vid, why in found:
             if why not in (TEXT, SHAPE) and vid != own_id and (vid, why) not in own.pending:
                 own.pending = [*own.pending, (vid, why)][-PENDING:]
-        links = [(v, why) for (_vid, why), v in found.items()]
+        links = [(v, why) for (vid, why), v in found.items() if vid != own_id or why in (TEXT, SHAPE)]
         links += [(v, why) for vid, why in own.pending if (v := self._variants.get(vid)) is not None]
         camps: dict[str, _Campaign] = {}
         signals: set[str] = set()

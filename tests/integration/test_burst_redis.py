@@ -73,7 +73,8 @@ async def test_redis_down_falls_back_or_tempfails(redis_server: RedisServer, cli
 
 async def test_redis_links_campaigns_like_memory(client: Redis) -> None:
     """campaign.lua and MemoryWindow.link_now apply the same rules: the same messages in the same order
-    give the same campaign counts, variants and signals (ids differ: they are random)."""
+    (two campaigns of variants, distinct mail, text-less image spam counted by its shape) give the same
+    campaign counts, variants and signals (ids differ: they are random)."""
     from bench.corpus import distinct
     from queueguard.burst.campaign import sighting
     from queueguard.burst.fingerprint import fingerprints, subject_skeleton
@@ -81,7 +82,10 @@ async def test_redis_links_campaigns_like_memory(client: Redis) -> None:
 
     rng = random.Random(9)
     variants = [campaign(random.Random(seed), f"v{seed}", 6) for seed in (21, 22)]
+    image_spam = [b"Subject: Cheap meds %d\r\nContent-Type: text/html\r\n\r\n<a href='http://x%d.pharma.example/'>"
+                  b"<img src='http://img.pharma.example/a.gif'></a>\r\n" % (i, i) for i in range(6)]
     stream = [m.raw for pair in zip(*variants, strict=True) for m in pair] + [m.raw for m in distinct(rng, 20)]
+    stream += image_spam
     rng.shuffle(stream)
     memory, shared = MemoryWindow(), RedisWindow(client)
     for i, raw in enumerate(stream):

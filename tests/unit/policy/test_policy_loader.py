@@ -9,7 +9,7 @@ import pytest
 
 from queueguard.model import Connection, Transaction
 from queueguard.policy.check import run_check, schema_json
-from queueguard.policy.loader import PolicyError, PolicyIssue, compile_regex, load_policy_dir
+from queueguard.policy.loader import PolicyError, PolicyIssue, compile_regex, load_policy_dir, load_policy_dir_warned
 from queueguard.policy.match import rule_applies
 
 REPO = Path(__file__).resolve().parents[3]
@@ -290,3 +290,43 @@ def test_message_conditions_refused_on_rate_limits(tmp_path: Path) -> None:
     issue = one_issue(tmp_path)
     assert issue.line == 6 and "ratelimits[0].unless.list_traffic" in issue.message
     assert "bursts or patterns" in issue.message
+
+
+BURST = """\
+bursts:
+  - name: wave
+    threshold: 40 in 10m
+"""
+
+
+def test_header_only_exemptions_load_with_a_warning_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path, a_yaml=BURST + "    exempt_list_traffic: true\n    exempt_replies: true\n"
+                                   "    unless:\n      - {list_traffic: true}\n      - {sender_in: [x.example]}\n"
+                                   "    only: {reply: false}\n")
+    _, warnings = load_policy_dir_warned(tmp_path)
+    where = [(w.line, w.message.split(":")[1].strip()) for w in warnings]
+    assert where == [(4, "bursts[0].exempt_list_traffic"), (5, "bursts[0].exempt_replies"),
+                     (9, "bursts[0].only.reply"), (7, "bursts[0].unless[0].list_traffic")]
+    assert all(w.message.startswith("warning: ") and "any sender can write that header" in w.message
+               for w in warnings)
+    assert run_check(None, tmp_path) == 0  # still a valid policy: check warns, exits 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 5 and out[-1].endswith("1 burst, 0 patterns, 4 warnings; settings: defaults (no --settings)")
+
+
+def test_configured_exemptions_and_header_conditions_that_judge_nothing_away_do_not_warn(tmp_path: Path) -> None:
+    write(tmp_path, a_yaml="lists:\n  trusted: [lists.example.org]\n" + BURST
+          + "    unless: [{list_id_in: trusted}, {authenticated: true}]\n    only: {list_traffic: true}\n")
+    assert load_policy_dir_warned(tmp_path)[1] == []
+
+
+def test_unless_list_items_are_checked_with_their_lines(tmp_path: Path) -> None:
+    write(tmp_path, a_yaml=BURST + "    unless:\n      - {sender_in: bulk}\n      - {list_id_in: [\"a b\"]}\n")
+    found = sorted((i.line, i.message.split(":")[0]) for i in issues_of(tmp_path))
+    assert found == [(5, "bursts[0].unless[0].sender_in"), (6, "bursts[0].unless[1].list_id_in[0]")]
+
+
+def test_list_id_in_is_refused_on_rate_limits(tmp_path: Path) -> None:
+    write(tmp_path, a_yaml=RULE + "    unless:\n      list_id_in: [lists.example.org]\n")
+    issue = one_issue(tmp_path)
+    assert issue.line == 6 and "ratelimits[0].unless.list_id_in" in issue.message

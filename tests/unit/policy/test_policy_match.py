@@ -148,3 +148,24 @@ def test_matchers_are_compiled_once_per_policy_and_freed_with_it() -> None:
     del p, cp, cond
     gc.collect()
     assert key not in match._cache
+
+
+@pytest.mark.parametrize(("entry", "header", "expected"), [
+    ("lists.example.org", "Team <team.lists.example.org>", True),   # a domain covers its lists
+    ("team.lists.example.org", "<team.lists.example.org>", True),
+    ("team.lists.example.org", "<other.lists.example.org>", False),
+    ("*.lists.example.org", "TEAM.Lists.Example.org", True),        # globs, any case, brackets optional
+    ("lists.example.org", "<lists.example.org.evil.example>", False),
+    ("lists.example.org", None, False),                             # no List-Id: nothing to match
+])
+def test_list_id_in_matches_the_bracketed_id(entry: str, header: str | None, expected: bool) -> None:
+    p = policy({"unless": {"list_id_in": [entry]}})
+    assert rule_applies(p.ratelimits[0], p, txn(), None, Parsed(list_id=header)) is not expected
+
+
+def test_unless_list_skips_the_rule_when_any_condition_matches() -> None:
+    p = policy({"unless": [{"sender_in": ["*@news.example.org"]}, {"list_id_in": ["lists.example.org"]}]})
+    rule = p.ratelimits[0]
+    assert not rule_applies(rule, p, txn(sender="a@news.example.org"), None, Parsed())
+    assert not rule_applies(rule, p, txn(), None, Parsed(list_id="<team.lists.example.org>"))
+    assert rule_applies(rule, p, txn(), None, Parsed(list_id="<offers.spam.example>"))
