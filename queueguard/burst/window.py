@@ -10,22 +10,25 @@ dropped (a dropped key can only under-count, never invent a burst). Measured
 on CPython 3.11: about 370 bytes per key with one live bucket, 540 with all
 ten, so the default 50,000 keys stay under ~27 MiB (these are the exact
 counts of `subject`, `url_hosts` and `attachment` rules, a key or a few per
-message), and a live burst is never the least recently touched key. The Redis backend keeps the
-same buckets in one hash per key with a TTL of one window, so its memory is
-bounded by the keys seen in one window (plus Redis's own maxmemory policy);
-two MX hosts pointed at the same Redis count together.
+message), and a live burst is never the least recently touched key. The
+Redis backend keeps the same buckets in one hash per key with a TTL of one
+window, so its memory is bounded by the keys seen in one window (plus
+Redis's own maxmemory policy); two MX hosts pointed at the same Redis count
+together.
 
-Both backends also keep campaigns for `body` rules (campaign.py says how messages link): link keys
-pointing at variants, variants (signature, copies, campaign) and campaigns (first sight, buckets,
-signals). In memory a distinct message costs about 5.6 KB (33 link keys, its variant and
-campaign; measured in tests/unit/burst/test_burst_window.py; copies of a variant add almost
-nothing); links are capped at 4 x `max_keys` (the links of the last ~6,000 distinct messages,
-~35 MB), variants and campaigns at a sixteenth of that each, least recently touched dropped
-first (a dropped entry can only split a campaign, never invent one), and entries older than the
-window are ignored. Sites whose distinct mail in one window is more than that should use Redis,
-where a distinct message is ~35 keys (mostly short strings) that expire a window later. In Redis they are keys with a
-TTL of one window, refreshed on use, and one Lua script (campaign.lua) links and counts a message
-atomically, so MX hosts sharing Redis build the same campaigns.
+Both backends also keep campaigns for `body` rules (campaign.py says how
+messages link): link keys pointing at variants, variants (signature, copies,
+campaign) and campaigns (first sight, buckets, signals). In memory a distinct
+message costs about 5.6 KB (33 link keys, its variant and campaign; measured
+in tests/unit/burst/test_burst_window.py; copies of a variant add almost
+nothing); links are capped at 4 x `max_keys` (the links of the last ~6,000
+distinct messages, ~35 MB), variants and campaigns at a sixteenth of that
+each, least recently touched dropped first (a dropped entry can only split a
+campaign, never invent one), and entries older than the window are ignored.
+In Redis a distinct message is ~35 short keys with a TTL of one window,
+refreshed on use, and one Lua script (campaign.lua) links and counts a
+message atomically, so MX hosts sharing Redis build the same campaigns.
+Sites with more distinct mail in one window than memory keeps should use Redis.
 """
 
 from __future__ import annotations
@@ -102,6 +105,20 @@ class _Campaign:
     signals: set[str] = field(default_factory=set)
     buckets: dict[int, int] = field(default_factory=dict)
     merged_into: str | None = None
+
+
+def _merge(camps: list[_Campaign]) -> _Campaign:
+    """Campaigns one message linked become the earliest (its id and first sight stay; counts,
+    variants and signals add up); the others point at it."""
+    target = min(camps, key=lambda c: (c.first, c.id))
+    for other in camps:
+        if other is not target:
+            for b, n in other.buckets.items():
+                target.buckets[b] = target.buckets.get(b, 0) + n
+            target.variants += other.variants
+            target.signals |= other.signals
+            other.buckets, other.merged_into = {}, target.id
+    return target
 
 
 class MemoryWindow:
@@ -185,14 +202,7 @@ class MemoryWindow:
             first = _Campaign(new_id(), now, now)
             camps[first.id] = first
             self._campaigns[first.id] = first
-        target = min(camps.values(), key=lambda c: (c.first, c.id))
-        for other in camps.values():
-            if other is not target:
-                for b, n in other.buckets.items():
-                    target.buckets[b] = target.buckets.get(b, 0) + n
-                target.variants += other.variants
-                target.signals |= other.signals
-                other.buckets, other.merged_into = {}, target.id
+        target = _merge(list(camps.values()))
         if own.campaign != target.id and not same:
             target.variants += 1
         own.campaign, own.last = target.id, now
