@@ -13,7 +13,8 @@ Then legitimate waves: 100 copies of a real newsletter from a configured bulk se
 carrying a List-Id from the policy's trusted list.
 
 Reported per wave: copies held of the 60 past the threshold (copies held before the 41st count
-too: two campaigns that share text add up); ham held; the legitimate waves' held counts.
+too: two campaigns that share text add up); ham held; the legitimate waves' held counts; and the
+CPU cost, in this process, of fingerprints() and of linking in memory over the as-sent stream.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +32,10 @@ from typing import Any
 import yaml
 
 from bench import spamassassin as sa
+from queueguard.burst.campaign import sighting
+from queueguard.burst.fingerprint import fingerprints, subject_skeleton
+from queueguard.burst.window import MemoryWindow
+from queueguard.mime import parse_message
 from tests.components.guard import Guard
 from tests.components.sink import SmtpSink
 
@@ -79,6 +85,26 @@ def summarise(outcomes: list[sa.Outcome], n_waves: int, limit: int) -> dict[str,
     }
 
 
+def cost(sends: list[sa.Send]) -> dict[str, float]:
+    """Median CPU ms (of 3 passes) per 10 KB for fingerprints(), and per message for in-memory linking."""
+    parsed = [parse_message(s.raw) for s in sends]
+    per10k = sum(len(s.raw) for s in sends) / 10240
+    fp_runs, link_runs = [], []
+    for _ in range(3):
+        start = time.process_time()
+        fps = [fingerprints(p) for p in parsed]
+        fp_runs.append((time.process_time() - start) / per10k * 1e3)
+        seen = [sighting(f, subject_skeleton(p.subject), p.url_hosts) for f, p in zip(fps, parsed, strict=True)]
+        window, start = MemoryWindow(), time.process_time()
+        for i, one in enumerate(seen):
+            if one:
+                window.link_now("r:", one, 600, 1000.0 + i * 0.01)
+        link_runs.append((time.process_time() - start) / len(sends) * 1e3)
+    return {"fingerprints_ms_per_10kb": round(statistics.median(fp_runs), 3),
+            "link_ms_per_message": round(statistics.median(link_runs), 3),
+            "mean_kib": round(per10k * 10 / len(sends), 1)}
+
+
 def legit_waves(ham: list[sa.Mail], rng: random.Random) -> list[sa.Send]:
     """A real newsletter (the first dev ham message with List-Unsubscribe) sent as 100 copies by a
     configured bulk sender, and 100 copies with a trusted List-Id from another sender."""
@@ -126,6 +152,12 @@ def main() -> None:
         print(f"  per wave: {r['per_wave']}")
         print(f"  ham held {r['ham_held']} of {r['ham_sent']} (deferred {r['ham_deferred']}; refused by SMTP for "
               f"lines over 1000 octets {r['ham_refused_line_too_long']})")
+        if label == "as_sent":
+            results["cost"] = cost(sends)
+            c = results["cost"]
+            print(f"  cost in this process, {c['mean_kib']} KiB mean: fingerprints() "
+                  f"{c['fingerprints_ms_per_10kb']} ms per 10 KB; linking (memory) {c['link_ms_per_message']} ms "
+                  "per message")
     outcomes, _ = run_guard(legit_waves(ham, random.Random(args.seed)))
     results["legit"] = {
         "bulk_sender_held": sum(o.held for o in outcomes if o.send.wave == -1),

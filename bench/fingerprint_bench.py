@@ -1,6 +1,6 @@
 """Burst detection on the generated corpus: recall, false positives, and cost per message.
 
-Run: .venv/bin/python -m bench.fingerprint_bench [--seed N] [--threshold 40]
+Run: .venv/bin/python -m bench.fingerprint_bench [--seed N] [--threshold 40] [--against REF]
 
 Feeds the corpus (bench/corpus.py) in one arrival order through BurstCheck
 with in-memory counts, all inside one 10-minute window, and reports:
@@ -10,6 +10,8 @@ recall = campaign copies held / copies after the threshold (the first
 for the notification stream and the newsletter and a trusted List-Id for the list (what an
 admin configures), and without any exemption (what they save).
 Cost: parse_message and fingerprints() per message and per 10 KB of message.
+With --against REF (a git revision), fingerprints() of REF's fingerprint.py is timed in the same
+process, alternating with the current one, so the ratio holds even on a busy box.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ import argparse
 import asyncio
 import random
 import statistics
+import subprocess
+import sys
 import time
+import types
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 
 from bench.corpus import Sample, campaign, corpus
 from queueguard.burst.check import BurstCheck
@@ -29,6 +36,8 @@ from queueguard.mime import ParsedMessage, parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
 from queueguard.stage import MessageContext
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def policy(threshold: int, exemptions: bool) -> Policy:
@@ -70,10 +79,32 @@ def timed(fn: object, items: list[object], repeat: int = 3) -> float:
     return statistics.median(runs)
 
 
+def fingerprints_at(ref: str) -> Callable[[ParsedMessage], object]:
+    """fingerprints() of queueguard/burst/fingerprint.py as it is at git revision `ref`."""
+    source = subprocess.run(["git", "show", f"{ref}:queueguard/burst/fingerprint.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"fingerprint_at_{ref}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{ref}:fingerprint.py", "exec"), module.__dict__)  # our own file, at another commit
+    found: Callable[[ParsedMessage], object] = module.fingerprints
+    return found
+
+
+def compare(ref: str, parsed: list[ParsedMessage], size: int, rounds: int = 9) -> tuple[float, float]:
+    """(REF's, current) median CPU ms per 10 KB, measured alternately."""
+    theirs, ours = fingerprints_at(ref), fingerprints
+    runs: dict[str, list[float]] = {"theirs": [], "ours": []}
+    for _ in range(rounds):
+        for name, fn in (("theirs", theirs), ("ours", ours)):
+            runs[name].append(timed(fn, parsed, repeat=1) / (size / 10240) * 1e3)  # type: ignore[arg-type]
+    return statistics.median(runs["theirs"]), statistics.median(runs["ours"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threshold", type=int, default=40)
+    ap.add_argument("--against", metavar="REF", help="also time fingerprints() of this git revision, alternately")
     args = ap.parse_args()
 
     samples = corpus(seed=args.seed)
@@ -109,6 +140,10 @@ def main() -> None:
     t_parse = timed(parse_message, big) / len(big)  # type: ignore[arg-type]
     print(f"  {size / 1024:.1f} KiB campaign copies: parse {t_parse * 1e3:.3f} ms, fingerprints {t_fp * 1e3:.3f} ms "
           f"({t_fp * 1e3 / (size / 10240):.3f} ms per 10 KB)")
+    if args.against:
+        theirs, ours = compare(args.against, big_parsed, sum(len(r) for r in big))
+        print(f"  same copies, alternating: {args.against} {theirs:.3f}, this tree {ours:.3f} ms per 10 KB "
+              f"({ours / theirs:.2f} x)")
 
 
 if __name__ == "__main__":
