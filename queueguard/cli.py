@@ -50,13 +50,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from queueguard.policy.check import run_check
+    from queueguard.check import run_check
 
     return run_check(args.settings, args.policies)
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from queueguard.policy.check import schema_json
+    from queueguard.check import schema_json
 
     print(schema_json())
     return 0

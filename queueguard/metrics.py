@@ -103,11 +103,13 @@ ratelimit_keys_tracked = Gauge(P + "ratelimit_keys_tracked", "Keys held by the i
 ratelimit_evictions = Counter(
     P + "ratelimit_evictions_total", "Live keys dropped because the in-process limiter hit its key cap"
 )
-ratelimit_backend_errors = Counter(
-    P + "ratelimit_backend_errors_total", "Failed calls to the shared rate-limit state", ["backend"]
+
+# --- shared state (Redis) of rate limits and burst counts ----------------------
+state_errors = Counter(
+    P + "state_errors_total", "Failed calls to the shared state, by component", ["component", "backend"]
 )
-ratelimit_fallback_active = Gauge(
-    P + "ratelimit_fallback_active", "1 while the in-process limiter stands in for the shared state"
+state_fallback_active = Gauge(
+    P + "state_fallback_active", "1 while in-process state stands in for the shared state", ["component"]
 )
 
 # --- scan: clamd client, admission gate, pressure governor, clamd health -------
@@ -120,6 +122,9 @@ scan_waiting = Gauge(P + "scan_waiting", "Messages waiting for a scan slot")
 scan_limit = Gauge(P + "scan_concurrency_limit", "Current (adaptive, pressure-capped) scan concurrency limit")
 scan_gate_refused = Counter(P + "scan_gate_refused_total", "Scan slots refused by the gate", ["reason"])
 scan_deferrals = Counter(P + "scan_deferrals_total", "Mail deferred by the scan stage, by reason", ["reason"])
+pressure_deferrals = Counter(
+    P + "pressure_deferrals_total", "Connections and mail deferred under memory pressure, by reason", ["reason"]
+)
 pressure_level = Gauge(P + "pressure_level", "Memory pressure level: 0 normal, 1 soften, 2 shed")
 pressure_sensor = Gauge(P + "pressure_sensor", "Last value read from each pressure sensor", ["sensor"])
 pressure_level_changes = Counter(P + "pressure_level_changes_total", "Pressure level changes", ["level"])

@@ -11,8 +11,9 @@ these keys and prints "n/a" for any that are missing or null, so a daemon
 without, say, clamd or a Mailman watcher still renders:
 
     node, time        str; float unix seconds (else queuewatch.time)
-    scan              ScanCheck.status(): {"level": "normal"|"soften"|"shed", "reason": str,
-                      "sensors": {name: number}, "gate": {"in_flight", "waiting", "limit"},
+    pressure          the governor (admission at the door, scanning or not):
+                      {"level": "normal"|"soften"|"shed", "reason": str, "sensors": {name: number}}
+    scan              ScanCheck.status() (null without clamd): {"gate": {"in_flight", "waiting", "limit"},
                       "clamd_up": bool, "breaker": "closed"|..., "clamd_stats": {"queue": int, ...}}
     ratelimit         {"top": [{"key": recipient, "rule": str, "count": int}]} (or the list itself),
                       most-limited first
@@ -179,9 +180,9 @@ def readiness(status: dict[str, object]) -> tuple[bool, list[str]]:
             routes[route] = routes.get(route, False) or bool(d.get("up"))
     problems = [f"route {route} has no downstream up" for route, up in sorted(routes.items()) if not up]
     ready = routes.get("default", True)
-    scan = status.get("scan")
-    if isinstance(scan, dict) and scan.get("level") == "shed":
-        problems.append(f"scanner shedding load ({scan.get('reason') or 'memory pressure'})")
+    pressure = status.get("pressure")
+    if isinstance(pressure, dict) and pressure.get("level") == "shed":
+        problems.append(f"shedding load under memory pressure ({pressure.get('reason') or 'memory pressure'})")
         ready = False
     return ready, problems
 

@@ -6,7 +6,7 @@ safe loader. Each file is validated on its own, so pydantic's error paths map
 onto that file's YAML nodes and every error gets a `file:line`. Then the
 files are merged: `lists` by name (a name defined twice is an error), rule
 lists concatenate in file order, rule names are unique across all files and
-kinds, `scan` and `state` may appear in one file only. Cross-checks that need
+kinds, `scan`, `pressure` and `state` may appear in one file only. Cross-checks that need
 the whole policy (list names exist, CIDRs parse, RE2 regexes compile,
 rate-limit keys parse) run last and also point at lines.
 """
@@ -31,7 +31,7 @@ from queueguard.policy.schema import BurstRule, Condition, PatternRule, Policy, 
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 RULE_SECTIONS = ("ratelimits", "bursts", "patterns")
-SINGLE_SECTIONS = ("scan", "state")
+SINGLE_SECTIONS = ("scan", "pressure", "state")
 ADDRESS_FIELDS = ("sender_in", "recipient_in", "helo_in")
 
 Loc = tuple[str | int, ...]

@@ -145,8 +145,17 @@ class SizeLevels(Strict):
     shed: Size
 
 
+class SoftenPolicy(Strict):
+    """What changes at the soften level (shed defers all new mail)."""
+
+    scan_concurrency: int = Field(default=1, ge=1, description="clamd scans at once (when scanning)")
+    defer_larger_than: Size = 1_000_000
+    defer_rate_limited: bool = True
+
+
 class PressurePolicy(Strict):
-    """Thresholds per sensor; the worst sensor sets the level. Omit a sensor to ignore it."""
+    """Thresholds per sensor; the worst sensor sets the level. Omit a sensor to ignore it.
+    Applies whether or not clamd scanning is on: it protects the host."""
 
     psi_memory_some_avg10: Levels | None = Levels(soften=10, shed=40)
     mem_available_below: SizeLevels | None = None
@@ -155,12 +164,7 @@ class PressurePolicy(Strict):
     hysteresis: float = Field(
         default=0.8, gt=0, le=1, description="leave a level when below threshold x this")
     hold: Duration = Field(default=10.0, description="minimum time at a level before stepping down")
-
-
-class SoftenPolicy(Strict):
-    max_concurrent: int = Field(default=1, ge=1)
-    defer_larger_than: Size = 1_000_000
-    defer_rate_limited: bool = True
+    soften: SoftenPolicy = SoftenPolicy()
 
 
 class ScanPolicy(Strict):
@@ -170,8 +174,6 @@ class ScanPolicy(Strict):
     adaptive: bool = True
     max_waiting: int = Field(default=32, ge=0)
     max_wait: Duration = 5.0
-    pressure: PressurePolicy = PressurePolicy()
-    soften: SoftenPolicy = SoftenPolicy()
 
 
 class StatePolicy(Strict):
@@ -189,4 +191,5 @@ class Policy(Strict):
     bursts: list[BurstRule] = Field(default_factory=list)
     patterns: list[PatternRule] = Field(default_factory=list)
     scan: ScanPolicy = ScanPolicy()
+    pressure: PressurePolicy = PressurePolicy()
     state: StatePolicy = StatePolicy()

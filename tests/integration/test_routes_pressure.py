@@ -27,7 +27,7 @@ from tests.integration.test_routes_proxy import MX_POLICY, contrib, mx_settings,
 
 pytestmark = pytest.mark.integration
 
-TICKET_POLICY = {"quiet.yaml": "scan:\n  pressure:\n    psi_memory_some_avg10: null\n"}
+TICKET_POLICY = {"quiet.yaml": "pressure:\n  psi_memory_some_avg10: null\n"}
 BOUND = 12.0  # seconds: publish every 2 s + read every 2 s (shipped), with room for a loaded box
 
 
@@ -125,7 +125,7 @@ def test_ticket_host_shed_defers_its_route_on_the_mx_and_clears(
         accepted = 1 + on_the_way
         assert code == 451 and text.startswith("4.3.2 ") and "under memory pressure" in text
         assert "(route:tickets)" in text
-        published = status(ticket)["pressure"]
+        published = status(ticket)["published_pressure"]
         assert (published["level"], published["governor"], published["forced"]) == ("shed", "normal", "shed")
         assert published["node"] == "ticket1001" and "forced by" in published["reason"]
         assert mx.metric("queueguard_route_pressure_level", route="tickets") == 2

@@ -27,16 +27,14 @@ from typing import TYPE_CHECKING
 
 from queueguard import metrics
 from queueguard.policy.schema import Policy
+from queueguard.pressure.governor import Governor
 from queueguard.redis_client import BACKGROUND, connect
 from queueguard.routing import LEVELS, PressureReport, PressureSource
-from queueguard.scan.governor import Governor
-from queueguard.scan.sensors import default_sensors
 from queueguard.settings import Settings
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from queueguard.scan.check import ScanCheck
 
 log = logging.getLogger("queueguard.pressure")
 
@@ -78,15 +76,14 @@ def parse_report(doc: object, where: str) -> PressureReport:
 
 
 def report_from_status(doc: object, where: str) -> PressureReport:
-    """From another queueguard's /status.json: its `pressure` report, else its scan level."""
+    """From another queueguard's /status.json: what it publishes (`published_pressure`: its
+    governor or a forced level, with its queue), else its governor's `pressure` level."""
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: status is not a JSON object")
-    if isinstance(doc.get("pressure"), dict):
-        return parse_report(doc["pressure"], where)
-    scan = doc.get("scan")
-    if isinstance(scan, dict) and "level" in scan:
-        return parse_report({"level": scan["level"]}, where)
-    raise ValueError(f"{where}: no 'pressure' report and no 'scan' level in the status")
+    for key in ("published_pressure", "pressure"):
+        if isinstance(doc.get(key), dict):
+            return parse_report(doc[key], where)
+    raise ValueError(f"{where}: no 'published_pressure' or 'pressure' in the status")
 
 
 def queue_total(snapshot: dict[str, object]) -> int | None:
@@ -180,26 +177,15 @@ class PressurePublisher:
 
 
 def publisher_from_settings(settings: Settings, policy: Callable[[], Policy],
-                            scan: ScanCheck | None) -> PressurePublisher | None:
-    """The publisher `publish_pressure` asks for; its level is the scan stage's governor, or
-    (scan disabled) a governor of our own over the same sensors and policy thresholds."""
+                            governor: Governor) -> PressurePublisher | None:
+    """The publisher `publish_pressure` asks for; its level is this host's governor (the one
+    admission at the door uses), judged by the running policy's thresholds."""
     pub = settings.publish_pressure
     if pub is None:
         return None
-    governor: Governor
-    if scan is not None:
-        governor, scan_check = scan.governor, scan
 
-        def level() -> str:
-            current = policy()
-            if current.scan is not scan_check.policy:  # as ScanCheck does at RCPT: thresholds of this policy
-                scan_check.set_policy(current)
-            return governor.level.label
-    else:
-        governor = Governor(default_sensors(None, settings.clamd.memory_cgroup), clock=time.monotonic)
-
-        def level() -> str:
-            return governor.current(policy().scan.pressure).label
+    def level() -> str:
+        return governor.current(policy().pressure).label
 
     redis = connect(settings.state, BACKGROUND) if settings.state != "memory" else None
     return PressurePublisher(

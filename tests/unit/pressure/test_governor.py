@@ -9,7 +9,7 @@ import pytest
 
 from queueguard import metrics
 from queueguard.policy.schema import Levels, PressurePolicy, SizeLevels
-from queueguard.scan.governor import Governor, Level, Threshold, decide, sensor_level, thresholds
+from queueguard.pressure.governor import Governor, Level, Threshold, decide, sensor_level, thresholds
 from queueguard.scan.health import BreakerState, CircuitBreaker
 
 MiB = 1024 * 1024

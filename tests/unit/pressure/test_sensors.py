@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from queueguard.scan.sensors import (
+from queueguard.pressure.sensors import (
     CgroupMemorySensor,
     ClamdRssSensor,
     MemAvailableSensor,

@@ -9,6 +9,7 @@ Stepping up is immediate: pressure is what we must react to fast.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -16,9 +17,9 @@ from dataclasses import dataclass
 
 from queueguard import metrics
 from queueguard.policy.schema import PressurePolicy
-from queueguard.scan.sensors import Sensor
+from queueguard.pressure.sensors import PsiTrigger, Sensor
 
-log = logging.getLogger("queueguard.scan")
+log = logging.getLogger("queueguard.pressure")
 
 
 class Level(enum.IntEnum):
@@ -137,6 +138,30 @@ class Governor:
         self.level, self.reason, self._changed_at = target, why, now
         metrics.pressure_level.set(int(target))
         metrics.pressure_level_changes.labels(target.label).inc()
+
+    async def watch(self, policy: Callable[[], PressurePolicy], trigger: PsiTrigger | None = None) -> None:
+        """Sample every `interval` seconds, woken early by a PSI trigger where the kernel has one,
+        so the level rises within one interval of pressure even with no mail arriving."""
+        if trigger is not None:
+            try:
+                trigger.open()
+            except OSError as e:
+                log.info("PSI trigger on %s unavailable (%s): polling every %gs", trigger.path, e, self.interval)
+                trigger = None
+        try:
+            while True:
+                self.update(policy())
+                if trigger is None:
+                    await asyncio.sleep(self.interval)
+                    continue
+                try:
+                    async with asyncio.timeout(self.interval):
+                        await trigger.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            if trigger is not None:
+                trigger.close()
 
     def status(self) -> dict[str, object]:
         return {"level": self.level.label, "reason": self.reason, "sensors": dict(self.readings)}
