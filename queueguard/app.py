@@ -217,6 +217,8 @@ async def _recover_quarantine(store: QuarantineStore) -> None:
         return
     if any(done.values()):
         log.warning("quarantine recovery in %s: %s", store.dir, done)
+    else:
+        log.info("quarantine %s: index open, nothing to recover", store.dir)
 
 
 def expire_quarantine(store: QuarantineStore, retention: float, now: float) -> int:

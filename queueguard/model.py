@@ -8,6 +8,7 @@ imports from the rest of the project.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ T = TypeVar("T")
 
 
 _random = random.Random()  # seeded from os.urandom; a syscall per id costs 2 % of the proxy's CPU
+# A forked worker would otherwise draw the parent's sequence: two workers, the same ids in the same
+# millisecond, one quarantine directory (only the module-level `random` reseeds itself at fork).
+os.register_at_fork(after_in_child=_random.seed)
 
 
 def new_id() -> str:
