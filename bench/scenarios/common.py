@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from queueguard.harness.exim import LOCAL_DOMAIN, Exim
 from queueguard.quarantine.store import QuarantineStore
 from queueguard.replay.alerts import AlertOutcome, evaluate
 from queueguard.replay.report import Summary, percentile
 from queueguard.replay.scrape import Scrape
-from tests.components.exim import LOCAL_DOMAIN, Exim
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "contrib" / "prometheus" / "queueguard-alerts.yml"

@@ -30,11 +30,11 @@ from bench.scenarios.common import (
     simple,
     subdir,
 )
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
 from queueguard.replay.alerts import metric_names
 from queueguard.replay.report import Summary, account, missing
 from queueguard.replay.scrape import Recorder
-from tests.components.exim import Exim
-from tests.components.guard import Guard
 
 INCIDENT = "2014-07-14 lists server out of inodes"
 SCRAPE = 0.5

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from bench.scenarios.common import RULES, SendingExim, check_alerts, inject, replay_id, simple, subdir
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from queueguard.replay.alerts import metric_names
 from queueguard.replay.report import Summary, account, missing
 from queueguard.replay.scrape import Recorder
-from tests.components.guard import Guard
-from tests.components.sink import RecordingSink
 
 INCIDENT = "2021-12-03 mx2001 outbound queue stuck"
 SCRAPE = 0.5

@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 from bench.scenarios.common import RULES, check_alerts, replay_id, simple, subdir
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from queueguard.queuewatch.system import DEFAULT_MAILMAN_RUNNERS
 from queueguard.replay.alerts import metric_names
 from queueguard.replay.report import Summary, account, missing
 from queueguard.replay.scrape import Recorder
-from tests.components.guard import Guard
-from tests.components.sink import RecordingSink
 
 INCIDENT = "2023-03-09 lists1001 Mailman out runner crashed"
 SCRAPE = 0.5

@@ -53,12 +53,12 @@ from bench.scenarios.common import (
     subdir,
     tag,
 )
+from queueguard.harness.clamd import Clamd, eicar
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
 from queueguard.replay.cgroup import MemoryGroup
 from queueguard.replay.report import Summary, account, missing
 from queueguard.replay.scrape import Recorder
-from tests.components.clamd import Clamd, eicar
-from tests.components.exim import Exim
-from tests.components.guard import Guard
 
 INCIDENT = "2022-10-17 mx1001/otrs1001 spam wave to info@, clamd OOM-killed"
 LIMIT = 512 * 1024 * 1024
