@@ -76,8 +76,8 @@ def exim_binary() -> Path:
     if named:
         binary = Path(named) / _IN_ROOT
         if not binary.is_file():
-            raise EximError(f"{EXIM_ROOT_ENV}={named}: no {_IN_ROOT} under it (give an unpacked "
-                            "exim4-daemon-heavy tree, such as a checkout's .deps/exim/root)")
+            raise EximError(f"Exim root {named} (--exim-root, ${EXIM_ROOT_ENV}): no {_IN_ROOT} under it; give "
+                            "an unpacked exim4-daemon-heavy tree, such as a checkout's .deps/exim/root")
         return binary
     checkout = _SOURCE_TREE / ".deps" / "exim" / "root" / _IN_ROOT
     if (_SOURCE_TREE / "pyproject.toml").is_file() and checkout.is_file():

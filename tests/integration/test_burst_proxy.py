@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.corpus import campaign, distinct
 from queueguard.harness.guard import Guard
 from queueguard.harness.sink import RecordingSink
 from queueguard.quarantine import QuarantineStore
+from queueguard.replay.corpus import campaign, distinct
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = """

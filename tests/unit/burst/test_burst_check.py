@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from bench.corpus import campaign, mailing_list, notifications
 from queueguard.burst.check import BurstCheck
 from queueguard.burst.window import MemoryWindow
 from queueguard.mime import parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
+from queueguard.replay.corpus import campaign, mailing_list, notifications
 from queueguard.stage import MessageContext, StageResult
 from queueguard.verdict import Action
 
