@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from bench.corpus import campaign
 from queueguard.burst.check import BurstCheck
 from queueguard.burst.window import RedisWindow
 from queueguard.mime import parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
+from queueguard.replay.corpus import campaign
 from queueguard.stage import MessageContext, StateUnavailable
 from queueguard.verdict import Action
 from tests.components.redis import RedisServer

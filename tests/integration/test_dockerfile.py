@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from queueguard import web
+from queueguard.harness.ports import free_port
 from queueguard.settings import QuarantineSettings, Settings, split_hostport
-from tests.components.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from queueguard.harness.clamd import FOUND, Clamd, eicar
+from queueguard.harness.guard import Guard
+from queueguard.harness.ports import free_port
 from tests.components import miltertest
-from tests.components.clamd import FOUND, Clamd, eicar
-from tests.components.guard import Guard
-from tests.components.ports import free_port
 
 pytestmark = pytest.mark.integration
 

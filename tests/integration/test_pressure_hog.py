@@ -27,14 +27,14 @@ from typing import Any
 
 import pytest
 
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Levels, Policy, PressurePolicy
 from queueguard.pressure.admission import Admission
 from queueguard.pressure.governor import Governor, Level
 from queueguard.pressure.sensors import CgroupMemorySensor, own_cgroup
 from queueguard.stage import RcptContext
-from tests.components.guard import Guard
-from tests.components.sink import RecordingSink
 
 pytestmark = pytest.mark.integration
 

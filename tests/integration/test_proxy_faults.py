@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
+from queueguard.harness.ports import free_port
+from queueguard.harness.sink import RecordingSink
 from queueguard.relay import proxy_header
-from tests.components.exim import Exim
-from tests.components.guard import Guard
-from tests.components.ports import free_port
-from tests.components.sink import RecordingSink
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.components.guard import REPO, Guard
+from queueguard.harness.guard import Guard
 
 pytestmark = pytest.mark.integration
 STARTS = 20
@@ -39,6 +39,9 @@ class Call:
         return self.code == 2 and ("does not exist" in self.stderr or "is not a quarantine" in self.stderr)
 
 
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
 class Reader:
     """Runs `quarantine list` and `quarantine stats --json` back to back on the current directory."""
 
@@ -56,7 +59,7 @@ class Reader:
             assert qdir is not None
             sub, *rest = commands[i % len(commands)]
             argv = (sys.executable, "-m", "queueguard.cli", "quarantine", sub, "--quarantine", str(qdir), *rest)
-            r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=60)
+            r = subprocess.run(argv, capture_output=True, text=True, cwd=CHECKOUT, timeout=60)
             self.calls.append(Call(qdir, (sub, *rest), r.returncode, r.stderr))
             i += 1
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.components.exim import Exim
-from tests.components.guard import Guard
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from tests.components.redis import RedisServer
-from tests.components.sink import RecordingSink
 
 pytestmark = pytest.mark.integration
 

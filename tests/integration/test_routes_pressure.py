@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.components.clamd import Clamd
-from tests.components.exim import Exim
-from tests.components.guard import Guard
+from queueguard.harness.clamd import Clamd
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
 from tests.components.redis import RedisServer
 from tests.integration.test_routes_proxy import MX_POLICY, contrib, mx_settings, send
 

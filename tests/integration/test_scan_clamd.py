@@ -1,4 +1,4 @@
-"""ScanCheck against a real clamd (tests/components/clamd.py: local EICAR .ndb, unix socket and TCP).
+"""ScanCheck against a real clamd (queueguard/harness/clamd.py: local EICAR .ndb, unix socket and TCP).
 
 Checks are called directly with RcptContext/MessageContext; the pipeline-level
 test at the end runs the same check inside queueguard.pipeline.Pipeline.
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from queueguard import metrics
+from queueguard.harness.clamd import FOUND, Clamd, eicar
 from queueguard.mime import parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.pipeline import Pipeline
@@ -29,7 +30,6 @@ from queueguard.scan.health import BreakerState
 from queueguard.settings import ClamdSettings
 from queueguard.stage import MessageContext, StageResult
 from queueguard.verdict import Action, Verdict
-from tests.components.clamd import FOUND, Clamd, eicar
 from tests.unit.pressure.test_governor import FakeSensor
 
 pytestmark = pytest.mark.integration

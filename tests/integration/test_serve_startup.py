@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.components.ports import free_port
+from queueguard.harness.ports import free_port
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

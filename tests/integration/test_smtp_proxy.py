@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.components.exim import Exim
-from tests.components.guard import Guard, raw_dialogue
-from tests.components.ports import free_port
-from tests.components.sink import RecordingSink
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard, raw_dialogue
+from queueguard.harness.ports import free_port
+from queueguard.harness.sink import RecordingSink
 
 pytestmark = pytest.mark.integration
 

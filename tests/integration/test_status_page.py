@@ -214,8 +214,8 @@ async def test_status_page_of_a_running_guard_shows_its_own_live_numbers() -> No
     """A real `queueguard serve`: a flood to one recipient and a wave are sent through it; its own
     status page (metrics listener, `/`) then shows the rate-limited recipient, the active burst and
     the quarantine count, as a responder without Grafana would see them."""
-    from tests.components.guard import Guard
-    from tests.components.sink import RecordingSink
+    from queueguard.harness.guard import Guard
+    from queueguard.harness.sink import RecordingSink
 
     with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]},
                                         {"policy.yaml": POLICY_FOR_LIVE_PAGE}) as g:
@@ -245,7 +245,7 @@ async def test_status_page_of_a_running_guard_shows_its_own_live_numbers() -> No
 async def test_status_page_shows_a_refused_policy_reload() -> None:
     """An admin's broken edit is refused and the last good policy keeps running: the page says so,
     with the file:line error, so the responder without shell access sees why the edit did not take."""
-    from tests.components.guard import Guard
+    from queueguard.harness.guard import Guard
 
     with Guard(policies={"policy.yaml": "lists: {}\n"}) as g:
         (g.policy_dir / "policy.yaml").write_text("ratelimits:\n  - name: x\n    key: recipient\n    rate: 60/10x\n")

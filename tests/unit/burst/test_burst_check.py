@@ -7,12 +7,12 @@ from collections.abc import Sequence
 
 import pytest
 
-from bench.corpus import campaign, mailing_list, notifications
 from queueguard.burst.check import BurstCheck
 from queueguard.burst.window import MemoryWindow
 from queueguard.mime import parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
+from queueguard.replay.corpus import campaign, mailing_list, notifications
 from queueguard.resolve import resolve
 from queueguard.stage import MessageContext, StageResult, StateUnavailable
 from queueguard.verdict import Action

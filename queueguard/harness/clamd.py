@@ -1,4 +1,4 @@
-"""A real clamd for tests: local EICAR `.ndb` database, unix socket and loopback TCP.
+"""A real clamd for tests and replays: local EICAR `.ndb` database, unix socket and loopback TCP.
 
 freshclam cannot reach the internet here, so the database is one body
 signature built at run time. The EICAR string is stored in pieces so that no
@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from queueguard.harness.ports import free_port
+
 CLAMD = "/usr/sbin/clamd"
 _EICAR_PARTS = ("X5O!P%@AP[4\\PZX54(P^)7CC)7}$", "EICAR-STANDARD-", "ANTIVIRUS-TEST-", "FILE!$H+H*")
 SIGNATURE = "QG.Eicar.NDB"
@@ -28,12 +30,6 @@ FOUND = f"{SIGNATURE}.UNOFFICIAL"
 
 def eicar() -> bytes:
     return "".join(_EICAR_PARTS).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Clamd:

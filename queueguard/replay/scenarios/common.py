@@ -17,14 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from queueguard.harness.exim import LOCAL_DOMAIN, Exim
 from queueguard.quarantine.store import QuarantineStore
 from queueguard.replay.alerts import AlertOutcome, evaluate
 from queueguard.replay.report import Summary, percentile
 from queueguard.replay.scrape import Scrape
-from tests.components.exim import LOCAL_DOMAIN, Exim
+from queueguard.shipped import ALERT_RULES
 
-REPO = Path(__file__).resolve().parents[2]
-RULES = REPO / "contrib" / "prometheus" / "queueguard-alerts.yml"
 SENDER_DOMAIN = "sender.example"
 _ID_RE = re.compile(rb"^X-Replay-Id: *(\S+)", re.M | re.I)
 _SENT_RE = re.compile(rb"^X-Replay-Sent: *([0-9.]+)", re.M | re.I)
@@ -186,7 +185,7 @@ def check_alerts(summary: Summary, scrapes: Sequence[Scrape], workdir: Path, *, 
                  report: Sequence[str] = (), match: dict[str, dict[str, str]] | None = None) -> list[AlertOutcome]:
     """Evaluate the shipped rules over the recorded scrapes (scrape i = minute i): every `page` alert
     must fire within its `for:` window; `report` alerts are only described."""
-    outcomes = evaluate(RULES, scrapes, [*page, *report], workdir / "promtool", match)
+    outcomes = evaluate(ALERT_RULES, scrapes, [*page, *report], workdir / "promtool", match)
     for o in outcomes:
         if o.alert in page:
             summary.check(f"alert {o.alert}", o.within_for and o.witness_ok, o.describe())

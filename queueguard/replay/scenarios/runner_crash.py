@@ -26,13 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench.scenarios.common import RULES, check_alerts, replay_id, simple, subdir
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from queueguard.queuewatch.system import DEFAULT_MAILMAN_RUNNERS
 from queueguard.replay.alerts import metric_names
 from queueguard.replay.report import Summary, account, missing
+from queueguard.replay.scenarios.common import check_alerts, replay_id, simple, subdir
 from queueguard.replay.scrape import Recorder
-from tests.components.guard import Guard
-from tests.components.sink import RecordingSink
+from queueguard.shipped import ALERT_RULES
 
 INCIDENT = "2023-03-09 lists1001 Mailman out runner crashed"
 SCRAPE = 0.5
@@ -92,7 +93,7 @@ def run(scale: float, workdir: Path) -> Summary:
         for name in DEFAULT_MAILMAN_RUNNERS:
             start_runner(name)
         guard.start()
-        rec = Recorder(f"http://127.0.0.1:{guard.metrics_port}/metrics", metric_names(RULES), SCRAPE)
+        rec = Recorder(f"http://127.0.0.1:{guard.metrics_port}/metrics", metric_names(ALERT_RULES), SCRAPE)
 
         def traffic(scrapes: int) -> None:
             nonlocal n

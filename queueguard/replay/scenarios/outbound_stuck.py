@@ -17,12 +17,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.scenarios.common import RULES, SendingExim, check_alerts, inject, replay_id, simple, subdir
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from queueguard.replay.alerts import metric_names
 from queueguard.replay.report import Summary, account, missing
+from queueguard.replay.scenarios.common import SendingExim, check_alerts, inject, replay_id, simple, subdir
 from queueguard.replay.scrape import Recorder
-from tests.components.guard import Guard
-from tests.components.sink import RecordingSink
+from queueguard.shipped import ALERT_RULES
 
 INCIDENT = "2021-12-03 mx2001 outbound queue stuck"
 SCRAPE = 0.5
@@ -42,7 +43,7 @@ def run(scale: float, workdir: Path) -> Summary:
     n = 0
     try:
         mx.start(), guard.start()
-        rec = Recorder(f"http://127.0.0.1:{guard.metrics_port}/metrics", metric_names(RULES), SCRAPE)
+        rec = Recorder(f"http://127.0.0.1:{guard.metrics_port}/metrics", metric_names(ALERT_RULES), SCRAPE)
 
         def traffic(scrapes: int) -> None:
             nonlocal n

@@ -15,10 +15,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.scenarios.common import SendingExim, inject, latency, maildir_messages, simple, subdir
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
 from queueguard.replay.report import Summary, account, missing
-from tests.components.exim import Exim
-from tests.components.guard import Guard
+from queueguard.replay.scenarios.common import SendingExim, inject, latency, maildir_messages, simple, subdir
 
 INCIDENT = "2018-06-06 mx1001 stopped, no failover"
 

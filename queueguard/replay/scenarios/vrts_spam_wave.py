@@ -14,7 +14,7 @@ MX before anyone was paged. Here:
   memory the kernel picks clamd, as it did; a supervisor restarts clamd and
   counts restarts (target 0).
 - a real sending Exim (the MX: queue, retries) relays legitimate mail from many
-  senders, a hash-busted spam campaign to info@ (bench/corpus.py: random
+  senders, a hash-busted spam campaign to info@ (queueguard/replay/corpus.py: random
   tokens, varied subjects) and a few EICAR test messages through the guard to a
   downstream Exim with maildirs (outside the cgroup).
 - the policy is the shipped default with two changes for a compressed replay:
@@ -41,9 +41,13 @@ from types import TracebackType
 
 import yaml
 
-from bench.corpus import campaign, distinct
-from bench.scenarios.common import (
-    REPO,
+from queueguard.harness.clamd import Clamd, eicar
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
+from queueguard.replay.cgroup import MemoryGroup
+from queueguard.replay.corpus import campaign, distinct
+from queueguard.replay.report import Summary, account, missing
+from queueguard.replay.scenarios.common import (
     Delivered,
     SendingExim,
     inject,
@@ -53,12 +57,8 @@ from bench.scenarios.common import (
     subdir,
     tag,
 )
-from queueguard.replay.cgroup import MemoryGroup
-from queueguard.replay.report import Summary, account, missing
 from queueguard.replay.scrape import Recorder
-from tests.components.clamd import Clamd, eicar
-from tests.components.exim import Exim
-from tests.components.guard import Guard
+from queueguard.shipped import DEFAULT_POLICY
 
 INCIDENT = "2022-10-17 mx1001/otrs1001 spam wave to info@, clamd OOM-killed"
 LIMIT = 512 * 1024 * 1024
@@ -100,12 +100,12 @@ while True:
 
 
 def policy() -> str:
-    doc = yaml.safe_load((REPO / "policies" / "default.yaml").read_text())
+    doc = yaml.safe_load(DEFAULT_POLICY.read_text())
     for rule in doc["bursts"]:
         if rule["name"] == "same-body-wave":
             rule["threshold"] = "10 in 10m"
-    doc["scan"]["pressure"] = {"psi_memory_some_avg10": None, "mem_available_below": None,
-                               "cgroup_usage_ratio": {"soften": 0.7, "shed": 0.85}, "hold": "2s"}
+    doc["pressure"] = {"psi_memory_some_avg10": None, "mem_available_below": None,
+                       "cgroup_usage_ratio": {"soften": 0.7, "shed": 0.85}, "hold": "2s"}
     return str(yaml.safe_dump(doc, sort_keys=False))
 
 
@@ -185,7 +185,8 @@ def run(scale: float, workdir: Path) -> Summary:
             sender.start()
             rec = Recorder(f"http://127.0.0.1:{guard.metrics_port}/metrics",
                            {"queueguard_pressure_level", "queueguard_scan_deferrals_total",
-                            "queueguard_quarantined_total", "queueguard_ratelimit_hits_total"}, 0.5).start()
+                            "queueguard_pressure_deferrals_total", "queueguard_quarantined_total",
+                            "queueguard_ratelimit_hits_total"}, 0.5).start()
             with supervisor:
                 started = time.monotonic()
                 accepted: list[str] = []
@@ -210,7 +211,7 @@ def run(scale: float, workdir: Path) -> Summary:
             sender.close()
             guard.stop()
             if tickets is not None:
-                _kill_tree(group)
+                _kill_tree(group, spare={clamd.proc.pid} if clamd.proc is not None else set())
                 tickets.wait(10)
             clamd.stop()
             downstream.close()
@@ -226,13 +227,12 @@ def _settle(sender: SendingExim, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def _kill_tree(group: MemoryGroup) -> None:
-    """The ticket system and its workers: every process left in the group (the guard and clamd are stopped
-    by their own handles first or after; killing twice is harmless)."""
+def _kill_tree(group: MemoryGroup, spare: set[int]) -> None:
+    """The ticket system and its workers: every process left in the group but `spare` (clamd, which its
+    own handle stops after; the guard is stopped before, so killing it again is harmless)."""
     for pid in group.pids():
-        with contextlib.suppress(ProcessLookupError):
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"queueguard.cli" not in cmd and b"clamd" not in cmd:
+        if pid not in spare:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -259,6 +259,7 @@ def _report(s: Summary, accepted: list[str], delivered: list[Delivered], quarant
     s.check("quarantine readable", not broken, f"{len(quarantined)} entries read back whole, {len(broken)} broken")
     pressure = [v for v in rec.values("queueguard_pressure_level") if v is not None]
     shed = [v for v in rec.values("queueguard_scan_deferrals_total") if v is not None]
+    door = [v for v in rec.values("queueguard_pressure_deferrals_total") if v is not None]
     s.figures.update({
         "wave seconds": round(wave_s, 1), "sent": len(accepted),
         "legit delivered": f"{len(legit & got)} of {len(legit)}",
@@ -270,6 +271,7 @@ def _report(s: Summary, accepted: list[str], delivered: list[Delivered], quarant
         "host group limit MiB": LIMIT // 2**20, "OOM kills": oom,
         "max pressure level (0/1/2)": max(pressure) if pressure else None,
         "scan deferrals": max(shed) if shed else 0,
+        "pressure deferrals": max(door) if door else 0,
     })
     lost = missing(accepted, list(got), quarantined, queued, list(rejected))
     s.note_lost(lost)

@@ -1,8 +1,10 @@
-"""Run a real `queueguard serve` process for integration tests.
+"""Run a real `queueguard serve` process for integration tests and replays.
 
 The guard is started exactly as an admin would start it (the console entry
-point, a settings file, a policy directory), on free loopback ports, and
-stopped with SIGTERM so its graceful shutdown is exercised too.
+point of this interpreter's environment, a settings file, a policy directory),
+on free loopback ports, and stopped with SIGTERM so its graceful shutdown is
+exercised too. It runs in its work directory, so an installed wheel's guard
+never sees a checkout.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ from typing import Any
 
 import yaml
 
-from tests.components.ports import free_port, wait_port
+from queueguard.harness.ports import free_port, wait_port
 
-REPO = Path(__file__).resolve().parents[2]
 _DIRS: list[Path] = []
+
+
+def serve_command() -> list[str]:
+    """The venv's own `queueguard` script (beside sys.executable); `-m queueguard.cli` where there is none."""
+    script = Path(sys.executable).parent / "queueguard"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "queueguard.cli"]
 
 
 @atexit.register
@@ -77,8 +84,8 @@ class Guard:
         env.pop("NOTIFY_SOCKET", None)
         env.update(env_extra or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "queueguard.cli", "serve", "--settings", str(self.settings_path)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+            [*serve_command(), "serve", "--settings", str(self.settings_path)],
+            cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

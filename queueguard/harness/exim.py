@@ -1,11 +1,17 @@
-"""A real Exim 4.96 for tests, run from the unpacked tree in .deps/exim/root.
+"""A real Exim 4.96 on loopback for tests and replays, run from an unpacked exim4-daemon-heavy tree.
+
+Where the binary comes from (`exim_binary()`): ``$QUEUEGUARD_EXIM_ROOT`` (what
+`queueguard replay --exim-root` sets; ``DIR/usr/sbin/exim4``), else the
+checkout's ``.deps/exim/root`` when the package runs from one (`./setup.sh
+--no-run` unpacks it there: Exim conflicts with the postfix package as the
+machine's MTA), else the system's ``/usr/sbin/exim4``.
 
 Each `Exim` gets its own 0755 temp dir (Exim drops to Debian-exim, which must be
 able to traverse it) with config, spool, logs, pid file and maildirs, and runs
 `exim -C conf -bdf` in the foreground on a free loopback port. The generated
-config `.include`s contrib/exim/proxy-deployment.conf verbatim, so the shipped
-snippet is the tested one; with ``proxy=False`` its QG_PROXY_HOSTS macro is
-empty, i.e. no PROXY header is expected.
+config `.include`s the shipped proxy-deployment.conf (`queueguard.shipped`)
+verbatim, so the shipped snippet is the tested one; with ``proxy=False`` its
+QG_PROXY_HOSTS macro is empty, i.e. no PROXY header is expected.
 
 Mail for ``@test.example`` goes to ``<dir>/maildir/<local_part>`` for the
 configured users; any other local part gets ``550 Unrouteable address`` at
@@ -20,7 +26,7 @@ must send a PROXY header; for a direct "external" client bind the source to
 Callers add ACL text with ``rcpt_acl`` / ``data_acl`` (statements spliced into
 acl_check_rcpt after relay control and recipient verification, and into
 acl_check_data), ``acl_definitions`` (whole extra ACLs, e.g.
-``.include contrib/exim/readsocket-acl.conf``), ``main_config`` and ``macros``.
+``.include`` of the shipped readsocket-acl.conf), ``main_config`` and ``macros``.
 
 ``queue_only=True`` keeps accepted mail in the queue (``queue_count()``,
 ``run_queue()``); otherwise Exim delivers right after its 250, so use
@@ -50,45 +56,67 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.components.ports import free_port
+from queueguard.harness.ports import free_port
+from queueguard.shipped import EXIM_SNIPPETS
 
-REPO = Path(__file__).resolve().parents[2]
-EXIM_ROOT = REPO / ".deps" / "exim" / "root"
-EXIM_BIN = EXIM_ROOT / "usr" / "sbin" / "exim4"
-CONTRIB_EXIM = REPO / "contrib" / "exim"
 EXIM_USER = "Debian-exim"
+EXIM_ROOT_ENV = "QUEUEGUARD_EXIM_ROOT"
+SYSTEM_EXIM = Path("/usr/sbin/exim4")
+_SOURCE_TREE = Path(__file__).resolve().parents[2]
+_IN_ROOT = Path("usr") / "sbin" / "exim4"
+
+
+class EximError(RuntimeError):
+    """Exim failed to start, or an exim command failed."""
+
+
+def exim_binary() -> Path:
+    """The Exim to run: the tree named by $QUEUEGUARD_EXIM_ROOT, the checkout's .deps, or the system's."""
+    named = os.environ.get(EXIM_ROOT_ENV)
+    if named:
+        binary = Path(named) / _IN_ROOT
+        if not binary.is_file():
+            raise EximError(f"Exim root {named} (--exim-root, ${EXIM_ROOT_ENV}): no {_IN_ROOT} under it; give "
+                            "an unpacked exim4-daemon-heavy tree, such as a checkout's .deps/exim/root")
+        return binary
+    checkout = _SOURCE_TREE / ".deps" / "exim" / "root" / _IN_ROOT
+    if (_SOURCE_TREE / "pyproject.toml").is_file() and checkout.is_file():
+        return checkout
+    if SYSTEM_EXIM.is_file():
+        return SYSTEM_EXIM
+    raise EximError(f"no Exim found: pass --exim-root DIR (or set {EXIM_ROOT_ENV}=DIR) for an unpacked "
+                    f"exim4-daemon-heavy tree with DIR/{_IN_ROOT} (in a checkout, ./setup.sh --no-run makes "
+                    f".deps/exim/root), or install exim4-daemon-heavy for {SYSTEM_EXIM}")
 
 
 @functools.cache
 def _runtime() -> Path:
-    """A 0755 copy of the Exim binary and contrib/exim/*.conf, made once per test process.
+    """A 0755 copy of the Exim binary and the shipped Exim snippets, made once per process.
 
     Exim drops to Debian-exim before it reads a ``-C`` config and re-execs itself for
     deliveries, so the binary and every included file must be reachable by that user. A
-    checkout in a 0700 directory (``mktemp -d``) is not; the copies are byte for byte the
-    shipped files.
+    checkout or venv in a 0700 directory (``mktemp -d``) is not; the copies are byte for byte
+    the shipped files.
     """
     root = Path(tempfile.mkdtemp(prefix="qg-exim-runtime-"))
     root.chmod(0o755)
     atexit.register(shutil.rmtree, root, True)
     (root / "contrib").mkdir(mode=0o755)
-    for conf in CONTRIB_EXIM.glob("*.conf"):
+    for conf in EXIM_SNIPPETS.glob("*.conf"):
         shutil.copy2(conf, root / "contrib" / conf.name)
-    shutil.copy2(EXIM_BIN, root / "exim4")
+    shutil.copy2(exim_binary(), root / "exim4")
     return root
 
 
 def _staged(text: str) -> str:
-    """Config text with the contrib snippets' paths pointed at the runtime copies."""
-    return text.replace(f"{CONTRIB_EXIM}/", f"{_runtime() / 'contrib'}/")
+    """Config text with the shipped snippets' paths pointed at the runtime copies."""
+    return text.replace(f"{EXIM_SNIPPETS}/", f"{_runtime() / 'contrib'}/")
+
+
 LOCAL_DOMAIN = "test.example"
 DEFAULT_USERS = ("alice", "bob", "carol", "dave", "postmaster", "info")
 #: Source address for a "direct" client that must not be treated as the proxy.
 DIRECT_SOURCE = "127.0.0.2"
-
-
-class EximError(RuntimeError):
-    """Exim failed to start, or an exim command failed."""
 
 
 def _config(
@@ -120,12 +148,12 @@ def _config(
             "  transport = remote_smtp\n"
             "  self = send\n"
         )
-    return f"""# generated by tests/components/exim.py
+    return f"""# generated by queueguard/harness/exim.py
 QG_EXIM_PORT = {port}
 QG_PROXY_HOSTS = {proxy_hosts}
 QG_LOCAL_INTERFACES = {loopbacks}
 {macro_lines}
-.include {CONTRIB_EXIM / "proxy-deployment.conf"}
+.include {EXIM_SNIPPETS / "proxy-deployment.conf"}
 
 primary_hostname = mx.{LOCAL_DOMAIN}
 exim_path = {_runtime() / "exim4"}
@@ -270,12 +298,11 @@ class Exim:
     # -- setup ---------------------------------------------------------------
 
     def _prepare(self) -> None:
-        if not EXIM_BIN.exists():
-            raise EximError(f"{EXIM_BIN} missing: run ./setup.sh --no-run (it unpacks Exim 4.96)")
+        exim_binary()  # a clear error before anything is made
         try:
             ent = pwd.getpwnam(EXIM_USER)
         except KeyError as exc:
-            raise EximError(f"user {EXIM_USER} missing: run ./setup.sh --no-run") from exc
+            raise EximError(f"user {EXIM_USER} missing: run ./setup.sh --no-run, or install exim4-base") from exc
         for sub in ("spool", "log", "maildir", "relayed"):
             d = self.dir / sub
             d.mkdir(exist_ok=True)

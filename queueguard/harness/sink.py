@@ -1,4 +1,4 @@
-"""SMTP sinks for tests: Postfix's smtp-sink (fast, a real process) and a recording aiosmtpd sink.
+"""SMTP sinks for tests and replays: Postfix's smtp-sink (fast, a real process) and a recording aiosmtpd sink.
 
 `SmtpSink` runs ``smtp-sink`` as a subprocess (as root it must drop to
 ``nobody``); it counts messages from its ``-c`` counter output and, with
@@ -35,7 +35,7 @@ from typing import Any, Literal, Self
 
 from aiosmtpd.smtp import SMTP
 
-from tests.components.ports import free_port
+from queueguard.harness.ports import free_port
 
 SINK_USER = "nobody"
 

@@ -20,8 +20,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.scenarios.common import (
-    RULES,
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
+from queueguard.replay.alerts import metric_names
+from queueguard.replay.report import Summary, account, missing
+from queueguard.replay.scenarios.common import (
     SendingExim,
     check_alerts,
     inject,
@@ -30,11 +33,8 @@ from bench.scenarios.common import (
     simple,
     subdir,
 )
-from queueguard.replay.alerts import metric_names
-from queueguard.replay.report import Summary, account, missing
 from queueguard.replay.scrape import Recorder
-from tests.components.exim import Exim
-from tests.components.guard import Guard
+from queueguard.shipped import ALERT_RULES
 
 INCIDENT = "2014-07-14 lists server out of inodes"
 SCRAPE = 0.5
@@ -64,7 +64,7 @@ def run(scale: float, workdir: Path) -> Summary:
     msgs.sort(key=lambda m: int(m[0].split("-")[1]) * 1000 // (wave if m[0].startswith("wave") else legit))
     try:
         downstream.start(), guard.start(), sender.start()
-        rec = Recorder(f"http://127.0.0.1:{guard.metrics_port}/metrics", metric_names(RULES), SCRAPE).start()
+        rec = Recorder(f"http://127.0.0.1:{guard.metrics_port}/metrics", metric_names(ALERT_RULES), SCRAPE).start()
         time.sleep(SCRAPE * 4)
         accepted: list[str] = []
         for start in range(0, len(msgs), 10):
