@@ -20,6 +20,7 @@ from typing import Any
 
 from queueguard import metrics, sdnotify
 from queueguard.burst.check import BurstCheck
+from queueguard.connlimits import ConnectionLimits
 from queueguard.frontends.base import Frontend
 from queueguard.frontends.smtp_proxy import SmtpProxy
 from queueguard.logging_setup import configure
@@ -39,7 +40,7 @@ from queueguard.relay import Relay
 from queueguard.routing import Router
 from queueguard.scan.check import ScanCheck
 from queueguard.settings import Settings, host_problems, split_hostport
-from queueguard.stage import MessageCheck, RcptCheck
+from queueguard.stage import ConnectCheck, MessageCheck, RcptCheck
 
 log = logging.getLogger("queueguard")
 
@@ -57,6 +58,7 @@ class App:
     bursts: BurstCheck
     patterns: PatternCheck
     admission: Admission
+    connections: ConnectionLimits
     scan: ScanCheck | None
     queuewatch: QueueWatch
     publisher: PressurePublisher | None = None
@@ -80,8 +82,11 @@ class App:
         return checks
 
     def pipeline(self, frontend: str, *, relay: bool, hold_in_mta: bool = False) -> Pipeline:
+        """Connection limits only where we take the client's connection ourselves (the proxy);
+        behind a milter the MTA counts its clients (Postfix's anvil)."""
+        connect: list[ConnectCheck] = [self.admission, self.connections] if relay else [self.admission]
         return Pipeline(
-            frontend=frontend, policy=self.policies.current, connect_checks=[self.admission],
+            frontend=frontend, policy=self.policies.current, connect_checks=connect,
             rcpt_checks=self.rcpt_checks(relay=relay), message_checks=self.message_checks,
             quarantine=None if hold_in_mta else self.quarantine, hold_in_mta=hold_in_mta,
             relay=self.relay if relay else None, route_for=self.router.route_for,
@@ -101,6 +106,7 @@ class App:
             "queuewatch": self.queuewatch.snapshot(),
             "policy": self.policies.summary(),
             "pressure": self.admission.status(),
+            "connections": self.connections.status(),
             "scan": self.scan.status() if self.scan is not None else None,
             "ratelimit": self.ratelimit.status(),
             "bursts": self.bursts.status(),
@@ -160,6 +166,7 @@ def build(settings: Settings) -> App:
             min_free_inodes=settings.quarantine.min_free_inodes),
         ratelimit=RateLimitCheck(make_store(settings.state, settings.state_max_keys)),
         bursts=BurstCheck.from_settings(settings), patterns=PatternCheck(), admission=Admission(governor),
+        connections=ConnectionLimits(),
         scan=scan, queuewatch=queuewatch, publisher=publisher,
     )
 

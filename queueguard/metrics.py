@@ -70,6 +70,9 @@ added_latency = Histogram(
 )
 internal_errors = Counter(P + "internal_errors_total", "Exceptions turned into 451 4.3.0", ["stage"])
 protocol_errors = Counter(P + "protocol_errors_total", "Refused client input by kind", ["kind"])
+connection_limits = Counter(
+    P + "connection_limit_refusals_total", "Connections refused at the door by a per-client limit", ["reason"]
+)
 
 # --- relay: downstream MTAs ----------------------------------------------------
 downstream_up = Gauge(P + "downstream_up", "1 when the downstream answered its last attempt", ["downstream"])

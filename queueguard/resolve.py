@@ -8,8 +8,9 @@ milter and the policy socket, and every text names its rule as `(kind:rule)`
 or `(kind rule name)` so the bounce and our log line agree.
 
 Kinds: `ratelimit`, `burst`, `pattern` (admin-written rules), `pressure`
-(admission under memory pressure, rule = the reason), `scan` (clamd: rule =
-the reason, `clamav` for a virus), `route` (per-route caps, rule = the route,
+(admission under memory pressure, rule = the reason), `connection` (limits
+per client at the door, rule = the reason), `scan` (clamd: rule = the
+reason, `clamav` for a virus), `route` (per-route caps, rule = the route,
 detail = the reason).
 """
 
@@ -34,6 +35,11 @@ SCAN_TEXTS = {
     "busy": "Temporarily deferred: scanner busy, try again later",
     "clamd": "Temporarily deferred: virus scanner unavailable, try again later",
 }
+CONNECTION_TEXTS = {
+    "per_ip": "Too many connections from your address",
+    "per_network": "Too many connections from your network",
+    "rate": "Too many new connections from your address",
+}
 ROUTE_TEXTS = {
     "shed": "the host behind route {route} is under memory pressure",
     "concurrency": "route {route} is at its limit of {limit}",
@@ -53,6 +59,9 @@ def verdict_for(hit: RuleHit) -> Verdict | None:
         return tempfail("4.3.2", f"{PRESSURE_TEXTS[rule]} (pressure:{rule})", reason=rule, rule="pressure")
     if kind == "route":
         return _route(hit)
+    if kind == "connection":  # before the greeting SMTP allows only 421 (RFC 5321 3.1)
+        return tempfail("4.7.0", f"{CONNECTION_TEXTS[rule]}, try again later (connection:{rule})",
+                        reason=f"connection_{rule}", rule="connection", code=421)
     if action == "quarantine":
         return quarantine(f"Ok: held by {kind} rule {rule}", reason=kind, rule=rule)
     if kind == "ratelimit":

@@ -122,7 +122,29 @@ class SmtpSettings(Strict):
     hostname: str = ""
     max_message_size: Size = 26_214_400
     max_recipients: int = Field(1000, ge=1)
-    proxy_protocol_inbound: bool = False
+    proxy_protocol_from: list[str] = Field(
+        default_factory=list,
+        description="networks of the load balancers that send a PROXY v1/v2 header; they must send one, "
+                    "nobody else may")
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _proxy_from(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP network (e.g. 192.0.2.10/32 or 2001:db8::/64)") from None
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_proxy_inbound(cls, data: object) -> object:
+        if isinstance(data, dict) and "proxy_protocol_inbound" in data:
+            raise ValueError("proxy_protocol_inbound was replaced by proxy_protocol_from: list the load "
+                             "balancers' networks (a PROXY header from anyone else is refused)")
+        return data
+
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_tls: bool = False

@@ -72,6 +72,10 @@ class ConnectCheck(Protocol):
 
     async def on_connect(self, conn: Connection, policy: Policy) -> StageResult: ...
 
+    def on_disconnect(self, conn: Connection) -> None:
+        """The connection is gone (whether or not on_connect admitted it)."""
+        ...
+
 
 class RcptCheck(Protocol):
     """Runs at RCPT TO, before the recipient is accepted."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import ipaddress
 import logging
 import re
 import ssl
@@ -24,7 +25,7 @@ from aiosmtpd.smtp import SMTP, Envelope
 from aiosmtpd.smtp import Session as AioSession
 
 from queueguard import metrics
-from queueguard.model import Connection, parse_ip
+from queueguard.model import Connection, IPAddress, parse_ip
 from queueguard.pipeline import End, Pipeline, Session
 from queueguard.settings import SmtpSettings, split_hostport
 from queueguard.verdict import INTERNAL_ERROR, Verdict
@@ -41,6 +42,9 @@ _ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+(\.[^\s<>()\[\]\\,;:@\"]+)*@[^\s<
 
 BAD_HELO = "501 5.5.2 Syntax error in HELO/EHLO hostname"
 READ_LIMIT = 16 * 1024
+PROXY_TIMEOUT = 5.0
+"""Seconds a configured load balancer has to send its PROXY header."""
+PROXY_FORGED = "554 5.7.0 PROXY header not accepted from this address"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -93,6 +97,7 @@ class QueueguardSMTP(SMTP):
         self.qg_handler = handler
         self.qg: Session | None = None
         self._greeted = False
+        self._proxied = False
         reader: asyncio.StreamReader | None = getattr(self, "_stream_reader", None)
         if reader is not None:
             # aiosmtpd sizes its reader by the 1001-octet line limit, and a reader pauses the
@@ -113,11 +118,28 @@ class QueueguardSMTP(SMTP):
             return
         peer = transport.get_extra_info("peername") or ("", 0)
         conn = Connection(parse_ip(str(peer[0])), int(peer[1]) if len(peer) > 1 else 0)
+        # A PROXY header is required from the configured load balancers and believed from nobody
+        # else (anyone could claim to be 127.0.0.1); aiosmtpd reads it only when this is set.
+        self._proxy_timeout = PROXY_TIMEOUT if self.qg_handler.proxy_peer(conn.client_ip) else None
         self.qg = self.qg_handler.opened(self, conn)
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
+        if self._proxy_timeout is not None and not self._proxied and self.qg is not None:
+            metrics.protocol_errors.labels("proxy_missing").inc()
+            log.warning("connection from load balancer %s closed: no valid PROXY header", self.qg.conn.client_ip)
         self.qg_handler.closed(self)
+
+    async def smtp_PROXY(self, arg: str) -> None:
+        """A PROXY header from a peer that is not a configured load balancer: a forged client
+        address. Refused, logged and counted, and the connection closed."""
+        state = self.qg
+        metrics.protocol_errors.labels("proxy_forged").inc()
+        log.warning("PROXY header from %s refused (not in smtp.proxy_protocol_from): %s",
+                    state.conn.client_ip if state else "?", arg[:100])
+        await self.push(PROXY_FORGED)
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         """Any bytes from the client restart aiosmtpd's timer, which otherwise only commands do:
@@ -206,11 +228,16 @@ class ProxyHandler:
     def __init__(self, pipeline: Pipeline, settings: SmtpSettings) -> None:
         self.pipeline = pipeline
         self.settings = settings
+        self.proxy_networks = [ipaddress.ip_network(n, strict=False) for n in settings.proxy_protocol_from]
         self.sessions: dict[QueueguardSMTP, Session] = {}
         self.closing = False
         self._pending: set[asyncio.Task[None]] = set()
 
     # --- connection bookkeeping ------------------------------------------------
+
+    def proxy_peer(self, ip: IPAddress | None) -> bool:
+        """The peer is a configured load balancer (smtp.proxy_protocol_from)."""
+        return ip is not None and any(ip in net for net in self.proxy_networks)
 
     def opened(self, proto: QueueguardSMTP, conn: Connection) -> Session:
         metrics.connections.labels(FRONTEND).inc()
@@ -249,6 +276,8 @@ class ProxyHandler:
         """Inbound PROXY header from a load balancer: the real client is in it."""
         if not proxy_data or not getattr(proxy_data, "valid", False):
             return False
+        assert isinstance(server, QueueguardSMTP)
+        server._proxied = True
         conn = self._state(server).conn
         conn.client_ip = parse_ip(str(proxy_data.src_addr)) if proxy_data.src_addr else None
         conn.client_port = int(proxy_data.src_port or 0)
@@ -357,7 +386,7 @@ class SmtpProxy:
                 self.handler, data_size_limit=s.max_message_size, enable_SMTPUTF8=True, decode_data=False,
                 hostname=s.hostname or None, ident="queueguard ESMTP", tls_context=tls,
                 require_starttls=s.require_tls, timeout=s.data_timeout,
-                proxy_protocol_timeout=5.0 if s.proxy_protocol_inbound else None, loop=loop,
+                proxy_protocol_timeout=PROXY_TIMEOUT if s.proxy_protocol_from else None, loop=loop,
             )
 
         self.server = await loop.create_server(factory, host, port, reuse_address=True)

@@ -106,7 +106,11 @@ class Session:
 
     async def close(self) -> None:
         """The connection is gone; an open transaction ends with it (nothing was answered 250)."""
-        await self.end(End.CLIENT_GONE)
+        try:
+            await self.end(End.CLIENT_GONE)
+        finally:
+            for check in self.pipeline.connect_checks:
+                check.on_disconnect(self.conn)
 
     # --- transaction ---------------------------------------------------------------------------
 

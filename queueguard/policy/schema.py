@@ -176,6 +176,20 @@ class ScanPolicy(Strict):
     max_wait: Duration = 5.0
 
 
+class ConnectionsPolicy(Strict):
+    """Per-client limits at the door, like Postfix's anvil: over them, `421 4.7.0` and the
+    connection closes, so one client cannot hold the proxy's connections (SMTP proxy)."""
+
+    max_per_ip: int | None = Field(50, ge=1, description="connections open at once from one client address")
+    max_per_network: int | None = Field(
+        200, ge=1, description="connections open at once from one network (ipv4_prefix / ipv6_prefix)")
+    rate_per_ip: RateSpec | None = Field(None, description="new connections from one client address, e.g. 120/1m")
+    ipv4_prefix: int = Field(24, ge=8, le=32)
+    ipv6_prefix: int = Field(64, ge=16, le=128)
+    unless: Condition | None = Field(
+        None, description="clients never limited; only client_in applies at connect time")
+
+
 class StatePolicy(Strict):
     on_error: Literal["fallback", "tempfail", "accept"] = Field(
         default="fallback",
@@ -192,4 +206,5 @@ class Policy(Strict):
     patterns: list[PatternRule] = Field(default_factory=list)
     scan: ScanPolicy = ScanPolicy()
     pressure: PressurePolicy = PressurePolicy()
+    connections: ConnectionsPolicy = ConnectionsPolicy()
     state: StatePolicy = StatePolicy()

@@ -46,6 +46,9 @@ class Admission:
     async def on_connect(self, conn: Connection, policy: Policy) -> StageResult:
         return self._defer("shed") if self.level(policy) is Level.SHED else NOTHING
 
+    def on_disconnect(self, conn: Connection) -> None:
+        """Nothing to give back: admission counts no connections."""
+
     async def on_rcpt(self, ctx: RcptContext) -> StageResult:
         level = self.level(ctx.policy)
         if level is Level.SHED:

@@ -100,7 +100,7 @@ def test_client_address_from_proxy_header_survives_starttls(tmp_path: Path) -> N
     still be the outside client, or the proxy would turn Exim into an open relay."""
     key, cert = _cert(tmp_path)
     with Exim(proxy=True, relay_from_hosts=["127.0.0.1"]) as exim, Guard({
-        "smtp": {"tls_cert": str(cert), "tls_key": str(key), "proxy_protocol_inbound": True},
+        "smtp": {"tls_cert": str(cert), "tls_key": str(key), "proxy_protocol_from": ["127.0.0.1/32"]},
         "downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}],
     }) as g:
         for tls in (False, True):

@@ -46,7 +46,7 @@ def guard_exim(exim: Exim) -> Iterator[Guard]:
 def guard_lb(exim: Exim) -> Iterator[Guard]:
     """Guard behind a load balancer: PROXY inbound (swaks sends it) and PROXY v2 toward Exim."""
     with Guard({
-        "smtp": {"proxy_protocol_inbound": True},
+        "smtp": {"proxy_protocol_from": ["127.0.0.1/32"]},
         "downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}],
     }) as g:
         yield g

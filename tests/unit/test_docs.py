@@ -39,7 +39,7 @@ from queueguard.check import schema_json
 from queueguard.pipeline import End
 from queueguard.policy import schema as policy_schema
 from queueguard.policy.units import parse_duration, parse_size
-from queueguard.resolve import PRESSURE_TEXTS
+from queueguard.resolve import CONNECTION_TEXTS, PRESSURE_TEXTS
 from queueguard.settings import Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -357,6 +357,7 @@ DYNAMIC_REASONS = {
     "f'downstream_{stage}'": "pipeline/session.py from_downstream(reply, STAGE)",
     "verdict.reason": "the pipeline passing a verdict's reason on",
     "reason": "verdict.py: the verdict makers passing their argument on",
+    "f'connection_{rule}'": "resolve.py: connection limits, named by the keys of resolve.CONNECTION_TEXTS",
 }
 VERDICT_MAKERS = ("tempfail", "reject", "quarantine", "Verdict")
 RULE_KINDS = ("ratelimit", "burst", "pattern")
@@ -408,7 +409,8 @@ def code_reason_labels() -> set[str]:
     for call in _calls(PACKAGE / "pipeline" / "session.py"):
         if _name(call) == "from_downstream" and len(call.args) >= 2 and (stage := _const(call.args[1])):
             labels.add(f"downstream_{stage}")
-    return labels | set(RULE_KINDS) | set(PRESSURE_TEXTS) | {why.value for why in End}
+    return (labels | set(RULE_KINDS) | set(PRESSURE_TEXTS) | {why.value for why in End}
+            | {f"connection_{why}" for why in CONNECTION_TEXTS})
 
 
 def documented_reasons() -> set[str]:

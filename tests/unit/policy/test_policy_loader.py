@@ -278,7 +278,8 @@ def test_schema_is_json_schema_of_the_policy() -> None:
     import json
 
     schema = json.loads(schema_json())
-    assert set(schema["properties"]) == {"lists", "ratelimits", "bursts", "patterns", "scan", "pressure", "state"}
+    assert set(schema["properties"]) == {"lists", "ratelimits", "bursts", "patterns", "scan", "pressure",
+                                         "connections", "state"}
     rate = schema["$defs"]["RateLimitRule"]["properties"]["rate"]
     assert rate["type"] == "string"
     assert schema["$defs"]["RateLimitRule"]["additionalProperties"] is False

@@ -145,21 +145,22 @@ class _Quarantines:
     name = "always-quarantine"
 
     async def on_message(self, ctx: MessageContext) -> StageResult:
-        return StageResult(quarantine("Ok", reason="burst", rule="wave"), [RuleHit("wave", "burst", "quarantine")])
+        return StageResult([RuleHit("wave", "burst", "quarantine")])
 
 
 async def test_an_index_that_cannot_be_opened_is_a_logged_451_never_a_250(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = QuarantineStore(tmp_path / "q", open_timeout=0.2)
     pipeline = Pipeline(frontend="test", policy=Policy, message_checks=[_Quarantines()], quarantine=store)
+    session = pipeline.open(Connection(parse_ip("198.51.100.7")))
     foreign = _foreign_writer(store.index_path)  # held past the store's deadline
     try:
         with pytest.raises(QuarantineError, match=r"index\.sqlite: cannot set it up: database is locked"):
             store.recover()
-        txn, _ = await pipeline.mail(Connection(parse_ip("198.51.100.7")), "a@spam.example")
-        await pipeline.rcpt(txn, "info@example.org")
+        await session.mail("a@spam.example")
+        await session.rcpt("info@example.org")
         with caplog.at_level(logging.ERROR, logger="queueguard.pipeline"):
-            verdict = await pipeline.message(txn, RAW)
+            verdict = (await session.data(RAW)).verdict
         assert verdict.reply().startswith("451 4.3.0"), verdict.reply()
         assert "quarantine write failed" in caplog.text and "database is locked" in caplog.text
         assert not list(store.msg_dir.rglob("*")), "nothing half-stored"
@@ -167,9 +168,9 @@ async def test_an_index_that_cannot_be_opened_is_a_logged_451_never_a_250(
     finally:
         foreign.commit()
         foreign.close()
-    txn, _ = await pipeline.mail(Connection(parse_ip("198.51.100.7")), "a@spam.example")
-    await pipeline.rcpt(txn, "info@example.org")
-    verdict = await pipeline.message(txn, RAW)
-    assert verdict.code == 250 and txn.quarantine_id is not None
-    assert [e.id for e in store.list()] == [txn.quarantine_id]
+    await session.mail("a@spam.example")
+    await session.rcpt("info@example.org")
+    verdict = (await session.data(RAW)).verdict
+    assert verdict.code == 250 and verdict.text.startswith("Ok: quarantined as ")
+    assert [e.id for e in store.list()] == [verdict.text.removeprefix("Ok: quarantined as ")]
 
