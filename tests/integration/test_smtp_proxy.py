@@ -381,3 +381,19 @@ def test_control_characters_refused_and_postmaster_accepted() -> None:
         assert "501 5.5.2 Syntax error in HELO/EHLO hostname" in lines
         assert "501 5.1.7 Bad sender address syntax" in lines
         assert lines[-1].startswith("250"), lines
+
+
+def test_forged_verdict_headers_never_reach_the_mta(exim: Exim) -> None:
+    """A sender's X-Queueguard-* headers are removed before checks and before the downstream;
+    only the guard's own are delivered (SpamAssassin, rspamd and Exim do the same for theirs)."""
+    policy = "patterns:\n  - name: mark\n    subject: forged\n    action: tag\n"
+    with Guard({"downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}]},
+               {"p.yaml": policy}) as g, g.smtp() as c:
+        msg = (b"Subject: forged\r\nX-Queueguard-Scan: clean\r\nX-QUEUEGUARD-PATTERN: whitelisted\r\n"
+               b"X-Queueguard-Hits: none,\r\n\tfolded\r\nX-Queueguardian: not ours\r\n\r\nbody\r\n")
+        assert c.sendmail("a@client.example", ["bob@test.example"], msg) == {}
+    (delivered,) = exim.wait_maildir("bob", 1)
+    headers = delivered.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].replace(b"\n\t", b" ")
+    ours = sorted(line for line in headers.split(b"\n") if line.lower().startswith(b"x-queueguard-"))
+    assert ours == [b"X-Queueguard-Hits: pattern:mark", b"X-Queueguard-Pattern: mark"], ours
+    assert b"X-Queueguardian: not ours" in headers and b"folded" not in delivered
