@@ -35,6 +35,7 @@ from queueguard.pressure.admission import Admission
 from queueguard.pressure.governor import Governor, Level
 from queueguard.pressure.sensors import CgroupMemorySensor, own_cgroup
 from queueguard.stage import RcptContext
+from tests.integration.test_status_page import Rows, run_chromium
 
 pytestmark = pytest.mark.integration
 
@@ -169,9 +170,11 @@ def test_quick_start_without_clamd_sheds_at_the_door_under_a_real_hog() -> None:
             with socket.create_connection(("127.0.0.1", guard.port), timeout=5) as s:
                 greeting = s.makefile("rb").readline()
             assert greeting.startswith(b"421 4.3.2 ") and b"memory pressure" in greeting, greeting
-            with urllib.request.urlopen(f"http://127.0.0.1:{guard.metrics_port}/", timeout=5) as r:
-                page = r.read().decode()
-            assert 'id="pressure-level"' in page  # the page renders s.pressure (Chromium test: test_status_page)
+            dom = asyncio.run(run_chromium("--virtual-time-budget=5000", "--dump-dom",
+                                           f"http://127.0.0.1:{guard.metrics_port}/"))
+            page = Rows()
+            page.feed(dom)
+            assert page.ids["pressure-level"] == "shed" and "cgroup_usage" in page.ids["pressure-reason"]
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{guard.metrics_port}/readyz", timeout=5)
                 raise AssertionError("/readyz answered 200 while shedding")

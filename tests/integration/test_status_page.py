@@ -239,7 +239,7 @@ async def test_status_page_of_a_running_guard_shows_its_own_live_numbers() -> No
     assert "info@example.org" in dom and "flood-to-one-address" in dom
     assert "same-message-wave" in dom
     assert int(page.ids["quarantine-messages"]) >= 3
-    assert page.ids["pressure-level"] in ("normal", "n/a")
+    assert page.ids["pressure-level"] in ("normal", "soften", "shed")  # the governor runs without clamd
 
 
 async def test_status_page_shows_a_refused_policy_reload() -> None:
