@@ -41,6 +41,7 @@ from queueguard.routing import Router
 from queueguard.scan.check import ScanCheck
 from queueguard.settings import Settings, host_problems, split_hostport
 from queueguard.stage import ConnectCheck, MessageCheck, RcptCheck
+from queueguard.workers import ENV_RUN_DIR, WorkerFailed, WorkerId, beat, current_worker, supervise
 
 log = logging.getLogger("queueguard")
 
@@ -100,8 +101,10 @@ class App:
 
     def status(self) -> dict[str, object]:
         """What the status page and `STATUS=` show: one dict, cheap to build."""
+        worker = current_worker()
         return {
             "node": self.settings.node or socket.gethostname(),
+            "worker": None if worker is None else f"{worker.index}/{worker.count}",
             "uptime_seconds": round(time.time() - self.started),
             "queuewatch": self.queuewatch.snapshot(),
             "policy": self.policies.summary(),
@@ -171,10 +174,13 @@ def build(settings: Settings) -> App:
     )
 
 
-def frontends(app: App) -> list[Frontend]:
-    """The SMTP proxy always; the milter and the policy socket where the settings ask for them."""
+def frontends(app: App, worker: WorkerId | None) -> list[Frontend]:
+    """The SMTP proxy always (every worker, sharing the port); the milter and the policy socket
+    where the settings ask for them (in worker 0 only: one listener per host)."""
     s = app.settings
-    out: list[Frontend] = [SmtpProxy(app.pipeline("smtp", relay=True), s.smtp)]
+    out: list[Frontend] = [SmtpProxy(app.pipeline("smtp", relay=True), s.smtp, reuse_port=worker is not None)]
+    if worker is not None and not worker.primary:
+        return out
     if s.milter.enabled:
         from queueguard.frontends.milter import MilterServer  # libmilter loads only where it is used
 
@@ -188,17 +194,18 @@ def frontends(app: App) -> list[Frontend]:
     return out
 
 
-async def start(app: App) -> tuple[list[Frontend], asyncio.Server]:
-    """Open every listener and background task; returns the front ends and the web server."""
+async def start(app: App, worker: WorkerId | None = None) -> tuple[list[Frontend], asyncio.Server]:
+    """Open every listener and background task; returns the front ends and the web server. A
+    worker other than 0 runs only what every worker needs (see queueguard/workers.py)."""
     from queueguard.web import start_web
 
     s = app.settings
     started: list[Frontend] = []
-    for frontend in frontends(app):
+    for frontend in frontends(app, worker):
         await frontend.start()
         started.append(frontend)
     host, port = split_hostport(s.metrics, 9925)
-    web = await start_web(host, port, app.status)
+    web = await start_web(host, port, app.status, reuse_port=worker is not None)
     loop = asyncio.get_running_loop()
     app.tasks.append(loop.create_task(app.policies.watch(on_change=app.policy_changed)))
     app.tasks.append(loop.create_task(app.admission.governor.watch(lambda: app.policies.current().pressure,
@@ -206,12 +213,16 @@ async def start(app: App) -> tuple[list[Frontend], asyncio.Server]:
     if app.scan is not None:
         app.tasks.append(loop.create_task(app.scan.run()))
     app.tasks.extend(loop.create_task(t) for t in app.router.background())
-    if app.publisher is not None:
-        app.tasks.append(loop.create_task(app.publisher.run()))
-    app.tasks.append(loop.create_task(app.queuewatch.run()))
-    app.tasks.append(loop.create_task(_recover_quarantine(app.quarantine)))
-    app.tasks.append(loop.create_task(_expire_quarantine(app.quarantine, s.quarantine.retention)))
     app.tasks.append(loop.create_task(_refresh_quarantine_summary(app.quarantine)))
+    if worker is None or worker.primary:
+        if app.publisher is not None:
+            app.tasks.append(loop.create_task(app.publisher.run()))
+        app.tasks.append(loop.create_task(app.queuewatch.run()))
+        app.tasks.append(loop.create_task(_recover_quarantine(app.quarantine)))
+        app.tasks.append(loop.create_task(_expire_quarantine(app.quarantine, s.quarantine.retention)))
+    run_dir = os.environ.get(ENV_RUN_DIR)
+    if worker is not None and run_dir:
+        app.tasks.append(loop.create_task(beat(Path(run_dir), worker.index)))
     return started, web
 
 
@@ -272,14 +283,22 @@ async def stop(app: App, started: list[Frontend], web: asyncio.Server) -> None:
 
 
 async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads policies (the last good one stays on errors)."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads policies (the last good one stays on errors).
+    With `workers` over 1 this process supervises that many workers (queueguard/workers.py)."""
     configure(settings.log_format, settings.log_level)
     # aiosmtpd logs every command at INFO and every junk command a client sends at WARNING;
     # our one line per message (and protocol_errors_total) say what matters.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+    worker = current_worker()
+    if worker is None and settings.worker_count() > 1:
+        build(settings)  # refuse here, once, with the same one-line errors as a single process
+        try:
+            return await supervise(settings, settings.worker_count())
+        except WorkerFailed as e:
+            raise StartupError(str(e)) from e
     app = build(settings)
     try:
-        started, web = await start(app)
+        started, web = await start(app, worker)
     except OSError as e:  # a port in use, an address not on this host
         raise StartupError(f"cannot listen: {e.strerror or e}"
                            f" (smtp {settings.smtp.listen}, metrics {settings.metrics})") from e

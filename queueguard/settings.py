@@ -8,6 +8,7 @@ Command-line flags override the file.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -217,6 +218,31 @@ class Settings(Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     node: str = Field("", description="this host's name in shared state; default: hostname")
     publish_pressure: PublishPressure | None = None
+    workers: int | Literal["auto"] = Field(
+        1, description="processes sharing the SMTP and metrics ports (auto: one per core); more than one needs "
+                        "state: redis://")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("workers must be 1 to 256, or auto")
+        return v
+
+    def worker_count(self) -> int:
+        """How many worker processes `serve` runs."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
+
+    @model_validator(mode="after")
+    def _workers_need_shared_state(self) -> Settings:
+        n = self.worker_count()
+        if n > 1 and self.state == "memory":
+            raise ValueError(f"workers: {self.workers} ({n} processes) with state: memory would give every worker "
+                             f"its own limits and burst counts ({n} times each limit); set state to a redis:// URL, "
+                             "or workers: 1")
+        return self
 
     @field_validator("metrics")
     @classmethod

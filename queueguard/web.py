@@ -45,7 +45,9 @@ import logging
 import math
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from queueguard import metrics
 
 log = logging.getLogger("queueguard.web")
 
@@ -75,8 +77,10 @@ def status_page() -> bytes:
     return importlib.resources.files("queueguard").joinpath("static/status.html").read_bytes()
 
 
-async def start_web(host: str, port: int, status: StatusFn) -> asyncio.base_events.Server:
-    """Listen on host:port (port 0 picks one: read it from server.sockets) and serve until closed."""
+async def start_web(host: str, port: int, status: StatusFn, *,
+                    reuse_port: bool = False) -> asyncio.base_events.Server:
+    """Listen on host:port (port 0 picks one: read it from server.sockets) and serve until closed;
+    `reuse_port` when several workers share the port."""
     page = status_page()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -91,7 +95,7 @@ async def start_web(host: str, port: int, status: StatusFn) -> asyncio.base_even
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    return await asyncio.start_server(handle, host, port, limit=LINE_LIMIT)
+    return await asyncio.start_server(handle, host, port, limit=LINE_LIMIT, reuse_port=reuse_port)
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
@@ -135,7 +139,7 @@ async def _serve_one(
         await _respond(writer, 405, "text/plain; charset=utf-8", b"only GET and HEAD\n", {"Allow": "GET, HEAD"})
         return
     if path == "/metrics":
-        await _respond(writer, 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY), head_only=head_only)
+        await _respond(writer, 200, CONTENT_TYPE_LATEST, metrics.exposition(), head_only=head_only)
     elif path == "/status.json":
         try:
             body = json.dumps(_finite(status()), default=str, allow_nan=False).encode()

@@ -363,9 +363,11 @@ ProxyHandler.handle_EHLO.__signature__ = inspect.signature(ProxyHandler.handle_E
 class SmtpProxy:
     """The listening server, with a graceful stop: finish in-flight DATA, then 421."""
 
-    def __init__(self, pipeline: Pipeline, settings: SmtpSettings) -> None:
+    def __init__(self, pipeline: Pipeline, settings: SmtpSettings, *, reuse_port: bool = False) -> None:
+        """`reuse_port`: several worker processes listen on the port; the kernel spreads connections."""
         self.settings = settings
         self.handler = ProxyHandler(pipeline, settings)
+        self.reuse_port = reuse_port
         self.server: asyncio.Server | None = None
 
     def _tls(self) -> ssl.SSLContext | None:
@@ -389,7 +391,7 @@ class SmtpProxy:
                 proxy_protocol_timeout=PROXY_TIMEOUT if s.proxy_protocol_from else None, loop=loop,
             )
 
-        self.server = await loop.create_server(factory, host, port, reuse_address=True)
+        self.server = await loop.create_server(factory, host, port, reuse_address=True, reuse_port=self.reuse_port)
         sock = self.server.sockets[0].getsockname()
         log.info("smtp proxy listening on %s:%s", sock[0], sock[1])
 
