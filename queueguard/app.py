@@ -176,7 +176,7 @@ async def start(app: App) -> list[object]:
         await psock.start()
         servers.append(psock)
     host, port = split_hostport(s.metrics, 9925)
-    servers.append(await start_web(host, port, app.status))
+    servers.append(await start_web(host, port, app.status, s.status))
     loop = asyncio.get_running_loop()
     app.tasks.append(loop.create_task(app.policies.watch(on_change=app.policy_changed)))
     if app.scan is not None:
