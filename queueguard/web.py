@@ -260,11 +260,12 @@ async def _serve_one(
 def _allowed(request: Request, auth: StatusAuth | None) -> bool:
     """May this request see recipients: a session or bearer token, or the open page asked for by a loopback name."""
     if auth is None:
+        host_header = request.headers.get("host", "")
         try:
-            host, _ = split_hostport(request.headers.get("host", ""), 80)
+            host, _ = split_hostport(host_header, 80)
         except ValueError:
             return False
-        return is_loopback(host)
+        return bool(host_header) and is_loopback(host)
     return auth.bearer_ok(request.headers.get("authorization", "")) or auth.session_ok(
         request.headers.get("cookie", ""))
 
