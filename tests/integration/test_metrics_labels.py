@@ -19,26 +19,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.components.guard import Guard
 from tests.components.sink import RecordingSink
+from tests.integration.test_status_page import POLICY_FOR_LIVE_PAGE, flood_and_wave
 
 pytestmark = pytest.mark.integration
 
-POLICY = """
+SENDER_LIMIT = """
 ratelimits:
-  - name: flood-to-one-address
-    key: recipient
-    rate: 2/1h
-    burst: 2
-    action: tempfail
   - name: per-sender
     key: sender
     rate: 100/1h
     burst: 100
     action: tempfail
-bursts:
-  - name: same-message-wave
-    fingerprint: subject
-    threshold: 3 in 10m
-    action: quarantine
 """
 LOCAL_PARTS = ("flooded-recipient", "wave-target", "ticket-user", "bulk-sender", "broken")
 
@@ -54,19 +45,9 @@ def test_no_address_in_any_metric_label(tmp_path: Path) -> None:
                                    "downstreams": [{"address": f"127.0.0.1:{tickets.port}"}]}},
             "status": {"token_file": str(token_file)},
         }
-        with Guard(settings, {"policy.yaml": POLICY}) as g:
+        with Guard(settings, {"policy.yaml": POLICY_FOR_LIVE_PAGE, "sender.yaml": SENDER_LIMIT}) as g:
             with g.smtp() as c:
-                deferred = 0
-                for i in range(5):
-                    c.mail("bulk-sender@client.example")
-                    if c.rcpt("flooded-recipient@example.org")[0] == 250:
-                        c.data(b"Subject: hello\r\n\r\nmessage %d\r\n" % i)
-                    else:
-                        deferred += 1
-                        c.rset()
-                for i in range(6):
-                    c.sendmail(f"bulk-sender+{i}@client.example", [f"wave-target{i}@example.org"],
-                               b"Subject: Win a MINI Cooper now\r\n\r\nclick here %d\r\n" % i)
+                deferred = flood_and_wave(c, "flooded-recipient@example.org", "wave-target")
                 c.sendmail("bulk-sender@client.example", ["ticket-user@tickets.example.org"],
                            b"Subject: my printer\r\n\r\nit is broken\r\n")
                 c.mail("bulk-sender@client.example")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import smtplib
 import subprocess
 import sys
 import tempfile
@@ -209,6 +210,23 @@ bursts:
 """
 
 
+def flood_and_wave(c: smtplib.SMTP, recipient: str = "info@example.org", wave: str = "user") -> int:
+    """Under POLICY_FOR_LIVE_PAGE: five messages to `recipient` (three deferred) and a wave of six with
+    one subject (quarantined from the third on); returns how many RCPTs were deferred."""
+    deferred = 0
+    for i in range(5):
+        c.mail("a@client.example")
+        if c.rcpt(recipient)[0] == 250:
+            c.data(b"Subject: hello\r\n\r\nmessage %d\r\n" % i)
+        else:
+            deferred += 1
+            c.rset()
+    for i in range(6):
+        c.sendmail(f"s{i}@client.example", [f"{wave}{i}@example.org"],
+                   b"Subject: Win a MINI Cooper now\r\n\r\nclick here %d\r\n" % i)
+    return deferred
+
+
 async def test_status_page_of_a_running_guard_shows_its_own_live_numbers() -> None:
     """A real `queueguard serve`: a flood to one recipient and a wave are sent through it; its own
     status page (metrics listener, `/`) then shows the rate-limited recipient, the active burst and
@@ -220,15 +238,7 @@ async def test_status_page_of_a_running_guard_shows_its_own_live_numbers() -> No
                                         {"policy.yaml": POLICY_FOR_LIVE_PAGE}) as g:
         def send() -> None:
             with g.smtp() as c:
-                for i in range(5):
-                    c.mail("a@client.example")
-                    if c.rcpt("info@example.org")[0] == 250:
-                        c.data(b"Subject: hello\r\n\r\nmessage %d\r\n" % i)
-                    else:
-                        c.rset()
-                for i in range(6):
-                    c.sendmail(f"s{i}@client.example", [f"user{i}@example.org"],
-                               b"Subject: Win a MINI Cooper now\r\n\r\nclick here %d\r\n" % i)
+                flood_and_wave(c)
 
         await asyncio.to_thread(send)
         dom = await run_chromium("--virtual-time-budget=5000", "--dump-dom", f"http://127.0.0.1:{g.metrics_port}/")
