@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import fcntl
+import http.client
 import json
 import os
 import select
@@ -396,7 +397,8 @@ def test_status_page_with_a_password_shows_nothing_before_login() -> None:
     """A real `queueguard serve` with status.password_hash after a flood and a wave. Without a login
     Chromium gets the login form and /status.json a 401, with none of the recipients or rules; a
     wrong password changes nothing; the right one, typed into the form, shows the live page; the
-    session cookie is HttpOnly and SameSite=Strict; logging out brings the form back."""
+    session cookie is HttpOnly and SameSite=Strict; a session ended elsewhere takes the data off the
+    screen at the next refresh; logging out brings the form back."""
     from tests.components.guard import Guard
     from tests.components.sink import RecordingSink
 
@@ -439,6 +441,18 @@ def test_status_page_with_a_password_shows_nothing_before_login() -> None:
             assert cookie["name"] == "qg_session" and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
             assert browser.evaluate("document.cookie") == ""  # the page's own script cannot read it
 
+            # the session ends elsewhere (here: a logout with the same cookie): the page's next refresh
+            # gets 401 and swaps itself for the login form, so no stale data stays on screen
+            other = http.client.HTTPConnection("127.0.0.1", g.metrics_port, timeout=5)
+            other.request("POST", "/logout", headers={"Cookie": f"qg_session={cookie['value']}"})
+            assert other.getresponse().status == 303
+            other.close()
+            browser.wait_for("document.getElementById('login') !== null", timeout=15)
+            html = browser.html()
+            assert not [s for s in secrets_of_the_page if s in html]
+
+            browser.type_and_enter("password", password)
+            browser.wait_for("document.body.dataset.loaded === 'yes'")
             browser.loads(lambda: browser.evaluate("document.querySelector('#logout button').click()"))
             html = browser.html()
             assert 'id="login"' in html and not [s for s in secrets_of_the_page if s in html]
