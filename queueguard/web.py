@@ -298,11 +298,14 @@ async def _login(writer: asyncio.StreamWriter, request: Request, auth: StatusAut
         await _respond(writer, 429, HTML, login_page("Too many login attempts; try again in a minute."),
                        {"Content-Security-Policy": LOGIN_SECURITY, "Retry-After": "60"})
         return
+    peer = (writer.get_extra_info("peername") or ("?",))[0]
     if sid is None:
+        if secret:  # a checked guess: at most ~1/s get here, the gate's pace, so the log cannot be flooded
+            log.warning("web: status page login failed client=%s", peer)
         await _respond(writer, 401, HTML, login_page("Wrong password or token."),
                        {**CHALLENGE, "Content-Security-Policy": LOGIN_SECURITY})
         return
-    log.info("web: status page login")
+    log.info("web: status page login client=%s", peer)
     await _respond(writer, 303, TEXT, b"logged in\n",
                    {"Location": "/", "Set-Cookie": cookie.format(sid, round(auth.lifetime))})
 

@@ -178,7 +178,7 @@ async def test_the_token_also_logs_a_browser_in(port: int) -> None:
     assert (await request(port, req("GET", "/status.json", f"Cookie: {cookie}")))[0] == 200
 
 
-async def test_wrong_password_is_slow_and_sets_no_cookie(port: int) -> None:
+async def test_wrong_password_is_slow_logged_and_sets_no_cookie(port: int, caplog: pytest.LogCaptureFixture) -> None:
     started = time.monotonic()
     code, headers, body = await request(port, req("POST", "/login", body=login_body(PASSWORD[:-1])))
     assert code == 401 and "Set-Cookie" not in headers
@@ -186,6 +186,9 @@ async def test_wrong_password_is_slow_and_sets_no_cookie(port: int) -> None:
     assert b"Wrong password or token." in body and no_data(body)
     code, headers, _ = await request(port, req("POST", "/login", body=b"password="))
     assert code == 401 and "Set-Cookie" not in headers
+    # one line for the checked guess; the empty one (no check, no delay) logs nothing
+    assert [r.getMessage() for r in caplog.records if "login" in r.getMessage()] == [
+        "web: status page login failed client=127.0.0.1"]
 
 
 async def test_forged_and_altered_cookies_are_refused(port: int) -> None:
