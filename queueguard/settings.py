@@ -99,7 +99,7 @@ class RoutePressure(Strict):
         return self
 
 
-ROUTE_NAME = r"^[A-Za-z0-9_.-]+$"  # route names are metric labels: no room for an address
+ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # route names are metric labels: no room for an address
 
 
 class Route(Strict):
@@ -243,7 +243,7 @@ class Settings(Strict):
         if "default" in v:
             raise ValueError("'default' is the route of the top-level downstreams; name this route otherwise")
         for name in v:
-            if not re.match(ROUTE_NAME, name):
+            if not ROUTE_NAME.fullmatch(name):
                 raise ValueError(f"route name {name!r}: only letters, digits, '_', '.' and '-' (it is a metric label)")
         return v
 
