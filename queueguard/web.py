@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.resources
 import json
 import logging
@@ -105,9 +106,14 @@ def status_page() -> bytes:
     return importlib.resources.files("queueguard").joinpath("static/status.html").read_bytes()
 
 
+@functools.cache
+def _login_template() -> bytes:
+    return importlib.resources.files("queueguard").joinpath("static/login.html").read_bytes()
+
+
 def login_page(message: str = "") -> bytes:
-    """The login form; `message` is one of our fixed strings, never anything from the request."""
-    page = importlib.resources.files("queueguard").joinpath("static/login.html").read_bytes()
+    """The login form (read once, not per request); `message` is one of our fixed strings, never from the request."""
+    page = _login_template()
     html = f'<p id="message" class="bad">{message}</p>'.encode() if message else b""
     return page.replace(LOGIN_MESSAGE, html)
 
