@@ -205,7 +205,7 @@ async def start(app: App, worker: WorkerId | None = None) -> tuple[list[Frontend
         await frontend.start()
         started.append(frontend)
     host, port = split_hostport(s.metrics, 9925)
-    web = await start_web(host, port, app.status, reuse_port=worker is not None)
+    web = await start_web(host, port, app.status, s.status, reuse_port=worker is not None)
     loop = asyncio.get_running_loop()
     app.tasks.append(loop.create_task(app.policies.watch(on_change=app.policy_changed)))
     app.tasks.append(loop.create_task(app.admission.governor.watch(lambda: app.policies.current().pressure,

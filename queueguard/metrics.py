@@ -206,6 +206,9 @@ quarantine_releases = Counter(
     P + "quarantine_releases_total", "Releases from the quarantine by any process (from its index)", ["result"]
 )
 quarantine_deletions = Counter(P + "quarantine_deletions_total", "Messages deleted or purged from the quarantine")
-quarantine_messages = Gauge(P + "quarantine_messages", "Messages held in the quarantine")
-quarantine_bytes = Gauge(P + "quarantine_bytes", "Bytes of the messages held in the quarantine")
+# One store every worker writes: each counts its own puts and refreshes the whole summary, so the
+# largest value is the freshest.
+quarantine_messages = Gauge(P + "quarantine_messages", "Messages held in the quarantine", multiprocess_mode="max")
+quarantine_bytes = Gauge(P + "quarantine_bytes", "Bytes of the messages held in the quarantine",
+                         multiprocess_mode="max")
 quarantine_inodes = Gauge(P + "quarantine_inodes", "Files and directories the quarantine uses")

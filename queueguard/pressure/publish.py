@@ -31,6 +31,7 @@ from queueguard.pressure.governor import Governor
 from queueguard.redis_client import BACKGROUND, connect
 from queueguard.routing import LEVELS, PressureReport, PressureSource
 from queueguard.settings import Settings
+from queueguard.webauth import read_token
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -213,13 +214,14 @@ class RedisPressureSource:
 
 
 class HttpPressureSource:
-    """Reads another queueguard's /status.json (no shared Redis needed)."""
+    """Reads another queueguard's /status.json (no shared Redis needed), with its bearer token if it has one."""
 
-    def __init__(self, url: str, timeout: float = HTTP_TIMEOUT) -> None:
-        self.url, self.timeout = url, timeout
+    def __init__(self, url: str, timeout: float = HTTP_TIMEOUT, token: str | None = None) -> None:
+        self.url, self.timeout, self.token = url, timeout, token
 
     def _get(self) -> bytes:
-        with urllib.request.urlopen(self.url, timeout=self.timeout) as r:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        with urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout) as r:
             body: bytes = r.read(MAX_REPORT_BYTES + 1)
         if len(body) > MAX_REPORT_BYTES:
             raise ValueError(f"{self.url}: status larger than {MAX_REPORT_BYTES} bytes")
@@ -243,7 +245,8 @@ def pressure_sources(settings: Settings) -> dict[str, PressureSource]:
         if p is None:
             continue
         if p.source == "http":
-            sources[name] = HttpPressureSource(p.url)
+            token = read_token(p.token_file) if p.token_file is not None else None
+            sources[name] = HttpPressureSource(p.url, token=token)
             continue
         if redis is None:
             redis = connect(settings.state, BACKGROUND)

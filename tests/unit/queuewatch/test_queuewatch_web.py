@@ -26,7 +26,7 @@ async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def get(path: str, method: str = "GET") -> bytes:
-    return f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    return f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
 
 
 @pytest.fixture
