@@ -73,7 +73,7 @@ class Transaction:
     def null_sender(self) -> bool:
         return self.sender in ("", "<>")
 
-    def data(self, kind: type[T]) -> T:
+    def check_data(self, kind: type[T]) -> T:
         """Per-transaction data a check keeps (rspamd's per-task data): one `kind()` made on
         first use, gone with the transaction, so no check needs a side table keyed by id."""
         found = self._data.get(kind)

@@ -62,7 +62,7 @@ def applicable(policy: Policy, txn: Transaction, recipient: str) -> list[tuple[R
 
 @dataclass
 class _Pending:
-    """Per transaction (Transaction.data): the keys each recipient counted against, and how many
+    """Per transaction (Transaction.check_data): the keys each recipient counted against, and how many
     earlier accepted recipients count against each key."""
 
     by_rcpt: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
@@ -96,7 +96,7 @@ class RateLimitCheck:
     async def on_rcpt(self, ctx: RcptContext) -> StageResult:
         txn, policy = ctx.txn, ctx.policy
         items = applicable(policy, txn, ctx.recipient)
-        pending = txn.data(_Pending)
+        pending = txn.check_data(_Pending)
         pending.sync(txn.recipients)
         pending.by_rcpt[ctx.recipient] = [(k, Limit.of(rule).interval) for rule, k in items]
         if not items:
@@ -126,7 +126,7 @@ class RateLimitCheck:
         policy = txn.policy
         if not passed or not txn.recipients or not isinstance(policy, Policy):
             return
-        pending = txn.data(_Pending)
+        pending = txn.check_data(_Pending)
         increments: dict[str, float] = {}
         for rcpt in txn.recipients:
             found = pending.by_rcpt.get(rcpt)
