@@ -150,7 +150,9 @@ async def supervise(settings: Settings, count: int) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="queueguard-workers-"))
     (run_dir / "metrics").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    env.update({"PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"), ENV_RUN_DIR: str(run_dir)})
+    env.update({"PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"), ENV_RUN_DIR: str(run_dir),
+                # workers import what this process imports, however it was launched
+                "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     argv = [sys.executable, "-m", "queueguard.cli", "serve", "--settings", str(worker_settings(settings, run_dir))]
     workers = [Worker(i, count, argv, env, run_dir) for i in range(count)]
     loop = asyncio.get_running_loop()

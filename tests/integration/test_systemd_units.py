@@ -88,7 +88,7 @@ def test_service_is_notify_with_watchdog_and_always_restarts(unit: dict[str, dic
     assert seconds(one(unit, "RestartSec")) > 0
     assert one(unit, "StartLimitIntervalSec", "Unit") == "0", "systemd must never give up restarting"
     assert one(unit, "ExecStart") == f"{INSTALLED_BINARY} serve --settings /etc/queueguard/queueguard.yaml"
-    assert unit["Service"]["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
+    assert unit["Service"]["ExecReload"][-1] == '/bin/sh -c "kill -HUP $MAINPID"'
     assert seconds(one(unit, "TimeoutStopSec")) > SmtpSettings().shutdown_grace
     assert int(one(unit, "LimitNOFILE")) >= 65536
     assert one(unit, "WantedBy", "Install") == "multi-user.target"
@@ -493,7 +493,11 @@ def test_real_systemd_runs_the_real_daemon_with_two_workers(unit_root: Path) -> 
         first = container.wait_for("queueguard", lambda s: s.get("StatusText", "").startswith("2 workers"), 90)
         assert first["ActiveState"] == "active", first
         main = int(first["MainPID"])
-        workers = container.run("pgrep", "-P", str(main)).split()
+
+        def children(pid: int | str) -> list[str]:  # no procps in the container
+            return container.run("cat", f"/proc/{pid}/task/{pid}/children").split()
+
+        workers = children(main)
         assert len(workers) == 2, workers
         uid = int(container.run("stat", "-c", "%u", f"/proc/{workers[0]}").strip())
         assert uid != 0
@@ -504,7 +508,7 @@ def test_real_systemd_runs_the_real_daemon_with_two_workers(unit_root: Path) -> 
         sink = subprocess.Popen(["nsenter", "-t", str(container.leader), "-a", "python3", "-c", SINK],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
-        while "0A2E" not in container.run("cat", "/proc/net/tcp"):  # 2526 listening
+        while f":{2526:04X} " not in container.run("cat", "/proc/net/tcp"):  # the sink listening
             assert time.monotonic() < deadline, "the sink in the container did not start"
             time.sleep(0.2)
         sent = subprocess.run(["nsenter", "-t", str(container.leader), "-a", "python3", "-c", SEND],
@@ -522,7 +526,7 @@ def test_real_systemd_runs_the_real_daemon_with_two_workers(unit_root: Path) -> 
             assert time.monotonic() < deadline, journal()
             time.sleep(0.3)
 
-        container.run("kill", "-STOP", str(main))  # the supervisor hangs: no more WATCHDOG=1
+        container.run("sh", "-c", f"kill -STOP {main}")  # the supervisor hangs: no more WATCHDOG=1
         restarted = container.wait_for(
             "queueguard",
             lambda s: s.get("NRestarts") == "1" and s.get("ActiveState") == "active"
@@ -530,7 +534,7 @@ def test_real_systemd_runs_the_real_daemon_with_two_workers(unit_root: Path) -> 
             90,
         )
         assert "Watchdog timeout" in journal(), journal()
-        assert len(container.run("pgrep", "-P", restarted["MainPID"]).split()) == 2
+        assert len(children(restarted["MainPID"])) == 2
 
         container.run("systemctl", "stop", "queueguard")
         stopped = container.wait_for("queueguard", lambda s: s.get("ActiveState") == "inactive", 60)
