@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from queueguard.policy.schema import RateLimitRule
 
 _EPSILON = 1e-9
+SLACK = 2e-6
+"""Seconds of rounding forgiven: Redis keeps microseconds, so a TAT read back from it (its mirror,
+here) may sit up to a microsecond either side of `now` plus whole intervals."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ def decide(tat: float | None, now: float, limit: Limit, n: int = 1) -> Decision:
     base = now if tat is None or tat < now else tat
     room = limit.tolerance - (base - now)
     excess = n * limit.interval - room
-    remaining = max(0, math.floor(room / limit.interval + _EPSILON) - n)
-    if excess <= _EPSILON * limit.interval:
+    slack = max(SLACK, _EPSILON * limit.interval)
+    remaining = max(0, math.floor((room + slack) / limit.interval) - n)
+    if excess <= slack:
         return Decision(True, 0.0, remaining)
     return Decision(False, excess, 0)
 

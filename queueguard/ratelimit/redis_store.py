@@ -1,19 +1,20 @@
 """Shared rate-limit state in Redis, so several queueguard hosts enforce one limit exactly.
 
-Every operation is one call of the Lua script in `gcra.lua` (shipped as package data): the check
-and the update of a decision happen in one atomic step inside Redis, so concurrent transactions on
-any number of hosts cannot each see the same room. The script is loaded once with SCRIPT LOAD and
-run with EVALSHA (re-loaded if Redis restarted, or a replica took over, and forgot it).
+Every operation runs inside the Lua script in `gcra.lua` (shipped as package data): the check and
+the update of a decision happen in one atomic step inside Redis, so concurrent transactions on any
+number of hosts cannot each see the same room. The script is loaded once with SCRIPT LOAD and run
+with EVALSHA (re-loaded if Redis restarted, or a replica took over, and forgot it).
 
-Calls are pipelined: whatever decisions the event loop asks for while one round trip is in flight
-go together in the next one (no waiting to fill a batch: one call alone goes at once). That is
-what gets one process past ~20,000 decisions/s (docs/benchmarks.md); each call is still its own
-atomic script run.
+Calls are batched: the decisions the event loop asks for while one call is in flight go together
+in the next one, as one EVALSHA (no waiting to fill a batch: a call alone goes at once). A script
+runs atomically, so each decision in it still does; one call and one short reply per batch is
+what gets one process past 20,000 decisions/s (docs/benchmarks.md), where a command per decision
+spends most of its time in redis-py's packing and parsing.
 
 Values are microseconds since the epoch; keys carry a TTL so Redis forgets idle keys by itself.
 Times come from the caller's clock (hosts are NTP-synced; a few ms of skew is small against
-intervals of seconds). Multi-key calls assume one Redis (or one Sentinel-managed master), not a
-Cluster.
+intervals of seconds). A call's keys must live on one server: one Redis or one Sentinel-managed
+master, not a Cluster.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from queueguard.redis_client import IN_TRANSACTION, connect
 
 LUA = resources.files("queueguard.ratelimit").joinpath("gcra.lua").read_text()
 US = 1_000_000
+BATCH = 256
+"""Most operations in one script call: Redis runs nothing else while a script runs (~1-2 ms at this)."""
 
-_Call = tuple[list[str], list[str], "asyncio.Future[list[int]]"]
+_Call = tuple[list[str], str, "asyncio.Future[list[int]]"]
 
 
 def _us(seconds: float) -> int:
@@ -58,73 +61,63 @@ class RedisStore:
     async def reserve(self, asks: Sequence[Ask], now: float) -> Reservation:
         if not asks:
             return Reservation(True, [], [])
-        args = ["reserve", str(_us(now))]
-        for a in asks:
-            args += [str(max(1, _us(a.limit.interval))), str(_us(a.limit.tolerance)), "1" if a.gate else "0"]
-        out = await self._call([a.key for a in asks], args)
+        groups = " ".join(f"{max(1, _us(a.limit.interval))} {_us(a.limit.tolerance)} {1 if a.gate else 0}"
+                          for a in asks)
+        out = await self._call([a.key for a in asks], f"r {_us(now)} {len(asks)} {groups}")
         return Reservation(out[0] == 1, [_tat(out[2 * i + 1]) for i in range(len(asks))],
                            [out[2 * i + 2] / US for i in range(len(asks))])
 
     async def refund(self, refunds: Sequence[tuple[str, float]], now: float) -> list[float | None]:
         if not refunds:
             return []
-        out = await self._call([k for k, _ in refunds], ["refund", str(_us(now)), *(str(_us(i)) for _, i in refunds)])
+        groups = " ".join(str(_us(i)) for _, i in refunds)
+        out = await self._call([k for k, _ in refunds], f"f {_us(now)} {len(refunds)} {groups}")
         return [_tat(v) for v in out]
 
     async def reconcile(self, owed: Sequence[Owed], now: float) -> list[float | None]:
         if not owed:
             return []
-        args = ["reconcile", str(_us(now))]
-        for o in owed:
-            args += [str(_us(o.floor or 0.0)), str(_us(o.increment))]
-        return [_tat(v) for v in await self._call([o.key for o in owed], args)]
+        groups = " ".join(f"{_us(o.floor or 0.0)} {_us(o.increment)}" for o in owed)
+        out = await self._call([o.key for o in owed], f"c {_us(now)} {len(owed)} {groups}")
+        return [_tat(v) for v in out]
 
-    # --- pipelined script calls ------------------------------------------------------------------
+    # --- batched script calls --------------------------------------------------------------------
 
-    async def _call(self, keys: list[str], args: list[str]) -> list[int]:
+    async def _call(self, keys: list[str], spec: str) -> list[int]:
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._queue.append(([self.prefix + k for k in keys], args, future))
+        self._queue.append(([self.prefix + k for k in keys], spec, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send())
         return await future
 
     async def _send(self) -> None:
-        """One round trip at a time; what queued meanwhile goes in the next one."""
+        """One call at a time; what queued meanwhile goes in the next one."""
         while self._queue:
-            batch, self._queue = self._queue, []
+            batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
             try:
-                results = await self._run(batch)
+                replies: list[list[int]] | Exception = await self._run(batch)
             except Exception as e:  # the callers' SharedState turns it into the policy's on_error
-                results = [e] * len(batch)
-            for (_, _, future), result in zip(batch, results, strict=True):
+                replies = e
+            for i, (_, _, future) in enumerate(batch):
                 if future.done():
                     continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
+                if isinstance(replies, Exception):
+                    future.set_exception(replies)
                 else:
-                    future.set_result([int(v) for v in result])
+                    future.set_result(replies[i])
 
-    async def _run(self, batch: list[_Call]) -> list[list[int] | BaseException]:
+    async def _run(self, batch: list[_Call]) -> list[list[int]]:
+        keys = [k for call in batch for k in call[0]]
+        specs = [call[1] for call in batch]
         if self._sha is None:
             self._sha = await self.client.script_load(LUA)
-        results = await self._pipeline(batch)
-        if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted, or a replica took over
+        try:
+            reply = await self.client.evalsha(self._sha, len(keys), *keys, *specs)
+        except NoScriptError:  # Redis restarted, or a replica took over
             self._sha = await self.client.script_load(LUA)
-            results = await self._pipeline(batch)
-        return results
-
-    async def _pipeline(self, batch: list[_Call]) -> list[list[int] | BaseException]:
-        assert self._sha is not None
-        if len(batch) == 1:
-            keys, args, _ = batch[0]
-            try:
-                return [await self.client.evalsha(self._sha, len(keys), *keys, *args)]
-            except NoScriptError as e:
-                return [e]
-        pipe = self.client.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.evalsha(self._sha, len(keys), *keys, *args)
-        return list(await pipe.execute(raise_on_error=False))
+            reply = await self.client.evalsha(self._sha, len(keys), *keys, *specs)
+        text = reply.decode() if isinstance(reply, bytes) else str(reply)
+        return [[int(v) for v in line.split()] for line in text.split("\n")]
 
     def tracked(self) -> int | None:
         return None

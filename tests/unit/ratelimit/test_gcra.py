@@ -113,3 +113,14 @@ def test_hosts_taking_their_share_admit_what_one_would(hosts: int) -> None:
     assert 12 - hosts < total <= 12
     assert share.tolerance == limit.tolerance
 
+
+
+def test_a_tat_read_back_in_microseconds_is_not_off_by_one() -> None:
+    """Redis keeps microseconds: 2 of 3 used may come back as now + 40.0000005 (the rounding of now),
+    and must still leave room for the third."""
+    limit = Limit(interval=20.0, burst=3)
+    now = 1_700_000_000.123456789
+    tat = (round(now * 1e6) + 40_000_000) / 1e6
+    assert tat - now > 40.0
+    assert decide(tat, now, limit).allowed and decide(tat, now, limit).remaining == 0
+    assert not decide(tat + 1e-5, now, limit).allowed
