@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc libmilter-dev
   clamav clamav-daemon clamav-milter postfix miltertest
-  redis-server redis-tools swaks libio-socket-inet6-perl
+  redis-server redis-sentinel redis-tools swaks libio-socket-inet6-perl
   libmariadb3 libidn12 libspf2-2 libgnutls30 libpcre2-8-0
   prometheus xxd chromium systemd e2fsprogs util-linux procps adduser openssl
   mmdebstrap systemd-container haproxy

@@ -1,16 +1,18 @@
 """Rate-limit benchmark: decisions per second and memory per key.
 
-    .venv/bin/python bench/ratelimit_bench.py [--sizes 1000,100000,1000000] [--decisions 200000]
+    .venv/bin/python -m bench.ratelimit_bench [--sizes 1000,100000,1000000] [--decisions 200000]
 
 Memory backend, at each size: fill N keys, then
   - memory per key: tracemalloc's traced bytes after the fill / N (key strings are
     not kept by the store, so only its own structures count), and the RSS delta;
-  - store decisions/s: peek + GCRA decision + advance on random existing keys;
-  - check decisions/s: a full RateLimitCheck RCPT check + commit for one recipient
-    (rule matching, key building, two store calls) with two rules.
-Redis backend (a redis-server started here on a free loopback port): RCPT checks
-alone (what a flood costs: refused RCPTs are never committed) and check + commit,
-sequential and with 32 concurrent transactions. Client and server share the CPUs.
+  - store decisions/s: one atomic check-and-reserve on a random existing key;
+  - check decisions/s: a full RateLimitCheck RCPT check + transaction end for one
+    recipient (rule matching, key building, one store call) with two rules.
+Redis backend (a redis-server started here on a free loopback port), one process:
+  - store decisions/s: RedisStore.reserve (one EVALSHA of gcra.lua each) from 1, 32
+    and 256 concurrent callers; concurrent calls share round trips (pipelining);
+  - check decisions/s: the whole RCPT check + transaction end, the same concurrency.
+Client and server share the CPUs.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ import subprocess
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
 from queueguard.ratelimit.check import RateLimitCheck
-from queueguard.ratelimit.gcra import Limit, decide
+from queueguard.ratelimit.gcra import Ask, Limit
 from queueguard.ratelimit.redis_store import RedisStore
 from queueguard.ratelimit.store import MemoryStore, RateStore
 from queueguard.stage import RcptContext
@@ -91,40 +94,37 @@ def rss_per_key(n: int, now: float) -> float:
     return value
 
 
-async def store_decisions(store: MemoryStore, n: int, count: int, now: float) -> float:
-    keys = [f"flood:user{random.randrange(n)}@example.org" for _ in range(count)]
+async def store_decisions(store: RateStore, n: int, count: int, now: float, concurrency: int = 1) -> float:
+    """Atomic check-and-reserve calls on random keys, from `concurrency` callers at once."""
+    asks = [[Ask(f"flood:user{random.randrange(n)}@example.org", LIMIT)] for _ in range(count)]
+
+    async def worker(items: list[list[Ask]]) -> None:
+        for a in items:
+            await store.reserve(a, now)
+
     start = time.perf_counter()
-    for key in keys:
-        (tat,) = await store.peek([key])
-        if decide(tat, now, LIMIT).allowed:
-            await store.advance([(key, LIMIT.interval)], now)
+    await asyncio.gather(*(worker(asks[i::concurrency]) for i in range(concurrency)))
     return count / (time.perf_counter() - start)
 
 
 async def check_once(check: RateLimitCheck, rcpt: str, ip: str) -> bool:
-    txn = Transaction(Connection(parse_ip(ip)), "sender@example.com")
+    """One transaction's RCPT check and its end (the message went through: reservations kept)."""
+    txn = Transaction(Connection(parse_ip(ip)), "sender@example.com", policy=POLICY)
     result = await check.on_rcpt(RcptContext(txn, rcpt, POLICY))
     if result.verdict is None:
         txn.recipients.append(rcpt)
-        await check.commit(txn, POLICY)
+    await check.on_end(txn, True)
     return result.verdict is None
 
 
-async def rcpt_only(check: RateLimitCheck, rcpt: str, ip: str) -> bool:
-    txn = Transaction(Connection(parse_ip(ip)), "sender@example.com")
-    return (await check.on_rcpt(RcptContext(txn, rcpt, POLICY))).verdict is None
-
-
-async def check_decisions(store: RateStore, n: int, count: int, concurrency: int = 1,
-                          commit: bool = True) -> float:
+async def check_decisions(store: RateStore, n: int, count: int, concurrency: int = 1) -> float:
     check = RateLimitCheck(store)
     work = [(f"user{random.randrange(n)}@example.org", f"198.51.{random.randrange(256)}.{random.randrange(256)}")
             for _ in range(count)]
-    one = check_once if commit else rcpt_only
 
     async def worker(items: list[tuple[str, str]]) -> None:
         for rcpt, ip in items:
-            await one(check, rcpt, ip)
+            await check_once(check, rcpt, ip)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(work[i::concurrency]) for i in range(concurrency)))
@@ -135,6 +135,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def redis_cpu(store: RedisStore) -> float:
+    """Seconds of CPU the redis-server has used (INFO cpu)."""
+    info = await store.client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def measured(store: RedisStore, count: int, run: Coroutine[Any, Any, float]) -> tuple[float, float, float]:
+    """Decisions/s by the wall clock, and CPU µs per decision in this process and in redis-server: on a
+    shared, loaded machine the CPU figures say what one process could do with a core to itself."""
+    client, server = time.process_time(), await redis_cpu(store)
+    rate = await run
+    client, server = time.process_time() - client, await redis_cpu(store) - server
+    return rate, client / count * 1e6, server / count * 1e6
 
 
 async def redis_bench(count: int) -> list[str]:
@@ -161,11 +176,14 @@ async def redis_bench(count: int) -> list[str]:
                 if attempt == 99:
                     raise
                 await asyncio.sleep(0.02)
+        now = time.time()
         await check_decisions(store, 100_000, count // 4, 32)  # warm up and fill some keys
-        for commit, what in ((False, "RCPT check (1 MGET)"), (True, "RCPT check + commit (MGET + EVALSHA)")):
-            for conc in (1, 32):
-                rate = await check_decisions(store, 100_000, count, conc, commit)
-                lines.append(f"| redis | {what}, {conc} concurrent | {rate:,.0f}/s |")
+        for what, run in (("store decision (RedisStore.reserve)", lambda c: store_decisions(store, 100_000, count,
+                                                                                              now, c)),
+                          ("RCPT check + transaction end", lambda c: check_decisions(store, 100_000, count, c))):
+            for conc in (1, 32, 256):
+                rate, client_us, server_us = await measured(store, count, run(conc))
+                lines.append(f"| {what} | {conc} | {rate:,.0f} | {client_us:.1f} | {server_us:.1f} |")
         await store.close()
     finally:
         os.kill(int((d / "redis.pid").read_text()), signal.SIGKILL)
@@ -193,8 +211,8 @@ async def main() -> None:
         del store
         gc.collect()
     print()
-    print("| backend | what | decisions/s |")
-    print("|---|---|---:|")
+    print("| Redis: what | concurrent | decisions/s | client CPU µs/decision | redis-server CPU µs/decision |")
+    print("|---|---:|---:|---:|---:|")
     for line in await redis_bench(args.redis_decisions):
         print(line)
 

@@ -35,7 +35,6 @@ from queueguard.pressure.sensors import PsiTrigger, default_sensors
 from queueguard.quarantine.store import SUMMARY_TTL, Filter, QuarantineStore
 from queueguard.queuewatch.service import QueueWatch
 from queueguard.ratelimit.check import RateLimitCheck
-from queueguard.ratelimit.store import make_store
 from queueguard.relay import Relay
 from queueguard.routing import Router
 from queueguard.scan.check import ScanCheck
@@ -167,7 +166,7 @@ def build(settings: Settings) -> App:
         quarantine=QuarantineStore(
             settings.quarantine.directory, min_free_bytes=settings.quarantine.min_free_bytes,
             min_free_inodes=settings.quarantine.min_free_inodes),
-        ratelimit=RateLimitCheck(make_store(settings.state, settings.state_max_keys)),
+        ratelimit=RateLimitCheck.from_settings(settings),
         bursts=BurstCheck.from_settings(settings), patterns=PatternCheck(), admission=Admission(governor),
         connections=ConnectionLimits(),
         scan=scan, queuewatch=queuewatch, publisher=publisher,
@@ -212,7 +211,7 @@ async def start(app: App, worker: WorkerId | None = None) -> tuple[list[Frontend
                                                                    PsiTrigger())))
     if app.scan is not None:
         app.tasks.append(loop.create_task(app.scan.run()))
-    app.tasks.extend(loop.create_task(t) for t in app.router.background())
+    app.tasks.extend(loop.create_task(t) for t in [*app.router.background(), *app.ratelimit.background()])
     app.tasks.append(loop.create_task(_refresh_quarantine_summary(app.quarantine)))
     if worker is None or worker.primary:
         if app.publisher is not None:

@@ -140,6 +140,10 @@ state_errors = Counter(
 state_fallback_active = Gauge(
     P + "state_fallback_active", "1 while in-process state stands in for the shared state", ["component"],
     multiprocess_mode="max")
+state_members = Gauge(
+    P + "state_members", "Guard processes sharing the state, as last counted in Redis (each takes its share "
+    "of a limit while Redis is down)", multiprocess_mode="max"
+)
 
 # --- scan: clamd client, admission gate, pressure governor, clamd health -------
 scan_seconds = Histogram(

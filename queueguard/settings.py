@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from queueguard.policy.schema import Duration, Size
+from queueguard.redis_client import parse as parse_redis_url
 from queueguard.webauth import parse_password_hash, read_token
 
 
@@ -243,7 +244,7 @@ class Settings(Strict):
     metrics: str = "127.0.0.1:9925"
     status: StatusSettings = StatusSettings()
     policies: Path = Path("policies")
-    state: str = Field("memory", description="'memory' or a redis:// URL")
+    state: str = Field("memory", description="'memory', a redis:// URL, or redis+sentinel://host:port,…/service")
     state_max_keys: int = Field(1_000_000, ge=1000)
     quarantine: QuarantineSettings = QuarantineSettings()
     clamd: ClamdSettings = ClamdSettings()
@@ -305,8 +306,9 @@ class Settings(Strict):
     @field_validator("state")
     @classmethod
     def _state(cls, v: str) -> str:
-        if v != "memory" and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("state must be 'memory' or a redis:// URL")
+        """A Sentinel URL is taken apart now, so a typo fails at start-up, not at the first RCPT."""
+        if v != "memory":
+            parse_redis_url(v)
         return v
 
 

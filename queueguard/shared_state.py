@@ -9,17 +9,27 @@ the same way for both:
 After a failure the shared store is not asked again for `retry_after` seconds
 (a dead Redis must not cost every message a timeout); the outage is logged
 once when it starts and once when it ends, and shown as metrics per component.
+When it answers again, `recover` (if given) runs first: rate limits add what
+this host admitted meanwhile (ratelimit/store.py LocalShare).
+
+`Membership` counts the guard processes sharing one Redis while it is up, so
+that during an outage each can take its share of a limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from queueguard import metrics
 from queueguard.stage import StateUnavailable
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger("queueguard.state")
 S = TypeVar("S")
@@ -33,13 +43,15 @@ class SharedState(Generic[S]):
     when there is no shared store: `state: memory`)."""
 
     def __init__(self, component: str, shared: S, fallback: S, *, backend: str,
-                 clock: Callable[[], float] = time.monotonic, retry_after: float = 5.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, retry_after: float = 5.0,
+                 recover: Callable[[], Awaitable[None]] | None = None) -> None:
         self.component = component
         self.shared = shared
         self.fallback = fallback
         self.backend = backend
         self.clock = clock
         self.retry_after = retry_after
+        self.recover = recover
         self.down_until: float | None = None
 
     @property
@@ -53,6 +65,8 @@ class SharedState(Generic[S]):
         now = self.clock()
         if self.down_until is None or now >= self.down_until:
             try:
+                if self.down_until is not None and self.recover is not None:
+                    await self.recover()
                 result = await op(self.shared)
             except Exception as e:  # any failure of the shared state becomes the policy's choice
                 self._failed(e, now, on_error)
@@ -77,3 +91,69 @@ class SharedState(Generic[S]):
             log.error("%s state %s failed (%s: %s); %s until it answers again (retried every %.0f s)",
                       self.component, self.backend, type(error).__name__, error, THEN[on_error],
                       self.retry_after)
+
+
+MEMBERS_KEY = "qg:members"
+
+
+def live_count(answer: int) -> int:
+    """Members counted in Redis, this one included even when its own entry was not there yet."""
+    return max(1, answer)
+
+
+class Membership:
+    """How many guard processes share the state, as last counted while Redis answered.
+
+    Each process is one member, `node:pid` (a worker process enforces alone when Redis fails, so
+    it takes its own share), renewed every `every` seconds in one sorted set whose score is the
+    member's expiry: a process that stops renewing drops out after `ttl`. One small key rather
+    than a key per member, so counting needs no SCAN over millions of rate-limit keys. Until the
+    first count (Redis down from the start) `hosts` is 1: no count, no share.
+    """
+
+    def __init__(self, client: Redis, node: str, *, ttl: float = 15.0, every: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.client = client
+        self.node = node
+        self.ttl = ttl
+        self.every = every
+        self.clock = clock
+        self.hosts = 1
+
+    @property
+    def member(self) -> str:
+        """Read at every renewal: a worker forked after start-up is a member of its own."""
+        return f"{self.node}:{os.getpid()}"
+
+    async def beat(self) -> int:
+        """Renew this member, forget expired ones, count; returns the count (also kept in `hosts`)."""
+        now = self.clock()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(MEMBERS_KEY, {self.member: now + self.ttl})
+        pipe.zremrangebyscore(MEMBERS_KEY, "-inf", now)
+        pipe.zcard(MEMBERS_KEY)
+        pipe.pexpire(MEMBERS_KEY, int(self.ttl * 1000))
+        _, _, count, _ = await pipe.execute()
+        self.hosts = live_count(int(count))
+        metrics.state_members.set(self.hosts)
+        return self.hosts
+
+    async def run(self) -> None:
+        """Background task; a failed renewal keeps the last count (that is what an outage uses)."""
+        while True:
+            try:
+                await self.beat()
+            except Exception as e:
+                log.debug("state membership not renewed (%s: %s); keeping %d", type(e).__name__, e, self.hosts)
+            await asyncio.sleep(self.every)
+
+    async def leave(self) -> None:
+        """On a clean stop: the others' share grows at once instead of after `ttl`."""
+        try:
+            await self.client.zrem(MEMBERS_KEY, self.member)
+        except Exception as e:
+            log.debug("state membership not removed (%s: %s)", type(e).__name__, e)
+
+    async def close(self) -> None:
+        await self.leave()
+        await self.client.aclose()

@@ -86,8 +86,8 @@ class RcptCheck(Protocol):
 
     async def on_end(self, txn: Transaction, passed: bool) -> None:
         """Called once when the transaction ends, however it ended. `passed`: the message went
-        through (delivered or quarantined), so budgets are charged for it only then and refused
-        mail does not use them up twice."""
+        through (delivered or quarantined); only then does it keep the budget its recipients took
+        (rate limits reserve at RCPT and give back the rest), so refused mail does not use it up."""
         ...
 
 

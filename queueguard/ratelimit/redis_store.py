@@ -1,55 +1,128 @@
-"""Shared rate-limit state in Redis, so several queueguard hosts enforce one limit.
+"""Shared rate-limit state in Redis, so several queueguard hosts enforce one limit exactly.
 
-The update is the Lua script in `gcra.lua` (shipped as package data), loaded
-once with SCRIPT LOAD and run with EVALSHA (re-loaded if Redis restarted and
-forgot it). Reads are one MGET. Values are microseconds since the epoch;
-keys carry a TTL so Redis forgets idle keys by itself. Times come from the
-caller's clock (hosts are NTP-synced; a few ms of skew is small against
-intervals of seconds). Multi-key calls assume a single Redis, not a cluster.
+Every operation runs inside the Lua script in `gcra.lua` (shipped as package data): the check and
+the update of a decision happen in one atomic step inside Redis, so concurrent transactions on any
+number of hosts cannot each see the same room. The script is loaded once with SCRIPT LOAD and run
+with EVALSHA (re-loaded if Redis restarted, or a replica took over, and forgot it).
+
+Calls are batched: the decisions the event loop asks for while one call is in flight go together
+in the next one, as one EVALSHA (no waiting to fill a batch: a call alone goes at once). A script
+runs atomically, so each decision in it still does; one call and one short reply per batch is
+what gets one process past 20,000 decisions/s (docs/benchmarks.md), where a command per decision
+spends most of its time in redis-py's packing and parsing.
+
+Values are microseconds since the epoch; keys carry a TTL so Redis forgets idle keys by itself.
+Times come from the caller's clock (hosts are NTP-synced; a few ms of skew is small against
+intervals of seconds). A call's keys must live on one server: one Redis or one Sentinel-managed
+master, not a Cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from importlib import resources
 
+from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from queueguard.redis_client import connect
+from queueguard.ratelimit.gcra import Ask, Reservation
+from queueguard.ratelimit.store import Owed
+from queueguard.redis_client import IN_TRANSACTION, connect
 
 LUA = resources.files("queueguard.ratelimit").joinpath("gcra.lua").read_text()
+US = 1_000_000
+BATCH = 256
+"""Most operations in one script call: Redis runs nothing else while a script runs (~1-2 ms at this)."""
+
+_Call = tuple[list[str], str, "asyncio.Future[list[int]]"]
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * US)
+
+
+def _tat(value: int) -> float | None:
+    return value / US if value > 0 else None
 
 
 class RedisStore:
     name = "redis"
 
-    def __init__(self, url: str, *, prefix: str = "qg:rl:", timeout: float = 0.5) -> None:
+    def __init__(self, url_or_client: str | Redis, *, prefix: str = "qg:rl:",
+                 timeout: float = IN_TRANSACTION) -> None:
         # Fail fast and let the caller fall back: a rate limit must not hold up a RCPT for long.
-        self.client = connect(url, timeout)
+        self.client = connect(url_or_client, timeout) if isinstance(url_or_client, str) else url_or_client
         self.prefix = prefix
         self._sha: str | None = None
+        self._queue: list[_Call] = []
+        self._sender: asyncio.Task[None] | None = None
 
-    async def peek(self, keys: Sequence[str]) -> list[float | None]:
-        if not keys:
+    async def reserve(self, asks: Sequence[Ask], now: float) -> Reservation:
+        if not asks:
+            return Reservation(True, [], [])
+        groups = " ".join(f"{max(1, _us(a.limit.interval))} {_us(a.limit.tolerance)} {1 if a.gate else 0}"
+                          for a in asks)
+        out = await self._call([a.key for a in asks], f"r {_us(now)} {len(asks)} {groups}")
+        return Reservation(out[0] == 1, [_tat(out[2 * i + 1]) for i in range(len(asks))],
+                           [out[2 * i + 2] / US for i in range(len(asks))])
+
+    async def refund(self, refunds: Sequence[tuple[str, float]], now: float) -> list[float | None]:
+        if not refunds:
             return []
-        values = await self.client.mget([self.prefix + k for k in keys])
-        return [None if v is None else int(v) / 1e6 for v in values]
+        groups = " ".join(str(_us(i)) for _, i in refunds)
+        out = await self._call([k for k, _ in refunds], f"f {_us(now)} {len(refunds)} {groups}")
+        return [_tat(v) for v in out]
 
-    async def advance(self, updates: Sequence[tuple[str, float]], now: float) -> None:
-        if not updates:
-            return
-        keys = [self.prefix + k for k, _ in updates]
-        args = [str(int(now * 1e6)), *(str(round(inc * 1e6)) for _, inc in updates)]
+    async def reconcile(self, owed: Sequence[Owed], now: float) -> list[float | None]:
+        if not owed:
+            return []
+        groups = " ".join(f"{_us(o.floor or 0.0)} {_us(o.increment)}" for o in owed)
+        out = await self._call([o.key for o in owed], f"c {_us(now)} {len(owed)} {groups}")
+        return [_tat(v) for v in out]
+
+    # --- batched script calls --------------------------------------------------------------------
+
+    async def _call(self, keys: list[str], spec: str) -> list[int]:
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._queue.append(([self.prefix + k for k in keys], spec, future))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        """One call at a time; what queued meanwhile goes in the next one."""
+        while self._queue:
+            batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+            try:
+                replies: list[list[int]] | Exception = await self._run(batch)
+            except Exception as e:  # the callers' SharedState turns it into the policy's on_error
+                replies = e
+            for i, (_, _, future) in enumerate(batch):
+                if future.done():
+                    continue
+                if isinstance(replies, Exception):
+                    future.set_exception(replies)
+                else:
+                    future.set_result(replies[i])
+
+    async def _run(self, batch: list[_Call]) -> list[list[int]]:
+        keys = [k for call in batch for k in call[0]]
+        specs = [call[1] for call in batch]
         if self._sha is None:
             self._sha = await self.client.script_load(LUA)
         try:
-            await self.client.evalsha(self._sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted and lost its script cache
+            reply = await self.client.evalsha(self._sha, len(keys), *keys, *specs)
+        except NoScriptError:  # Redis restarted, or a replica took over
             self._sha = await self.client.script_load(LUA)
-            await self.client.evalsha(self._sha, len(keys), *keys, *args)
+            reply = await self.client.evalsha(self._sha, len(keys), *keys, *specs)
+        text = reply.decode() if isinstance(reply, bytes) else str(reply)
+        return [[int(v) for v in line.split()] for line in text.split("\n")]
 
     def tracked(self) -> int | None:
         return None
 
     async def close(self) -> None:
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
         await self.client.aclose()

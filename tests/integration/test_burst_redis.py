@@ -1,8 +1,9 @@
-"""Burst counts in a real Redis: two MX hosts (two BurstChecks) count one wave together; Redis down follows
-the policy's state.on_error."""
+"""Burst counts in a real Redis: two MX hosts (two BurstChecks) count one wave together; four real guard
+processes flooded at once pass exactly the threshold; Redis down follows the policy's state.on_error."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,12 +13,15 @@ from redis.asyncio import Redis
 
 from queueguard.burst.check import BurstCheck
 from queueguard.burst.window import RedisWindow
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from queueguard.mime import parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
 from queueguard.replay.corpus import campaign
 from queueguard.stage import MessageContext, StateUnavailable
 from queueguard.verdict import Action
+from tests.components.flood import flood
 from tests.components.redis import RedisServer
 
 
@@ -96,3 +100,20 @@ async def test_redis_links_campaigns_like_memory(client: Redis) -> None:
         a = memory.link_now("r:", seen, 600, 5000.0 + i)
         b = await shared.link("r:", seen, 600, 5000.0 + i)
         assert (a.count, a.variants, a.signals) == (b.count, b.variants, b.signals), i
+
+
+def test_four_guards_flooded_at_once_pass_exactly_the_threshold(redis_server: RedisServer) -> None:
+    """Each count is one atomic script call (window.lua), so 48 copies through four guards at once
+    (two hosts x two workers) pass exactly as many as one guard would: the threshold."""
+    copy = campaign(random.Random(6), "c", 1)[0].raw  # one message, sent 48 times: every key counts each
+    wave = "bursts:\n  - name: wave\n    threshold: 10 in 1h\n    action: quarantine\n"
+    with RecordingSink() as sink, contextlib.ExitStack() as stack:
+        settings = {"downstreams": [{"address": f"127.0.0.1:{sink.port}"}], "state": redis_server.url}
+        guards = [stack.enter_context(Guard(settings, {"bursts.yaml": wave})) for _ in range(4)]
+        sent = flood([g.port for g in guards], 48, lambda n: [f"u{n}@dest.example"], threads=24,
+                     message=lambda n: copy)
+        assert all(s.data is not None and s.data[0] == 250 for s in sent)  # passed or quarantined, never refused
+        held = [s for s in sent if s.data is not None and "quarantined as" in s.data[1]]
+        assert len(sent) - len(held) == 10
+        assert sink.wait_count(10) == 10
+        assert sum(g.metric("queueguard_quarantined_total", rule="wave") for g in guards) == 38

@@ -1,11 +1,12 @@
-"""One behaviour contract, two backends (memory and a real redis-server); shared limits
-across instances; Redis crashing or hanging mid-flood.
+"""One behaviour contract, two backends (memory and a real redis-server); exact shared limits
+across instances under concurrency; membership; Redis crashing or hanging mid-flood.
 
 Real redis-server on a free loopback port (tests/components/redis.py); no mocks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,8 +17,11 @@ from queueguard import metrics
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
 from queueguard.ratelimit.check import RateLimitCheck
+from queueguard.ratelimit.gcra import Ask, Limit
 from queueguard.ratelimit.redis_store import RedisStore
-from queueguard.ratelimit.store import RateStore, make_store
+from queueguard.ratelimit.store import MemoryStore, Owed, RateStore, make_store
+from queueguard.redis_client import connect
+from queueguard.shared_state import MEMBERS_KEY, Membership
 from queueguard.stage import RcptContext
 from tests.components.redis import RedisServer
 
@@ -86,6 +90,52 @@ async def test_same_contract_on_both_backends(store: RateStore) -> None:
                          "info@example.org", sender="w@x.example") == [250, 250, 250, 451]
 
 
+async def test_reserve_refund_reconcile_agree_on_both_backends(store: RateStore) -> None:
+    """The Lua script is gcra.py's arithmetic: the same answers, to the microsecond."""
+    now = 1_700_000_000.0
+    limit = Limit(interval=10.0, burst=3)
+    asks = [Ask("a", limit), Ask("b", Limit(interval=1.0, burst=100), gate=False)]
+    got = [await store.reserve(asks, now) for _ in range(4)]
+    assert [r.reserved for r in got] == [True, True, True, False]
+    assert got[2].tats == [now + 30.0, now + 3.0] and got[3].waits == [10.0, 0.0]
+    assert got[3].tats == [now + 30.0, now + 3.0]  # refused: nothing taken
+    assert await store.refund([("a", 10.0), ("b", 1.0), ("c", 5.0)], now + 1) == [now + 20.0, now + 2.0, None]
+    no_gate = [Ask("s", Limit(5.0, 1), gate=False)]  # a shadow or quarantine rule: counted over its limit
+    assert (await store.reserve(no_gate, now)).reserved
+    over = await store.reserve(no_gate, now)
+    assert over.reserved and over.waits == [5.0] and over.tats == [now + 10.0]
+    assert await store.reconcile([Owed("a", now + 100.0, 20.0), Owed("d", None, 7.5)], now + 1) == [
+        now + 120.0, now + 8.5]
+
+
+async def test_concurrent_reservations_from_four_clients_take_exactly_the_burst(redis_server: RedisServer) -> None:
+    """Four stores (as four guard processes: one connection pool each) flood one key at once."""
+    stores = [RedisStore(redis_server.url) for _ in range(4)]
+    now = time.time()
+    asks = [Ask("flood:info@example.org", Limit(interval=3600.0, burst=25))]
+    results = await asyncio.gather(*(s.reserve(asks, now) for _ in range(50) for s in stores))
+    assert sum(r.reserved for r in results) == 25
+    for s in stores:
+        await s.close()
+
+
+async def test_membership_counts_live_processes(redis_server: RedisServer) -> None:
+    clock = Clock()
+    a = Membership(connect(redis_server.url), "mx1", ttl=15.0, clock=clock)
+    b = Membership(connect(redis_server.url), "mx2", ttl=15.0, clock=clock)
+    assert await a.beat() == 1
+    assert await b.beat() == 2
+    assert await a.beat() == 2 and a.member.startswith("mx1:")
+    await b.leave()
+    assert await a.beat() == 1
+    await b.beat()
+    clock.t += 16  # b stopped renewing: gone after its TTL
+    assert await a.beat() == 1
+    assert 0 < await a.client.pttl(MEMBERS_KEY) <= 15_000  # the set goes when every member is gone
+    await a.close()
+    await b.client.aclose()
+
+
 async def test_redis_keys_expire_by_themselves(redis_server: RedisServer) -> None:
     store = RedisStore(redis_server.url)
     check = RateLimitCheck(store)
@@ -109,20 +159,24 @@ async def test_two_instances_share_one_limit(redis_server: RedisServer) -> None:
 
 async def test_redis_killed_mid_flood_falls_back_and_recovers(redis_server: RedisServer) -> None:
     clock = Clock()
-    check = RateLimitCheck(RedisStore(redis_server.url), clock=clock, retry_after=5.0)
+    store = RedisStore(redis_server.url)
+    check = RateLimitCheck(store, clock=clock, retry_after=5.0, fallback=MemoryStore(10_000))
     codes = [(await message(check, "info@example.org", sender=f"s{i}@x.example"))[0] for i in range(2)]
     errors = metrics.state_errors.labels("ratelimit", "redis")._value.get()
     redis_server.kill()
-    # The in-process limiter takes over (empty: it did not see the first 2), answers only 250/451.
+    # The in-process stand-in takes over from its mirror of what Redis answered (2 of 3 used),
+    # not from an empty store; it answers only 250/451.
     codes += [(await message(check, "info@example.org", sender=f"k{i}@x.example"))[0] for i in range(5)]
-    assert codes == [250, 250, 250, 250, 250, 451, 451]
+    assert codes == [250, 250, 250, 451, 451, 451, 451]
     assert metrics.state_fallback_active.labels("ratelimit")._value.get() == 1
     assert metrics.state_errors.labels("ratelimit", "redis")._value.get() == errors + 1
     redis_server.start()  # same port, empty, no script cached: EVALSHA must reload it
     clock.t += 5
     assert await message(check, "sales@example.org") == [250]
     assert metrics.state_fallback_active.labels("ratelimit")._value.get() == 0
-    assert await check.state.shared.peek(["flood:sales@example.org"]) != [None]  # recorded in Redis again
+    assert await store.client.get("qg:rl:flood:sales@example.org") is not None  # recorded in Redis again
+    # reconciled: the empty Redis got what was known before the crash (2) and admitted during it (1)
+    assert await message(check, "info@example.org", sender="after@x.example") == [451]
     await check.close()
 
 

@@ -113,9 +113,10 @@ def test_two_guards_share_one_limit_in_redis_and_survive_its_crash(sink: Recordi
             after = [send((a if i % 2 else b).port, ["info@dest.example", f"u{i}@dest.example"], 100 + i,
                           source=f"127.0.6.{i + 1}") for i in range(8)]
             for r in after:
-                assert r["info@dest.example"] in (250, 451) and r[next(k for k in r if k.startswith("u"))] == 250
+                # each guard goes on from what Redis had told it (the limit is used up), not from scratch
+                assert r["info@dest.example"] == 451 and r[next(k for k in r if k.startswith("u"))] == 250
                 assert str(r["DATA"]).startswith("250"), r  # the message itself is never refused
-            total_250 = 6 + len(after) + sum(1 for r in after if r["info@dest.example"] == 250)
+            total_250 = 6 + len(after)
             assert sink.wait_count(6 + len(after)) == 6 + len(after)
             delivered_rcpts = sum(len(m.rcpt_tos) for m in sink.messages)
             assert delivered_rcpts == total_250  # every accepted recipient arrived; nothing lost

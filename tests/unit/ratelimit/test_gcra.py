@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 
 from queueguard.policy.schema import RateLimitRule
-from queueguard.ratelimit.gcra import Limit, advance, decide
+from queueguard.ratelimit.gcra import Ask, Limit, advance, decide, refund, reserve
 
 
-def run(limit: Limit, times: list[float]) -> list[bool]:
-    """Offer one event at each time; consume only what is allowed (as commit would)."""
-    tat: float | None = None
+def run(limit: Limit, times: list[float], tat: float | None = None) -> list[bool]:
+    """Offer one event at each time, from `tat`; consume only what is allowed (as a reservation would)."""
     out = []
     for t in times:
         ok = decide(tat, t, limit).allowed
@@ -69,3 +68,59 @@ def test_stale_tat_counts_as_fresh() -> None:
     limit = Limit(interval=1.0, burst=1)
     assert decide(50.0, 1000.0, limit).allowed
     assert advance(50.0, 1000.0, limit) == 1001.0
+
+
+def test_reserve_takes_one_event_on_every_key_or_none() -> None:
+    small, big = Limit(interval=10.0, burst=1), Limit(interval=1.0, burst=100)
+    asks = [Ask("a", small), Ask("b", big)]
+    r = reserve([None, None], 0.0, asks)
+    assert r.reserved and r.tats == [10.0, 1.0] and r.waits == [0.0, 0.0]
+    r = reserve(r.tats, 0.0, asks)  # 'a' is full: a gate, so 'b' takes nothing either
+    assert not r.reserved and r.tats == [10.0, 1.0] and r.waits == [pytest.approx(10.0), 0.0]
+
+
+def test_a_key_that_is_no_gate_counts_along_over_its_limit() -> None:
+    """Shadow and quarantine rules: over the limit is a hit, but the recipient is not refused."""
+    asks = [Ask("q", Limit(interval=10.0, burst=1), gate=False), Ask("t", Limit(interval=1.0, burst=5))]
+    r = reserve([10.0, None], 0.0, asks)
+    assert r.reserved and r.tats == [20.0, 1.0] and r.waits[0] == pytest.approx(10.0)
+
+
+def test_refund_gives_one_interval_back_while_the_tat_is_ahead() -> None:
+    assert refund(30.0, 0.0, 10.0) == 20.0
+    assert refund(15.0, 10.0, 10.0) is None  # would fall behind now: the key is fresh again
+    assert refund(5.0, 10.0, 10.0) is None  # already past: nothing to give back
+    assert refund(None, 10.0, 10.0) is None
+
+
+def test_reserve_then_refund_is_as_if_nothing_happened() -> None:
+    limit = Limit(interval=5.0, burst=2)
+    tat = advance(None, 100.0, limit)
+    r = reserve([tat], 100.0, [Ask("k", limit)])
+    assert refund(r.tats[0], 101.0, limit.interval) == tat
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 3, 4, 7])
+def test_hosts_taking_their_share_admit_what_one_would(hosts: int) -> None:
+    """Each host enforces limit.share(n) from the TAT it last saw: together they admit the room
+    that was left (within one event per host, rounding), not a full burst each."""
+    limit = Limit(interval=10.0, burst=20)
+    seen = advance(None, 0.0, limit, n=8)  # 8 of the burst of 20 used before the outage
+    share = limit.share(hosts)
+    total = 0
+    for _ in range(hosts):
+        total += sum(run(share, [0.0] * 50, seen))
+    assert 12 - hosts < total <= 12
+    assert share.tolerance == limit.tolerance
+
+
+
+def test_a_tat_read_back_in_microseconds_is_not_off_by_one() -> None:
+    """Redis keeps microseconds: 2 of 3 used may come back as now + 40.0000005 (the rounding of now),
+    and must still leave room for the third."""
+    limit = Limit(interval=20.0, burst=3)
+    now = 1_700_000_000.123456789
+    tat = (round(now * 1e6) + 40_000_000) / 1e6
+    assert tat - now > 40.0
+    assert decide(tat, now, limit).allowed and decide(tat, now, limit).remaining == 0
+    assert not decide(tat + 1e-5, now, limit).allowed

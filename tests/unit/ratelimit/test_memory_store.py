@@ -1,19 +1,33 @@
-"""The in-process store: GCRA state, expiry, and the cap on keys."""
+"""The in-process stores: GCRA state, expiry, the cap on keys; the outage stand-in (LocalShare)."""
 
 from __future__ import annotations
 
 from queueguard import metrics
-from queueguard.ratelimit.store import MemoryStore, make_store
+from queueguard.ratelimit.gcra import Ask, Limit
+from queueguard.ratelimit.store import LocalShare, MemoryStore, Owed, make_store
+
+ONE_PER_10S = Limit(interval=10.0, burst=4)
 
 
-async def test_advance_and_peek() -> None:
+def test_add_and_get() -> None:
     s = MemoryStore()
-    assert await s.peek(["a"]) == [None]
-    await s.advance([("a", 5.0), ("b", 10.0)], now=100.0)
-    await s.advance([("a", 5.0)], now=101.0)
-    assert await s.peek(["a", "b", "c"]) == [110.0, 110.0, None]
-    await s.advance([("a", 5.0)], now=200.0)  # stale TAT: restarts from now
-    assert await s.peek(["a"]) == [205.0]
+    assert s.get("a") is None
+    s.add("a", 5.0, now=100.0)
+    s.add("b", 10.0, now=100.0)
+    s.add("a", 5.0, now=101.0)
+    assert [s.get(k) for k in ("a", "b", "c")] == [110.0, 110.0, None]
+    s.add("a", 5.0, now=200.0)  # stale TAT: restarts from now
+    assert s.get("a") == 205.0
+
+
+async def test_reserve_refund_reconcile() -> None:
+    s = MemoryStore()
+    asks = [Ask("k", ONE_PER_10S)]
+    assert [(await s.reserve(asks, 0.0)).reserved for _ in range(5)] == [True] * 4 + [False]
+    assert s.get("k") == 40.0
+    assert await s.refund([("k", 10.0)], 1.0) == [30.0]
+    assert (await s.reserve(asks, 1.0)).reserved
+    assert await s.reconcile([Owed("k", 100.0, 20.0), Owed("new", None, 20.0)], 1.0) == [120.0, 21.0]
 
 
 def test_expired_keys_are_swept_by_later_writes() -> None:
@@ -48,3 +62,28 @@ def test_cap_on_keys_evicts_and_counts() -> None:
 def test_make_store() -> None:
     assert isinstance(make_store("memory", 5000), MemoryStore)
     assert make_store("redis://127.0.0.1:1/0", 5000).name == "redis"  # no connection until used
+    assert make_store("redis+sentinel://127.0.0.1:1/mymaster", 5000).name == "redis"
+
+
+async def test_local_share_enforces_from_the_mirror_and_owes_what_it_admitted() -> None:
+    hosts = 2
+    local = LocalShare(MemoryStore(), lambda: hosts)
+    local.observe(["k"], [20.0], now=0.0)  # while Redis answered: 2 of the burst of 4 used
+    asks = [Ask("k", ONE_PER_10S)]
+    # the 2 left, shared by 2 hosts: this one admits 1 (each local event stands for 2)
+    assert [(await local.reserve(asks, 0.0)).reserved for _ in range(3)] == [True, False, False]
+    assert local.tracked() == 1
+    owed = local.take_owed(10)
+    assert [(o.key, o.floor, o.increment) for o in owed] == [("k", 20.0, 10.0)]
+    assert local.take_owed(10) == []
+    local.restore(owed)  # the shared store failed again: still owed
+    assert [o.increment for o in local.take_owed(10)] == [10.0]
+
+
+async def test_local_share_refund_is_no_longer_owed() -> None:
+    local = LocalShare(MemoryStore(), lambda: 3)
+    asks = [Ask("k", ONE_PER_10S)]
+    assert (await local.reserve(asks, 0.0)).reserved
+    assert local.mirror.get("k") == 30.0  # one local event stands for three
+    assert await local.refund([("k", 10.0)], 0.0) == [None]
+    assert [o.increment for o in local.take_owed(10)] == [0.0]

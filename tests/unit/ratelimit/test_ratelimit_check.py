@@ -1,4 +1,5 @@
-"""RateLimitCheck: verdicts at RCPT, consumption at the end of mail that passed, shadow, null sender, store failures."""
+"""RateLimitCheck: verdicts and reservations at RCPT, refunds for mail that did not pass, shadow, null sender,
+store failures."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from queueguard import metrics
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
 from queueguard.ratelimit.check import RateLimitCheck
-from queueguard.ratelimit.store import MemoryStore
+from queueguard.ratelimit.gcra import Ask, Reservation
+from queueguard.ratelimit.store import MemoryStore, Owed
 from queueguard.resolve import refusal
 from queueguard.stage import RcptContext, StageResult, StateUnavailable
 
@@ -96,10 +98,43 @@ async def test_earlier_recipients_of_the_same_transaction_count() -> None:
 async def test_abandoned_transaction_consumes_nothing() -> None:
     check = RateLimitCheck(MemoryStore(), clock=Clock())
     policy = make_policy({"name": "flood"})
-    for _ in range(5):  # RCPT accepted, then the client quits before DATA: no commit
+    for _ in range(5):  # RCPT accepted (reserved), then the client quits before DATA: given back
         txn = new_txn()
         assert (await rcpt(check, txn, policy, "info@example.org")).verdict is None
+        await check.on_end(txn, False)
     assert await message(check, policy, "info@example.org", "info@example.org") == ["250", "250"]
+
+
+async def test_a_reservation_holds_the_budget_while_its_transaction_is_open() -> None:
+    """Two transactions in flight at once cannot both take the last slot (the old peek-then-record
+    let each see the same room)."""
+    check = RateLimitCheck(MemoryStore(), clock=Clock())
+    policy = make_policy({"name": "flood", "rate": "1/1h"})
+    first, second = new_txn(), new_txn()
+    assert (await rcpt(check, first, policy, "info@example.org")).verdict is None
+    r = await rcpt(check, second, policy, "info@example.org")
+    assert r.verdict is not None and r.verdict.code == 451
+    await check.on_end(second, False)
+    await check.on_end(first, False)  # the first one's mail was refused at DATA: its slot is free again
+    assert await message(check, policy, "info@example.org") == ["250"]
+
+
+async def test_a_recipient_refused_after_the_check_gives_its_reservation_back() -> None:
+    """A later check (pressure, route caps) or the downstream refuses the RCPT: not accepted, not counted."""
+    check = RateLimitCheck(MemoryStore(), clock=Clock())
+    policy = make_policy({"name": "flood", "key": "sender", "rate": "2/1h"})
+    txn = new_txn()
+    for to in ("a@x.example", "b@x.example"):
+        assert (await check.on_rcpt(RcptContext(txn, to, policy))).verdict is None  # refused after us
+    assert (await rcpt(check, txn, policy, "c@x.example")).verdict is None  # 'b' was given back here
+    assert (await rcpt(check, txn, policy, "d@x.example")).verdict is None
+    r = await rcpt(check, txn, policy, "e@x.example")
+    assert r.verdict is not None and r.verdict.code == 451
+    assert (await check.on_rcpt(RcptContext(txn, "f@x.example", policy))).verdict is not None
+    txn.policy = policy
+    await check.on_end(txn, True)  # c and d keep theirs
+    r = await rcpt(check, new_txn(), policy, "g@x.example")
+    assert r.verdict is not None and r.verdict.code == 451
 
 
 async def test_shadow_counts_and_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
@@ -167,18 +202,25 @@ class BrokenStore:
         self.calls = 0
         self.fail = True
         self.inner = MemoryStore()
+        self.reconciled: list[Owed] = []
 
-    async def peek(self, keys: Sequence[str]) -> list[float | None]:
+    def _call(self) -> None:
         self.calls += 1
         if self.fail:
             raise ConnectionError("connection refused")
-        return await self.inner.peek(keys)
 
-    async def advance(self, updates: Sequence[tuple[str, float]], now: float) -> None:
-        self.calls += 1
-        if self.fail:
-            raise ConnectionError("connection refused")
-        await self.inner.advance(updates, now)
+    async def reserve(self, asks: Sequence[Ask], now: float) -> Reservation:
+        self._call()
+        return await self.inner.reserve(asks, now)
+
+    async def refund(self, refunds: Sequence[tuple[str, float]], now: float) -> list[float | None]:
+        self._call()
+        return await self.inner.refund(refunds, now)
+
+    async def reconcile(self, owed: Sequence[Owed], now: float) -> list[float | None]:
+        self._call()
+        self.reconciled.extend(owed)
+        return await self.inner.reconcile(owed, now)
 
     def tracked(self) -> int | None:
         return None
@@ -242,3 +284,46 @@ async def test_status_lists_the_most_limited_keys() -> None:
     await message(check, policy, "sales@example.org")
     await message(check, policy, "sales@example.org")  # limited again: the old hour is forgotten
     assert check.status()["top"] == [{"key": "sales@example.org", "rule": "flood", "count": 1}]
+
+
+class Members:
+    """The live count Membership would have read from Redis (tests/integration/test_ratelimit_outage.py
+    runs the real one)."""
+
+    def __init__(self, hosts: int) -> None:
+        self.hosts = hosts
+
+
+async def test_outage_enforces_from_the_mirror_and_takes_this_hosts_share() -> None:
+    clock = Clock()
+    store = BrokenStore()
+    store.fail = False
+    check = RateLimitCheck(store, clock=clock, retry_after=5.0, members=Members(2))
+    policy = make_policy({"name": "flood", "rate": "10/1h"})
+    assert [(await message(check, policy, "info@example.org"))[0] for _ in range(4)] == ["250"] * 4
+    store.fail = True
+    # 6 of 10 left; two hosts share them: this one admits 3, not a fresh burst of 10
+    replies = [(await message(check, policy, "info@example.org"))[0] for _ in range(10)]
+    assert replies[:3] == ["250"] * 3 and all(r.startswith("451 4.7.1") for r in replies[3:])
+    assert check.status()["members"] == 2
+    store.fail = False
+    clock.t += 5
+    assert (await message(check, policy, "other@example.org")) == ["250"]
+    # on recovery the shared store got what this host admitted meanwhile: 4 + 3 = 7 of 10 used
+    assert [(o.key, o.increment) for o in store.reconciled] == [("flood:info@example.org", 3 * 360.0)]
+    replies = [(await message(check, policy, "info@example.org"))[0] for _ in range(5)]
+    assert replies[:3] == ["250"] * 3 and replies[3].startswith("451")
+
+
+async def test_reconciling_that_fails_keeps_it_owed() -> None:
+    clock = Clock()
+    store = BrokenStore()
+    check = RateLimitCheck(store, clock=clock, retry_after=5.0)
+    policy = make_policy({"name": "flood", "rate": "10/1h"})
+    assert await message(check, policy, "info@example.org") == ["250"]  # in the stand-in: owed
+    clock.t += 5
+    assert await message(check, policy, "info@example.org") == ["250"]  # still down: owed again
+    store.fail = False
+    clock.t += 5
+    assert await message(check, policy, "x@example.org") == ["250"]
+    assert [(o.key, o.increment) for o in store.reconciled] == [("flood:info@example.org", 720.0)]
