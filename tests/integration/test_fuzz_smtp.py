@@ -161,9 +161,16 @@ SESSION = st.tuples(
 
 
 def _addr(line: bytes) -> str:
-    """The address of a MAIL/RCPT line as the sink records it."""
+    """The address of a MAIL/RCPT line, normalised as `_same` compares it."""
     m = re.search(rb"<(.*?)>", line)
-    return m.group(1).decode("utf-8", "surrogateescape").lower() if m else ""
+    return _same(m.group(1).decode("utf-8", "surrogateescape")) if m else ""
+
+
+def _same(address: str) -> str:
+    """An address compared case-blind and with a quoted local part unquoted: the guard passes
+    `<sp ace@x>` on as `<"sp ace"@x>` (aiosmtpd's parser quotes it), the same mailbox."""
+    m = re.fullmatch(r'"(.*)"(@.*)', address)
+    return (m.group(1) + m.group(2) if m else address).lower()
 
 
 def _groups(steps: list[Step], pipelined: bool) -> Iterator[list[Step]]:
@@ -258,8 +265,8 @@ def check(sink: RecordingSink, outcomes: list[Outcome], tally: Tally) -> None:
             assert len(got) == 1, f"{o.fid} answered 250 but at the sink {len(got)} times"
             m = got[0]
             assert m.data == o.content, f"{o.fid}: bytes differ\nsent {o.content!r}\ngot  {m.data!r}"
-            assert m.mail_from.lower() == o.mail_from, (m.mail_from, o.mail_from)
-            assert sorted(r.lower() for r in m.rcpt_tos) == sorted(o.rcpts), (m.rcpt_tos, o.rcpts)
+            assert _same(m.mail_from) == o.mail_from, (m.mail_from, o.mail_from)
+            assert sorted(_same(r) for r in m.rcpt_tos) == sorted(o.rcpts), (m.rcpt_tos, o.rcpts)
         else:
             tally.refused += 1
             assert not got, f"{o.fid} answered {o.reply!r} but the sink has it"
