@@ -195,7 +195,8 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and not self.unexplained_ids and self.witnessed and self.offered > 0
+        return (self.lost == 0 and not self.unexplained_ids and not self.misplaced_ids and self.witnessed
+                and self.offered > 0)
 
 
 def tally(row: Row, offered: Sequence[Message], delivered: Sequence[str], quarantined: Sequence[str],
@@ -290,6 +291,8 @@ def flush(exim: Exim, runners: int = 4) -> None:
 
 @dataclass(frozen=True)
 class Needs:
+    """What a row starts besides the sender, the guard and one downstream."""
+
     clamd: bool = False
     redis: bool = False
     downstreams: int = 1
