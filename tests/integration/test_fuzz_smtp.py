@@ -168,7 +168,10 @@ def _addr(line: bytes) -> str:
 
 def _same(address: str) -> str:
     """An address compared case-blind and with a quoted local part unquoted: the guard passes
-    `<sp ace@x>` on as `<"sp ace"@x>` (aiosmtpd's parser quotes it), the same mailbox."""
+    `<sp ace@x>` on as `<"sp ace"@x>` (aiosmtpd's parser quotes it), the same mailbox. The
+    sink records the null sender as `<>`."""
+    if address == "<>":
+        return ""
     m = re.fullmatch(r'"(.*)"(@.*)', address)
     return (m.group(1) + m.group(2) if m else address).lower()
 
