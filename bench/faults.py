@@ -11,13 +11,14 @@ Per fault, with real processes on loopback only:
 
 Every message carries its own id (`X-Replay-Id`, bench/scenarios/common.py). A tenth have a subject
 the policy quarantines; with clamd in the row, one in fifty carries the EICAR test string (5xx).
-Timeline: the first third is offered; the fault is injected while the sender is still delivering it;
-the middle third is offered into the fault and the fault is held until the sender's attempts are
-over; the fault is removed (the component restarted, the disk freed ...); the last third is
-offered; the sender's queue is flushed (`exim -qff`, up to FLUSH_ROUNDS times) and the
+Timeline: the first third is offered; when a sixth have gone through, the fault is injected, while
+the sender is still delivering; the middle third is offered into the fault, which is held (`hold`)
+while the sender retries; the fault is removed (the component restarted, the disk freed ...); the
+last third is offered; the sender's queue is flushed (`exim -qff`, up to FLUSH_ROUNDS times) and the
 downstreams' queues run. Then the accounting reads the components, never the guard: downstream
-maildirs (and their spools), the quarantine directory (entries whose .eml matches the sha256 in
-their .json), the sender's mainlog (`**` lines: 5xx with the reason) and its spool (-H files).
+acceptances (`<=` lines; each must be in a maildir or spool there), the quarantine directory
+(entries whose .eml matches the sha256 in their .json), the sender's mainlog (`**` lines: 5xx
+with the reason) and its spool (-H files).
 Lost: offered and in none of these. Duplicated: delivered twice, quarantined twice, both, or
 delivered/quarantined while still queued at the sender (its next retry would deliver it again).
 
@@ -550,16 +551,30 @@ def _pressure_witness(rig: Rig) -> Witness:
 
 # downstreams --------------------------------------------------------------------------------
 
-def _kill_downstream(rig: Rig) -> None:
-    """kill -9 the downstream Exim's process group: the daemon and every session, mid-DATA."""
-    d = rig.downstreams[0]
+def _kill(d: Exim) -> None:
+    """kill -9 an Exim's process group: the daemon and every session, mid-DATA or not."""
     assert d.pid is not None
     os.killpg(d.pid, signal.SIGKILL)
     d.stop()  # reaps it
 
 
+def _kill_downstream(rig: Rig) -> None:
+    _kill(rig.downstreams[0])
+
+
 def _stop_downstreams(rig: Rig) -> None:
-    for d in rig.downstreams:
+    """Stop every downstream as `systemctl stop` would with a 1 s stop timeout: SIGTERM, then
+    SIGKILL for what is left. An Exim session that got its message before the SIGTERM may go on
+    taking messages on its open connection; that is not a downstream that is down."""
+    pids = [d.pid for d in rig.downstreams]
+    for pid in pids:
+        if pid is not None:
+            os.killpg(pid, signal.SIGTERM)
+    time.sleep(1.0)
+    for pid, d in zip(pids, rig.downstreams, strict=True):
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
         d.stop()
 
 
@@ -668,7 +683,7 @@ class GarbageServer:
 
 def _garbage_on(rig: Rig) -> None:
     d = rig.downstreams[0]
-    d.stop()
+    _kill(d)  # no session of it may go on serving the guard's pooled connections
     rig.extra["garbage"] = GarbageServer(d.port).start()
 
 
@@ -803,7 +818,7 @@ FAULTS: tuple[Fault, ...] = (
     Fault("downstream-killed-mid-data", "the downstream Exim killed (kill -9 of its process group, sessions "
           "too) while its DATA ACL holds one message in five for 1 s; started again",
           _kill_downstream, _start_downstreams, _mid_data_witness, Needs(downstream_data_acl=SLOW_DATA)),
-    Fault("all-downstreams-down", "both downstream Exims stopped; started again",
+    Fault("all-downstreams-down", "both downstream Exims stopped (SIGTERM, SIGKILL after 1 s); started again",
           _stop_downstreams, _start_downstreams, _all_down_witness, Needs(downstreams=2)),
     Fault("redis-sigkill", "Redis (rate-limit and burst state) kill -9; restarted empty",
           _redis("kill"), _redis("start"), _redis_witness, Needs(redis=True), REDIS_HOLD),
@@ -821,7 +836,7 @@ FAULTS: tuple[Fault, ...] = (
           _reload(POLICY, "queueguard_policy_reloads_total"), _policy_witness),
     Fault("memory-pressure-spike", "a hog grows clamd's 256 MiB cgroup to 88 % (shed at 80 %); hog killed",
           _pressure_spike, _pressure_remove, _pressure_witness, Needs(clamd=True, cgroup=256 * MIB)),
-    Fault("downstream-garbage", "the downstream replaced by a server answering one command of each "
+    Fault("downstream-garbage", "the downstream killed and replaced by a server answering one command of each "
           "session with garbage (after the body in half of them; scripted: fault injection); Exim back",
           _garbage_on, _garbage_off, _garbage_witness, hold=6.0),
 )
@@ -834,21 +849,22 @@ def run_fault(fault: Fault, n: int, workdir: Path, parallel: int = 3, *, keep: b
     started = time.monotonic()
     row = Row(fault.name, fault.how)
     msgs = messages(fault.name, n, viruses=fault.needs.clamd)
-    before, after = msgs[: 2 * n // 3], msgs[2 * n // 3:]
+    first, middle, last = msgs[: n // 3], msgs[n // 3: 2 * n // 3], msgs[2 * n // 3:]
     with Rig(fault.needs, workdir, keep=keep) as rig:
         with ThreadPoolExecutor(1) as background:  # mail flows while the fault strikes
-            flowing = background.submit(rig.offer, before, parallel)
+            flowing = background.submit(rig.offer, first, parallel)
             rig.wait_progress(n // 6, flowing.done)
             fault.inject(rig)
             injected = time.monotonic()
             accepted = flowing.result()
+        accepted += rig.offer(middle, parallel)  # into the fault, however long it took to set up
         settle(rig.sender)
         while time.monotonic() < injected + fault.hold:  # the sender retries into the fault
             time.sleep(min(BACKOFF * 4, max(0.0, injected + fault.hold - time.monotonic())))
             flush(rig.sender)
             settle(rig.sender)
         fault.remove(rig)
-        accepted += rig.offer(after, parallel)
+        accepted += rig.offer(last, parallel)
         settle(rig.sender)
         for round_ in range(FLUSH_ROUNDS):
             if not spool_ids(rig.sender):
