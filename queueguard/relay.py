@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import socket
 import struct
 import time
@@ -37,6 +38,8 @@ COMMAND_TIMEOUT = 60.0
 DATA_TIMEOUT = 600.0
 IDLE_TIMEOUT = 30.0
 SLOT_WAIT = 10.0
+#: A reply line: code 2xx-5xx (second digit 0-5), then a space, a hyphen or the end of the line.
+_REPLY_LINE = re.compile(r"[2-5][0-5][0-9](?:[ -]|$)")
 MAX_BACKOFF_FACTOR = 8
 
 
@@ -119,7 +122,10 @@ class SmtpConnection:
         self.uses = 0
 
     async def read_reply(self, timeout: float = COMMAND_TIMEOUT) -> Reply:
+        """One reply, strictly (RFC 5321 4.2): anything else breaks the connection with a
+        DownstreamError, so a garbled "250" can never count as the downstream's acceptance."""
         lines: list[str] = []
+        code = ""
         with self._exchange():
             try:
                 async with asyncio.timeout(timeout):
@@ -127,12 +133,15 @@ class SmtpConnection:
                         line = await self.reader.readline()
                         if not line:
                             raise DownstreamError("connection closed by downstream")
+                        if not line.endswith(b"\n"):  # "250" and then the connection closed: no reply
+                            raise DownstreamError(f"connection closed mid-reply {line[:80]!r}")
                         text = line.decode("utf-8", "replace").rstrip("\r\n")
-                        if len(text) < 3 or not text[:3].isdigit():
+                        if _REPLY_LINE.match(text) is None or (lines and text[:3] != code):
                             raise DownstreamError(f"garbled reply {text[:80]!r}")
+                        code = text[:3]
                         lines.append(text[4:])
                         if len(text) == 3 or text[3] != "-":
-                            return Reply(int(text[:3]), tuple(lines))
+                            return Reply(int(code), tuple(lines))
             except (OSError, TimeoutError) as e:
                 raise DownstreamError(f"reading reply: {e or type(e).__name__}") from e
 
