@@ -91,11 +91,11 @@ bursts:
     action: quarantine
 scan:
   clamav: {on_infected: reject, on_error: tempfail}
-  pressure:
-    psi_memory_some_avg10: null
-    mem_available_below: null
-    cgroup_usage_ratio: {soften: 0.6, shed: 0.8}
-    hold: 1s
+pressure:
+  psi_memory_some_avg10: null
+  mem_available_below: null
+  cgroup_usage_ratio: {soften: 0.6, shed: 0.8}
+  hold: 1s
 """
 BROKEN_POLICY = POLICY.replace("^\\[hold\\]", "^[hold")  # an unclosed character class: RE2 refuses it
 
@@ -549,11 +549,11 @@ def _pressure_remove(rig: Rig) -> None:
 
 def _pressure_witness(rig: Rig) -> Witness:
     assert rig.group is not None
-    shed = rig.metric("queueguard_scan_deferrals_total")
+    shed = rig.metric("queueguard_scan_deferrals_total") + rig.metric("queueguard_pressure_deferrals_total")
     ok, text = _sender_4xx(rig, r"4\.3\.2")
     oom = rig.group.oom_kills()
     return ok and oom == 0 and rig.extra.get("level") == 2, (
-        f"pressure level {rig.extra.get('level')} during the spike, {shed:.0f} scan deferrals, "
+        f"pressure level {rig.extra.get('level')} during the spike, {shed:.0f} pressure and scan deferrals, "
         f"{oom} OOM kills; {text}")
 
 
@@ -718,8 +718,8 @@ def _redis(action: str) -> Callable[[Rig], None]:
 
 
 def _redis_witness(rig: Rig) -> Witness:
-    errors = rig.metric("queueguard_ratelimit_backend_errors_total")
-    fallback = rig.metric("queueguard_ratelimit_fallback_active")
+    errors = rig.metric("queueguard_state_errors_total")
+    fallback = rig.metric("queueguard_state_fallback_active")
     return errors > 0 and fallback == 0, (f"{errors:.0f} failed Redis calls, the in-process fallback served "
                                           f"meanwhile; back on Redis at the end: {fallback == 0}")
 
