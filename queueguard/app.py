@@ -176,7 +176,7 @@ def frontends(app: App) -> list[Frontend]:
     s = app.settings
     out: list[Frontend] = [SmtpProxy(app.pipeline("smtp", relay=True), s.smtp)]
     if s.milter.enabled:
-        from queueguard.frontends.milter import MilterServer  # libmilter loads only where it is used
+        from queueguard.frontends.milter import MilterServer
 
         hold = s.milter.quarantine == "hold"
         out.append(MilterServer(app.pipeline("milter", relay=False, hold_in_mta=hold), s.milter,
