@@ -285,12 +285,12 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def latency(alone: int, with_milter: int, rounds: int, n: int = 1000) -> dict[str, float]:
+def latency(alone: int, with_milter: int, rounds: int, rate: float, n: int = 1000) -> dict[str, float]:
     got: dict[str, list[float]] = {"alone": [], "milter": []}
     for r in range(rounds):
         order = [("alone", alone), ("milter", with_milter)]
         for name, port in order if r % 2 == 0 else order[::-1]:
-            got[name] += asyncio.run(paced(port, 200, n))
+            got[name] += asyncio.run(paced(port, rate, n))
     res = {f"{k}_{q}": round(1000 * pct(v, p), 2) for k, v in got.items() for q, p in (("p50", .5), ("p99", .99))}
     res["added_p50_ms"] = round(res["milter_p50"] - res["alone_p50"], 2)
     res["added_p99_ms"] = round(res["milter_p99"] - res["alone_p99"], 2)
@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated configuration names")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--latency", action="store_true")
+    ap.add_argument("--latency-rate", type=float, default=200.0)
     ap.add_argument("--profile", help="configuration whose queueguard py-spy samples in round 1")
     ap.add_argument("--profile-out", type=Path, help="keep py-spy's raw samples here")
     ap.add_argument("--json", type=Path)
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in configs:  # warm-up: first connections, clamd's first scans, rspamd's maps
             assert c.postfix is not None
             load(c.postfix.port, sink, 200, args.sessions)
-        for r in range(args.rounds):
+        for r in range(args.rounds if configs else 0):
             shift = r % len(configs)
             for c in configs[shift:] + configs[:shift]:
                 assert c.postfix is not None
@@ -403,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.latency:
             with queueguard(workdir, "qg-latency", None, True) as (_, spec), \
                     Postfix(relay_port=sink.port, milter=spec) as pf, Postfix(relay_port=sink.port) as alone:
-                result["latency"] = latency(alone.port, pf.port, args.rounds)
-            print(f"latency at 200 msg/s: {result['latency']}", flush=True)
+                result["latency"] = latency(alone.port, pf.port, args.rounds, args.latency_rate)
+            print(f"latency at {args.latency_rate:g} msg/s: {result['latency']}", flush=True)
     print(f"\n{'configuration':<15} {'accepted':>8} {'e2e':>6}  runs (e2e)          CPU ms/msg")
     for name, row in table.items():
         print(f"{name:<15} {row['accepted']:>8} {row['e2e']:>6}  {row['runs_e2e']!s:<18}  {row['cpu_ms_per_msg']}")

@@ -9,10 +9,14 @@ callback to the loop and waiting for it, which was most of the milter's cost
 in-process.
 
 The MTA is asked for what the pipeline uses and no more: no EOH, DATA or
-unknown-command steps; headers, body chunks, HELO and MAIL without waiting
-for an answer (a MAIL refusal, which Session.mail never gives today, would be
-answered at each RCPT); CONNECT without an answer when no connect check can
-refuse; only the macros `{tls_version}` (HELO) and `{auth_authen}` (MAIL).
+unknown-command steps; only the macros `{tls_version}` (HELO) and
+`{auth_authen}` (MAIL); and it waits for our answer only at RCPT and at the end
+of the message. Headers, body chunks and HELO need none. A refusal of CONNECT
+(memory pressure: shed) or of MAIL (Session.mail gives none today) is answered
+at each RCPT instead: Postfix, told at CONNECT, refuses at MAIL or RCPT
+anyway, and under shed the RCPT check refuses as well, so no mail's fate
+changes while every message costs two round trips fewer (see
+docs/benchmarks.md#milter for the counts).
 Deadlines stay below Postfix's milter timeouts, so on a slow stage we answer
 451 ourselves rather than let `milter_default_action` decide.
 """
@@ -62,9 +66,8 @@ MTA_GROUP = "postfix"
 """The unix socket's group when none is configured and this group exists (Postfix's smtpd runs in it)."""
 
 PROTOCOL = (mp.SMFIP_NOEOH | mp.SMFIP_NODATA | mp.SMFIP_NOUNKNOWN | mp.SMFIP_NR_HDR | mp.SMFIP_NR_BODY
-            | mp.SMFIP_NR_HELO | mp.SMFIP_NR_MAIL)
-"""Steps we skip and steps the MTA need not wait for (see the module doc); NR_CONN is added when
-no connect check can refuse."""
+            | mp.SMFIP_NR_HELO | mp.SMFIP_NR_MAIL | mp.SMFIP_NR_CONN)
+"""Steps we skip and steps the MTA need not wait for (see the module doc)."""
 NO_MACROS = "{none}"
 """To Postfix an empty list means its own defaults (j, {daemon_name}, {rcpt_addr}, i, ...), so the
 stages we need nothing at name a macro no MTA defines (it then sends an empty MACRO packet)."""
@@ -129,10 +132,6 @@ class MilterServer:
         self.connections: set[MilterConnection] = set()
         self.busy = 0
         self._sweeper: asyncio.Task[None] | None = None
-
-    def protocol(self) -> int:
-        """The steps we ask the MTA to skip or not wait for, for a new connection."""
-        return PROTOCOL | (0 if self.pipeline.connect_checks else mp.SMFIP_NR_CONN)
 
     async def start(self) -> None:
         kind, where, port = milter_listen(self.listen)
@@ -366,7 +365,7 @@ class MilterConnection(asyncio.Protocol):
             log.error("milter: the MTA (protocol %d) does not offer the actions we need (%#x of %#x); "
                       "closing, so it applies milter_default_action", version, actions, wanted)
             return False
-        agreed = self.server.protocol() & protocol
+        agreed = PROTOCOL & protocol
         macros = None
         if version >= mp.VERSION and actions & mp.SMFIF_SETSYMLIST:
             wanted |= mp.SMFIF_SETSYMLIST

@@ -118,14 +118,13 @@ class PacketReader:
 
     def __init__(self, max_packet: int) -> None:
         self.max_packet = max_packet
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = 0
 
     def feed(self, data: bytes) -> None:
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        self._buf += data
+        # Usually whole packets arrive and the last read was used up: no copy at all.
+        self._buf = self._buf[self._pos:] + data if self._pos < len(self._buf) else data
+        self._pos = 0
 
     @property
     def buffered(self) -> int:
@@ -143,17 +142,8 @@ class PacketReader:
         end = pos + 4 + size
         if len(buf) < end:
             return None
-        command = buf[pos + 4]
-        data = bytes(buf[pos + 5:end])
-        if end == len(buf):
-            buf.clear()
-            self._pos = 0
-        elif end > 65536:
-            del buf[:end]
-            self._pos = 0
-        else:
-            self._pos = end
-        return command, data
+        self._pos = end
+        return buf[pos + 4], buf[pos + 5:end]
 
 
 # --- encoding -------------------------------------------------------------------------------------

@@ -239,19 +239,23 @@ async def test_negotiation_asks_only_for_what_the_pipeline_uses(server: MilterSe
     no_reply = mp.SMFIP_NR_HDR | mp.SMFIP_NR_BODY | mp.SMFIP_NR_HELO | mp.SMFIP_NR_MAIL | mp.SMFIP_NR_CONN
     assert m.protocol == skipped | no_reply
     assert m.macros == MACROS and m.macros[mp.STAGE_MAIL] == "{auth_authen}"
-    # No connect check can refuse here, so CONNECT is not answered; RCPT and EOM are.
+    # Only RCPT and the end of the message are answered.
     assert await m.connect() == []
     assert await m.envelope() == [[], ["c"]]
     assert await m.content("hello") == ["a"]
     m.close()
 
 
-async def test_connect_is_answered_where_a_connect_check_may_refuse(sock: str) -> None:
+async def test_a_connect_refusal_is_answered_at_each_rcpt(sock: str) -> None:
+    """Under memory pressure (shed) the connect check refuses; the MTA did not wait for CONNECT,
+    so every RCPT of the connection gets the refusal: no mail passes."""
     server = await serve(sock, pipeline(connect=Shed()))
     try:
         m = await mta(server)
-        assert not m.protocol & mp.SMFIP_NR_CONN
-        assert await m.connect() == ["t"] or (await m.connect())[0].startswith("y 4")
+        assert await m.connect() == []
+        refused = await m.envelope("<a@example.net>", "<a@example.org>", "<b@example.org>")
+        assert refused[1] == refused[2] and refused[1][0].startswith("y 451 ")
+        m.close()
     finally:
         await server.stop(1)
 
