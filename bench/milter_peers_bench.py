@@ -93,6 +93,13 @@ def tree_cpu() -> dict[int, tuple[str, int]]:
     return out
 
 
+def system_ticks() -> tuple[int, int]:
+    """(all, idle + iowait) jiffies of the machine since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
 def cpu_by_name(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]) -> Counter[str]:
     used: Counter[str] = Counter()
     for pid, (comm, ticks) in after.items():
@@ -107,6 +114,7 @@ def load(port: int, sink: SmtpSink, messages: int, sessions: int) -> dict[str, f
     assert exe, "smtp-source missing (postfix package)"
     start_count = sink.count()
     cpu0 = tree_cpu()
+    stat0 = system_ticks()
     started = time.monotonic()
     subprocess.run([exe, "-s", str(sessions), "-m", str(messages), "-l", "4096", "-f", "a@test.example",
                     "-t", "bob@test.example", f"127.0.0.1:{port}"], check=True, timeout=1800, capture_output=True)
@@ -114,7 +122,9 @@ def load(port: int, sink: SmtpSink, messages: int, sessions: int) -> dict[str, f
     delivered = sink.wait_count(start_count + messages, timeout=600) - start_count
     e2e = time.monotonic() - started
     used = cpu_by_name(cpu0, tree_cpu())
-    row: dict[str, float] = {"accepted": messages / accepted, "e2e": delivered / e2e, "delivered": delivered}
+    total, idle = (b - a for a, b in zip(stat0, system_ticks(), strict=True))
+    row: dict[str, float] = {"accepted": messages / accepted, "e2e": delivered / e2e, "delivered": delivered,
+                             "busy_pct": round(100 * os.cpu_count() * (1 - idle / max(1, total)))}  # type: ignore[operator]
     for name, ticks in used.most_common(12):
         if ticks > 0:
             row[f"cpu_ms:{name}"] = 1000 * ticks / HZ / messages
@@ -180,7 +190,7 @@ def rspamd(workdir: Path, clamd: Clamd) -> Iterator[str]:
 
 @contextmanager
 def queueguard(workdir: Path, name: str, clamd: Clamd | None, unix: bool,
-               baseline: Path | None = None) -> Iterator[tuple[Guard, str]]:
+               baseline: Path | None = None, policy: str | None = None) -> Iterator[tuple[Guard, str]]:
     """A guard with the milter (and a clamd scan); yields it and the address as Postfix writes it."""
     d = workdir / name
     d.mkdir(parents=True)
@@ -193,7 +203,7 @@ def queueguard(workdir: Path, name: str, clamd: Clamd | None, unix: bool,
     settings: dict[str, object] = {"milter": {"enabled": True, "listen": listen}, "log_level": "warning"}
     if clamd is not None:
         settings["clamd"] = {"enabled": True, "address": str(clamd.socket), "pid_file": str(clamd.pid_file)}
-    g = Guard(settings, {"policy.yaml": shadow_default_policy()})
+    g = Guard(settings, {"policy.yaml": policy or shadow_default_policy()})
     env = {"PYTHONPATH": str(baseline)} if baseline else None
     with ExitStack() as stack:
         g.start(env_extra=env)
@@ -385,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = load(c.postfix.port, sink, args.messages, args.sessions)
                 c.runs.append(row)
                 print(f"round {r + 1} {c.name}: {row['accepted']:.0f} msg/s accepted, {row['e2e']:.0f} end to end, "
+                      f"machine busy {row['busy_pct']:.0f}% of {100 * (os.cpu_count() or 1)}, "
                       + ", ".join(f"{k[7:]} {v:.2f}" for k, v in row.items() if k.startswith("cpu_ms:")), flush=True)
         samples = args.profile_out or workdir / "profile.txt"
         if args.profile and samples.exists():
