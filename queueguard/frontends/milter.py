@@ -166,9 +166,18 @@ class MilterServer:
             gid = grp.getgrnam(group).gr_gid if group else -1
         except KeyError:
             raise OSError(f"milter socket {path}: no group {group!r} (milter.socket_group)") from None
-        if uid != -1 or gid != -1:
-            os.chown(path, uid, gid)
         path.chmod(int(s.socket_mode, 8))
+        if uid == -1 and gid == -1:
+            return
+        try:
+            os.chown(path, uid, gid)
+        except PermissionError:
+            if s.socket_group is not None or s.socket_owner is not None:
+                raise
+            # The default group, as a user outside it: the MTA is refused (and tempfails) until
+            # queueguard's user joins the group; say so rather than not start at all.
+            log.warning("milter socket %s: cannot give it to group %s (add queueguard's user to that group, "
+                        "or set milter.socket_group); the MTA cannot connect until then", path, group)
 
     @property
     def port(self) -> int:

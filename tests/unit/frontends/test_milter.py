@@ -518,6 +518,24 @@ async def test_unix_socket_owner_group_and_mode_from_settings(sock: str) -> None
         await serve(sock, socket_group="no-such-group-qg")
 
 
+async def test_default_group_out_of_reach_is_a_warning_not_a_failed_start(
+        sock: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """queueguard running as a user outside group postfix: chown fails. Mocked, because the tests
+    run as root, for whom it cannot fail; an explicit socket_group still fails the start."""
+    def refuse(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "chown", refuse)
+    monkeypatch.setattr(grp, "getgrnam", lambda name: grp.getgrgid(os.getgid()))
+    server = await serve(sock)
+    try:
+        assert "cannot give it to group" in caplog.text
+        assert stat.S_IMODE(os.stat(sock.removeprefix("unix:")).st_mode) == 0o660
+    finally:
+        await server.stop(1)
+    with pytest.raises(PermissionError):
+        await serve(sock, socket_group="anything")
+
+
 def test_socket_mode_must_be_quoted(tmp_path: Path) -> None:
     path = tmp_path / "q.yaml"
     path.write_text("milter: {socket_mode: 0660}\n")
