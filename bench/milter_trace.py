@@ -4,7 +4,7 @@ Postfix connects to the relay's unix socket; the relay connects to the milter
 (unix or TCP) and copies bytes both ways unchanged, decoding each direction
 with queueguard's milter codec to count. A round trip is a command the MTA
 had to wait for: every final reply (accept, continue, reject, ...) and the
-OPTNEG answer. Used by bench/milter_peers_bench.py (`--trace`).
+OPTNEG answer. Used by bench/milter_peers.py (`--trace`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Postfix + queueguard milter against Postfix + clamav-milter and Postfix + rspamd, in one run.
 
-    .venv/bin/python -m bench.milter_peers_bench [--messages 4000] [--sessions 20] [--rounds 3]
+Not a `*_bench.py` (bench/run_all.py leaves it out): it needs rspamd installed and takes
+~25 minutes at its defaults.
+
+    .venv/bin/python -m bench.milter_peers [--messages 4000] [--sessions 20] [--rounds 3]
         [--baseline DIR] [--only NAME,...] [--trace] [--latency] [--profile NAME] [--json FILE]
 
 One smtp-sink, one clamd (MaxThreads 4, unix socket, the local EICAR database
@@ -17,6 +20,8 @@ Configurations (peers as in /work/shared/peers/, see its README.md):
 - qg-unix, qg-tcp: queueguard milter with a clamd scan of every message,
   shipped policy with every rule in shadow mode, over a unix socket (with the
   socket settings' defaults: group postfix, 0660) and over loopback TCP;
+- qg-unix-gate4, qg-tcp-gate4: the same with the scan gate fixed at 4
+  (`scan: {adaptive: false, max_concurrent: 4}`, clamd's MaxThreads);
 - clamav-milter: clamav-milter 1.4 on a unix socket, the same clamd;
 - rspamd: rspamd 3.4's proxy worker as a milter on TCP with the antivirus
   module on the same clamd (given 25 s to compile its regexps first);
@@ -215,6 +220,17 @@ def queueguard(workdir: Path, name: str, clamd: Clamd | None, unix: bool,
         yield g, postfix_side
 
 
+def fixed_gate_policy() -> str:
+    """The shadow policy with the scan gate fixed at clamd's MaxThreads (4), as the peers have it:
+    they send every message to clamd at once and clamd's threads are the only limit. The shipped
+    gate is adaptive and, on a shared box, backs off to 1-2 scans when scans slow down."""
+    import yaml
+
+    doc = yaml.safe_load(shadow_default_policy())
+    doc["scan"].update(adaptive=False, max_concurrent=4)
+    return str(yaml.safe_dump(doc))
+
+
 def wait_path(path: Path, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -354,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(",")) if args.only else None
     workdir = Path(tempfile.mkdtemp(prefix="qg-peers-"))
     workdir.chmod(0o755)
-    result: dict[str, object] = {"command": " ".join(["python -m bench.milter_peers_bench", *(argv or sys.argv[1:])])}
+    result: dict[str, object] = {"command": " ".join(["python -m bench.milter_peers", *(argv or sys.argv[1:])])}
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)
         sink = stack.enter_context(SmtpSink())
@@ -369,12 +385,15 @@ def main(argv: list[str] | None = None) -> int:
             configs.append(Config(name, spec, guard, pf))
             print(f"started {name}: {spec}", flush=True)
 
-        def qg(name: str, unix: bool, baseline: Path | None = None) -> Callable[[], tuple[Guard, str]]:
-            return lambda: stack.enter_context(queueguard(workdir, name, clamd, unix, baseline))
+        def qg(name: str, unix: bool, baseline: Path | None = None,
+               policy: str | None = None) -> Callable[[], tuple[Guard, str]]:
+            return lambda: stack.enter_context(queueguard(workdir, name, clamd, unix, baseline, policy))
 
         add("postfix", lambda: (None, None))
         add("qg-unix", qg("qg-unix", True))
         add("qg-tcp", qg("qg-tcp", False))
+        add("qg-unix-gate4", qg("qg-unix-gate4", True, policy=fixed_gate_policy()))
+        add("qg-tcp-gate4", qg("qg-tcp-gate4", False, policy=fixed_gate_policy()))
         if args.baseline:
             add("before-unix", qg("before-unix", True, args.baseline.resolve()))
             add("before-tcp", qg("before-tcp", False, args.baseline.resolve()))
@@ -421,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in table.items():
         print(f"{name:<15} {row['accepted']:>8} {row['e2e']:>6}  {row['runs_e2e']!s:<18}  {row['cpu_ms_per_msg']}")
     base = {k: v["e2e"] for k, v in table.items()}
-    for a in ("qg-unix", "qg-tcp"):
-        for b in ("rspamd", "clamav-milter", "before-unix", "before-tcp", "qg-unix"):
+    for a in ("qg-unix", "qg-tcp", "qg-unix-gate4", "qg-tcp-gate4"):
+        for b in ("rspamd", "clamav-milter", "before-unix", "before-tcp", "qg-unix", "qg-unix-gate4"):
             if a in base and b in base and a != b and base[b]:
                 print(f"{a} / {b}: {base[a] / base[b]:.2f}")
     if args.json:
