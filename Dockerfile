@@ -1,9 +1,9 @@
 # queueguard container image.
 #
 # The build mirrors setup.sh, which is what the tests install and run: the same
-# Debian bookworm packages by the same names (python3, python3-venv,
-# python3-dev, gcc, libmilter-dev to compile pymilter; libmilter1.0.1 is the
-# runtime library libmilter-dev pulls in) and the same pip step
+# Debian bookworm packages by the same names (python3, python3-venv;
+# python3-dev and gcc for a dependency without a wheel; the milter needs no
+# library, it speaks the protocol itself) and the same pip step
 # (`pip install --upgrade pip`, then `pip install '.[milter]'` into a venv).
 # Change one, change the other: tests/integration/test_dockerfile.py checks it.
 #
@@ -29,7 +29,7 @@ FROM debian:bookworm-slim AS builder
 # Versions come from bookworm, exactly as setup.sh installs them.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libmilter-dev \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -39,11 +39,11 @@ RUN python3 -m venv /opt/queueguard/.venv \
  && /opt/queueguard/.venv/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/queueguard/.venv/bin/pip install --no-cache-dir '.[milter]'
 
-# ---- final: interpreter, libmilter runtime, the venv ----------------------------
+# ---- final: interpreter and the venv ----------------------------
 FROM debian:bookworm-slim
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 libmilter1.0.1 \
+ && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10025 queueguard \
  && useradd --system --uid 10025 --gid queueguard --home-dir /var/lib/queueguard --no-create-home \

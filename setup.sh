@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(
-  python3 python3-venv python3-dev gcc libmilter-dev
+  python3 python3-venv python3-dev gcc
   clamav clamav-daemon clamav-milter postfix miltertest
   redis-server redis-sentinel redis-tools swaks libio-socket-inet6-perl
   libmariadb3 libidn12 libspf2-2 libgnutls30 libpcre2-8-0

@@ -181,7 +181,7 @@ def frontends(app: App, worker: WorkerId | None) -> list[Frontend]:
     if worker is not None and not worker.primary:
         return out
     if s.milter.enabled:
-        from queueguard.frontends.milter import MilterServer  # libmilter loads only where it is used
+        from queueguard.frontends.milter import MilterServer
 
         hold = s.milter.quarantine == "hold"
         out.append(MilterServer(app.pipeline("milter", relay=False, hold_in_mta=hold), s.milter,

@@ -195,11 +195,49 @@ class QuarantineSettings(Strict):
     retention: Duration = 30 * 86400.0
 
 
+def milter_listen(spec: str) -> tuple[str, str, int]:
+    """A libmilter socket spec -> ("unix", path, 0) or ("inet", host, port): `unix:/path` (or
+    `local:`, or a bare path), `inet:PORT@HOST`, `inet6:PORT@HOST`; no host means every address,
+    as in libmilter."""
+    kind, sep, rest = spec.strip().partition(":")
+    if not sep:
+        kind, rest = "unix", spec.strip()
+    kind = kind.lower()
+    if kind in ("unix", "local"):
+        if not rest.startswith("/"):
+            raise ValueError(f"bad milter socket {spec!r}: unix:/absolute/path")
+        return "unix", rest, 0
+    if kind in ("inet", "inet6"):
+        port, _, host = rest.partition("@")
+        if not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"bad milter socket {spec!r}: inet:PORT@HOST with PORT 0-65535")
+        host = host.strip("[]") or ("::" if kind == "inet6" else "0.0.0.0")
+        return "inet", host, int(port)
+    raise ValueError(f"bad milter socket {spec!r}: inet:PORT@HOST, inet6:PORT@HOST or unix:/path")
+
+
 class MilterSettings(Strict):
     enabled: bool = False
     listen: str = Field("inet:8894@127.0.0.1", description="libmilter socket spec: inet:PORT@HOST or unix:/path")
     quarantine: Literal["store", "hold"] = "store"
     timeout: Duration = 600.0
+    socket_owner: str | None = Field(None, description="user owning a unix socket (default: queueguard's own)")
+    socket_group: str | None = Field(
+        None, description="group owning a unix socket (default: `postfix` where that group exists)")
+    socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$", description="permissions of a unix socket, octal")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        milter_listen(v)
+        return v
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _mode(cls, v: object) -> object:
+        if isinstance(v, int):  # YAML reads 0660 as the number 432: only a quoted mode is unambiguous
+            raise ValueError("write the mode quoted, e.g. socket_mode: \"0660\"")
+        return v
 
 
 class PolicySocketSettings(Strict):

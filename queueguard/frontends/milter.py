@@ -1,34 +1,44 @@
-"""Milter front end for Postfix and Sendmail (pymilter / libmilter).
+"""Milter front end for Postfix and Sendmail: the milter protocol on the event loop.
 
-A thin front end: each libmilter callback becomes a call on the pipeline's
-Session for that MTA connection, and the verdict becomes milter actions.
-libmilter owns the socket and runs each MTA connection's callbacks on a
-thread of its own; every callback hands its stage to the asyncio loop with
-`run_coroutine_threadsafe` and waits on the result with a deadline, so the
-loop never blocks and we start no threads beyond libmilter's main loop.
+A thin front end: each MTA command becomes a call on the pipeline's Session
+for that MTA connection, and the verdict becomes milter replies. The packets
+are read and written by an asyncio protocol on the loop that runs the
+pipeline (the codec is `milter_protocol`): no libmilter threads handing each
+callback to the loop and waiting for it, which was most of the milter's cost
+(docs/benchmarks.md#milter), and no process-wide state, so tests run it
+in-process.
+
+The MTA is asked for what the pipeline uses and no more: no EOH, DATA or
+unknown-command steps; only the macros `{tls_version}` (HELO) and
+`{auth_authen}` (MAIL); and it waits for our answer only at RCPT and at the end
+of the message. Headers, body chunks and HELO need none. A refusal of CONNECT
+(memory pressure: shed) or of MAIL (Session.mail gives none today) is answered
+at each RCPT instead: Postfix, told at CONNECT, refuses at MAIL or RCPT
+anyway, and under shed the RCPT check refuses as well, so no mail's fate
+changes while every message costs two round trips fewer (see
+docs/benchmarks.md#milter for the counts).
 Deadlines stay below Postfix's milter timeouts, so on a slow stage we answer
 451 ourselves rather than let `milter_default_action` decide.
-
-libmilter keeps process-wide state and cannot be started twice in one
-process; tests run the milter in a `queueguard serve` subprocess.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
+import grp
 import logging
+import os
+import pwd
 import socket
-import threading
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import Milter
-
 from queueguard import metrics
+from queueguard.frontends import milter_protocol as mp
 from queueguard.model import Connection, parse_ip
 from queueguard.pipeline import End, Session
+from queueguard.settings import milter_listen
 from queueguard.verdict import INTERNAL_ERROR, Action, Verdict
 
 if TYPE_CHECKING:
@@ -45,30 +55,50 @@ CONTENT_TIMEOUT = 280.0
 """Seconds for the content stage (scan included); Postfix's milter_content_timeout is 300 s."""
 FINISH_TIMEOUT = 10.0
 STOP_GRACE = 10.0
-"""Seconds `stop` waits for callbacks already inside a stage."""
+"""Seconds `stop` waits for stages already running."""
+MAX_PACKET = 4 * 1024 * 1024
+"""Largest packet we take (Postfix sends body chunks of 64 KiB and headers under 100 KiB)."""
+PAUSE_AT = 1024 * 1024
+"""Bytes read ahead of a running stage before we stop reading from the MTA."""
+SWEEP = 0.5
+"""Seconds between checks for stages past their deadline (so a deadline may be up to this late)."""
+MTA_GROUP = "postfix"
+"""The unix socket's group when none is configured and this group exists (Postfix's smtpd runs in it)."""
 
-_started = False
+PROTOCOL = (mp.SMFIP_NOEOH | mp.SMFIP_NODATA | mp.SMFIP_NOUNKNOWN | mp.SMFIP_NR_HDR | mp.SMFIP_NR_BODY
+            | mp.SMFIP_NR_HELO | mp.SMFIP_NR_MAIL | mp.SMFIP_NR_CONN)
+"""Steps we skip and steps the MTA need not wait for (see the module doc)."""
+NO_MACROS = "{none}"
+"""To Postfix an empty list means its own defaults (j, {daemon_name}, {rcpt_addr}, i, ...), so the
+stages we need nothing at name a macro no MTA defines (it then sends an empty MACRO packet)."""
+MACROS = {mp.STAGE_CONNECT: NO_MACROS, mp.STAGE_HELO: "{tls_version}", mp.STAGE_MAIL: "{auth_authen}",
+          mp.STAGE_RCPT: NO_MACROS, mp.STAGE_DATA: NO_MACROS, mp.STAGE_EOM: NO_MACROS, mp.STAGE_EOH: NO_MACROS}
+"""The macros the pipeline reads, per stage."""
+
+QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+"""Linux: acknowledge at once (see MilterConnection.data_received); None elsewhere."""
+
+_connections = metrics.connections.labels(FRONTEND)
+_active = metrics.connections_active.labels(FRONTEND)
+_protocol_errors = metrics.protocol_errors.labels("milter_protocol")
 
 
-def client_from(hostname: str, family: int, hostaddr: object) -> Connection:
-    """libmilter's connect arguments -> Connection; a bracketed hostname means no PTR name."""
-    ip = None
-    port = 0
-    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple) and hostaddr:
-        ip = parse_ip(str(hostaddr[0]))
-        port = int(hostaddr[1]) if len(hostaddr) > 1 else 0
+def client_from(hostname: str, family: str, port: int, address: str) -> Connection:
+    """CONNECT's fields -> Connection; a bracketed hostname means no PTR name."""
+    ip = parse_ip(address) if family in (mp.FAMILY_INET, mp.FAMILY_INET6) else None
     name = "" if hostname.startswith("[") or hostname == "unknown" else hostname
-    return Connection(client_ip=ip, client_port=port, client_name=name, frontend=FRONTEND)
+    return Connection(client_ip=ip, client_port=port if ip else 0, client_name=name, frontend=FRONTEND)
 
 
 def header_line(name: str, value: bytes) -> bytes:
-    """One header as it was on the wire: libmilter strips the space after the colon and CRs."""
+    """One header as it was on the wire: the MTA strips the space after the colon and CRs."""
     value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     return name.encode("ascii", "surrogateescape") + b": " + value + b"\r\n"
 
 
 def reply_args(verdict: Verdict) -> tuple[str, str, str]:
-    """(code, status, text) for smfi_setreply; libmilter drops texts with a lone '%'."""
+    """(code, status, text) of an SMFIR_REPLYCODE; Postfix turns '%%' back into '%' (Sendmail's
+    format), and a reply is one line."""
     text = " ".join(verdict.text.split()).replace("%", "%%") or "-"
     code = str(verdict.code)
     if verdict.action is Action.TEMPFAIL and not code.startswith("4"):
@@ -78,231 +108,495 @@ def reply_args(verdict: Verdict) -> tuple[str, str, str]:
     return code, verdict.status or ("4.0.0" if code.startswith("4") else "5.0.0"), text
 
 
-def wake(spec: str) -> None:
-    """Connect once to our own socket, so libmilter's listener leaves its poll."""
-    kind, _, rest = spec.partition(":")
-    try:
-        if kind in ("unix", "local"):
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(1)
-                s.connect(rest)
-        elif kind in ("inet", "inet6"):
-            port, _, host = rest.partition("@")
-            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1):
-                pass
-    except (OSError, ValueError):
-        pass
+def remove_socket(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_socket():
+            path.unlink()
 
 
 class MilterServer:
-    """Runs libmilter's main loop on one dedicated thread and bridges callbacks to the loop."""
+    """The listening socket and its MTA connections; each connection has one Session."""
 
     def __init__(self, pipeline: Pipeline, settings: MilterSettings, max_size: int) -> None:
         """`pipeline.hold_in_mta` is `quarantine: hold`: the MTA's hold queue keeps quarantined mail."""
         self.pipeline = pipeline
         self.hold = pipeline.hold_in_mta
+        self.settings = settings
         self.listen = settings.listen
-        self.io_timeout = int(settings.timeout)
-        # CHGHDRS: forged <prefix>-* headers are deleted from every message we let through.
-        self.flags = (Milter.CHGHDRS | (Milter.ADDHDRS if pipeline.add_headers else 0)
-                      | (Milter.QUARANTINE if self.hold else 0))
+        self.io_timeout = float(settings.timeout)
         self.max_size = max_size
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.thread: threading.Thread | None = None
+        # CHGHDRS: forged <prefix>-* headers are deleted from every message we let through.
+        self.actions = (mp.SMFIF_CHGHDRS | (mp.SMFIF_ADDHDRS if pipeline.add_headers else 0)
+                        | (mp.SMFIF_QUARANTINE if self.hold else 0))
+        self.server: asyncio.Server | None = None
+        self.connections: set[MilterConnection] = set()
         self.busy = 0
-        self._lock = threading.Lock()
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        global _started
-        if _started:
-            raise RuntimeError("libmilter can run only once per process")
-        _started = True
-        self.loop = asyncio.get_running_loop()
-        Milter.factory = lambda: QueueguardMilter(self)
-        Milter.set_flags(self.flags)
-        Milter.set_exception_policy(Milter.TEMPFAIL)
-        await asyncio.to_thread(self._open)
-        self.thread = threading.Thread(target=self._main, name="milter", daemon=True)
-        self.thread.start()
+        kind, where, port = milter_listen(self.listen)
+        loop = asyncio.get_running_loop()
+        if kind == "unix":
+            path = Path(where)
+            remove_socket(path)  # left by a previous run (libmilter removed it too)
+            self.server = await loop.create_unix_server(lambda: MilterConnection(self), path=where)
+            try:
+                self._set_permissions(path)
+            except OSError:
+                self.server.close()
+                raise
+        else:
+            self.server = await loop.create_server(lambda: MilterConnection(self), where, port)
+        self._sweeper = loop.create_task(self._sweep())
         log.info("milter listening on %s (quarantine: %s)", self.listen, "hold" if self.hold else "store")
 
-    def _open(self) -> None:
-        """What Milter.runmilter does before its blocking main(), so socket errors surface in start()."""
-        Milter.set_connect_callback(Milter.connect_callback)
-        Milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
-        Milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
-        Milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
-        Milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
-        Milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
-        Milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
-        Milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
-        Milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
-        Milter.set_close_callback(Milter.close_callback)
-        Milter.setconn(self.listen)
-        Milter.settimeout(self.io_timeout)
-        Milter.register("queueguard", data=lambda ctx: ctx.getpriv().data(),
-                           unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
-                           negotiate=Milter.negotiate_callback)
-        Milter.opensocket(True)
-
-    def _main(self) -> None:
+    def _set_permissions(self, path: Path) -> None:
+        """Owner, group and mode from the settings, so the MTA's user can connect (Postfix's smtpd
+        runs as `postfix`); by default group `postfix` where it exists, mode 0660."""
+        s = self.settings
         try:
-            Milter.main()
-        except Exception:
-            log.exception("milter main loop failed")
+            uid = pwd.getpwnam(s.socket_owner).pw_uid if s.socket_owner else -1
+        except KeyError:
+            raise OSError(f"milter socket {path}: no user {s.socket_owner!r} (milter.socket_owner)") from None
+        group = s.socket_group
+        if group is None:
+            with contextlib.suppress(KeyError):
+                group = grp.getgrnam(MTA_GROUP).gr_name
+        try:
+            gid = grp.getgrnam(group).gr_gid if group else -1
+        except KeyError:
+            raise OSError(f"milter socket {path}: no group {group!r} (milter.socket_group)") from None
+        path.chmod(int(s.socket_mode, 8))
+        if uid == -1 and gid == -1:
+            return
+        try:
+            os.chown(path, uid, gid)
+        except PermissionError:
+            if s.socket_group is not None or s.socket_owner is not None:
+                raise
+            # The default group, as a user outside it: the MTA is refused (and tempfails) until
+            # queueguard's user joins the group; say so rather than not start at all.
+            log.warning("milter socket %s: cannot give it to group %s (add queueguard's user to that group, "
+                        "or set milter.socket_group); the MTA cannot connect until then", path, group)
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually bound (for `inet:0@127.0.0.1` in tests)."""
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
 
     def in_flight(self) -> int:
         return self.busy
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
-        """Stop accepting, let stages already running finish (bounded), then return."""
-        if self.thread is None:
+        """Stop accepting, let stages already running finish (bounded), then close the MTA's
+        connections: for a transaction still open the MTA applies its default action (tempfail)."""
+        if self.server is None:
             return
-        # smfi_stop waits for the listener's lock, which libmilter holds across a
-        # 5 s poll; a connection to our own socket ends the poll early.
-        stopping = asyncio.ensure_future(asyncio.to_thread(Milter.stop))
-        deadline = time.monotonic() + grace
-        while not stopping.done() and time.monotonic() < deadline:
+        server, self.server = self.server, None
+        server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.busy and loop.time() < deadline:
             await asyncio.sleep(0.02)
-            await asyncio.to_thread(wake, self.listen)
-        await stopping
-        while time.monotonic() < deadline and (self.thread.is_alive() or self.busy):
-            await asyncio.sleep(0.05)
-        if self.thread.is_alive():
-            log.warning("milter main loop still running after %.0fs", grace)
-        self.thread = None
+        if self.busy:
+            log.warning("milter: %d stages still running after %.0fs", self.busy, grace)
+        tasks = [c.task for c in self.connections if c.task is not None]
+        for conn in list(self.connections):
+            conn.close()
+        if tasks:
+            await asyncio.wait(tasks, timeout=FINISH_TIMEOUT)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 1)
+        kind, where, _ = milter_listen(self.listen)
+        if kind == "unix":
+            remove_socket(Path(where))
 
-    # --- called on libmilter threads ---------------------------------------------
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        """Run a pipeline stage on the loop and wait for it; raises on timeout (caller tempfails)."""
-        assert self.loop is not None
-        try:
-            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        except RuntimeError:
-            coro.close()
-            raise
-        with self._lock:
-            self.busy += 1
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise
-        finally:
-            with self._lock:
-                self.busy -= 1
+    async def _sweep(self) -> None:
+        """Stages past their deadline are cancelled (and answered 451); connections on which the
+        MTA said nothing for `timeout` are closed. One timer for all connections: a deadline
+        per stage (asyncio.timeout) was 6 % of the milter's CPU."""
+        every = max(0.05, min(SWEEP, self.io_timeout / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for conn in list(self.connections):
+                if conn.deadline is not None and now > conn.deadline:
+                    conn.expire()
+                elif conn.waiting and now - conn.last_read > self.io_timeout:
+                    log.info("milter: closing a connection idle for %.0fs", now - conn.last_read)
+                    conn.close()
 
 
-class QueueguardMilter(Milter.Base):  # type: ignore[misc]
-    """One MTA connection: callbacks -> Session calls. Callbacks we do not override are skipped by
-    negotiation."""
+class MilterConnection(asyncio.Protocol):
+    """One MTA connection: its packets, in order, become Session calls; verdicts become replies.
+    Packets are parsed as they arrive and handled one after the other by one task."""
 
     def __init__(self, server: MilterServer) -> None:
         self.server = server
+        self.pipeline = server.pipeline
+        self.reader = mp.PacketReader(MAX_PACKET)
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
         self.session: Session | None = None
+        self.no_reply = 0
+        """The negotiated SMFIP_NR_* flags: commands the MTA does not wait on."""
+        self.macros: dict[str, str] = {}
+        self.refused_connect: Verdict | None = None
+        self.refused_mail: Verdict | None = None
+        """Refusals of a CONNECT or MAIL the MTA did not wait for: answered at each RCPT instead."""
         self.headers: list[bytes] = []
         self.header_names: list[str] = []
         self.body_parts: list[bytes] = []
         self.size = 0
         self.too_big = False
+        self.waiting = False
+        self.last_read = 0.0
+        self.deadline: float | None = None
+        """When the running stage must have answered (loop time); None between stages."""
+        self.quickack: socket.socket | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._expired = False
+        self._wrote = False
+        self._closed = False
+        self._paused = False
 
-    # --- callbacks -------------------------------------------------------------------
+    # --- asyncio.Protocol -------------------------------------------------------------------------
 
-    def negotiate(self, opts: list[int]) -> int:
-        """Ask only for the actions we use (change and add headers, hold) besides the steps the
-        decorators pick; pymilter's `_actions` guards each action call with what was agreed."""
-        rc = int(super().negotiate(opts))
-        opts[0] = self._actions = opts[0] & self.server.flags
-        return rc
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Our EOM answer is several actions in one write, but never wait on Nagle either way.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.quickack = sock
+        self.loop = loop = asyncio.get_running_loop()
+        self.last_read = loop.time()
+        self.server.connections.add(self)
+        self.task = loop.create_task(self.run())
 
-    def connect(self, hostname: str, family: int, hostaddr: object) -> int:
-        metrics.connections.labels(FRONTEND).inc()
-        metrics.connections_active.labels(FRONTEND).inc()
-        self.session = session = self.server.pipeline.open(client_from(hostname, family, hostaddr))
-        return self._stage("connect", lambda: self.server.call(session.connect(), COMMAND_TIMEOUT))
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        if self.reader.buffered > PAUSE_AT and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wakeup()
 
-    @Milter.noreply  # type: ignore[untyped-decorator]
-    def hello(self, hostname: str) -> int:
+    def eof_received(self) -> bool:
+        self._closed = True
+        self._wakeup()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def expire(self) -> None:
+        """The running stage is past its deadline: cancel it (`_within` turns that into a timeout)."""
+        self.deadline = None
+        if self.task is not None:
+            self._expired = True
+            self.task.cancel()
+
+    def close(self) -> None:
+        """Drop the connection (shutdown, idle): the MTA applies its default action to an open
+        transaction."""
+        self._closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self._wakeup()
+
+    async def run(self) -> None:
+        """Handle packets in order until QUIT, a protocol error or the MTA going away."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                packet = self.reader.next()
+                if packet is None:
+                    if self._closed:
+                        return
+                    if self._paused and self.transport is not None:
+                        self._paused = False
+                        self.transport.resume_reading()
+                    if self.quickack is not None and not self._wrote:
+                        self._ack_now()
+                    self._wake = loop.create_future()
+                    self.waiting = True
+                    await self._wake
+                    self.waiting = self._wrote = False
+                    self.last_read = loop.time()
+                    continue
+                command, data = packet
+                handler = HANDLERS.get(command)
+                if handler is None:
+                    raise mp.ProtocolError(f"unknown command {command:#x}")
+                if not await handler(self, data):
+                    return
+        except mp.ProtocolError as e:
+            _protocol_errors.inc()
+            log.warning("milter: protocol error from the MTA, closing: %s", e)
+        except Exception:
+            metrics.internal_errors.labels("milter_connection").inc()
+            log.exception("milter: connection failed")
+        finally:
+            self.waiting = False
+            self.server.connections.discard(self)
+            await self._close_session()
+            if self.transport is not None:
+                self.transport.close()
+
+    def _ack_now(self) -> None:
+        """Over TCP, acknowledge what we read and will not answer (packets the MTA does not wait
+        on). Postfix writes a MACRO packet and then its command as two small segments on a socket
+        without TCP_NODELAY: Nagle holds the second until the first is ACKed, and a delayed ACK
+        costs 40 ms. Where we answer, the ACK rides on the answer and this syscall is saved."""
+        assert self.quickack is not None and QUICKACK is not None
+        with contextlib.suppress(OSError):
+            self.quickack.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+
+    # --- commands ---------------------------------------------------------------------------------
+
+    async def on_optneg(self, data: bytes) -> bool:
+        """Agree on what the MTA sends and waits for; refuse an MTA without the actions we need."""
+        version, actions, protocol, _ = mp.parse_optneg(data)
+        wanted = self.server.actions
+        if version < 2 or wanted & ~actions:
+            log.error("milter: the MTA (protocol %d) does not offer the actions we need (%#x of %#x); "
+                      "closing, so it applies milter_default_action", version, actions, wanted)
+            return False
+        agreed = PROTOCOL & protocol
+        macros = None
+        if version >= mp.VERSION and actions & mp.SMFIF_SETSYMLIST:
+            wanted |= mp.SMFIF_SETSYMLIST
+            macros = MACROS
+        self.no_reply = agreed
+        self.write(mp.optneg(min(version, mp.VERSION), wanted, agreed, macros))
+        return True
+
+    async def on_macro(self, data: bytes) -> bool:
+        if len(data) > 1:  # most are empty: we asked for macros at two stages only
+            self.macros.update(mp.parse_macros(data)[1])
+        return True
+
+    async def on_connect(self, data: bytes) -> bool:
+        hostname, family, port, address = mp.parse_connect(data)
+        await self._close_session()  # a second CONNECT on one connection (after QUIT_NC)
+        _connections.inc()
+        _active.inc()
+        self.session = session = self.pipeline.open(client_from(hostname, family, port, address))
+        verdict = await self._stage("connect", session.connect(), COMMAND_TIMEOUT)
+        if self.no_reply & mp.SMFIP_NR_CONN:
+            self.refused_connect = verdict if verdict.final else None
+        else:
+            self.write(self.answer(verdict))
+        return True
+
+    async def on_helo(self, data: bytes) -> bool:
         session = self._session()
-        session.conn.tls = bool(self.getsymval("{tls_version}"))
-        self._call(session.helo(hostname))
-        return int(Milter.CONTINUE)
+        session.conn.tls = bool(self.macros.get("tls_version"))
+        args = mp.split_strings(data)
+        await self._quiet(session.helo(mp.text(args[0]) if args else ""))
+        return self._continue(mp.HELO)
 
-    def envfrom(self, sender: str, *params: str) -> int:
+    async def on_mail(self, data: bytes) -> bool:
         self._reset_message()
         session = self._session()
-        session.conn.authenticated = self.getsymval("{auth_authen}") or None
-        return self._stage("mail", lambda: self.server.call(session.mail(sender, params), COMMAND_TIMEOUT))
+        session.conn.authenticated = self.macros.get("auth_authen") or None
+        args = [mp.text(a) for a in mp.split_strings(data)] or [""]
+        verdict = await self._stage("mail", session.mail(args[0], args[1:]), COMMAND_TIMEOUT)
+        if self.no_reply & mp.SMFIP_NR_MAIL:
+            self.refused_mail = verdict if verdict.final else None
+        else:
+            self.write(self.answer(verdict))
+        return True
 
-    def envrcpt(self, recipient: str, *params: str) -> int:
+    async def on_rcpt(self, data: bytes) -> bool:
         session = self._session()
-        if session.txn is None:
-            return self._tempfail(INTERNAL_ERROR)
-        return self._stage("rcpt", lambda: self.server.call(session.rcpt(recipient, params), COMMAND_TIMEOUT))
+        owed = self.refused_connect or self.refused_mail
+        if owed is not None:
+            verdict = owed
+        elif session.txn is None:
+            verdict = INTERNAL_ERROR
+        else:
+            args = [mp.text(a) for a in mp.split_strings(data)] or [""]
+            verdict = await self._stage("rcpt", session.rcpt(args[0], args[1:]), COMMAND_TIMEOUT)
+        if not self.no_reply & mp.SMFIP_NR_RCPT:
+            self.write(self.answer(verdict))
+        return True
 
-    @Milter.noreply  # type: ignore[untyped-decorator]
-    @Milter.decode("bytes")  # type: ignore[untyped-decorator]
-    def header(self, name: str, value: bytes) -> int:
+    async def on_header(self, data: bytes) -> bool:
+        name, value = mp.parse_header(data)
         self.header_names.append(name)
         self._keep(header_line(name, value), self.headers)
-        return int(Milter.CONTINUE)
+        return self._continue(mp.HEADER)
 
-    @Milter.noreply  # type: ignore[untyped-decorator]
-    def body(self, chunk: bytes) -> int:
-        self._keep(chunk, self.body_parts)
-        return int(Milter.CONTINUE)
+    async def on_body(self, data: bytes) -> bool:
+        self._keep(data, self.body_parts)
+        return self._continue(mp.BODY)
 
-    def eom(self) -> int:
+    async def on_step(self, data: bytes) -> bool:
+        """EOH, DATA, unknown commands: negotiated away; answered if an MTA sends them anyway."""
+        return True
+
+    async def on_eom(self, data: bytes) -> bool:
+        if data:
+            self._keep(data, self.body_parts)
+        self.write(await self.end_of_message())
+        return True
+
+    async def on_abort(self, data: bytes) -> bool:
+        """The MTA ended the transaction (RSET, a refused DATA, the client gone); no reply."""
+        self._reset_message()
+        self.refused_mail = None
+        if self.session is not None and self.session.txn is not None:  # Postfix aborts after each message too
+            await self._quiet(self.session.end(End.MTA_ABORT))
+        return True
+
+    async def on_quit(self, data: bytes) -> bool:
+        return False
+
+    async def on_quit_nc(self, data: bytes) -> bool:
+        """QUIT, and the MTA will use this connection for another SMTP session."""
+        await self._close_session()
+        return True
+
+    # --- the transaction ------------------------------------------------------------------------
+
+    async def end_of_message(self) -> bytes:
+        """The data stage; the verdict as milter actions and the final reply."""
         session = self._session()
         if session.txn is None:
-            return self._tempfail(INTERNAL_ERROR)
+            return self.answer(INTERNAL_ERROR)
         raw = b"".join(self.headers) + b"\r\n" + b"".join(self.body_parts)
         too_big, names = self.too_big, self.header_names
         self._reset_message()
         try:
             if too_big:
-                verdict = self._call(session.end(End.OVERSIZE)) or INTERNAL_ERROR
-                return self._apply(verdict, [])
-            outcome = self.server.call(session.data(raw), CONTENT_TIMEOUT)
+                refused: Verdict | None = await self._quiet(session.end(End.OVERSIZE))
+                return self.answer(refused or INTERNAL_ERROR)
+            self.server.busy += 1
+            try:
+                outcome = await self._within(session.data(raw), CONTENT_TIMEOUT)
+            finally:
+                self.server.busy -= 1
+            deletes = b""
             if outcome.verdict.action in (Action.ACCEPT, Action.QUARANTINE):
-                self._delete_own_headers(names)
-            return self._apply(outcome.verdict, outcome.headers)
+                deletes = self._delete_own_headers(names)
+            return deletes + self.answer(outcome.verdict, outcome.headers)
         except Exception:
             self._internal_error("eom")
-            self._call(session.end(End.MTA_ABORT))
-            return self._tempfail(INTERNAL_ERROR)
+            await self._quiet(session.end(End.MTA_ABORT))
+            return self.answer(INTERNAL_ERROR)
 
-    def abort(self) -> int:
-        self._reset_message()
-        self._call(self._session().end(End.MTA_ABORT))
-        return int(Milter.CONTINUE)
+    def answer(self, verdict: Verdict, headers: list[tuple[str, str]] | None = None) -> bytes:
+        """A verdict as milter replies; `headers` only at end of message, where accepted mail
+        gets them."""
+        match verdict.action:
+            case Action.TEMPFAIL | Action.REJECT:
+                return mp.replycode(*reply_args(verdict))
+            case Action.DISCARD:
+                return mp.packet(mp.DISCARD)
+            case Action.QUARANTINE if not self.server.hold:
+                return mp.packet(mp.DISCARD)  # stored in our quarantine: the MTA must not deliver it
+            case Action.QUARANTINE:
+                reason = f"queueguard {verdict.rule or verdict.reason}"
+                return self._add_headers(headers or []) + mp.quarantine(reason) + mp.packet(mp.ACCEPT)
+            case _:
+                if headers is None:
+                    return mp.packet(mp.CONTINUE)
+                return self._add_headers(headers) + mp.packet(mp.ACCEPT)
 
-    def close(self) -> int:
-        self._reset_message()
-        session, self.session = self.session, None
-        if session is not None:
-            metrics.connections_active.labels(FRONTEND).dec()
-            self._call(session.close())
-        return int(Milter.CONTINUE)
+    def _add_headers(self, headers: list[tuple[str, str]]) -> bytes:
+        return b"".join(mp.addheader(name, value) for name, value in headers)
 
-    # --- helpers ----------------------------------------------------------------------
+    def _delete_own_headers(self, names: list[str]) -> bytes:
+        """Forged `<prefix>-*` headers go (the pipeline already judged the message without them):
+        CHGHEADER with an empty value deletes the idx-th field of that name, last first so the
+        indices of the others stay put."""
+        wanted = self.pipeline.header_prefix.lower() + "-"
+        seen: dict[str, int] = {}
+        own: list[tuple[str, int]] = []
+        for name in names:
+            key = name.lower()
+            seen[key] = seen.get(key, 0) + 1
+            if key.startswith(wanted):
+                own.append((name, seen[key]))
+        return b"".join(mp.chgheader(idx, name) for name, idx in reversed(own))
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+            self._wrote = True
+
+    def _continue(self, command: int) -> bool:
+        """Answer a step the MTA waits on (one it offered no NR_* flag for)."""
+        if not self.no_reply & mp.NO_REPLY[command]:
+            self.write(mp.packet(mp.CONTINUE))
+        return True
 
     def _session(self) -> Session:
-        if self.session is None:  # a callback before connect (libmilter never does this): count it too
-            metrics.connections.labels(FRONTEND).inc()
-            metrics.connections_active.labels(FRONTEND).inc()
-            self.session = self.server.pipeline.open(Connection(client_ip=None))
+        if self.session is None:  # a command before CONNECT (an MTA that skips it): count it too
+            _connections.inc()
+            _active.inc()
+            self.session = self.pipeline.open(Connection(client_ip=None))
         return self.session
 
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T | None:
+    async def _close_session(self) -> None:
+        self._reset_message()
+        self.refused_connect = self.refused_mail = None
+        self.macros.clear()
+        session, self.session = self.session, None
+        if session is not None:
+            _active.dec()
+            await self._quiet(session.close())
+
+    async def _stage(self, stage: str, step: Coroutine[Any, Any, Verdict], timeout: float) -> Verdict:
+        """Run a connect/MAIL/RCPT stage with its deadline; any failure is a 451."""
+        self.server.busy += 1
+        try:
+            return await self._within(step, timeout)
+        except Exception:
+            self._internal_error(stage)
+            return INTERNAL_ERROR
+        finally:
+            self.server.busy -= 1
+
+    async def _quiet(self, step: Coroutine[Any, Any, T]) -> T | None:
         """A bookkeeping call whose failure must not change the MTA's answer (logged)."""
         try:
-            return self.server.call(coro, FINISH_TIMEOUT)
+            return await self._within(step, FINISH_TIMEOUT)
         except Exception:
             metrics.internal_errors.labels("milter_end").inc()
             log.exception("milter: ending a transaction failed")
             return None
+
+    async def _within(self, step: Awaitable[T], timeout: float) -> T:
+        """Await a pipeline step; TimeoutError once the sweeper finds it past `timeout` seconds."""
+        assert self.loop is not None
+        self.deadline = self.loop.time() + timeout
+        try:
+            return await step
+        except asyncio.CancelledError:
+            if not self._expired:
+                raise
+            self._expired = False
+            if self.task is not None:
+                self.task.uncancel()
+            raise TimeoutError(f"no answer in {timeout:.0f}s") from None
+        finally:
+            self.deadline = None
 
     def _keep(self, data: bytes, into: list[bytes]) -> None:
         """Buffer message bytes up to the size limit; past it, remember to refuse at eom."""
@@ -312,21 +606,6 @@ class QueueguardMilter(Milter.Base):  # type: ignore[misc]
         else:
             into.append(data)
 
-    def _delete_own_headers(self, names: list[str]) -> None:
-        """Forged `<prefix>-*` headers go (the pipeline already judged the message without them):
-        smfi_chgheader with no value deletes the idx-th field of that name, last first so the
-        indices of the others stay put."""
-        wanted = self.server.pipeline.header_prefix.lower() + "-"
-        seen: dict[str, int] = {}
-        own: list[tuple[str, int]] = []
-        for name in names:
-            key = name.lower()
-            seen[key] = seen.get(key, 0) + 1
-            if key.startswith(wanted):
-                own.append((name, seen[key]))
-        for name, idx in reversed(own):
-            self.chgheader(name, idx, None)
-
     def _reset_message(self) -> None:
         self.headers = []
         self.header_names = []
@@ -334,47 +613,20 @@ class QueueguardMilter(Milter.Base):  # type: ignore[misc]
         self.size = 0
         self.too_big = False
 
-    def _stage(self, stage: str, run: Callable[[], Verdict]) -> int:
-        """Run a connect/MAIL/RCPT stage; accept -> CONTINUE, others -> setreply + code."""
-        try:
-            return self._apply(run(), None)
-        except Exception:
-            self._internal_error(stage)
-            return self._tempfail(INTERNAL_ERROR)
-
-    def _apply(self, verdict: Verdict, headers: list[tuple[str, str]] | None) -> int:
-        """A verdict as milter actions (on this callback's thread, as libmilter requires);
-        `headers` only at end of message, where accepted mail gets them."""
-        match verdict.action:
-            case Action.TEMPFAIL:
-                return self._tempfail(verdict)
-            case Action.REJECT:
-                self.setreply(*reply_args(verdict))
-                return int(Milter.REJECT)
-            case Action.DISCARD:
-                return int(Milter.DISCARD)
-            case Action.QUARANTINE if not self.server.hold:
-                return int(Milter.DISCARD)  # stored in our quarantine: the MTA must not deliver it
-            case Action.QUARANTINE:
-                self._add_headers(headers or [])
-                self.quarantine(f"queueguard {verdict.rule or verdict.reason}")
-                return int(Milter.ACCEPT)
-            case _:
-                if headers is None:
-                    return int(Milter.CONTINUE)
-                self._add_headers(headers)
-                return int(Milter.ACCEPT)
-
-    def _add_headers(self, headers: list[tuple[str, str]]) -> None:
-        for name, value in headers:
-            self.addheader(name, value)
-
-    def _tempfail(self, verdict: Verdict) -> int:
-        self.setreply(*reply_args(verdict))
-        return int(Milter.TEMPFAIL)
-
     def _internal_error(self, stage: str) -> None:
         metrics.internal_errors.labels(f"milter_{stage}").inc()
         session = self.session
         txn = session.txn if session is not None else None
         log.exception("id=%s milter %s stage failed; answering 451", txn.id if txn else "-", stage)
+
+
+Handler = Callable[[MilterConnection, bytes], Awaitable[bool]]
+HANDLERS: dict[int, Handler] = {
+    mp.HEADER: MilterConnection.on_header, mp.BODY: MilterConnection.on_body, mp.MACRO: MilterConnection.on_macro,
+    mp.RCPT: MilterConnection.on_rcpt, mp.MAIL: MilterConnection.on_mail, mp.EOM: MilterConnection.on_eom,
+    mp.HELO: MilterConnection.on_helo, mp.CONNECT: MilterConnection.on_connect,
+    mp.OPTNEG: MilterConnection.on_optneg, mp.ABORT: MilterConnection.on_abort, mp.QUIT: MilterConnection.on_quit,
+    mp.QUIT_NC: MilterConnection.on_quit_nc, mp.EOH: MilterConnection.on_step, mp.DATA: MilterConnection.on_step,
+    mp.UNKNOWN: MilterConnection.on_step,
+}
+"""Each command's handler; True: read on, False: close the connection."""

@@ -9,8 +9,13 @@ queueguard stopped Postfix tempfails rather than passing mail.
 
 from __future__ import annotations
 
+import grp
+import shutil
 import smtplib
+import stat
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +169,33 @@ def test_forged_verdict_headers_are_deleted_and_ours_added(postfix: Postfix, sin
         assert b"X-Queueguardian: not ours" in headers and b"all good" not in got
     # the second is over watch-one (so is the first when the module's other tests ran before)
     assert ours and set(ours) == {b"X-Queueguard-Hits: ratelimit:watch-one(shadow)"}, ours
+
+
+@pytest.mark.parametrize("mode", ["default", "0600"])
+def test_unix_socket_is_usable_by_smtpd_out_of_the_box(sink: SmtpSink, mode: str) -> None:
+    """Postfix's smtpd runs as user postfix: the socket's defaults (group postfix, 0660) let it in
+    with no chmod; a socket only its owner may use (0600) is what the MTA's default action is for."""
+    d = Path(tempfile.mkdtemp(prefix="qg-milter-sock-"))
+    d.chmod(0o755)  # the directory must be searchable by postfix too (contrib/postfix/README.md)
+    sock = d / "milter.sock"
+    milter: dict[str, object] = {"enabled": True, "listen": f"unix:{sock}"}
+    if mode != "default":
+        milter["socket_mode"] = mode
+    try:
+        with Guard({"milter": milter}, {"policy.yaml": POLICY}) as g, \
+                Postfix(relay_port=sink.port, milter=f"unix:{sock}") as pf:
+            st = sock.stat()
+            before = sink.count()
+            if mode == "default":
+                assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o660, 0, grp.getgrnam("postfix").gr_gid)
+                assert send(pf.port, ["bob@test.example"], "over a unix socket") == {}
+                assert sink.wait_count(before + 1) == before + 1
+                assert g.metric("queueguard_connections_total", frontend="milter") >= 1
+            else:
+                with pytest.raises(smtplib.SMTPResponseException) as refused:
+                    send(pf.port, ["bob@test.example"], "socket closed to postfix")
+                assert refused.value.smtp_code == 451
+                assert pf.wait_log(r"connect to Milter service unix:.*: Permission denied")
+                assert sink.wait_count(before, timeout=1) == before
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,12 +1,17 @@
 -- An ordinary message is accepted; negotiation asks only for what the milter uses.
 dofile(dir .. "/common.lua")
 local conn = open()
--- Steps it does not use are skipped; header and body need no reply.
+-- Steps it does not use are skipped; header, body, connect, helo and mail need no reply.
 if not mt.test_option(conn, SMFIP_NOEOH) then fail("eoh step not skipped") end
 if not mt.test_option(conn, SMFIP_NODATA) then fail("data step not skipped") end
 if not mt.test_option(conn, SMFIP_NOUNKNOWN) then fail("unknown step not skipped") end
 if not mt.test_option(conn, SMFIP_NR_HDR) then fail("header replies not skipped") end
 if not mt.test_option(conn, SMFIP_NR_BODY) then fail("body replies not skipped") end
+-- Only RCPT and end of message are answered (docs/benchmarks.md#milter: round trips).
+if not mt.test_option(conn, SMFIP_NR_CONN) then fail("connect reply not skipped") end
+if not mt.test_option(conn, SMFIP_NR_HELO) then fail("helo reply not skipped") end
+if not mt.test_option(conn, SMFIP_NR_MAIL) then fail("mail reply not skipped") end
+if mt.test_option(conn, SMFIP_NR_RCPT) then fail("rcpt must be answered (per-recipient limits)") end
 if not mt.test_action(conn, SMFIF_ADDHDRS) then fail("add-header action not negotiated") end
 if mt.test_action(conn, SMFIF_CHGBODY) then fail("change-body action negotiated but never used") end
 if mt.test_action(conn, SMFIF_ADDRCPT) then fail("add-recipient action negotiated but never used") end
