@@ -9,13 +9,20 @@
 #
 # Run (settings and policies mounted read-only, the quarantine on a volume):
 #   docker build -t queueguard .
-#   docker run -d --name queueguard -p 25:2525 -p 9925:9925 \
+#   docker run -d --name queueguard -p 25:2525 -p 127.0.0.1:9925:9925 \
 #     -v /etc/queueguard:/etc/queueguard:ro -v queueguard-state:/var/lib/queueguard queueguard
 # /etc/queueguard/queueguard.yaml must listen on all interfaces inside the
 # container (smtp.listen: 0.0.0.0:2525, metrics: 0.0.0.0:9925) and keep
 # quarantine.directory under /var/lib/queueguard; `policies: policies` resolves
 # to /etc/queueguard/policies. Port 25 inside works too (Docker lets
 # unprivileged users bind low ports in the container's network namespace).
+# The status page and /status.json show recipients, so with metrics on
+# 0.0.0.0 the settings need status.password_hash (`docker run --rm -it
+# queueguard passwd` prints it) or status.token_file (a file uid 10025 can read
+# in the mounted /etc/queueguard): serve refuses to start without one
+# (docs/settings.md#status).
+# /metrics, /healthz (the HEALTHCHECK below) and /readyz stay open; 9925 is
+# published on the host's loopback above: widen it only for a remote Prometheus.
 
 # ---- builder: compilers and headers, never shipped --------------------------
 FROM debian:bookworm-slim AS builder

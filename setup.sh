@@ -14,7 +14,7 @@ APT_PACKAGES=(
   redis-server redis-tools swaks libio-socket-inet6-perl
   libmariadb3 libidn12 libspf2-2 libgnutls30 libpcre2-8-0
   prometheus xxd chromium systemd e2fsprogs util-linux procps adduser openssl
-  mmdebstrap systemd-container
+  mmdebstrap systemd-container haproxy
 )
 
 missing=()

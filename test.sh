@@ -7,4 +7,5 @@ cd "$(dirname "$0")"
 ./setup.sh --no-run
 echo "== ruff"; .venv/bin/ruff check queueguard tests bench
 echo "== mypy --strict"; .venv/bin/mypy
+echo "== lint-imports (the layers, docs/architecture.md)"; .venv/bin/lint-imports --no-cache
 echo "== pytest"; exec .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m bench.fingerprint_bench [--seed N] [--threshold 40] [--against REF]
 
-Feeds the corpus (bench/corpus.py) in one arrival order through BurstCheck
+Feeds the corpus (queueguard/replay/corpus.py) in one arrival order through BurstCheck
 with in-memory counts, all inside one 10-minute window, and reports:
 recall = campaign copies held / copies after the threshold (the first
 `threshold` copies of a wave are let through by design); false positives
@@ -28,13 +28,13 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.corpus import Sample, campaign, corpus
 from queueguard.burst.check import BurstCheck
 from queueguard.burst.fingerprint import fingerprints
 from queueguard.burst.window import MemoryWindow
 from queueguard.mime import ParsedMessage, parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
+from queueguard.replay.corpus import Sample, campaign, corpus
 from queueguard.stage import MessageContext
 
 REPO = Path(__file__).resolve().parents[1]

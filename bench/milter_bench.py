@@ -28,10 +28,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench.proxy_bench import shadow_default_policy, smtp_source
-from tests.components.guard import Guard
-from tests.components.ports import free_port
+from queueguard.harness.guard import Guard
+from queueguard.harness.ports import free_port
+from queueguard.harness.sink import SmtpSink
 from tests.components.postfix import Postfix
-from tests.components.sink import SmtpSink
 
 
 @contextmanager

@@ -30,11 +30,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.components.clamd import Clamd
-from tests.components.exim import Exim
-from tests.components.guard import Guard
-from tests.components.ports import free_port, wait_port
-from tests.components.sink import SmtpSink
+from queueguard.harness.clamd import Clamd
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
+from queueguard.harness.ports import free_port, wait_port
+from queueguard.harness.sink import SmtpSink
 
 REPO = Path(__file__).resolve().parents[1]
 EXIM_BENCH = "smtp_accept_max = 500\nsmtp_accept_max_per_host = 500\n"

@@ -33,13 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from queueguard.harness.clamd import Clamd
 from queueguard.mime import parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
 from queueguard.scan.check import ScanCheck
 from queueguard.settings import ClamdSettings
 from queueguard.stage import MessageContext
-from tests.components.clamd import Clamd
 
 
 def mail(size: int) -> bytes:

@@ -1,7 +1,8 @@
 """Wiring: settings → components → pipelines → front ends, and the daemon's life cycle.
 
-The only module that knows every part. Each front end gets its own Pipeline
-(its own `frontend` label) over the same checks, state and quarantine.
+The composition root: the only module that knows every part and the only one
+that imports a front end. Each front end gets its own Pipeline (its own
+`frontend` label) over the same checks, state and quarantine.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from typing import Any
 
 from queueguard import metrics, sdnotify
 from queueguard.burst.check import BurstCheck
+from queueguard.connlimits import ConnectionLimits
+from queueguard.frontends.base import Frontend
 from queueguard.frontends.smtp_proxy import SmtpProxy
 from queueguard.logging_setup import configure
 from queueguard.patterns import PatternCheck
 from queueguard.pipeline import Pipeline
 from queueguard.policy.holder import PolicyHolder
 from queueguard.policy.schema import Policy
-from queueguard.pressure_publish import PressurePublisher, pressure_sources, publisher_from_settings, queue_total
+from queueguard.pressure.admission import Admission
+from queueguard.pressure.governor import Governor
+from queueguard.pressure.publish import PressurePublisher, pressure_sources, publisher_from_settings, queue_total
+from queueguard.pressure.sensors import PsiTrigger, default_sensors
 from queueguard.quarantine.store import SUMMARY_TTL, Filter, QuarantineStore
 from queueguard.queuewatch.service import QueueWatch
 from queueguard.ratelimit.check import RateLimitCheck
@@ -34,7 +40,8 @@ from queueguard.relay import Relay
 from queueguard.routing import Router
 from queueguard.scan.check import ScanCheck
 from queueguard.settings import Settings, host_problems, split_hostport
-from queueguard.stage import MessageCheck, RcptCheck
+from queueguard.stage import ConnectCheck, MessageCheck, RcptCheck
+from queueguard.workers import ENV_RUN_DIR, WorkerFailed, WorkerId, beat, current_worker, supervise
 
 log = logging.getLogger("queueguard")
 
@@ -51,6 +58,8 @@ class App:
     ratelimit: RateLimitCheck
     bursts: BurstCheck
     patterns: PatternCheck
+    admission: Admission
+    connections: ConnectionLimits
     scan: ScanCheck | None
     queuewatch: QueueWatch
     publisher: PressurePublisher | None = None
@@ -58,28 +67,31 @@ class App:
     started: float = field(default_factory=time.time)
 
     def rcpt_checks(self, *, relay: bool) -> list[RcptCheck]:
-        """Route caps only where we relay: behind a milter the MTA routes, not us."""
-        checks: list[RcptCheck] = [self.ratelimit]
+        """Rate limits first (admission under soften defers rate-limited flows); route caps only
+        where we relay: behind a milter the MTA routes, not us."""
+        checks: list[RcptCheck] = [self.ratelimit, self.admission]
         if relay:
             checks.append(self.router)
-        if self.scan is not None:
-            checks.append(self.scan)
         return checks
 
     @property
     def message_checks(self) -> list[MessageCheck]:
-        checks: list[MessageCheck] = [self.patterns, self.bursts]
+        """Cheapest first: admission needs only the size, patterns and bursts a parse, scan clamd."""
+        checks: list[MessageCheck] = [self.admission, self.patterns, self.bursts]
         if self.scan is not None:
             checks.append(self.scan)
         return checks
 
-    def pipeline(self, frontend: str, *, relay: bool) -> Pipeline:
+    def pipeline(self, frontend: str, *, relay: bool, hold_in_mta: bool = False) -> Pipeline:
+        """Connection limits only where we take the client's connection ourselves (the proxy);
+        behind a milter the MTA counts its clients (Postfix's anvil)."""
+        connect: list[ConnectCheck] = [self.admission, self.connections] if relay else [self.admission]
         return Pipeline(
-            frontend=frontend, policy=self.policies.current, rcpt_checks=self.rcpt_checks(relay=relay),
-            message_checks=self.message_checks, quarantine=self.quarantine,
+            frontend=frontend, policy=self.policies.current, connect_checks=connect,
+            rcpt_checks=self.rcpt_checks(relay=relay), message_checks=self.message_checks,
+            quarantine=None if hold_in_mta else self.quarantine, hold_in_mta=hold_in_mta,
             relay=self.relay if relay else None, route_for=self.router.route_for,
             header_prefix=self.settings.smtp.header_prefix, add_headers=self.settings.smtp.add_headers,
-            finishers=[self.router.release],
         )
 
     def policy_changed(self, policy: Policy) -> None:
@@ -89,17 +101,21 @@ class App:
 
     def status(self) -> dict[str, object]:
         """What the status page and `STATUS=` show: one dict, cheap to build."""
+        worker = current_worker()
         return {
             "node": self.settings.node or socket.gethostname(),
+            "worker": None if worker is None else f"{worker.index}/{worker.count}",
             "uptime_seconds": round(time.time() - self.started),
             "queuewatch": self.queuewatch.snapshot(),
             "policy": self.policies.summary(),
+            "pressure": self.admission.status(),
+            "connections": self.connections.status(),
             "scan": self.scan.status() if self.scan is not None else None,
             "ratelimit": self.ratelimit.status(),
             "bursts": self.bursts.status(),
             "quarantine": self.quarantine.cached_summary(),
             "routes": self.router.status(),
-            "pressure": self.publisher.report() if self.publisher is not None else None,
+            "published_pressure": self.publisher.report() if self.publisher is not None else None,
             "downstreams": [
                 {"route": name, "address": d.name, "up": d.available(), "open": d.open_count}
                 for name, group in self.relay.groups.items() for d in group.downstreams
@@ -131,7 +147,10 @@ def build(settings: Settings) -> App:
     if problems:
         raise StartupError("policy errors, not starting:\n" + "\n".join(str(p) for p in problems))
     _writable(settings.quarantine.directory)
-    scan = ScanCheck(settings.clamd, cgroup=settings.clamd.memory_cgroup) if settings.clamd.enabled else None
+    clamd = settings.clamd
+    governor = Governor(default_sensors(clamd.pid_file if clamd.enabled else None, clamd.memory_cgroup),
+                        clock=time.monotonic)
+    scan = ScanCheck(clamd, governor) if clamd.enabled else None
     if scan is not None:
         scan.set_policy(policies.current())
     router = Router(settings, policies.current)
@@ -139,7 +158,7 @@ def build(settings: Settings) -> App:
     queuewatch = QueueWatch.from_settings(settings)
     if scan is not None:
         queuewatch.clamd = None  # the scan stage's health checks own the clamd gauges; one writer
-    publisher = publisher_from_settings(settings, policies.current, scan)
+    publisher = publisher_from_settings(settings, policies.current, governor)
     q = settings.queuewatch
     if publisher is not None and (q.exim_spool or q.postfix_queue or q.mailman_queue):
         publisher.queue = lambda: queue_total(queuewatch.snapshot())
@@ -149,46 +168,62 @@ def build(settings: Settings) -> App:
             settings.quarantine.directory, min_free_bytes=settings.quarantine.min_free_bytes,
             min_free_inodes=settings.quarantine.min_free_inodes),
         ratelimit=RateLimitCheck(make_store(settings.state, settings.state_max_keys)),
-        bursts=BurstCheck.from_settings(settings), patterns=PatternCheck(f"{settings.smtp.header_prefix}-Pattern"),
+        bursts=BurstCheck.from_settings(settings), patterns=PatternCheck(), admission=Admission(governor),
+        connections=ConnectionLimits(),
         scan=scan, queuewatch=queuewatch, publisher=publisher,
     )
 
 
-async def start(app: App) -> list[object]:
-    """Open every listener and background task; returns the servers to stop later."""
-    from queueguard.web import start_web
-
+def frontends(app: App, worker: WorkerId | None) -> list[Frontend]:
+    """The SMTP proxy always (every worker, sharing the port); the milter and the policy socket
+    where the settings ask for them (in worker 0 only: one listener per host)."""
     s = app.settings
-    servers: list[object] = []
-    proxy = SmtpProxy(app.pipeline("smtp", relay=True), s.smtp)
-    await proxy.start()
-    servers.append(proxy)
+    out: list[Frontend] = [SmtpProxy(app.pipeline("smtp", relay=True), s.smtp, reuse_port=worker is not None)]
+    if worker is not None and not worker.primary:
+        return out
     if s.milter.enabled:
-        from queueguard.frontends.milter import MilterServer
+        from queueguard.frontends.milter import MilterServer  # libmilter loads only where it is used
 
-        milter = MilterServer(app.pipeline("milter", relay=False), s)
-        await milter.start()
-        servers.append(milter)
+        hold = s.milter.quarantine == "hold"
+        out.append(MilterServer(app.pipeline("milter", relay=False, hold_in_mta=hold), s.milter,
+                                s.smtp.max_message_size))
     if s.policy_socket.enabled:
         from queueguard.frontends.policy_socket import PolicySocket
 
-        psock = PolicySocket(app.pipeline("policy", relay=False), s.policy_socket)
-        await psock.start()
-        servers.append(psock)
+        out.append(PolicySocket(app.pipeline("policy", relay=False, hold_in_mta=True), s.policy_socket))
+    return out
+
+
+async def start(app: App, worker: WorkerId | None = None) -> tuple[list[Frontend], asyncio.Server]:
+    """Open every listener and background task; returns the front ends and the web server. A
+    worker other than 0 runs only what every worker needs (see queueguard/workers.py)."""
+    from queueguard.web import start_web
+
+    s = app.settings
+    started: list[Frontend] = []
+    for frontend in frontends(app, worker):
+        await frontend.start()
+        started.append(frontend)
     host, port = split_hostport(s.metrics, 9925)
-    servers.append(await start_web(host, port, app.status))
+    web = await start_web(host, port, app.status, s.status, reuse_port=worker is not None)
     loop = asyncio.get_running_loop()
     app.tasks.append(loop.create_task(app.policies.watch(on_change=app.policy_changed)))
+    app.tasks.append(loop.create_task(app.admission.governor.watch(lambda: app.policies.current().pressure,
+                                                                   PsiTrigger())))
     if app.scan is not None:
         app.tasks.append(loop.create_task(app.scan.run()))
     app.tasks.extend(loop.create_task(t) for t in app.router.background())
-    if app.publisher is not None:
-        app.tasks.append(loop.create_task(app.publisher.run()))
-    app.tasks.append(loop.create_task(app.queuewatch.run()))
-    app.tasks.append(loop.create_task(_recover_quarantine(app.quarantine)))
-    app.tasks.append(loop.create_task(_expire_quarantine(app.quarantine, s.quarantine.retention)))
     app.tasks.append(loop.create_task(_refresh_quarantine_summary(app.quarantine)))
-    return servers
+    if worker is None or worker.primary:
+        if app.publisher is not None:
+            app.tasks.append(loop.create_task(app.publisher.run()))
+        app.tasks.append(loop.create_task(app.queuewatch.run()))
+        app.tasks.append(loop.create_task(_recover_quarantine(app.quarantine)))
+        app.tasks.append(loop.create_task(_expire_quarantine(app.quarantine, s.quarantine.retention)))
+    run_dir = os.environ.get(ENV_RUN_DIR)
+    if worker is not None and run_dir:
+        app.tasks.append(loop.create_task(beat(Path(run_dir), worker.index)))
+    return started, web
 
 
 async def _recover_quarantine(store: QuarantineStore) -> None:
@@ -200,6 +235,8 @@ async def _recover_quarantine(store: QuarantineStore) -> None:
         return
     if any(done.values()):
         log.warning("quarantine recovery in %s: %s", store.dir, done)
+    else:
+        log.info("quarantine %s: index open, nothing to recover", store.dir)
 
 
 def expire_quarantine(store: QuarantineStore, retention: float, now: float) -> int:
@@ -230,33 +267,38 @@ async def _expire_quarantine(store: QuarantineStore, retention: float, every: fl
             log.info("quarantine retention: deleted %d entries older than %.0f days", removed, retention / 86400)
 
 
-async def stop(app: App, servers: list[object]) -> None:
-    """Stop every server (one failing does not keep the others open), then every task."""
-    for server in servers:
-        closer = getattr(server, "stop", None) or getattr(server, "close", None)
-        if closer is None:
-            continue
+async def stop(app: App, started: list[Frontend], web: asyncio.Server) -> None:
+    """Stop every front end (one failing does not keep the others open), then the tasks."""
+    web.close()
+    for frontend in started:
         try:
-            result = closer()
-            if asyncio.iscoroutine(result):
-                await result
+            await frontend.stop(app.settings.smtp.shutdown_grace)
         except Exception:
-            log.exception("stopping %s failed", type(server).__name__)
+            log.exception("stopping %s failed", type(frontend).__name__)
     for task in app.tasks:
         task.cancel()
     await asyncio.gather(*app.tasks, return_exceptions=True)
+    await app.ratelimit.close()
     app.relay.close()
 
 
 async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads policies (the last good one stays on errors)."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads policies (the last good one stays on errors).
+    With `workers` over 1 this process supervises that many workers (queueguard/workers.py)."""
     configure(settings.log_format, settings.log_level)
     # aiosmtpd logs every command at INFO and every junk command a client sends at WARNING;
     # our one line per message (and protocol_errors_total) say what matters.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+    worker = current_worker()
+    if worker is None and settings.worker_count() > 1:
+        build(settings)  # refuse here, once, with the same one-line errors as a single process
+        try:
+            return await supervise(settings, settings.worker_count())
+        except WorkerFailed as e:
+            raise StartupError(str(e)) from e
     app = build(settings)
     try:
-        servers = await start(app)
+        started, web = await start(app, worker)
     except OSError as e:  # a port in use, an address not on this host
         raise StartupError(f"cannot listen: {e.strerror or e}"
                            f" (smtp {settings.smtp.listen}, metrics {settings.metrics})") from e
@@ -285,7 +327,7 @@ async def serve(settings: Settings) -> int:
     await stopping.wait()
     sdnotify.stopping("draining")
     log.info("queueguard stopping: finishing in-flight messages (grace %.0fs)", settings.smtp.shutdown_grace)
-    await stop(app, servers)
+    await stop(app, started, web)
     return 0
 
 

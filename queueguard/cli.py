@@ -1,9 +1,10 @@
-"""`queueguard` command line: serve | check | schema | quarantine … | queue … | replay."""
+"""`queueguard` command line: serve | check | schema | passwd | quarantine … | queue … | replay."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,15 +51,36 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from queueguard.policy.check import run_check
+    from queueguard.check import run_check
 
     return run_check(args.settings, args.policies)
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from queueguard.policy.check import schema_json
+    from queueguard.check import schema_json
 
     print(schema_json())
+    return 0
+
+
+MIN_PASSWORD = 12
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    """The settings store only a hash; this makes it without the password touching a file or the shell history."""
+    from queueguard.webauth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("status page password: ")
+        if getpass.getpass("again: ") != password:
+            print("queueguard: the two passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD:
+        print(f"queueguard: use a password of at least {MIN_PASSWORD} characters", file=sys.stderr)
+        return 2
+    print(hash_password(password))
     return 0
 
 
@@ -84,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of policy files (for editors)")
     schema.set_defaults(func=_schema)
+
+    passwd = sub.add_parser("passwd", help="read a password, print the status.password_hash line for the settings")
+    passwd.set_defaults(func=_passwd)
 
     for module in ("queueguard.quarantine.commands", "queueguard.queuewatch.commands", "queueguard.replay"):
         register = __import__(module, fromlist=["register"]).register

@@ -1,15 +1,23 @@
 """Every metric queueguard exports, in one place (prefix `queueguard_`).
 
-Module-level objects on the default registry: the daemon is one process, and
-tests read deltas. Sections follow the package layout; add new metrics to the
-section of the part that owns them.
+Module-level objects on the default registry; tests read deltas. Sections
+follow the package layout; add new metrics to the section of the part that
+owns them. With several worker processes (settings `workers`) the supervisor
+sets PROMETHEUS_MULTIPROC_DIR before a worker starts: every process writes its
+values there and any worker's /metrics answers for all of them (`exposition`),
+so a scrape sees one target. A gauge says how its workers' values combine:
+`livesum` for what each worker holds (connections, scans in flight), `max` for
+a shared condition any worker may see (pressure, breaker, Redis down), and
+`mostrecent` (the default) for a fact every worker reads alike.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, TypeVar
 
 import prometheus_client
+from prometheus_client import multiprocess
 
 P = "queueguard_"
 _M = TypeVar("_M", bound="_FastLabels")
@@ -46,7 +54,18 @@ class Counter(_FastLabels, prometheus_client.Counter):
 
 
 class Gauge(_FastLabels, prometheus_client.Gauge):
-    pass
+    def __init__(self, *args: Any, multiprocess_mode: str = "mostrecent", **kwargs: Any) -> None:
+        kwargs["multiprocess_mode"] = multiprocess_mode
+        super().__init__(*args, **kwargs)
+
+
+def exposition() -> bytes:
+    """The text a scrape gets: this process's registry, or every worker's values combined."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = prometheus_client.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return prometheus_client.generate_latest(registry)
+    return prometheus_client.generate_latest(prometheus_client.REGISTRY)
 
 
 class Histogram(_FastLabels, prometheus_client.Histogram):
@@ -57,7 +76,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 # --- core: front ends and pipeline -------------------------------------------
 connections = Counter(P + "connections_total", "Client connections accepted", ["frontend"])
-connections_active = Gauge(P + "connections_active", "Client connections open now", ["frontend"])
+connections_active = Gauge(P + "connections_active", "Client connections open now", ["frontend"],
+                           multiprocess_mode="livesum")
 transactions = Counter(P + "transactions_total", "Mail transactions started", ["frontend"])
 verdicts = Counter(
     P + "verdicts_total", "Verdicts by stage, action and reason", ["frontend", "stage", "action", "reason"]
@@ -70,18 +90,26 @@ added_latency = Histogram(
 )
 internal_errors = Counter(P + "internal_errors_total", "Exceptions turned into 451 4.3.0", ["stage"])
 protocol_errors = Counter(P + "protocol_errors_total", "Refused client input by kind", ["kind"])
+connection_limits = Counter(
+    P + "connection_limit_refusals_total", "Connections refused at the door by a per-client limit", ["reason"]
+)
 
 # --- relay: downstream MTAs ----------------------------------------------------
-downstream_up = Gauge(P + "downstream_up", "1 when the downstream answered its last attempt", ["downstream"])
+downstream_up = Gauge(P + "downstream_up", "1 when the downstream answered its last attempt", ["downstream"],
+                      multiprocess_mode="max")
 downstream_latency = Histogram(
     P + "downstream_latency_seconds", "Time for a downstream to take one message", ["downstream"],
     buckets=LATENCY_BUCKETS,
 )
 downstream_replies = Counter(P + "downstream_replies_total", "Downstream answers by class", ["downstream", "class"])
-downstream_connections = Gauge(P + "downstream_connections", "Open pooled connections", ["downstream"])
-downstreams_available = Gauge(P + "downstreams_available", "Downstreams currently marked healthy", ["route"])
-route_active = Gauge(P + "route_active_transactions", "Open transactions toward a route", ["route"])
-route_pressure = Gauge(P + "route_pressure_level", "Pressure reported by the host behind a route (0/1/2)", ["route"])
+downstream_connections = Gauge(P + "downstream_connections", "Open pooled connections", ["downstream"],
+                               multiprocess_mode="livesum")
+downstreams_available = Gauge(P + "downstreams_available", "Downstreams currently marked healthy", ["route"],
+                              multiprocess_mode="max")
+route_active = Gauge(P + "route_active_transactions", "Open transactions toward a route", ["route"],
+                     multiprocess_mode="livesum")
+route_pressure = Gauge(P + "route_pressure_level", "Pressure reported by the host behind a route (0/1/2)", ["route"],
+                       multiprocess_mode="max")
 route_deferrals = Counter(
     P + "route_deferrals_total", "RCPTs deferred by a route (split, shed, concurrency, rate)", ["route", "reason"]
 )
@@ -99,32 +127,41 @@ ratelimit_hits = Counter(P + "ratelimit_hits_total", "Enforced rate-limit rules 
 ratelimit_shadow_hits = Counter(
     P + "ratelimit_shadow_hits_total", "Shadow rate-limit rules that would have acted", ["rule", "action"]
 )
-ratelimit_keys_tracked = Gauge(P + "ratelimit_keys_tracked", "Keys held by the in-process limiter", ["store"])
+ratelimit_keys_tracked = Gauge(P + "ratelimit_keys_tracked", "Keys held by the in-process limiter", ["store"],
+                               multiprocess_mode="livesum")
 ratelimit_evictions = Counter(
     P + "ratelimit_evictions_total", "Live keys dropped because the in-process limiter hit its key cap"
 )
-ratelimit_backend_errors = Counter(
-    P + "ratelimit_backend_errors_total", "Failed calls to the shared rate-limit state", ["backend"]
+
+# --- shared state (Redis) of rate limits and burst counts ----------------------
+state_errors = Counter(
+    P + "state_errors_total", "Failed calls to the shared state, by component", ["component", "backend"]
 )
-ratelimit_fallback_active = Gauge(
-    P + "ratelimit_fallback_active", "1 while the in-process limiter stands in for the shared state"
-)
+state_fallback_active = Gauge(
+    P + "state_fallback_active", "1 while in-process state stands in for the shared state", ["component"],
+    multiprocess_mode="max")
 
 # --- scan: clamd client, admission gate, pressure governor, clamd health -------
 scan_seconds = Histogram(
     P + "scan_seconds", "Time clamd took for one INSTREAM scan", ["result"], buckets=LATENCY_BUCKETS
 )
 scans = Counter(P + "scans_total", "Scans by result (clean, infected, error)", ["result"])
-scan_in_flight = Gauge(P + "scan_in_flight", "Scans running in clamd now")
-scan_waiting = Gauge(P + "scan_waiting", "Messages waiting for a scan slot")
-scan_limit = Gauge(P + "scan_concurrency_limit", "Current (adaptive, pressure-capped) scan concurrency limit")
+scan_in_flight = Gauge(P + "scan_in_flight", "Scans running in clamd now", multiprocess_mode="livesum")
+scan_waiting = Gauge(P + "scan_waiting", "Messages waiting for a scan slot", multiprocess_mode="livesum")
+scan_limit = Gauge(P + "scan_concurrency_limit", "Current (adaptive, pressure-capped) scan concurrency limit",
+                   multiprocess_mode="livesum")
 scan_gate_refused = Counter(P + "scan_gate_refused_total", "Scan slots refused by the gate", ["reason"])
 scan_deferrals = Counter(P + "scan_deferrals_total", "Mail deferred by the scan stage, by reason", ["reason"])
-pressure_level = Gauge(P + "pressure_level", "Memory pressure level: 0 normal, 1 soften, 2 shed")
+pressure_deferrals = Counter(
+    P + "pressure_deferrals_total", "Connections and mail deferred under memory pressure, by reason", ["reason"]
+)
+pressure_level = Gauge(P + "pressure_level", "Memory pressure level: 0 normal, 1 soften, 2 shed",
+                       multiprocess_mode="max")
 pressure_sensor = Gauge(P + "pressure_sensor", "Last value read from each pressure sensor", ["sensor"])
 pressure_level_changes = Counter(P + "pressure_level_changes_total", "Pressure level changes", ["level"])
 clamd_up = Gauge(P + "clamd_up", "1 when clamd answered its last PING or scan")
-clamd_breaker_open = Gauge(P + "clamd_breaker_open", "1 while the clamd breaker answers 451 unconnected")
+clamd_breaker_open = Gauge(P + "clamd_breaker_open", "1 while the clamd breaker answers 451 unconnected",
+                           multiprocess_mode="max")
 clamd_threads = Gauge(P + "clamd_threads", "clamd threads from STATS", ["state"])
 clamd_queue = Gauge(P + "clamd_queue_items", "Items queued inside clamd, from STATS")
 clamd_memory = Gauge(P + "clamd_memory_bytes", "clamd memory from STATS (MEMSTATS) or its RSS", ["kind"])
@@ -169,6 +206,9 @@ quarantine_releases = Counter(
     P + "quarantine_releases_total", "Releases from the quarantine by any process (from its index)", ["result"]
 )
 quarantine_deletions = Counter(P + "quarantine_deletions_total", "Messages deleted or purged from the quarantine")
-quarantine_messages = Gauge(P + "quarantine_messages", "Messages held in the quarantine")
-quarantine_bytes = Gauge(P + "quarantine_bytes", "Bytes of the messages held in the quarantine")
+# One store every worker writes: each counts its own puts and refreshes the whole summary, so the
+# largest value is the freshest.
+quarantine_messages = Gauge(P + "quarantine_messages", "Messages held in the quarantine", multiprocess_mode="max")
+quarantine_bytes = Gauge(P + "quarantine_bytes", "Bytes of the messages held in the quarantine",
+                         multiprocess_mode="max")
 quarantine_inodes = Gauge(P + "quarantine_inodes", "Files and directories the quarantine uses")

@@ -8,14 +8,20 @@ imports from the rest of the project.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+T = TypeVar("T")
 
 
 _random = random.Random()  # seeded from os.urandom; a syscall per id costs 2 % of the proxy's CPU
+# A forked worker would otherwise draw the parent's sequence: two workers, the same ids in the same
+# millisecond, one quarantine directory (only the module-level `random` reseeds itself at fork).
+os.register_at_fork(after_in_child=_random.seed)
 
 
 def new_id() -> str:
@@ -39,9 +45,10 @@ class Connection:
 
 @dataclass
 class Transaction:
-    """One MAIL FROM ... DATA exchange.
+    """One MAIL FROM ... DATA exchange, owned by the pipeline's Session from MAIL to its end.
 
-    `recipients` holds only the recipients we accepted; `policy` is pinned at
+    `recipients` holds only the recipients we accepted (`rcpt_options` their
+    ESMTP parameters, kept for release from quarantine); `policy` is pinned at
     MAIL FROM so a reload mid-transaction does not change the rules it is
     judged by.
     """
@@ -51,26 +58,34 @@ class Transaction:
     mail_options: tuple[str, ...] = ()
     recipients: list[str] = field(default_factory=list)
     rcpt_options: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    size_hint: int | None = None
     id: str = field(default_factory=new_id)
     started: float = field(default_factory=time.monotonic)
     route: str | None = None
     policy: object | None = None
     hits: list[RuleHit] = field(default_factory=list)
-    headers_to_add: list[tuple[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent in `scan` (clamd) and `relay` (downstream DATA), for the log line."""
     size: int = 0
     downstream: str = ""
-    quarantine_id: str = ""
+    _data: dict[type, object] = field(default_factory=dict, repr=False)
 
     @property
     def null_sender(self) -> bool:
         return self.sender in ("", "<>")
 
+    def check_data(self, kind: type[T]) -> T:
+        """Per-transaction data a check keeps (rspamd's per-task data): one `kind()` made on
+        first use, gone with the transaction, so no check needs a side table keyed by id."""
+        found = self._data.get(kind)
+        if found is None:
+            found = self._data[kind] = kind()
+        return cast(T, found)
+
     def quarantine_hit(self) -> RuleHit | None:
-        """The enforced hit of a RCPT-time rule with action quarantine, if any: the message is kept
-        at DATA (proxy, milter) or held by the MTA (policy socket, which never sees the body)."""
-        return next((h for h in self.hits if h.action == "quarantine" and not h.shadow), None)
+        """The enforced hit of a RCPT-time rule with action quarantine for a recipient we accepted:
+        the message is kept at DATA (proxy, milter) or held by the MTA (policy socket)."""
+        return next((h for h in self.hits if h.action == "quarantine" and not h.shadow
+                     and h.recipient in self.recipients), None)
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,8 @@ class RuleHit:
     shadow: bool = False
     detail: str = ""
     recipient: str | None = None
+    retry_after: float | None = None
+    """Seconds until the rule would let this through (rate limits), for the reply text."""
 
     def label(self) -> str:
         return f"{self.kind}:{self.rule}{'(shadow)' if self.shadow else ''}"

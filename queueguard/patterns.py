@@ -14,7 +14,6 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from queueguard.burst.actions import apply_hit
 from queueguard.burst.fingerprint import fingerprint_dict
 from queueguard.model import RuleHit, Transaction
 from queueguard.policy.loader import compile_regex
@@ -92,9 +91,6 @@ class PatternCheck:
 
     name = "pattern"
 
-    def __init__(self, header: str = "X-Queueguard-Pattern") -> None:
-        self.header = header
-
     async def on_message(self, ctx: MessageContext) -> StageResult:
         result = StageResult()
         if not ctx.policy.patterns:
@@ -106,8 +102,7 @@ class PatternCheck:
             matched = pattern.matches(ctx.txn, ctx)
             if matched is None:
                 continue
-            apply_hit(result, RuleHit(rule.name, "pattern", rule.action, rule.mode is Mode.shadow, matched),
-                      self.header)
+            result.hits.append(RuleHit(rule.name, "pattern", rule.action, rule.mode is Mode.shadow, matched))
         if result.verdict is not None and not ctx.fingerprints:
             ctx.fingerprints.update(fingerprint_dict(ctx.parsed))
         return result

@@ -30,7 +30,6 @@ from queueguard.policy.match import AddressMatcher
 from queueguard.policy.schema import Policy
 from queueguard.settings import Route, RoutePressure, Settings
 from queueguard.stage import NOTHING, RcptContext, StageResult
-from queueguard.verdict import tempfail
 
 log = logging.getLogger("queueguard.routing")
 
@@ -41,7 +40,7 @@ WINDOW = 60.0
 
 @dataclass(frozen=True)
 class PressureReport:
-    """What the host behind a route says about itself (format: queueguard/pressure_publish.py)."""
+    """What the host behind a route says about itself (format: queueguard/pressure/publish.py)."""
 
     level: str
     queue: int | None = None
@@ -108,11 +107,11 @@ class RouteState:
             del self.recent[txn_id]
 
 
-def _defer(route: str, reason: str, status: str, text: str, code: int = 451) -> StageResult:
+def _defer(route: str, reason: str, limit: str = "") -> StageResult:
+    """A hit resolve.py answers (split: 452 4.5.3; shed, concurrency: 451 4.3.2; rate: 451 4.7.1)."""
     metrics.route_deferrals.labels(route, reason).inc()
-    hit = RuleHit(rule=route, kind="route", action="tempfail", detail=reason)
-    return StageResult(tempfail(status, f"{text} (route:{route})", reason=f"route_{reason}", rule=route,
-                                code=code), [hit])
+    return StageResult([RuleHit(rule=route, kind="route", action="tempfail",
+                                detail=f"{reason}: {limit}" if limit else reason)])
 
 
 class Router:
@@ -166,8 +165,7 @@ class Router:
         txn = ctx.txn
         route = self.route_for(ctx.recipient)
         if txn.route is not None and txn.route != route:
-            return _defer(route, "split", "4.5.3", f"Please send mail for <{ctx.recipient}> in a separate "
-                          f"transaction: it goes to route {route}, this one to {txn.route}", code=452)
+            return _defer(route, "split")
         state = self.states[route]
         if txn.id in state.active:
             return NOTHING
@@ -178,27 +176,21 @@ class Router:
         spec = state.spec
         if spec is not None:
             if state.pressure == "shed":
-                return _defer(route, "shed", "4.3.2", f"Temporarily deferred: the host behind route {route} "
-                              "is under memory pressure, try again later")
+                return _defer(route, "shed")
             cap = state.cap()
             if cap is not None and len(state.active) >= cap:
                 why = " (lowered: memory pressure there)" if state.pressure == "soften" else ""
-                return _defer(route, "concurrency", "4.3.2", f"Temporarily deferred: route {route} is at its "
-                              f"limit of {cap} concurrent transactions{why}, try again later")
+                return _defer(route, "concurrency", f"{cap} concurrent transactions{why}")
             if spec.max_per_minute is not None and len(state.recent) >= spec.max_per_minute:
-                return _defer(route, "rate", "4.7.1", f"Temporarily deferred: route {route} is at its limit "
-                              f"of {spec.max_per_minute} messages per minute, try again later")
+                return _defer(route, "rate", f"{spec.max_per_minute} messages per minute")
         state.active.add(txn.id)
         state.recent[txn.id] = now
         metrics.route_active.labels(route).set(len(state.active))
         return NOTHING
 
-    async def commit(self, txn: Transaction, policy: Policy) -> None:
-        """Nothing to record: the window counted the transaction when it opened."""
-
-    def release(self, txn: Transaction) -> None:
-        """Called when a transaction ends, however it ended; one that never reached DATA
-        downstream gives its place in the per-minute window back."""
+    async def on_end(self, txn: Transaction, passed: bool) -> None:
+        """The transaction gives its concurrency slot back; one that never reached DATA
+        downstream gives its place in the per-minute window back too."""
         self._forget(txn, keep=None, delivered=bool(txn.downstream))
 
     def _forget(self, txn: Transaction, keep: str | None, delivered: bool = False) -> None:

@@ -8,6 +8,8 @@ Command-line flags override the file.
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from queueguard.policy.schema import Duration, Size
+from queueguard.webauth import parse_password_hash, read_token
 
 
 class Strict(BaseModel):
@@ -39,6 +42,16 @@ def split_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
     if any(c.isspace() for c in host):
         raise ValueError(f"bad address {text!r}: no spaces in a host name")
     return host or "127.0.0.1", number
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this host only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def listen_address(text: str, default_port: int) -> str:
@@ -73,6 +86,7 @@ class RoutePressure(Strict):
     source: Literal["redis", "http"] = "redis"
     name: str = Field("", description="redis: the publisher's publish_pressure name")
     url: str = Field("", description="http: the other queueguard's /status.json")
+    token_file: Path | None = Field(None, description="http: file with that queueguard's status.token_file token")
     interval: Duration = Field(2.0, gt=0, description="how often to read the report")
     stale_after: Duration = 30.0
     on_missing: Literal["keep", "soften", "shed"] = "keep"
@@ -84,6 +98,9 @@ class RoutePressure(Strict):
         if self.source == "http" and not self.url.startswith(("http://", "https://")):
             raise ValueError("pressure.source http needs pressure.url (http://host:port/status.json)")
         return self
+
+
+ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # route names are metric labels: no room for an address
 
 
 class Route(Strict):
@@ -122,7 +139,29 @@ class SmtpSettings(Strict):
     hostname: str = ""
     max_message_size: Size = 26_214_400
     max_recipients: int = Field(1000, ge=1)
-    proxy_protocol_inbound: bool = False
+    proxy_protocol_from: list[str] = Field(
+        default_factory=list,
+        description="networks of the load balancers that send a PROXY v1/v2 header; they must send one, "
+                    "nobody else may")
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _proxy_from(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP network (e.g. 192.0.2.10/32 or 2001:db8::/64)") from None
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_proxy_inbound(cls, data: object) -> object:
+        if isinstance(data, dict) and "proxy_protocol_inbound" in data:
+            raise ValueError("proxy_protocol_inbound was replaced by proxy_protocol_from: list the load "
+                             "balancers' networks (a PROXY header from anyone else is refused)")
+        return data
+
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_tls: bool = False
@@ -177,12 +216,32 @@ class QueueWatchSettings(Strict):
     processes: list[str] = Field(default_factory=list, description="process names expected to run")
 
 
+class StatusSettings(Strict):
+    """Who may read the status page and /status.json, which show recipient addresses (docs/settings.md#status)."""
+
+    password_hash: str = Field("", description="scrypt hash from `queueguard passwd`")
+    token_file: Path | None = Field(None, description="file holding a bearer token for scripts")
+    session_lifetime: Duration = Field(8 * 3600.0, gt=0, description="a browser login lasts this long")
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        if v:
+            parse_password_hash(v)
+        return v
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.password_hash) or self.token_file is not None
+
+
 class Settings(Strict):
     smtp: SmtpSettings = SmtpSettings()
     downstreams: list[Downstream] = Field(default_factory=lambda: [Downstream(address="127.0.0.1:2526")],
                                           min_length=1)
     routes: dict[str, Route] = Field(default_factory=dict)
     metrics: str = "127.0.0.1:9925"
+    status: StatusSettings = StatusSettings()
     policies: Path = Path("policies")
     state: str = Field("memory", description="'memory' or a redis:// URL")
     state_max_keys: int = Field(1_000_000, ge=1000)
@@ -195,6 +254,31 @@ class Settings(Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     node: str = Field("", description="this host's name in shared state; default: hostname")
     publish_pressure: PublishPressure | None = None
+    workers: int | Literal["auto"] = Field(
+        1, description="processes sharing the SMTP and metrics ports (auto: one per core); more than one needs "
+                        "state: redis://")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("workers must be 1 to 256, or auto")
+        return v
+
+    def worker_count(self) -> int:
+        """How many worker processes `serve` runs."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
+
+    @model_validator(mode="after")
+    def _workers_need_shared_state(self) -> Settings:
+        n = self.worker_count()
+        if n > 1 and self.state == "memory":
+            raise ValueError(f"workers: {self.workers} ({n} processes) with state: memory would give every worker "
+                             f"its own limits and burst counts ({n} times each limit); set state to a redis:// URL, "
+                             "or workers: 1")
+        return self
 
     @field_validator("metrics")
     @classmethod
@@ -206,6 +290,9 @@ class Settings(Strict):
     def _routes(cls, v: dict[str, Route]) -> dict[str, Route]:
         if "default" in v:
             raise ValueError("'default' is the route of the top-level downstreams; name this route otherwise")
+        for name in v:
+            if not ROUTE_NAME.fullmatch(name):
+                raise ValueError(f"route name {name!r}: only letters, digits, '_', '.' and '-' (it is a metric label)")
         return v
 
     @model_validator(mode="after")
@@ -230,6 +317,21 @@ def host_problems(settings: Settings) -> list[str]:
     for key, path in (("smtp.tls_cert", settings.smtp.tls_cert), ("smtp.tls_key", settings.smtp.tls_key)):
         if path is not None and not path.is_file():
             problems.append(f"{key}: {path}: no such file")
+    tokens = [("status.token_file", settings.status.token_file)]
+    tokens += [(f"routes.{name}.pressure.token_file", r.pressure.token_file)
+               for name, r in settings.routes.items() if r.pressure is not None]
+    for key, path in tokens:
+        if path is not None:
+            try:
+                read_token(path)
+            except OSError as e:
+                problems.append(f"{key}: {path}: {e.strerror or e}")
+            except ValueError as e:
+                problems.append(f"{key}: {path}: {e}")
+    host, _ = split_hostport(settings.metrics, 9925)
+    if not is_loopback(host) and not settings.status.protected:
+        problems.append(f"metrics: {settings.metrics} is not a loopback address and the status page shows "
+                        "recipients: set status.password_hash (queueguard passwd) or status.token_file")
     return problems
 
 

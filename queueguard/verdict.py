@@ -55,3 +55,6 @@ def quarantine(text: str, *, reason: str, rule: str | None = None) -> Verdict:
 INTERNAL_ERROR = tempfail(
     "4.3.0", "Temporary local problem, please try again later", reason="internal_error"
 )
+STATE_UNAVAILABLE = tempfail(
+    "4.3.0", "Temporary local problem (shared state unavailable), please try again later", reason="state_error"
+)

@@ -11,8 +11,9 @@ these keys and prints "n/a" for any that are missing or null, so a daemon
 without, say, clamd or a Mailman watcher still renders:
 
     node, time        str; float unix seconds (else queuewatch.time)
-    scan              ScanCheck.status(): {"level": "normal"|"soften"|"shed", "reason": str,
-                      "sensors": {name: number}, "gate": {"in_flight", "waiting", "limit"},
+    pressure          the governor (admission at the door, scanning or not):
+                      {"level": "normal"|"soften"|"shed", "reason": str, "sensors": {name: number}}
+    scan              ScanCheck.status() (null without clamd): {"gate": {"in_flight", "waiting", "limit"},
                       "clamd_up": bool, "breaker": "closed"|..., "clamd_stats": {"queue": int, ...}}
     ratelimit         {"top": [{"key": recipient, "rule": str, "count": int}]} (or the list itself),
                       most-limited first
@@ -32,34 +33,59 @@ without, say, clamd or a Mailman watcher still renders:
 
 Strings from mail (recipients, fingerprints) are put into the page as text,
 never as markup.
+
+Access (docs/settings.md#status): /metrics (no addresses in any label), /healthz and /readyz
+are always open. The page and /status.json list recipients: with a password or token in the
+settings they need a login (POST /login sets an HttpOnly, SameSite=Strict session cookie) or
+`Authorization: Bearer TOKEN`, whatever address the listener is on; with neither, `serve`
+refuses a non-loopback listener (settings.host_problems) and the open page answers only to a
+loopback Host header, so a web page whose DNS name is rebound to 127.0.0.1 cannot read it
+through the admin's browser. No CSRF token: the only requests that change anything are login
+and logout of one shared account.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.resources
 import json
 import logging
 import math
+import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from queueguard import metrics
+from queueguard.settings import StatusSettings, is_loopback, split_hostport
+from queueguard.webauth import COOKIE, LoginBusy, StatusAuth, from_settings, session_ids
 
 log = logging.getLogger("queueguard.web")
 
 LINE_LIMIT = 8192
 MAX_HEADERS = 100
+MAX_BODY = 4096  # a login form; nothing else has a body
 READ_DEADLINE = 10.0
 REASONS = {
-    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-    414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
     505: "HTTP Version Not Supported",
 }
 PAGE_SECURITY = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
-    "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "img-src data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+LOGIN_SECURITY = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'self'; " \
+    "frame-ancestors 'none'"
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="queueguard status"'}
+LOGOUT_HIDDEN = b'<form id="logout" method="post" action="/logout" hidden>'
+LOGIN_MESSAGE = b"<!--MESSAGE-->"
+TEXT = "text/plain; charset=utf-8"
+HTML = "text/html; charset=utf-8"
 
 StatusFn = Callable[[], dict[str, object]]
 
@@ -70,17 +96,48 @@ class BadRequest(Exception):
         self.status = status
 
 
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+
+
 def status_page() -> bytes:
     return importlib.resources.files("queueguard").joinpath("static/status.html").read_bytes()
 
 
-async def start_web(host: str, port: int, status: StatusFn) -> asyncio.base_events.Server:
-    """Listen on host:port (port 0 picks one: read it from server.sockets) and serve until closed."""
+@functools.cache
+def _login_template() -> bytes:
+    return importlib.resources.files("queueguard").joinpath("static/login.html").read_bytes()
+
+
+def login_page(message: str = "") -> bytes:
+    """The login form (read once, not per request); `message` is one of our fixed strings, never from the request."""
+    page = _login_template()
+    html = f'<p id="message" class="bad">{message}</p>'.encode() if message else b""
+    return page.replace(LOGIN_MESSAGE, html)
+
+
+async def start_web(host: str, port: int, status: StatusFn, access: StatusSettings | StatusAuth | None = None,
+                    *, reuse_port: bool = False) -> asyncio.base_events.Server:
+    """Listen on host:port (port 0 picks one: read it from server.sockets) and serve until closed.
+
+    `access`: the settings' `status` section (or its StatusAuth); without credentials only a
+    loopback host is allowed (ValueError otherwise: `serve` refuses earlier, in host_problems).
+    `reuse_port` when several workers share the port.
+    """
+    auth = from_settings(access) if isinstance(access, StatusSettings) else access
+    if auth is None and not is_loopback(host):
+        raise ValueError(f"the status page on {host} needs status.password_hash or status.token_file")
     page = status_page()
+    if auth is not None:
+        page = page.replace(LOGOUT_HIDDEN, LOGOUT_HIDDEN.replace(b" hidden", b""))
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await _serve_one(reader, writer, status, page)
+            await _serve_one(reader, writer, status, page, auth)
         except (ConnectionError, TimeoutError):
             pass
         except Exception:
@@ -90,11 +147,14 @@ async def start_web(host: str, port: int, status: StatusFn) -> asyncio.base_even
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    return await asyncio.start_server(handle, host, port, limit=LINE_LIMIT)
+    return await asyncio.start_server(handle, host, port, limit=LINE_LIMIT, reuse_port=reuse_port)
 
 
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
-    """Request line and headers within the limits -> (method, path); BadRequest otherwise."""
+SINGLE_HEADERS = ("authorization", "content-length", "host", "transfer-encoding")
+
+
+async def read_request(reader: asyncio.StreamReader) -> Request:
+    """Request line, headers and (POST only) a small body within the limits; BadRequest otherwise."""
     line = await _read_line(reader, 414)
     parts = line.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
@@ -102,10 +162,40 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
     method, target, version = parts
     if version not in ("HTTP/1.0", "HTTP/1.1"):
         raise BadRequest(505, "only HTTP/1.0 and HTTP/1.1")
+    request = Request(method, target.split("?", 1)[0])
+    headers = request.headers
     for _ in range(MAX_HEADERS + 1):
-        if not await _read_line(reader, 431):
-            return method, target.split("?", 1)[0]
-    raise BadRequest(431, f"more than {MAX_HEADERS} header lines")
+        line = await _read_line(reader, 431)
+        if not line:
+            break
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise BadRequest(400, "malformed header line")
+        key, value = name.lower(), value.strip()
+        if key in headers and key in SINGLE_HEADERS:
+            raise BadRequest(400, f"more than one {name} header")  # which one would a proxy have checked?
+        headers[key] = f"{headers[key]}{'; ' if key == 'cookie' else ', '}{value}" if key in headers else value
+    else:
+        raise BadRequest(431, f"more than {MAX_HEADERS} header lines")
+    if method == "POST" and request.path == "/login":  # the one request with a body
+        request.body = await _read_body(reader, headers)
+    return request
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    if "transfer-encoding" in headers:
+        raise BadRequest(400, "send a Content-Length, not a Transfer-Encoding")
+    length = headers.get("content-length")
+    if length is None:
+        raise BadRequest(411, "POST needs a Content-Length")
+    if not length.isdigit():
+        raise BadRequest(400, "bad Content-Length")
+    if int(length) > MAX_BODY:
+        raise BadRequest(413, f"body larger than {MAX_BODY} bytes")
+    try:
+        return await reader.readexactly(int(length))
+    except asyncio.IncompleteReadError as e:
+        raise BadRequest(400, "connection closed mid-body") from e
 
 
 async def _read_line(reader: asyncio.StreamReader, too_long: int) -> str:
@@ -122,19 +212,35 @@ async def _read_line(reader: asyncio.StreamReader, too_long: int) -> str:
 
 
 async def _serve_one(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: StatusFn, page: bytes
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: StatusFn, page: bytes,
+    auth: StatusAuth | None,
 ) -> None:
     try:
-        method, path = await asyncio.wait_for(read_request(reader), READ_DEADLINE)
+        request = await asyncio.wait_for(read_request(reader), READ_DEADLINE)
     except BadRequest as e:
-        await _respond(writer, e.status, "text/plain; charset=utf-8", f"{e}\n".encode())
+        await _respond(writer, e.status, TEXT, f"{e}\n".encode())
         return
+    method, path = request.method, request.path
     head_only = method == "HEAD"
+    if path in ("/login", "/logout") and auth is not None:
+        await _login(writer, request, auth)
+        return
     if method not in ("GET", "HEAD"):
-        await _respond(writer, 405, "text/plain; charset=utf-8", b"only GET and HEAD\n", {"Allow": "GET, HEAD"})
+        await _respond(writer, 405, TEXT, b"only GET and HEAD\n", {"Allow": "GET, HEAD"})
+        return
+    if path in ("/status.json", "/", "/index.html") and not _allowed(request, auth):
+        if auth is None:  # open, loopback only, and the Host says it is not: DNS rebinding
+            await _respond(writer, 403, TEXT, b"the open status page answers to a loopback Host only\n",
+                           head_only=head_only)
+        elif path == "/status.json":
+            await _respond(writer, 401, "application/json", b'{"error": "authentication required"}', CHALLENGE,
+                           head_only=head_only)
+        else:
+            await _respond(writer, 401, HTML, login_page(), {**CHALLENGE, "Content-Security-Policy": LOGIN_SECURITY},
+                           head_only=head_only)
         return
     if path == "/metrics":
-        await _respond(writer, 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY), head_only=head_only)
+        await _respond(writer, 200, CONTENT_TYPE_LATEST, metrics.exposition(), head_only=head_only)
     elif path == "/status.json":
         try:
             body = json.dumps(_finite(status()), default=str, allow_nan=False).encode()
@@ -144,7 +250,7 @@ async def _serve_one(
             body, code = json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(), 500
         await _respond(writer, code, "application/json", body, head_only=head_only)
     elif path == "/healthz":
-        await _respond(writer, 200, "text/plain; charset=utf-8", b"ok\n", head_only=head_only)
+        await _respond(writer, 200, TEXT, b"ok\n", head_only=head_only)
     elif path == "/readyz":
         try:
             ready, problems = readiness(status())
@@ -152,14 +258,65 @@ async def _serve_one(
             log.exception("web: status() failed")
             ready, problems = False, [f"status unavailable: {type(e).__name__}"]
         answer = ("ready" if ready else "not ready") + (": " + "; ".join(problems) if problems else "") + "\n"
-        await _respond(writer, 200 if ready else 503, "text/plain; charset=utf-8", answer.encode(),
-                       head_only=head_only)
+        await _respond(writer, 200 if ready else 503, TEXT, answer.encode(), head_only=head_only)
     elif path in ("/", "/index.html"):
-        await _respond(writer, 200, "text/html; charset=utf-8", page,
-                       {"Content-Security-Policy": PAGE_SECURITY}, head_only=head_only)
+        await _respond(writer, 200, HTML, page, {"Content-Security-Policy": PAGE_SECURITY}, head_only=head_only)
     else:
-        await _respond(writer, 404, "text/plain; charset=utf-8",
+        await _respond(writer, 404, TEXT,
                        b"not found: try /, /metrics, /status.json, /healthz, /readyz\n", head_only=head_only)
+
+
+def _allowed(request: Request, auth: StatusAuth | None) -> bool:
+    """May this request see recipients: a session or bearer token, or the open page asked for by a loopback name."""
+    if auth is None:
+        host_header = request.headers.get("host", "")
+        try:
+            host, _ = split_hostport(host_header, 80)
+        except ValueError:
+            return False
+        return bool(host_header) and is_loopback(host)
+    return auth.bearer_ok(request.headers.get("authorization", "")) or auth.session_ok(
+        request.headers.get("cookie", ""))
+
+
+async def _login(writer: asyncio.StreamWriter, request: Request, auth: StatusAuth) -> None:
+    """GET /login: the form; POST /login: check, then a session cookie; POST /logout: drop it."""
+    cookie = f"{COOKIE}={{}}; Path=/; HttpOnly; SameSite=Strict; Max-Age={{}}"
+    if request.method != "POST":
+        if request.path == "/login" and request.method in ("GET", "HEAD"):
+            await _respond(writer, 200, HTML, login_page(), {"Content-Security-Policy": LOGIN_SECURITY},
+                           head_only=request.method == "HEAD")
+        else:
+            allow = "GET, HEAD, POST" if request.path == "/login" else "POST"
+            await _respond(writer, 405, TEXT, f"only {allow}\n".encode(), {"Allow": allow})
+        return
+    if request.path == "/logout":
+        for old in session_ids(request.headers.get("cookie", "")):
+            auth.sessions.drop(old)
+        await _respond(writer, 303, TEXT, b"logged out\n", {"Location": "/", "Set-Cookie": cookie.format("", 0)})
+        return
+    try:
+        form = urllib.parse.parse_qs(request.body.decode("utf-8", "replace"), max_num_fields=10)
+    except ValueError:
+        await _respond(writer, 400, TEXT, b"too many form fields\n")
+        return
+    secret = (form.get("password") or [""])[0]
+    try:
+        sid = await auth.login(secret) if secret else None
+    except LoginBusy:
+        await _respond(writer, 429, HTML, login_page("Too many login attempts; try again in a minute."),
+                       {"Content-Security-Policy": LOGIN_SECURITY, "Retry-After": "60"})
+        return
+    peer = (writer.get_extra_info("peername") or ("?",))[0]
+    if sid is None:
+        if secret:  # a checked guess: at most ~1/s get here, the gate's pace, so the log cannot be flooded
+            log.warning("web: status page login failed client=%s", peer)
+        await _respond(writer, 401, HTML, login_page("Wrong password or token."),
+                       {**CHALLENGE, "Content-Security-Policy": LOGIN_SECURITY})
+        return
+    log.info("web: status page login client=%s", peer)
+    await _respond(writer, 303, TEXT, b"logged in\n",
+                   {"Location": "/", "Set-Cookie": cookie.format(sid, round(auth.lifetime))})
 
 
 def readiness(status: dict[str, object]) -> tuple[bool, list[str]]:
@@ -179,9 +336,9 @@ def readiness(status: dict[str, object]) -> tuple[bool, list[str]]:
             routes[route] = routes.get(route, False) or bool(d.get("up"))
     problems = [f"route {route} has no downstream up" for route, up in sorted(routes.items()) if not up]
     ready = routes.get("default", True)
-    scan = status.get("scan")
-    if isinstance(scan, dict) and scan.get("level") == "shed":
-        problems.append(f"scanner shedding load ({scan.get('reason') or 'memory pressure'})")
+    pressure = status.get("pressure")
+    if isinstance(pressure, dict) and pressure.get("level") == "shed":
+        problems.append(f"shedding load under memory pressure ({pressure.get('reason') or 'memory pressure'})")
         ready = False
     return ready, problems
 

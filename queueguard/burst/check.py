@@ -20,10 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
-
 from queueguard import metrics
-from queueguard.burst.actions import apply_hit
 from queueguard.burst.campaign import Campaign, Sighting, sighting
 from queueguard.burst.fingerprint import Fingerprints, fingerprints, subject_skeleton
 from queueguard.burst.window import MemoryWindow, RedisWindow, WindowCounter
@@ -31,8 +28,8 @@ from queueguard.model import RuleHit
 from queueguard.policy.match import rule_applies
 from queueguard.policy.schema import BurstRule, Mode
 from queueguard.redis_client import connect
+from queueguard.shared_state import SharedState
 from queueguard.stage import MessageContext, StageResult
-from queueguard.verdict import tempfail
 
 if TYPE_CHECKING:
     from queueguard.settings import Settings
@@ -43,14 +40,6 @@ TRACK_MAX = 1000
 """Active bursts remembered for the status page (the largest counts win)."""
 METRIC_TOP = 10
 METRIC_INTERVAL = 5.0
-
-
-STATE_RETRY = 5.0
-"""After a shared-state failure, seconds before Redis is tried again (meanwhile: state.on_error)."""
-
-
-class _StateUnavailable(Exception):
-    """Shared state failed and the policy's state.on_error is tempfail."""
 
 
 @dataclass
@@ -86,23 +75,21 @@ class BurstCheck:
         *,
         fallback: MemoryWindow | None = None,
         clock: Callable[[], float] = time.time,
-        header: str = "X-Queueguard-Burst",
     ) -> None:
-        self.window = window
-        self.fallback = fallback or MemoryWindow()
+        backend = "memory" if isinstance(window, MemoryWindow) else "redis"
+        self.state: SharedState[WindowCounter] = SharedState(
+            "burst", window, window if isinstance(window, MemoryWindow) else fallback or MemoryWindow(),
+            backend=backend, clock=clock)
         self.clock = clock
-        self.header = header
         self._active: dict[tuple[str, str], ActiveBurst] = {}
-        self._down_until: float | None = None
         self._metrics_at = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BurstCheck:
         """Memory counts for `state: memory`; Redis counts (shared between MX hosts) for a redis:// URL."""
-        header = f"{settings.smtp.header_prefix}-Burst"
         if settings.state == "memory":
-            return cls(MemoryWindow(), header=header)
-        return cls(RedisWindow(connect(settings.state)), header=header)
+            return cls(MemoryWindow())
+        return cls(RedisWindow(connect(settings.state)))
 
     async def on_message(self, ctx: MessageContext) -> StageResult:
         rules = ctx.policy.bursts
@@ -116,11 +103,7 @@ class BurstCheck:
         for rule in rules:
             if exempt(rule, ctx):
                 continue
-            try:
-                counted = await self._count(rule, fps, now, ctx, seen)
-            except _StateUnavailable:
-                return StageResult(tempfail("4.3.0", "Shared state unavailable, try again later",
-                                            reason="state_error", rule=rule.name))
+            counted = await self._count(rule, fps, now, ctx, seen)
             if counted is None:
                 continue
             count, key, campaign = counted
@@ -130,8 +113,7 @@ class BurstCheck:
                     ctx.fingerprints.update(campaign.as_dict())
                 ctx.fingerprints.setdefault("burst", fps.body[0] if campaign is not None and fps.body else key)
                 detail = f"{key} {count}>{rule.threshold.count}/{rule.threshold.period:g}s"
-                apply_hit(result, RuleHit(rule.name, "burst", rule.action, rule.mode is Mode.shadow, detail),
-                          self.header)
+                result.hits.append(RuleHit(rule.name, "burst", rule.action, rule.mode is Mode.shadow, detail))
         self._publish(now)
         return result
 
@@ -139,44 +121,23 @@ class BurstCheck:
         self, rule: BurstRule, fps: Fingerprints, now: float, ctx: MessageContext, seen: Sighting
     ) -> tuple[int, str, Campaign | None] | None:
         """(highest count, its key, the campaign for a body rule); None when there is nothing to
-        count (no key of this kind, or the state failed and the policy says accept)."""
+        count (no key of this kind, or the shared state failed and the policy says accept:
+        queueguard/shared_state.py)."""
         keys = fps.keys(rule.fingerprint)
         linking = rule.fingerprint == "body"
         if not (seen if linking else keys):
             return None
         scoped = [f"{rule.name}:{k}" for k in keys]
         period = rule.threshold.period
-        counts: list[int] | None = None
-        campaign: Campaign | None = None
-        if self._down_until is None or now >= self._down_until:
-            try:
-                if linking:
-                    campaign = await self.window.link(f"{rule.name}:", seen, period, now)
-                    counts = [campaign.count]
-                else:
-                    counts = await self.window.add(scoped, period, now)
-            except (TimeoutError, RedisError, OSError) as e:
-                if self._down_until is None:
-                    log.error("burst state failed (%s: %s); policy state.on_error=%s until it answers again "
-                              "(retried every %.0f s)", type(e).__name__, e, ctx.policy.state.on_error, STATE_RETRY)
-                self._down_until = now + STATE_RETRY
-            else:
-                if self._down_until is not None:
-                    log.warning("burst state answers again")
-                    self._down_until = None
-        if counts is None:
-            on_error = ctx.policy.state.on_error
-            if on_error == "tempfail":
-                raise _StateUnavailable
-            if on_error == "accept":
+        if linking:
+            campaign = await self.state.run(ctx.policy.state.on_error,
+                                            lambda w: w.link(f"{rule.name}:", seen, period, now))
+            if campaign is None:
                 return None
-            if linking:
-                campaign = self.fallback.link_now(f"{rule.name}:", seen, period, now)
-                counts = [campaign.count]
-            else:
-                counts = self.fallback.add_now(scoped, period, now)
-        if campaign is not None:
             return campaign.count, f"c:{campaign.id}", campaign
+        counts = await self.state.run(ctx.policy.state.on_error, lambda w: w.add(scoped, period, now))
+        if counts is None:
+            return None
         best = max(range(len(keys)), key=lambda i: (counts[i], -i))
         return counts[best], keys[best], None
 

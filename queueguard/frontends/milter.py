@@ -1,5 +1,7 @@
 """Milter front end for Postfix and Sendmail (pymilter / libmilter).
 
+A thin front end: each libmilter callback becomes a call on the pipeline's
+Session for that MTA connection, and the verdict becomes milter actions.
 libmilter owns the socket and runs each MTA connection's callbacks on a
 thread of its own; every callback hands its stage to the asyncio loop with
 `run_coroutine_threadsafe` and waits on the result with a deadline, so the
@@ -15,23 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import socket
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import Milter
 
 from queueguard import metrics
-from queueguard.model import Connection, RuleHit, Transaction, parse_ip
+from queueguard.model import Connection, parse_ip
+from queueguard.pipeline import End, Session
 from queueguard.verdict import INTERNAL_ERROR, Action, Verdict
 
 if TYPE_CHECKING:
     from queueguard.pipeline import Pipeline
-    from queueguard.settings import Settings
+    from queueguard.settings import MilterSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,22 +47,7 @@ FINISH_TIMEOUT = 10.0
 STOP_GRACE = 10.0
 """Seconds `stop` waits for callbacks already inside a stage."""
 
-ABORTED = Verdict(Action.TEMPFAIL, 451, "4.5.0", "aborted by the MTA", reason="aborted")
-TOO_BIG = Verdict(Action.REJECT, 552, "5.3.4", "Message size exceeds fixed limit", reason="too_big")
-
 _started = False
-
-
-class MtaHold:
-    """The quarantine sink for `quarantine: hold`: the MTA's hold queue keeps the message.
-
-    Nothing is written here; the milter calls smfi_quarantine at end of
-    message and the MTA stores the message on hold before it answers 250.
-    """
-
-    async def put(self, txn: Transaction, raw: bytes, verdict: Verdict, hits: list[RuleHit],
-                  fingerprints: dict[str, str]) -> str:
-        return f"{txn.id}-mta-hold"
 
 
 def client_from(hostname: str, family: int, hostaddr: object) -> Connection:
@@ -72,14 +59,6 @@ def client_from(hostname: str, family: int, hostaddr: object) -> Connection:
         port = int(hostaddr[1]) if len(hostaddr) > 1 else 0
     name = "" if hostname.startswith("[") or hostname == "unknown" else hostname
     return Connection(client_ip=ip, client_port=port, client_name=name, frontend=FRONTEND)
-
-
-def size_option(params: tuple[str, ...]) -> int | None:
-    for p in params:
-        key, _, value = p.partition("=")
-        if key.upper() == "SIZE" and value.isdigit():
-            return int(value)
-    return None
 
 
 def header_line(name: str, value: bytes) -> bytes:
@@ -118,14 +97,16 @@ def wake(spec: str) -> None:
 class MilterServer:
     """Runs libmilter's main loop on one dedicated thread and bridges callbacks to the loop."""
 
-    def __init__(self, pipeline: Pipeline, settings: Settings) -> None:
-        self.hold = settings.milter.quarantine == "hold"
-        self.pipeline = dataclasses.replace(pipeline, quarantine=MtaHold()) if self.hold else pipeline
-        self.listen = settings.milter.listen
-        self.io_timeout = int(settings.milter.timeout)
-        self.add_headers = settings.smtp.add_headers
-        self.flags = (Milter.ADDHDRS if self.add_headers else 0) | (Milter.QUARANTINE if self.hold else 0)
-        self.max_size = settings.smtp.max_message_size
+    def __init__(self, pipeline: Pipeline, settings: MilterSettings, max_size: int) -> None:
+        """`pipeline.hold_in_mta` is `quarantine: hold`: the MTA's hold queue keeps quarantined mail."""
+        self.pipeline = pipeline
+        self.hold = pipeline.hold_in_mta
+        self.listen = settings.listen
+        self.io_timeout = int(settings.timeout)
+        # CHGHDRS: forged <prefix>-* headers are deleted from every message we let through.
+        self.flags = (Milter.CHGHDRS | (Milter.ADDHDRS if pipeline.add_headers else 0)
+                      | (Milter.QUARANTINE if self.hold else 0))
+        self.max_size = max_size
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.busy = 0
@@ -170,14 +151,17 @@ class MilterServer:
         except Exception:
             log.exception("milter main loop failed")
 
-    async def stop(self) -> None:
+    def in_flight(self) -> int:
+        return self.busy
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
         """Stop accepting, let stages already running finish (bounded), then return."""
         if self.thread is None:
             return
         # smfi_stop waits for the listener's lock, which libmilter holds across a
         # 5 s poll; a connection to our own socket ends the poll early.
         stopping = asyncio.ensure_future(asyncio.to_thread(Milter.stop))
-        deadline = time.monotonic() + STOP_GRACE
+        deadline = time.monotonic() + grace
         while not stopping.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
             await asyncio.to_thread(wake, self.listen)
@@ -185,7 +169,7 @@ class MilterServer:
         while time.monotonic() < deadline and (self.thread.is_alive() or self.busy):
             await asyncio.sleep(0.05)
         if self.thread.is_alive():
-            log.warning("milter main loop still running after %.0fs", STOP_GRACE)
+            log.warning("milter main loop still running after %.0fs", grace)
         self.thread = None
 
     # --- called on libmilter threads ---------------------------------------------
@@ -209,73 +193,58 @@ class MilterServer:
             with self._lock:
                 self.busy -= 1
 
-    def opened(self) -> None:
-        metrics.connections.labels(FRONTEND).inc()
-        metrics.connections_active.labels(FRONTEND).inc()
-
-    def closed(self) -> None:
-        metrics.connections_active.labels(FRONTEND).dec()
-
 
 class QueueguardMilter(Milter.Base):  # type: ignore[misc]
-    """One MTA connection. Callbacks we do not override are skipped by negotiation."""
+    """One MTA connection: callbacks -> Session calls. Callbacks we do not override are skipped by
+    negotiation."""
 
     def __init__(self, server: MilterServer) -> None:
         self.server = server
-        self.pipeline = server.pipeline
-        self.conn: Connection | None = None
-        self.txn: Transaction | None = None
+        self.session: Session | None = None
         self.headers: list[bytes] = []
+        self.header_names: list[str] = []
         self.body_parts: list[bytes] = []
         self.size = 0
         self.too_big = False
-        self.counted = False
 
     # --- callbacks -------------------------------------------------------------------
 
     def negotiate(self, opts: list[int]) -> int:
-        """Ask only for the actions we use (add headers, hold) besides the steps the decorators pick."""
+        """Ask only for the actions we use (change and add headers, hold) besides the steps the
+        decorators pick; pymilter's `_actions` guards each action call with what was agreed."""
         rc = int(super().negotiate(opts))
         opts[0] = self._actions = opts[0] & self.server.flags
         return rc
 
     def connect(self, hostname: str, family: int, hostaddr: object) -> int:
-        self.server.opened()
-        self.counted = True
-        self.conn = client_from(hostname, family, hostaddr)
-        return self._stage("connect", lambda: self.server.call(self.pipeline.connect(self._conn()), COMMAND_TIMEOUT))
+        metrics.connections.labels(FRONTEND).inc()
+        metrics.connections_active.labels(FRONTEND).inc()
+        self.session = session = self.server.pipeline.open(client_from(hostname, family, hostaddr))
+        return self._stage("connect", lambda: self.server.call(session.connect(), COMMAND_TIMEOUT))
 
     @Milter.noreply  # type: ignore[untyped-decorator]
     def hello(self, hostname: str) -> int:
-        conn = self._conn()
-        conn.helo = hostname
-        conn.tls = bool(self.getsymval("{tls_version}"))
+        session = self._session()
+        session.conn.tls = bool(self.getsymval("{tls_version}"))
+        self._call(session.helo(hostname))
         return int(Milter.CONTINUE)
 
     def envfrom(self, sender: str, *params: str) -> int:
-        self._abandon()
-        conn = self._conn()
-        conn.authenticated = self.getsymval("{auth_authen}") or None
-
-        def run() -> Verdict:
-            txn, verdict = self.server.call(
-                self.pipeline.mail(conn, sender, tuple(params), size_option(params)), COMMAND_TIMEOUT)
-            if not verdict.final:
-                self.txn = txn
-            return verdict
-
-        return self._stage("mail", run)
+        self._reset_message()
+        session = self._session()
+        session.conn.authenticated = self.getsymval("{auth_authen}") or None
+        return self._stage("mail", lambda: self.server.call(session.mail(sender, params), COMMAND_TIMEOUT))
 
     def envrcpt(self, recipient: str, *params: str) -> int:
-        txn = self.txn
-        if txn is None:
+        session = self._session()
+        if session.txn is None:
             return self._tempfail(INTERNAL_ERROR)
-        return self._stage("rcpt", lambda: self.server.call(
-            self.pipeline.rcpt(txn, recipient, tuple(params)), COMMAND_TIMEOUT))
+        return self._stage("rcpt", lambda: self.server.call(session.rcpt(recipient, params), COMMAND_TIMEOUT))
 
     @Milter.noreply  # type: ignore[untyped-decorator]
     @Milter.decode("bytes")  # type: ignore[untyped-decorator]
     def header(self, name: str, value: bytes) -> int:
+        self.header_names.append(name)
         self._keep(header_line(name, value), self.headers)
         return int(Milter.CONTINUE)
 
@@ -285,39 +254,55 @@ class QueueguardMilter(Milter.Base):  # type: ignore[misc]
         return int(Milter.CONTINUE)
 
     def eom(self) -> int:
-        txn, self.txn = self.txn, None
-        if txn is None:
+        session = self._session()
+        if session.txn is None:
             return self._tempfail(INTERNAL_ERROR)
         raw = b"".join(self.headers) + b"\r\n" + b"".join(self.body_parts)
-        txn.size, too_big = self.size, self.too_big
+        too_big, names = self.too_big, self.header_names
         self._reset_message()
         try:
-            verdict = TOO_BIG if too_big else self.server.call(self.pipeline.message(txn, raw), CONTENT_TIMEOUT)
-            result = self._apply(txn, verdict)
+            if too_big:
+                verdict = self._call(session.end(End.OVERSIZE)) or INTERNAL_ERROR
+                return self._apply(verdict, [])
+            outcome = self.server.call(session.data(raw), CONTENT_TIMEOUT)
+            if outcome.verdict.action in (Action.ACCEPT, Action.QUARANTINE):
+                self._delete_own_headers(names)
+            return self._apply(outcome.verdict, outcome.headers)
         except Exception:
-            self._internal_error("eom", txn)
-            verdict = INTERNAL_ERROR
-            result = int(Milter.TEMPFAIL)
-        self._finish(txn, verdict)
-        return result
+            self._internal_error("eom")
+            self._call(session.end(End.MTA_ABORT))
+            return self._tempfail(INTERNAL_ERROR)
 
     def abort(self) -> int:
-        self._abandon()
+        self._reset_message()
+        self._call(self._session().end(End.MTA_ABORT))
         return int(Milter.CONTINUE)
 
     def close(self) -> int:
-        self._abandon()
-        if self.counted:
-            self.server.closed()
-            self.counted = False
+        self._reset_message()
+        session, self.session = self.session, None
+        if session is not None:
+            metrics.connections_active.labels(FRONTEND).dec()
+            self._call(session.close())
         return int(Milter.CONTINUE)
 
     # --- helpers ----------------------------------------------------------------------
 
-    def _conn(self) -> Connection:
-        if self.conn is None:
-            self.conn = Connection(client_ip=None, frontend=FRONTEND)
-        return self.conn
+    def _session(self) -> Session:
+        if self.session is None:  # a callback before connect (libmilter never does this): count it too
+            metrics.connections.labels(FRONTEND).inc()
+            metrics.connections_active.labels(FRONTEND).inc()
+            self.session = self.server.pipeline.open(Connection(client_ip=None))
+        return self.session
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T | None:
+        """A bookkeeping call whose failure must not change the MTA's answer (logged)."""
+        try:
+            return self.server.call(coro, FINISH_TIMEOUT)
+        except Exception:
+            metrics.internal_errors.labels("milter_end").inc()
+            log.exception("milter: ending a transaction failed")
+            return None
 
     def _keep(self, data: bytes, into: list[bytes]) -> None:
         """Buffer message bytes up to the size limit; past it, remember to refuse at eom."""
@@ -327,30 +312,39 @@ class QueueguardMilter(Milter.Base):  # type: ignore[misc]
         else:
             into.append(data)
 
+    def _delete_own_headers(self, names: list[str]) -> None:
+        """Forged `<prefix>-*` headers go (the pipeline already judged the message without them):
+        smfi_chgheader with no value deletes the idx-th field of that name, last first so the
+        indices of the others stay put."""
+        wanted = self.server.pipeline.header_prefix.lower() + "-"
+        seen: dict[str, int] = {}
+        own: list[tuple[str, int]] = []
+        for name in names:
+            key = name.lower()
+            seen[key] = seen.get(key, 0) + 1
+            if key.startswith(wanted):
+                own.append((name, seen[key]))
+        for name, idx in reversed(own):
+            self.chgheader(name, idx, None)
+
     def _reset_message(self) -> None:
         self.headers = []
+        self.header_names = []
         self.body_parts = []
         self.size = 0
         self.too_big = False
 
-    def _stage(self, stage: str, run: Any) -> int:
+    def _stage(self, stage: str, run: Callable[[], Verdict]) -> int:
         """Run a connect/MAIL/RCPT stage; accept -> CONTINUE, others -> setreply + code."""
         try:
-            verdict: Verdict = run()
-            if verdict.action is Action.TEMPFAIL:
-                return self._tempfail(verdict)
-            if verdict.action is Action.REJECT:
-                self.setreply(*reply_args(verdict))
-                return int(Milter.REJECT)
-            if verdict.action is Action.DISCARD:
-                return int(Milter.DISCARD)
-            return int(Milter.CONTINUE)
+            return self._apply(run(), None)
         except Exception:
-            self._internal_error(stage, self.txn)
+            self._internal_error(stage)
             return self._tempfail(INTERNAL_ERROR)
 
-    def _apply(self, txn: Transaction, verdict: Verdict) -> int:
-        """The content verdict as milter actions (runs on this callback's thread, as libmilter requires)."""
+    def _apply(self, verdict: Verdict, headers: list[tuple[str, str]] | None) -> int:
+        """A verdict as milter actions (on this callback's thread, as libmilter requires);
+        `headers` only at end of message, where accepted mail gets them."""
         match verdict.action:
             case Action.TEMPFAIL:
                 return self._tempfail(verdict)
@@ -360,40 +354,27 @@ class QueueguardMilter(Milter.Base):  # type: ignore[misc]
             case Action.DISCARD:
                 return int(Milter.DISCARD)
             case Action.QUARANTINE if not self.server.hold:
-                return int(Milter.DISCARD)
+                return int(Milter.DISCARD)  # stored in our quarantine: the MTA must not deliver it
             case Action.QUARANTINE:
-                self._add_headers(txn)
-                self.quarantine(f"queueguard {verdict.rule or verdict.reason}: {txn.id}")
+                self._add_headers(headers or [])
+                self.quarantine(f"queueguard {verdict.rule or verdict.reason}")
                 return int(Milter.ACCEPT)
             case _:
-                self._add_headers(txn)
+                if headers is None:
+                    return int(Milter.CONTINUE)
+                self._add_headers(headers)
                 return int(Milter.ACCEPT)
 
-    def _add_headers(self, txn: Transaction) -> None:
-        if not self.server.add_headers:
-            return
-        # The pipeline owns which headers record verdict and hits (the proxy adds the same).
-        for name, value in self.pipeline.headers(txn):
+    def _add_headers(self, headers: list[tuple[str, str]]) -> None:
+        for name, value in headers:
             self.addheader(name, value)
 
     def _tempfail(self, verdict: Verdict) -> int:
         self.setreply(*reply_args(verdict))
         return int(Milter.TEMPFAIL)
 
-    def _internal_error(self, stage: str, txn: Transaction | None) -> None:
+    def _internal_error(self, stage: str) -> None:
         metrics.internal_errors.labels(f"milter_{stage}").inc()
+        session = self.session
+        txn = session.txn if session is not None else None
         log.exception("id=%s milter %s stage failed; answering 451", txn.id if txn else "-", stage)
-
-    def _finish(self, txn: Transaction, verdict: Verdict) -> None:
-        try:
-            self.server.call(self.pipeline.finish(txn, verdict), FINISH_TIMEOUT)
-        except Exception:
-            metrics.internal_errors.labels("milter_finish").inc()
-            log.exception("id=%s milter finish failed", txn.id)
-
-    def _abandon(self) -> None:
-        """A transaction the MTA dropped (RSET, refused DATA, lost client): record it, nothing committed."""
-        txn, self.txn = self.txn, None
-        self._reset_message()
-        if txn is not None:
-            self._finish(txn, ABORTED)

@@ -5,9 +5,10 @@ RCPT ACL. A request is `name=value` lines ended by an empty line; the answer
 is `action=...` and an empty line; a connection carries many requests.
 
 Requests have no body, so only the connect, MAIL and RCPT stages run. Each
-RCPT request is judged as a transaction of its own with that one recipient,
-and there is no end-of-data signal: when the pipeline accepts a RCPT request
-we call `finish` at once, which is where the rate limits are committed. A
+RCPT request is judged as a Session of its own with one transaction and that
+one recipient, and there is no end-of-data signal: when the pipeline accepts
+a RCPT request the Session decides it at once (`decide_without_data`), which
+is where the rate limits are committed and a quarantine rule becomes `hold`. A
 recipient that Postfix refuses later (unknown user, another restriction)
 has then still used up its budget; that errs on the side of the flood limit.
 
@@ -27,8 +28,9 @@ from typing import TYPE_CHECKING
 
 from queueguard import metrics
 from queueguard.model import Connection, IPAddress, parse_ip
+from queueguard.pipeline import End
 from queueguard.settings import PolicySocketSettings, split_hostport
-from queueguard.verdict import ACCEPT, Action, Verdict, quarantine
+from queueguard.verdict import ACCEPT, Action, Verdict
 
 if TYPE_CHECKING:
     from queueguard.pipeline import Pipeline
@@ -74,7 +76,6 @@ class PolicyRequest:
             client_name=self.client_name,
             helo=self.helo,
             authenticated=self.sasl_username or None,
-            frontend=FRONTEND,
         )
 
 
@@ -205,6 +206,7 @@ class PolicySocket:
         self.listen = settings.listen
         self.server: asyncio.Server | None = None
         self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._answering = 0
 
     @property
     def unix_path(self) -> Path | None:
@@ -228,10 +230,18 @@ class PolicySocket:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def stop(self) -> None:
+    def in_flight(self) -> int:
+        return self._answering
+
+    async def stop(self, grace: float = REQUEST_TIMEOUT + 1) -> None:
+        """Requests being answered finish (each has its own REQUEST_TIMEOUT); idle clients are
+        closed: the MTA's `defer` default applies to a request it cannot send."""
         if self.server is None:
             return
         self.server.close()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self._answering and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         # Closing the transports ends each client's read (cancelling the handler
         # tasks would make asyncio's stream callback log a spurious error).
         for writer in self._clients.values():
@@ -289,6 +299,7 @@ class PolicySocket:
             request = parse_request(parse_attributes(lines))
         except BadRequest as e:
             return self._bad(str(e))
+        self._answering += 1
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 return action_for(await self.judge(request))
@@ -298,21 +309,28 @@ class PolicySocket:
         except Exception:
             metrics.internal_errors.labels("policy").inc()
             log.exception("policy socket: internal error (%s)", request.state)
+        finally:
+            self._answering -= 1
         return defer_action("Temporary local problem, please try again later")
 
     async def judge(self, request: PolicyRequest) -> Verdict:
-        """Run the stages up to the request's state; RCPT commits at once (see module doc)."""
+        """Run the stages up to the request's state in a Session of its own; RCPT is decided at
+        once (see module doc). The Session is closed however the request ends."""
         if request.state not in ("CONNECT", "EHLO", "HELO", "MAIL", "RCPT"):
             return ACCEPT
-        conn = request.connection()
-        verdict = await self.pipeline.connect(conn)
-        if verdict.final or request.state not in ("MAIL", "RCPT"):
-            return verdict
-        txn, verdict = await self.pipeline.mail(conn, request.sender, (), request.size)
-        if verdict.final or request.state == "MAIL":
-            return verdict
-        verdict = await self.pipeline.rcpt(txn, request.recipient)
-        if not verdict.final and (hit := txn.quarantine_hit()) is not None:
-            verdict = quarantine(f"Held for review (rule {hit.rule})", reason=hit.kind, rule=hit.rule)
-        await self.pipeline.finish(txn, verdict)
-        return verdict
+        session = self.pipeline.open(request.connection())
+        try:
+            verdict = await session.connect()
+            if verdict.final or request.state not in ("MAIL", "RCPT"):
+                return verdict
+            verdict = await session.mail(request.sender)
+            if verdict.final or request.state == "MAIL":
+                await session.end(End.RSET)
+                return verdict
+            verdict = await session.rcpt(request.recipient)
+            if verdict.final:
+                await session.end(End.RSET)
+                return verdict
+            return await session.decide_without_data()
+        finally:
+            await session.close()

@@ -1,10 +1,12 @@
 """Before-queue SMTP proxy front end (aiosmtpd).
 
-Translates SMTP into pipeline stages and verdicts back into replies, nothing
-more. The sender gets 250 for a message only after a downstream said 250 for
-it (or it was durably quarantined): the pipeline mirrors MAIL/RCPT onto the
-downstream as they arrive, so the downstream's per-recipient answers reach
-the sender, and DATA is relayed only once the whole message is in and checked.
+Translates SMTP into the pipeline's Session calls and verdicts back into
+replies, nothing more: syntax (addresses, HELO names), the greeting, DATA's
+framing and sizes are SMTP's; every decision about a transaction is the
+Session's. The sender gets 250 for a message only after a downstream said
+250 for it (or it was durably quarantined): the Session mirrors MAIL/RCPT
+onto the downstream as they arrive, and relays DATA once the whole message
+is in and checked.
 """
 
 from __future__ import annotations
@@ -12,27 +14,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import ipaddress
 import logging
 import re
 import ssl
 import time
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import Session as AioSession
 
 from queueguard import metrics
-from queueguard.model import Connection, Transaction, parse_ip
-from queueguard.pipeline import Pipeline
+from queueguard.model import Connection, IPAddress, parse_ip
+from queueguard.pipeline import End, Pipeline, Session
 from queueguard.settings import SmtpSettings, split_hostport
-from queueguard.verdict import INTERNAL_ERROR, Action, Verdict, reject
+from queueguard.verdict import INTERNAL_ERROR, Verdict
 
 log = logging.getLogger("queueguard.smtp")
 
 FRONTEND = "smtp"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
-SIZE_EXCEEDED = reject("5.3.4", "Message size exceeds fixed maximum message size", reason="oversize", code=552)
-LINE_TOO_LONG = reject("5.5.2", "Line too long: at most 1000 octets per line (RFC 5321 4.5.3.1.6)",
-                       reason="line_too_long", code=500)
+SIZE_EXCEEDED = "552 5.3.4 Message size exceeds fixed maximum message size"
 
 
 _ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+(\.[^\s<>()\[\]\\,;:@\"]+)*@[^\s<>@]+$|^\"[^\"\r\n]*\"@[^\s<>@]+$")
@@ -40,6 +42,9 @@ _ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+(\.[^\s<>()\[\]\\,;:@\"]+)*@[^\s<
 
 BAD_HELO = "501 5.5.2 Syntax error in HELO/EHLO hostname"
 READ_LIMIT = 16 * 1024
+PROXY_TIMEOUT = 5.0
+"""Seconds a configured load balancer has to send its PROXY header."""
+PROXY_FORGED = "554 5.7.0 PROXY header not accepted from this address"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -58,34 +63,6 @@ def valid_address(address: str, *, allow_null: bool) -> bool:
     return len(address) <= 320 and _ADDRESS.match(address) is not None and _CONTROL.search(address) is None
 
 
-def smuggling_verdict(raw: bytes) -> Verdict | None:
-    """Refuse bare LF or bare CR anywhere in DATA (SMTP smuggling, 2023).
-
-    aiosmtpd only ends DATA at CRLF.CRLF, so every smuggling end-of-data
-    variant (LF.LF, LF.CRLF, CR.CR, CRLF.LF, CRLF.CR, ...) reaches us as
-    message content containing a bare LF or CR; refusing those is what
-    Postfix's smtpd_forbid_bare_newline does.
-    """
-    crlf = raw.count(b"\r\n")
-    if raw.count(b"\n") != crlf:
-        what = "bare <LF>"
-    elif raw.count(b"\r") != crlf:
-        what = "bare <CR>"
-    else:
-        return None
-    return reject("5.5.2", f"Message refused: {what} in message data (SMTP smuggling protection); "
-                  "lines must end with CRLF", reason="bare_newline", code=554)
-
-
-class _Session:
-    """Our per-connection state, kept beside aiosmtpd's Session."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.txn: Transaction | None = None
-        self.in_data = False
-
-
 _PLAIN_PATH = re.compile(
     r"<((?!\.)((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|\.(?!\.))+)(?<!\.)@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z",
     re.DOTALL)
@@ -96,8 +73,13 @@ def _names(cls: type, *prefixes: str) -> list[str]:
     return sorted(n for n in dir(cls) if n.startswith(prefixes))
 
 
+def greeting_refusal(verdict: Verdict) -> str:
+    """A refusal at connect time as SMTP allows it before the greeting: 421, then we close."""
+    return f"421 {verdict.status or '4.3.0'} {verdict.text}"
+
+
 class QueueguardSMTP(SMTP):
-    """aiosmtpd's SMTP with our connection bookkeeping and RFC 3463 size replies."""
+    """aiosmtpd's SMTP with our Session per connection, DATA without a line limit, and our replies."""
 
     _dir: list[str] = []
 
@@ -113,14 +95,16 @@ class QueueguardSMTP(SMTP):
     def __init__(self, handler: ProxyHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.qg_handler = handler
-        self.qg: _Session | None = None
+        self.qg: Session | None = None
+        self._greeted = False
+        self._proxied = False
         reader: asyncio.StreamReader | None = getattr(self, "_stream_reader", None)
         if reader is not None:
             # aiosmtpd sizes its reader by the 1001-octet line limit, and a reader pauses the
             # socket (epoll off, then on again) once it holds twice its limit: twice for every
-            # message over 2 KB, 3 % of the proxy's CPU. Line lengths are checked on their own
-            # (command_size_limit, line_length_limit: same 500 replies), so only the pause
-            # point moves; one connection holds at most 2 x READ_LIMIT unread.
+            # message over 2 KB, 3 % of the proxy's CPU. Command lines are checked on their own
+            # (command_size_limit), DATA lines of any length are read in pieces (smtp_DATA), so
+            # only the pause point moves; one connection holds at most 2 x READ_LIMIT unread.
             reader._limit = READ_LIMIT  # type: ignore[attr-defined]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,13 +117,29 @@ class QueueguardSMTP(SMTP):
             self.qg.conn.helo = ""
             return
         peer = transport.get_extra_info("peername") or ("", 0)
-        self.qg = _Session(Connection(parse_ip(str(peer[0])), int(peer[1]) if len(peer) > 1 else 0,
-                                      frontend=FRONTEND))
-        self.qg_handler.opened(self)
+        conn = Connection(parse_ip(str(peer[0])), int(peer[1]) if len(peer) > 1 else 0)
+        # A PROXY header is required from the configured load balancers and believed from nobody
+        # else (anyone could claim to be 127.0.0.1); aiosmtpd reads it only when this is set.
+        self._proxy_timeout = PROXY_TIMEOUT if self.qg_handler.proxy_peer(conn.client_ip) else None
+        self.qg = self.qg_handler.opened(self, conn)
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
+        if self._proxy_timeout is not None and not self._proxied and self.qg is not None:
+            metrics.protocol_errors.labels("proxy_missing").inc()
+            log.warning("connection from load balancer %s closed: no valid PROXY header", self.qg.conn.client_ip)
         self.qg_handler.closed(self)
+
+    async def smtp_PROXY(self, arg: str) -> None:
+        """A PROXY header from a peer that is not a configured load balancer: a forged client
+        address. Refused, logged and counted, and the connection closed."""
+        state = self.qg
+        metrics.protocol_errors.labels("proxy_forged").inc()
+        log.warning("PROXY header from %s refused (not in smtp.proxy_protocol_from): %s",
+                    state.conn.client_ip if state else "?", arg[:100])
+        await self.push(PROXY_FORGED)
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         """Any bytes from the client restart aiosmtpd's timer, which otherwise only commands do:
@@ -156,33 +156,65 @@ class QueueguardSMTP(SMTP):
         return m.group(1), m.group(3).lstrip(" \t")
 
     async def push(self, status: Any) -> None:
-        """aiosmtpd refuses an oversized message or an over-long line itself, after the data
-        is in and without calling handle_DATA: our reply text, and the transaction ends here
-        (downstream side reset, one log line with the reason) rather than at the next command."""
+        """The greeting is where the connect stage answers (a refusal: 421 and close); aiosmtpd's
+        own size refusal at MAIL gets our RFC 3463 text."""
         if isinstance(status, str):
-            if status.startswith("552 Error: Too much mail data"):
-                status = await self._data_refused(SIZE_EXCEEDED)
-            elif status.startswith("500 Line too long"):
-                status = await self._data_refused(LINE_TOO_LONG)
+            if not self._greeted and status.startswith("220 "):
+                self._greeted = True
+                refusal = await self.qg_handler.connect(self)
+                if refusal is not None:
+                    await super().push(refusal)
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
             elif status.startswith("552 Error:"):  # SIZE= at MAIL: no transaction of ours yet
                 metrics.protocol_errors.labels("oversize").inc()
-                status = SIZE_EXCEEDED.reply()
+                status = SIZE_EXCEEDED
         await super().push(status)
 
-    async def _data_refused(self, verdict: Verdict) -> str:
-        metrics.protocol_errors.labels(verdict.reason or "data").inc()
-        state = self.qg
-        if state is not None and state.txn is not None:
-            txn, state.txn = state.txn, None
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, but a line may be as long as the message may be large: Exim and
+        Postfix take HTML newsletters with lines of many kilobytes, and we must never be stricter
+        than the MTA behind us. Lines are read in pieces of at most READ_LIMIT octets; only the
+        size limit ends a transaction (552, after the data is in, RFC 5321 4.2.5)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        pieces: list[bytes] = []
+        size, limit, line_start, too_much = 0, self.data_size_limit, True, False
+        while self.transport is not None:
             try:
-                await self.qg_handler.pipeline.finish(txn, verdict)
-            except Exception:
-                log.exception("id=%s finishing the transaction failed", txn.id)
-        return verdict.reply()
+                piece = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as e:
+                piece = await self._reader.read(e.consumed)
+            if line_start and piece == b".\r\n":
+                break
+            size += len(piece)
+            if limit and size > limit and not too_much:
+                too_much = True
+                pieces.clear()  # drain the rest without keeping it
+            if not too_much:
+                # RFC 5321 4.5.2: a leading dot at the start of a line is transparency
+                pieces.append(piece[1:] if line_start and piece.startswith(b".") else piece)
+            line_start = piece.endswith(b"\r\n")
+        if too_much:
+            status = await self.qg_handler.refused_data(self, End.OVERSIZE)
+        else:
+            self.envelope.original_content = self.envelope.content = b"".join(pieces)
+            status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
 
 
 class ProxyHandler:
-    """aiosmtpd handler hooks → pipeline stages."""
+    """aiosmtpd handler hooks → Session calls; verdicts → replies."""
 
     _dir: list[str] = []
 
@@ -196,96 +228,93 @@ class ProxyHandler:
     def __init__(self, pipeline: Pipeline, settings: SmtpSettings) -> None:
         self.pipeline = pipeline
         self.settings = settings
-        self.sessions: set[QueueguardSMTP] = set()
+        self.proxy_networks = [ipaddress.ip_network(n, strict=False) for n in settings.proxy_protocol_from]
+        self.sessions: dict[QueueguardSMTP, Session] = {}
         self.closing = False
         self._pending: set[asyncio.Task[None]] = set()
 
     # --- connection bookkeeping ------------------------------------------------
 
-    def opened(self, proto: QueueguardSMTP) -> None:
-        self.sessions.add(proto)
+    def proxy_peer(self, ip: IPAddress | None) -> bool:
+        """The peer is a configured load balancer (smtp.proxy_protocol_from)."""
+        return ip is not None and any(ip in net for net in self.proxy_networks)
+
+    def opened(self, proto: QueueguardSMTP, conn: Connection) -> Session:
         metrics.connections.labels(FRONTEND).inc()
         metrics.connections_active.labels(FRONTEND).inc()
+        session = self.sessions[proto] = self.pipeline.open(conn)
+        return session
 
     def closed(self, proto: QueueguardSMTP) -> None:
-        self.sessions.discard(proto)
-        metrics.connections_active.labels(FRONTEND).dec()
-        state = proto.qg
-        if state is not None and state.txn is not None:
-            txn, state.txn = state.txn, None
-            task = asyncio.get_running_loop().create_task(self._vanished(txn))
+        session = self.sessions.pop(proto, None)
+        if session is not None:
+            metrics.connections_active.labels(FRONTEND).dec()
+            task = asyncio.get_running_loop().create_task(session.close())
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
-    async def _vanished(self, txn: Transaction) -> None:
-        """Client went away mid-transaction: nothing was answered 250, undo the downstream side."""
-        await self.pipeline.finish(txn, Verdict(Action.TEMPFAIL, 421, "4.4.2", "client disconnected",
-                                                reason="client_disconnected"),
-                                   downstream_reply="(none: the client disconnected)")
+    async def connect(self, proto: QueueguardSMTP) -> str | None:
+        """The connect stage, once the real client is known (after PROXY); a refusal's reply."""
+        verdict = await self._state(proto).connect()
+        return greeting_refusal(verdict) if verdict.final else None
+
+    async def refused_data(self, proto: QueueguardSMTP, why: End) -> str:
+        verdict = await self._state(proto).end(why)
+        return verdict.reply() if verdict is not None else INTERNAL_ERROR.reply()
 
     def in_flight(self) -> int:
-        return sum(1 for s in self.sessions if s.qg is not None and s.qg.in_data)
+        return sum(1 for s in self.sessions.values() if s.in_data)
 
     # --- hooks -----------------------------------------------------------------
 
     @staticmethod
-    def _state(server: SMTP) -> _Session:
+    def _state(server: SMTP) -> Session:
         assert isinstance(server, QueueguardSMTP) and server.qg is not None
         return server.qg
 
-    async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
+    async def handle_PROXY(self, server: SMTP, session: AioSession, envelope: Envelope, proxy_data: Any) -> bool:
         """Inbound PROXY header from a load balancer: the real client is in it."""
         if not proxy_data or not getattr(proxy_data, "valid", False):
             return False
-        state = self._state(server)
-        state.conn.client_ip = parse_ip(str(proxy_data.src_addr)) if proxy_data.src_addr else None
-        state.conn.client_port = int(proxy_data.src_port or 0)
+        assert isinstance(server, QueueguardSMTP)
+        server._proxied = True
+        conn = self._state(server).conn
+        conn.client_ip = parse_ip(str(proxy_data.src_addr)) if proxy_data.src_addr else None
+        conn.client_port = int(proxy_data.src_port or 0)
         return True
 
-    async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str) -> str:
+    async def handle_HELO(self, server: SMTP, session: AioSession, envelope: Envelope, hostname: str) -> str:
         if not valid_helo(hostname):
             metrics.protocol_errors.labels("bad_helo").inc()
             return BAD_HELO
-        await self._reset(server)
-        self._state(server).conn.helo = hostname
+        await self._state(server).helo(hostname)
         session.host_name = hostname
         return f"250 {server.hostname}"
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+    async def handle_EHLO(self, server: SMTP, session: AioSession, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
         if not valid_helo(hostname):
             metrics.protocol_errors.labels("bad_helo").inc()
             return [BAD_HELO]
-        await self._reset(server)
-        self._state(server).conn.helo = hostname
+        await self._state(server).helo(hostname)
         session.host_name = hostname
         return responses
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+    async def handle_MAIL(self, server: SMTP, session: AioSession, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
-        state = self._state(server)
         if self.closing:
             return SHUTTING_DOWN
         if not valid_address(address, allow_null=True):
             metrics.protocol_errors.labels("bad_address").inc()
             return "501 5.1.7 Bad sender address syntax"
-        try:
-            if state.txn is not None:
-                await self.pipeline.finish(state.txn, Verdict(Action.TEMPFAIL, 451, "4.5.0", "abandoned",
-                                                               reason="abandoned"))
-                state.txn = None
-            size = next((int(o[5:]) for o in mail_options if o.startswith("SIZE=") and o[5:].isdigit()), None)
-            txn, verdict = await self.pipeline.mail(state.conn, address, tuple(mail_options), size)
-        except Exception:
-            return self._internal_error(state)
+        verdict = await self._state(server).mail(address, mail_options)
         if verdict.final:
             return verdict.reply()
-        state.txn = txn
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+    async def handle_RCPT(self, server: SMTP, session: AioSession, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         state = self._state(server)
         txn = state.txn
@@ -296,73 +325,33 @@ class ProxyHandler:
             return "501 5.1.3 Bad recipient address syntax"
         if len(txn.recipients) >= self.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
-        try:
-            verdict = await self.pipeline.rcpt(txn, address, tuple(rcpt_options))
-        except Exception:
-            return self._internal_error(state)
+        verdict = await state.rcpt(address, rcpt_options)
         if verdict.final:
             return verdict.reply()
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return verdict.reply() if verdict.code == 250 and verdict.text != "Ok" else "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        """Checks, then relay; the answer is the downstream's. The transaction stays on the
-        session until we finish it, so a client vanishing mid-way is finished by closed()."""
+    async def handle_DATA(self, server: SMTP, session: AioSession, envelope: Envelope) -> str:
+        """The Session's answer; the transaction stays open on it until then, so a client
+        vanishing mid-way is ended by closed()."""
         state = self._state(server)
-        txn = state.txn
-        if txn is None:
+        if state.txn is None:
             return "503 5.5.1 Error: need MAIL command"
-        state.in_data = True
         # Checks and relay get the whole budget; the relay's own DATA timeout (data_timeout)
         # expires first, so the client always hears our 451 rather than a silent close.
         server._reset_timeout(self.settings.data_timeout + 60)
-        try:
-            raw = envelope.original_content or b""
-            txn.size = len(raw)
-            txn.timings["receive"] = time.monotonic() - txn.started
-            verdict = smuggling_verdict(raw)
-            if verdict is not None:
-                metrics.protocol_errors.labels("bare_newline").inc()
-            else:
-                verdict = await self.pipeline.message(txn, raw)
-                if verdict.action is Action.ACCEPT:
-                    verdict = await self.pipeline.deliver(txn, raw)
-        except Exception:
-            log.exception("id=%s internal error at DATA", txn.id)
-            metrics.internal_errors.labels("data").inc()
-            verdict = INTERNAL_ERROR
-        finally:
-            state.in_data = False
-        if state.txn is txn:
-            state.txn = None
-            try:
-                await self.pipeline.finish(txn, verdict)
-            except Exception:
-                log.exception("id=%s finishing the transaction failed", txn.id)
-        return verdict.reply()
+        outcome = await state.data(envelope.original_content or b"")
+        return outcome.verdict.reply()
 
-    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        await self._reset(server)
+    async def handle_RSET(self, server: SMTP, session: AioSession, envelope: Envelope) -> str:
+        await self._state(server).end(End.RSET)
         return "250 2.0.0 Ok"
-
-    async def _reset(self, server: SMTP) -> None:
-        """RSET, and HELO/EHLO, which reset a transaction too (RFC 5321 4.1.4) as aiosmtpd's
-        envelope does: ours ends here, its downstream side reset."""
-        state = self._state(server)
-        if state.txn is not None:
-            txn, state.txn = state.txn, None
-            await self.pipeline.finish(txn, Verdict(Action.TEMPFAIL, 250, "2.0.0", "reset", reason="rset"))
 
     async def handle_exception(self, error: Exception) -> str:
         """Anything aiosmtpd itself did not expect: 451, never its default 500."""
         metrics.internal_errors.labels("session").inc()
         log.error("internal error in SMTP session: %r", error, exc_info=error)
-        return INTERNAL_ERROR.reply()
-
-    def _internal_error(self, state: _Session) -> str:
-        metrics.internal_errors.labels("command").inc()
-        log.exception("conn=%s internal error", state.conn.id)
         return INTERNAL_ERROR.reply()
 
 
@@ -374,9 +363,11 @@ ProxyHandler.handle_EHLO.__signature__ = inspect.signature(ProxyHandler.handle_E
 class SmtpProxy:
     """The listening server, with a graceful stop: finish in-flight DATA, then 421."""
 
-    def __init__(self, pipeline: Pipeline, settings: SmtpSettings) -> None:
+    def __init__(self, pipeline: Pipeline, settings: SmtpSettings, *, reuse_port: bool = False) -> None:
+        """`reuse_port`: several worker processes listen on the port; the kernel spreads connections."""
         self.settings = settings
         self.handler = ProxyHandler(pipeline, settings)
+        self.reuse_port = reuse_port
         self.server: asyncio.Server | None = None
 
     def _tls(self) -> ssl.SSLContext | None:
@@ -386,7 +377,7 @@ class SmtpProxy:
         ctx.load_cert_chain(str(self.settings.tls_cert), str(self.settings.tls_key or self.settings.tls_cert))
         return ctx
 
-    async def start(self) -> tuple[str, int]:
+    async def start(self) -> None:
         host, port = split_hostport(self.settings.listen)
         tls = self._tls()
         s = self.settings
@@ -397,24 +388,27 @@ class SmtpProxy:
                 self.handler, data_size_limit=s.max_message_size, enable_SMTPUTF8=True, decode_data=False,
                 hostname=s.hostname or None, ident="queueguard ESMTP", tls_context=tls,
                 require_starttls=s.require_tls, timeout=s.data_timeout,
-                proxy_protocol_timeout=5.0 if s.proxy_protocol_inbound else None, loop=loop,
+                proxy_protocol_timeout=PROXY_TIMEOUT if s.proxy_protocol_from else None, loop=loop,
             )
 
-        self.server = await loop.create_server(factory, host, port, reuse_address=True)
+        self.server = await loop.create_server(factory, host, port, reuse_address=True, reuse_port=self.reuse_port)
         sock = self.server.sockets[0].getsockname()
         log.info("smtp proxy listening on %s:%s", sock[0], sock[1])
-        return str(sock[0]), int(sock[1])
 
-    async def stop(self, grace: float | None = None) -> None:
+    def in_flight(self) -> int:
+        return self.handler.in_flight()
+
+    async def stop(self, grace: float) -> None:
         """Stop accepting; let messages already in DATA finish within `grace`; then 421 everyone."""
         if self.server is None:
             return
         self.server.close()
         self.handler.closing = True
-        deadline = time.monotonic() + (self.settings.shutdown_grace if grace is None else grace)
+        deadline = time.monotonic() + grace
         while self.handler.in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for proto in list(self.handler.sessions):
+        for proto, session in list(self.handler.sessions.items()):
+            await session.end(End.SHUTDOWN)
             transport = proto.transport
             if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
                 with contextlib.suppress(Exception):

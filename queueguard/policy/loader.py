@@ -6,7 +6,7 @@ safe loader. Each file is validated on its own, so pydantic's error paths map
 onto that file's YAML nodes and every error gets a `file:line`. Then the
 files are merged: `lists` by name (a name defined twice is an error), rule
 lists concatenate in file order, rule names are unique across all files and
-kinds, `scan` and `state` may appear in one file only. Cross-checks that need
+kinds, `scan`, `pressure`, `connections` and `state` may appear in one file only. Cross-checks that need
 the whole policy (list names exist, CIDRs parse, RE2 regexes compile,
 rate-limit keys parse) run last and also point at lines.
 """
@@ -31,7 +31,7 @@ from queueguard.policy.schema import BurstRule, Condition, PatternRule, Policy, 
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 RULE_SECTIONS = ("ratelimits", "bursts", "patterns")
-SINGLE_SECTIONS = ("scan", "state")
+SINGLE_SECTIONS = ("scan", "pressure", "connections", "state")
 ADDRESS_FIELDS = ("sender_in", "recipient_in", "helo_in", "list_id_in")
 MESSAGE_FIELDS = ("list_traffic", "reply", "list_id_in")
 """Condition keys that look at the message: a rate limit (decided at RCPT) cannot use them."""
@@ -332,6 +332,14 @@ def _cross_check(docs: list[_Doc]) -> list[PolicyIssue]:
     names: dict[str, str] = {}
     checked_lists: dict[tuple[str, str], bool] = {}
     for doc in docs:
+        connections = doc.policy.connections if doc.policy is not None and "connections" in doc.data else None
+        if connections is not None and connections.unless is not None:
+            cloc: Loc = ("connections", "unless")
+            issues.extend(_check_condition(doc, cloc, connections.unless, lists, checked_lists))
+            issues.extend(doc.issue((*cloc, f), f"{_path((*cloc, f))}: only client_in is known when a client "
+                                                "connects")
+                          for f in Condition.model_fields
+                          if f != "client_in" and getattr(connections.unless, f) is not None)
         for loc, rule in doc.rules:
             where = f"{doc.file}:{doc.line((*loc, 'name'))}"
             if rule.name in names:

@@ -159,8 +159,17 @@ class SizeLevels(Strict):
     shed: Size
 
 
+class SoftenPolicy(Strict):
+    """What changes at the soften level (shed defers all new mail)."""
+
+    scan_concurrency: int = Field(default=1, ge=1, description="clamd scans at once (when scanning)")
+    defer_larger_than: Size = 1_000_000
+    defer_rate_limited: bool = True
+
+
 class PressurePolicy(Strict):
-    """Thresholds per sensor; the worst sensor sets the level. Omit a sensor to ignore it."""
+    """Thresholds per sensor; the worst sensor sets the level. Omit a sensor to ignore it.
+    Applies whether or not clamd scanning is on: it protects the host."""
 
     psi_memory_some_avg10: Levels | None = Levels(soften=10, shed=40)
     mem_available_below: SizeLevels | None = None
@@ -169,12 +178,7 @@ class PressurePolicy(Strict):
     hysteresis: float = Field(
         default=0.8, gt=0, le=1, description="leave a level when below threshold x this")
     hold: Duration = Field(default=10.0, description="minimum time at a level before stepping down")
-
-
-class SoftenPolicy(Strict):
-    max_concurrent: int = Field(default=1, ge=1)
-    defer_larger_than: Size = 1_000_000
-    defer_rate_limited: bool = True
+    soften: SoftenPolicy = SoftenPolicy()
 
 
 class ScanPolicy(Strict):
@@ -184,8 +188,20 @@ class ScanPolicy(Strict):
     adaptive: bool = True
     max_waiting: int = Field(default=32, ge=0)
     max_wait: Duration = 5.0
-    pressure: PressurePolicy = PressurePolicy()
-    soften: SoftenPolicy = SoftenPolicy()
+
+
+class ConnectionsPolicy(Strict):
+    """Per-client limits at the door, like Postfix's anvil: over them, `421 4.7.0` and the
+    connection closes, so one client cannot hold the proxy's connections (SMTP proxy)."""
+
+    max_per_ip: int | None = Field(50, ge=1, description="connections open at once from one client address")
+    max_per_network: int | None = Field(
+        200, ge=1, description="connections open at once from one network (ipv4_prefix / ipv6_prefix)")
+    rate_per_ip: RateSpec | None = Field(None, description="new connections from one client address, e.g. 120/1m")
+    ipv4_prefix: int = Field(24, ge=8, le=32)
+    ipv6_prefix: int = Field(64, ge=16, le=128)
+    unless: Condition | None = Field(
+        None, description="clients never limited; only client_in applies at connect time")
 
 
 class StatePolicy(Strict):
@@ -203,4 +219,6 @@ class Policy(Strict):
     bursts: list[BurstRule] = Field(default_factory=list)
     patterns: list[PatternRule] = Field(default_factory=list)
     scan: ScanPolicy = ScanPolicy()
+    pressure: PressurePolicy = PressurePolicy()
+    connections: ConnectionsPolicy = ConnectionsPolicy()
     state: StatePolicy = StatePolicy()

@@ -15,8 +15,15 @@ pipeline say 250). A crash at any point leaves either a complete entry or
 none: an .eml without its .json, and temporary files, are not entries and
 `recover()` removes them. The index is derived data: a crash between the
 commit and the index insert leaves an entry that `recover()` indexes again.
-Several processes may use one store (the daemon puts, the CLI lists, releases
-and deletes); SQLite does their locking.
+Several processes may use one store (the daemon's workers put, the CLI lists,
+releases and deletes), and several threads of each (recovery, the summary
+refresher, puts); SQLite does their locking, waiting up to OPEN_TIMEOUT for
+the others, except in one place where it gives up at once: switching a fresh
+index to WAL upgrades a read lock to a write lock, and SQLite answers
+"database is locked" to that without calling its busy handler (two upgraders
+would deadlock). So the index is set up once per store object (one thread
+of it at a time), that switch is retried until the deadline, and WAL being
+persistent in the file, no later connection switches again.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -52,6 +60,8 @@ ENTRY_INODES = 3
 ORPHAN_AGE = 3600.0
 log = logging.getLogger("queueguard.quarantine")
 SUMMARY_TTL = 10.0
+OPEN_TIMEOUT = 30.0
+"""How long an opener waits for the others' locks on the index before it fails, loudly."""
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 _SCHEMA = """
@@ -186,6 +196,48 @@ def _header_summary(raw: bytes) -> dict[str, str]:
         return {}
 
 
+def _create_private(path: Path) -> None:
+    """Create `path` empty and 0600 unless it exists: the index must never be readable by others,
+    not even between its creation and a chmod."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _connect(path: Path, deadline: float) -> sqlite3.Connection:
+    """A connection that waits (busy timeout) for other connections' locks until `deadline`."""
+    db = sqlite3.connect(path, timeout=max(deadline - time.monotonic(), 0.0), isolation_level=None)
+    try:
+        db.execute("PRAGMA synchronous=NORMAL")  # the index is derived data: recover() rebuilds it
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _use_wal(db: sqlite3.Connection, path: Path, deadline: float) -> None:
+    """Switch the index to WAL (readers and one writer at a time do not block each other), retrying
+    the immediate "database is locked" of the lock upgrade it needs until `deadline`."""
+    delay = 0.001
+    while True:
+        try:
+            (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
+            break
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+    if mode != "wal":  # SQLite says so only where it cannot (no shared memory, e.g. some network filesystems)
+        log.warning("quarantine index %s: journal mode %s, not WAL (not supported there): listing and putting "
+                    "wait for each other", path, mode)
+
+
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -201,15 +253,18 @@ class QuarantineStore:
         clock: Callable[[], float] = time.time,
         *,
         statvfs: Callable[[Path], os.statvfs_result] = os.statvfs,
+        open_timeout: float = OPEN_TIMEOUT,
     ) -> None:
         self.dir = Path(directory)
         self.msg_dir = self.dir / "msg"
         self.index_path = self.dir / "index.sqlite"
+        self.open_timeout = open_timeout
         self.min_free_bytes = min_free_bytes
         self.min_free_inodes = min_free_inodes
         self.clock = clock
         self.statvfs = statvfs
         self._ready = False
+        self._setting_up = threading.Lock()
         self._summary: dict[str, Any] = {}
         self._summary_at = -SUMMARY_TTL
         self._seen_counters: dict[str, int] = {}
@@ -217,25 +272,35 @@ class QuarantineStore:
     # --- setup and the index ---------------------------------------------------------
 
     def _ensure(self) -> None:
+        """Directories and the index (0600, WAL, schema), once per store object. QuarantineError when
+        the index cannot be set up within open_timeout; OSError when the filesystem refuses."""
         if self._ready:
             return
-        for d in (self.dir, self.msg_dir):
-            if not d.is_dir():
-                d.mkdir(mode=0o700, parents=True, exist_ok=True)
-                _fsync_dir(d.parent)
-        fresh = not self.index_path.exists()
-        with self._db() as db:
-            db.executescript(_SCHEMA)
-        if fresh:
-            os.chmod(self.index_path, 0o600)
-        self._ready = True
+        with self._setting_up:  # the recovery and summary threads start together
+            if self._ready:
+                return
+            for d in (self.dir, self.msg_dir):
+                if not d.is_dir():
+                    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    _fsync_dir(d.parent)
+            deadline = time.monotonic() + self.open_timeout
+            try:
+                _create_private(self.index_path)
+                db = _connect(self.index_path, deadline)
+                try:
+                    _use_wal(db, self.index_path, deadline)
+                    db.executescript(_SCHEMA)  # other openers' CREATEs wait for the busy timeout
+                finally:
+                    db.close()
+            except sqlite3.Error as e:
+                raise QuarantineError(f"quarantine index {self.index_path}: cannot set it up: {e}") from e
+            self._ready = True
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.index_path, timeout=30.0, isolation_level=None)
+        """A connection to the index as _ensure left it (WAL is persistent: nothing to switch)."""
+        db = _connect(self.index_path, time.monotonic() + self.open_timeout)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
             yield db
         finally:
             db.close()
@@ -508,7 +573,7 @@ class QuarantineStore:
                 by_rule = dict(db.execute("SELECT rule, COUNT(*) FROM entries GROUP BY rule").fetchall())
                 counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
             shards = sum(1 for _ in self.msg_dir.iterdir())
-        except (OSError, sqlite3.Error) as e:
+        except (OSError, sqlite3.Error, QuarantineError) as e:
             log.warning("quarantine %s: cannot read its index for the summary: %s", self.dir, e)
             return self._summary
         self._summary = {"messages": messages, "bytes": size, "by_rule": by_rule}

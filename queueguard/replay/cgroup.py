@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
-from queueguard.scan.sensors import CgroupMemorySensor, own_cgroup
+from queueguard.pressure.sensors import CgroupMemorySensor, own_cgroup
 
 
 class CgroupUnavailable(RuntimeError):

@@ -1,9 +1,10 @@
-"""Find a scenario in the checkout, run it, print the verdict table, write the JSON summary."""
+"""Find a scenario in the package, run it, print the verdict table, write the JSON summary."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -11,30 +12,26 @@ import time
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from queueguard.harness.exim import EXIM_ROOT_ENV, EximError
 from queueguard.replay.report import Summary, render
 
-REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = {
-    "vrts-spam-wave": "bench.scenarios.vrts_spam_wave",
-    "mx-stopped": "bench.scenarios.mx_stopped",
-    "outbound-stuck": "bench.scenarios.outbound_stuck",
-    "runner-crash": "bench.scenarios.runner_crash",
-    "inodes": "bench.scenarios.inodes",
+    "vrts-spam-wave": "queueguard.replay.scenarios.vrts_spam_wave",
+    "mx-stopped": "queueguard.replay.scenarios.mx_stopped",
+    "outbound-stuck": "queueguard.replay.scenarios.outbound_stuck",
+    "runner-crash": "queueguard.replay.scenarios.runner_crash",
+    "inodes": "queueguard.replay.scenarios.inodes",
 }
 
 
 class Scenario(Protocol):
-    """What a module under bench/scenarios/ provides."""
+    """What a module under queueguard/replay/scenarios/ provides."""
 
     def run(self, scale: float, workdir: Path) -> Summary: ...
 
 
 def load(name: str) -> Scenario:
-    if not (REPO / "bench" / "scenarios").is_dir() or not (REPO / "tests" / "components").is_dir():
-        raise SystemExit("queueguard replay runs from a source checkout (bench/scenarios, tests/components); "
-                         f"not found under {REPO}")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    """The scenario's module, imported when it runs: `queueguard serve` never loads one."""
     module: Scenario = importlib.import_module(SCENARIOS[name])
     return module
 
@@ -59,10 +56,19 @@ def run(name: str, scale: float, *, keep: bool = False, out: TextIO = sys.stdout
     return summary
 
 
-def main(scenario: str, scale: float, json_out: TextIO | None, *, keep: bool = False) -> int:
-    """Exit 0 when every scenario run kept every check (0 lost included), 1 otherwise."""
+def main(scenario: str, scale: float, json_out: TextIO | None, *, keep: bool = False,
+         exim_root: Path | None = None) -> int:
+    """Exit 0 when every scenario run kept every check (0 lost included), 1 otherwise.
+
+    `exim_root` goes into the environment, where the harness looks first.
+    """
+    if exim_root is not None:
+        os.environ[EXIM_ROOT_ENV] = str(exim_root.resolve())
     names = list(SCENARIOS) if scenario == "all" else [scenario]
-    summaries = [run(n, scale, keep=keep) for n in names]
+    try:
+        summaries = [run(n, scale, keep=keep) for n in names]
+    except EximError as exc:
+        raise SystemExit(f"queueguard replay: {exc}") from exc
     if json_out is not None:
         doc = summaries[0].as_dict() if len(summaries) == 1 else [s.as_dict() for s in summaries]
         json.dump(doc, json_out, indent=2)

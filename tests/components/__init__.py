@@ -1,1 +1,1 @@
-"""Helpers that start real components (Exim, sinks, ...) on loopback for tests."""
+"""Components only tests start (Postfix, Redis, miltertest); the shared ones are `queueguard.harness`."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from tests.components.ports import free_port, wait_port
+from queueguard.harness.ports import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRIB = REPO / "contrib" / "postfix"

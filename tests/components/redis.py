@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 from types import TracebackType
 
-from tests.components.ports import free_port, wait_port
+from queueguard.harness.ports import free_port, wait_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

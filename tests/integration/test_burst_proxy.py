@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.corpus import campaign, distinct
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from queueguard.quarantine import QuarantineStore
-from tests.components.guard import REPO, Guard
-from tests.components.sink import RecordingSink
+from queueguard.replay.corpus import campaign, distinct
 
+REPO = Path(__file__).resolve().parents[2]
 POLICY = """
 bursts:
   - name: same-message-wave

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from queueguard import web
-from queueguard.settings import QuarantineSettings, Settings, split_hostport
-from tests.components.ports import free_port
+from queueguard.harness.ports import free_port
+from queueguard.settings import QuarantineSettings, Settings, host_problems, split_hostport
+from queueguard.webauth import StatusAuth, hash_password
 
 pytestmark = pytest.mark.integration
 
@@ -188,6 +189,32 @@ async def test_healthcheck_command_against_the_real_web_listener(stages: list[St
         server.close()
         await server.wait_closed()
     assert await run_check(argv, f"http://127.0.0.1:{port}/healthz") != 0  # nobody listening
+
+
+async def test_healthcheck_needs_no_status_credentials(stages: list[Stage]) -> None:
+    """In the container metrics listens on 0.0.0.0, so the settings carry status credentials: the
+    HEALTHCHECK (no token) must still pass, while the same request for /status.json is refused."""
+    argv, _ = healthcheck(stages)
+    port = free_port()
+    server = await web.start_web("127.0.0.1", port, lambda: {"node": "mx1"},
+                                 StatusAuth(hash_password("a long status password", 10)))
+    try:
+        assert await run_check(argv, f"http://127.0.0.1:{port}/healthz") == 0
+        assert await run_check(argv, f"http://127.0.0.1:{port}/status.json") != 0  # 401
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_documented_container_settings_need_status_credentials() -> None:
+    """The Dockerfile says metrics listens on 0.0.0.0 in the container and that serve then wants
+    status.password_hash or status.token_file: both halves are true of the code."""
+    text = DOCKERFILE.read_text()
+    assert "metrics: 0.0.0.0:9925" in text and "status.password_hash" in text and "status.token_file" in text
+    bare = Settings(metrics="0.0.0.0:9925")
+    assert any("status.password_hash" in p for p in host_problems(bare))
+    assert host_problems(Settings(metrics="0.0.0.0:9925", status={"password_hash": hash_password("x" * 12, 10)})) == []
+    assert "-p 127.0.0.1:9925:9925" in text
 
 
 def setup_sh() -> str:

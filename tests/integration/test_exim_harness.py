@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.components.exim import CONTRIB_EXIM, DIRECT_SOURCE, Exim
-from tests.components.ports import free_port, wait_port
-from tests.components.sink import RecordingSink, SmtpSink
+from queueguard.harness.exim import DIRECT_SOURCE, Exim
+from queueguard.harness.ports import free_port, wait_port
+from queueguard.harness.sink import RecordingSink, SmtpSink
+from queueguard.shipped import EXIM_SNIPPETS
 
 pytestmark = pytest.mark.integration
 
-READSOCKET_ACL = f".include {CONTRIB_EXIM / 'readsocket-acl.conf'}"
+READSOCKET_ACL = f".include {EXIM_SNIPPETS / 'readsocket-acl.conf'}"
 DIALOGUE = "ehlo client.example\nmail from:<a@client.example>\nrcpt to:<{rcpt}>\nquit\n"
 
 
@@ -130,7 +131,7 @@ def test_proxy_deployment_snippet_is_what_exim_runs(proxied_exim: Exim) -> None:
     assert "proxy_protocol_timeout = 3s" in out
     include = re.search(r"^\.include (\S+/proxy-deployment\.conf)$", proxied_exim.config_path.read_text(), re.M)
     assert include is not None
-    assert Path(include[1]).read_bytes() == (CONTRIB_EXIM / "proxy-deployment.conf").read_bytes()
+    assert Path(include[1]).read_bytes() == (EXIM_SNIPPETS / "proxy-deployment.conf").read_bytes()
 
 
 def test_many_messages_on_one_connection_are_all_delivered_at_once(exim: Exim) -> None:

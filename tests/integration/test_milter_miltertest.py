@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from queueguard.harness.clamd import FOUND, Clamd, eicar
+from queueguard.harness.guard import Guard
+from queueguard.harness.ports import free_port
 from tests.components import miltertest
-from tests.components.clamd import FOUND, Clamd, eicar
-from tests.components.guard import Guard
-from tests.components.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -102,7 +102,8 @@ def test_oversized_message_is_refused_without_buffering_it_all(guard: Guard, tmp
     body.write_bytes((b"y" * 998 + b"\r\n") * (2 * MAX_SIZE // 1000))
     assert "refused" in miltertest.run("refused_body.lua", sock(guard), {"body": body})
     line = guard.message_lines()[-1]
-    assert "verdict=reject reason=too_big" in line and "552 5.3.4 Message size exceeds fixed limit" in line
+    assert "verdict=reject reason=oversize" in line
+    assert "552 5.3.4 Message size exceeds fixed maximum message size" in line
 
 
 def test_quarantine_in_the_mta_hold_queue() -> None:

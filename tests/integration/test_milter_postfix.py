@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.components.guard import Guard
-from tests.components.ports import free_port
+from queueguard.harness.guard import Guard
+from queueguard.harness.ports import free_port
+from queueguard.harness.sink import SmtpSink
 from tests.components.postfix import Postfix, send
-from tests.components.sink import SmtpSink
 
 pytestmark = pytest.mark.integration
 
@@ -145,3 +145,22 @@ def test_postfix_tempfails_while_queueguard_is_down(sink: SmtpSink) -> None:
         assert (error if isinstance(error, bytes) else error.encode()).startswith(b"4.7.1")
         assert pf.wait_queue_empty() == dict.fromkeys(pf.queue_counts(), 0)
         assert sink.wait_count(before, timeout=1) == before
+
+
+def test_forged_verdict_headers_are_deleted_and_ours_added(postfix: Postfix, sink: SmtpSink) -> None:
+    """A sender's own X-Queueguard-* headers never reach the mailbox (smfi_chgheader); ours do."""
+    before = sink.count()
+    msg = ("From: <a@remote.example>\r\nTo: <watched@test.example>\r\nSubject: forged\r\n"
+           "X-Queueguard-Scan: clean\r\nX-Queueguard-Hits: none,\r\n\tall good\r\nx-queueguard-hits: again\r\n"
+           "X-Queueguardian: not ours\r\n\r\nbody\r\n")
+    with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as c:  # twice: the second is over watch-one
+        assert c.sendmail("a@remote.example", ["watched@test.example"], msg) == {}
+        assert c.sendmail("a@remote.example", ["watched@test.example"], msg) == {}
+    assert sink.wait_count(before + 2) == before + 2
+    ours = []
+    for got in (m for m in sink.messages() if b"Subject: forged" in m):
+        headers = got.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].replace(b"\n\t", b" ")
+        ours += [line for line in headers.split(b"\n") if line.lower().startswith(b"x-queueguard-")]
+        assert b"X-Queueguardian: not ours" in headers and b"all good" not in got
+    # the second is over watch-one (so is the first when the module's other tests ran before)
+    assert ours and set(ours) == {b"X-Queueguard-Hits: ratelimit:watch-one(shadow)"}, ours

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.components.exim import CONTRIB_EXIM, EXIM_USER, Exim
-from tests.components.guard import Guard
-from tests.components.ports import free_port
+from queueguard.harness.exim import EXIM_USER, Exim
+from queueguard.harness.guard import Guard
+from queueguard.harness.ports import free_port
+from queueguard.shipped import EXIM_SNIPPETS
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,7 @@ ratelimits:
     action: quarantine
     only: {sender_in: ["suspect@remote.example"]}
 """
-READSOCKET_ACL = f".include {CONTRIB_EXIM / 'readsocket-acl.conf'}"
+READSOCKET_ACL = f".include {EXIM_SNIPPETS / 'readsocket-acl.conf'}"
 
 
 def exim_for(socket_spec: str, *, fail_open: bool = False) -> Exim:

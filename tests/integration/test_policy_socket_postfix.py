@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.components.guard import Guard
-from tests.components.ports import free_port
+from queueguard.harness.guard import Guard
+from queueguard.harness.ports import free_port
+from queueguard.harness.sink import SmtpSink
 from tests.components.postfix import Postfix, send
-from tests.components.sink import SmtpSink
 
 pytestmark = pytest.mark.integration
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
+from queueguard.harness.ports import free_port
+from queueguard.harness.sink import RecordingSink
 from queueguard.relay import proxy_header
-from tests.components.exim import Exim
-from tests.components.guard import Guard
-from tests.components.ports import free_port
-from tests.components.sink import RecordingSink
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +100,7 @@ def test_client_address_from_proxy_header_survives_starttls(tmp_path: Path) -> N
     still be the outside client, or the proxy would turn Exim into an open relay."""
     key, cert = _cert(tmp_path)
     with Exim(proxy=True, relay_from_hosts=["127.0.0.1"]) as exim, Guard({
-        "smtp": {"tls_cert": str(cert), "tls_key": str(key), "proxy_protocol_inbound": True},
+        "smtp": {"tls_cert": str(cert), "tls_key": str(key), "proxy_protocol_from": ["127.0.0.1/32"]},
         "downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}],
     }) as g:
         for tls in (False, True):

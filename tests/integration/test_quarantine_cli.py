@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
+from queueguard.harness.sink import RecordingSink
 from queueguard.model import Connection, RuleHit, Transaction, parse_ip
 from queueguard.quarantine import QuarantineStore
 from queueguard.verdict import quarantine
-from tests.components.sink import RecordingSink
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from queueguard.model import Connection, RuleHit, Transaction, parse_ip
 from queueguard.quarantine import QuarantineFull, QuarantineStore
 from queueguard.verdict import quarantine
-from tests.components.guard import Guard
-from tests.components.sink import RecordingSink
 
 
 @pytest.fixture

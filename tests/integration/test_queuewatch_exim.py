@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import REGISTRY
 
+from queueguard.harness.exim import Exim
 from queueguard.queuewatch.service import QueueWatch
 from queueguard.queuewatch.spools import exim_id_time, scan_exim
 from queueguard.settings import QueueWatchSettings
-from tests.components.exim import Exim
 
 MESSAGE = "From: a@example.org\nTo: alice@test.example\nSubject: queued {n}\n\nbody {n}\n"
 

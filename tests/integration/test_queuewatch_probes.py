@@ -7,13 +7,13 @@ from typing import Literal
 
 from prometheus_client import REGISTRY
 
+from queueguard.harness.clamd import Clamd
+from queueguard.harness.exim import Exim
+from queueguard.harness.ports import free_port
 from queueguard.queuewatch.probes import probe_clamd, probe_smtp
 from queueguard.queuewatch.service import QueueWatch
 from queueguard.scan.clamd import ClamdClient
 from queueguard.settings import Downstream, QueueWatchSettings
-from tests.components.clamd import Clamd
-from tests.components.exim import Exim
-from tests.components.ports import free_port
 
 
 async def test_banner_probe_plain_exim() -> None:

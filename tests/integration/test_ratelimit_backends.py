@@ -40,14 +40,14 @@ POLICY = Policy.model_validate({"ratelimits": [
 
 async def message(check: RateLimitCheck, *rcpts: str, sender: str = "a@example.org",
                   policy: Policy = POLICY) -> list[int]:
-    txn = Transaction(Connection(parse_ip("192.0.2.1")), sender)
+    txn = Transaction(Connection(parse_ip("192.0.2.1")), sender, policy=policy)
     codes = []
     for to in rcpts:
         r = await check.on_rcpt(RcptContext(txn, to, policy))
         if r.verdict is None:
             txn.recipients.append(to)
         codes.append(250 if r.verdict is None else r.verdict.code)
-    await check.commit(txn, policy)
+    await check.on_end(txn, True)
     return codes
 
 
@@ -111,18 +111,18 @@ async def test_redis_killed_mid_flood_falls_back_and_recovers(redis_server: Redi
     clock = Clock()
     check = RateLimitCheck(RedisStore(redis_server.url), clock=clock, retry_after=5.0)
     codes = [(await message(check, "info@example.org", sender=f"s{i}@x.example"))[0] for i in range(2)]
-    errors = metrics.ratelimit_backend_errors.labels("redis")._value.get()
+    errors = metrics.state_errors.labels("ratelimit", "redis")._value.get()
     redis_server.kill()
     # The in-process limiter takes over (empty: it did not see the first 2), answers only 250/451.
     codes += [(await message(check, "info@example.org", sender=f"k{i}@x.example"))[0] for i in range(5)]
     assert codes == [250, 250, 250, 250, 250, 451, 451]
-    assert metrics.ratelimit_fallback_active._value.get() == 1
-    assert metrics.ratelimit_backend_errors.labels("redis")._value.get() == errors + 1
+    assert metrics.state_fallback_active.labels("ratelimit")._value.get() == 1
+    assert metrics.state_errors.labels("ratelimit", "redis")._value.get() == errors + 1
     redis_server.start()  # same port, empty, no script cached: EVALSHA must reload it
     clock.t += 5
     assert await message(check, "sales@example.org") == [250]
-    assert metrics.ratelimit_fallback_active._value.get() == 0
-    assert await check.store.peek(["flood:sales@example.org"]) != [None]  # recorded in Redis again
+    assert metrics.state_fallback_active.labels("ratelimit")._value.get() == 0
+    assert await check.state.shared.peek(["flood:sales@example.org"]) != [None]  # recorded in Redis again
     await check.close()
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.components.exim import Exim
-from tests.components.guard import Guard
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from tests.components.redis import RedisServer
-from tests.components.sink import RecordingSink
 
 pytestmark = pytest.mark.integration
 
@@ -120,6 +120,6 @@ def test_two_guards_share_one_limit_in_redis_and_survive_its_crash(sink: Recordi
             delivered_rcpts = sum(len(m.rcpt_tos) for m in sink.messages)
             assert delivered_rcpts == total_250  # every accepted recipient arrived; nothing lost
             for g in (a, b):
-                assert g.metric("queueguard_ratelimit_fallback_active") == 1
-                assert g.metric("queueguard_ratelimit_backend_errors_total") >= 1
-                assert "using the in-process limiter" in g.log()
+                assert g.metric("queueguard_state_fallback_active", component="ratelimit") == 1
+                assert g.metric("queueguard_state_errors_total", component="ratelimit") >= 1
+                assert "using in-process state" in g.log()

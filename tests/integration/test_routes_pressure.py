@@ -11,6 +11,7 @@ ticket host's policy turns its kernel sensors off so that nothing else moves the
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,15 +20,15 @@ from typing import Any
 
 import pytest
 
-from tests.components.clamd import Clamd
-from tests.components.exim import Exim
-from tests.components.guard import Guard
+from queueguard.harness.clamd import Clamd
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
 from tests.components.redis import RedisServer
 from tests.integration.test_routes_proxy import MX_POLICY, contrib, mx_settings, send
 
 pytestmark = pytest.mark.integration
 
-TICKET_POLICY = {"quiet.yaml": "scan:\n  pressure:\n    psi_memory_some_avg10: null\n"}
+TICKET_POLICY = {"quiet.yaml": "pressure:\n  psi_memory_some_avg10: null\n"}
 BOUND = 12.0  # seconds: publish every 2 s + read every 2 s (shipped), with room for a loaded box
 
 
@@ -37,6 +38,9 @@ def ticket_settings(exim: Exim, level_file: Path, *, redis_url: str | None, clam
     doc["queuewatch"]["exim_spool"] = str(exim.dir / "spool")
     doc["queuewatch"]["interval"] = "1s"  # shortened: the queue size is checked below
     doc["publish_pressure"]["level_file"] = str(level_file)
+    token_file = level_file.parent / "status-token"  # the shipped status.token_file, here
+    token_file.write_text(secrets.token_hex(32) + "\n")
+    doc["status"]["token_file"] = str(token_file)
     if redis_url is None:
         doc["state"] = "memory"  # no Redis: the report is only in /status.json
     else:
@@ -49,7 +53,11 @@ def ticket_settings(exim: Exim, level_file: Path, *, redis_url: str | None, clam
 
 
 def status(guard: Guard) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{guard.metrics_port}/status.json", timeout=5) as r:
+    """/status.json, with the guard's bearer token when its settings have one (the ticket host's do)."""
+    token_file = guard.settings.get("status", {}).get("token_file")
+    headers = {"Authorization": f"Bearer {Path(token_file).read_text().strip()}"} if token_file else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{guard.metrics_port}/status.json", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as r:
         doc: dict[str, Any] = json.loads(r.read())
     return doc
 
@@ -125,7 +133,7 @@ def test_ticket_host_shed_defers_its_route_on_the_mx_and_clears(
         accepted = 1 + on_the_way
         assert code == 451 and text.startswith("4.3.2 ") and "under memory pressure" in text
         assert "(route:tickets)" in text
-        published = status(ticket)["pressure"]
+        published = status(ticket)["published_pressure"]
         assert (published["level"], published["governor"], published["forced"]) == ("shed", "normal", "shed")
         assert published["node"] == "ticket1001" and "forced by" in published["reason"]
         assert mx.metric("queueguard_route_pressure_level", route="tickets") == 2
@@ -178,7 +186,8 @@ def test_without_redis_the_mx_reads_the_ticket_hosts_status_page(
     ticket = Guard(ticket_settings(ticket_exim, level_file, redis_url=None, clamd=None), TICKET_POLICY)
     mx_doc = mx_settings(mx_exim.port, ticket.port, "memory")
     mx_doc["routes"]["tickets"]["pressure"] = {
-        "source": "http", "url": f"http://127.0.0.1:{ticket.metrics_port}/status.json", "interval": "2s"}
+        "source": "http", "url": f"http://127.0.0.1:{ticket.metrics_port}/status.json", "interval": "2s",
+        "token_file": ticket.settings["status"]["token_file"]}  # the ticket host's token, as shipped
     with ticket, Guard(mx_doc, MX_POLICY) as mx:
         assert status(ticket)["pressure"]["level"] == "normal"  # its own governor, no clamd
         assert info_reply(mx, 1)[0] == 250

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.components.exim import Exim
-from tests.components.guard import Guard
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 from tests.components.redis import RedisServer
-from tests.components.sink import RecordingSink
 
 pytestmark = pytest.mark.integration
 

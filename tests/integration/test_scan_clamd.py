@@ -1,4 +1,4 @@
-"""ScanCheck against a real clamd (tests/components/clamd.py: local EICAR .ndb, unix socket and TCP).
+"""ScanCheck against a real clamd (queueguard/harness/clamd.py: local EICAR .ndb, unix socket and TCP).
 
 Checks are called directly with RcptContext/MessageContext; the pipeline-level
 test at the end runs the same check inside queueguard.pipeline.Pipeline.
@@ -18,18 +18,19 @@ from typing import Any
 import pytest
 
 from queueguard import metrics
+from queueguard.harness.clamd import FOUND, Clamd, eicar
 from queueguard.mime import parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.pipeline import Pipeline
 from queueguard.policy.schema import Policy
+from queueguard.pressure.governor import Governor
 from queueguard.scan.check import ScanCheck
 from queueguard.scan.clamd import ClamdClient, ClamdStats, ScanError, ScanResult
 from queueguard.scan.health import BreakerState
 from queueguard.settings import ClamdSettings
 from queueguard.stage import MessageContext, StageResult
 from queueguard.verdict import Action, Verdict
-from tests.components.clamd import FOUND, Clamd, eicar
-from tests.unit.scan.test_scan_governor import FakeSensor
+from tests.unit.pressure.test_governor import FakeSensor
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +51,8 @@ def big(n: int) -> bytes:
     return mail(os.urandom(n))
 
 
-def policy(**scan: Any) -> Policy:
-    return Policy.model_validate({"scan": scan})
+def policy(pressure: dict[str, Any] | None = None, **scan: Any) -> Policy:
+    return Policy.model_validate({"scan": scan, "pressure": pressure or {}})
 
 
 def txn() -> Transaction:
@@ -64,7 +65,7 @@ def ctx(raw: bytes, p: Policy) -> MessageContext:
 
 def check_for(address: str, *, sensors: list[FakeSensor] | None = None, **settings: Any) -> ScanCheck:
     cfg = ClamdSettings(enabled=True, address=address, **settings)
-    return ScanCheck(cfg, sensors=sensors or [], pressure_interval=0)
+    return ScanCheck(cfg, Governor(sensors or [], clock=time.monotonic, interval=0))
 
 
 @pytest.fixture
@@ -109,7 +110,7 @@ async def test_eicar_attachment_and_clean_mail(clamd: Clamd, transport: str, on_
         assert r.verdict.action is Action.QUARANTINE and r.verdict.text == f"virus found: {FOUND}"
     assert r.hits[0].detail == FOUND
     clean = await check.on_message(ctx(mail(b"just a document\n" * 100, "doc.txt"), p))
-    assert clean.verdict is None and clean.headers == []
+    assert clean.verdict is None and clean.hits == []
     assert check.health.up is True and metrics.clamd_up._value.get() == 1
 
 
@@ -155,7 +156,7 @@ async def test_kill9_mid_scan_then_restart(clamd: Clamd) -> None:
     settings = ClamdSettings(enabled=True, address=str(clamd.socket), breaker_failures=3, breaker_reset=0.3,
                              timeout=20)
     rec = Recording(ClamdClient.from_settings(settings))
-    check = ScanCheck(settings, sensors=[], scanner=rec, pressure_interval=0)
+    check = ScanCheck(settings, Governor([], clock=time.monotonic), scanner=rec)
     p = policy(max_concurrent=4, max_waiting=50, max_wait="30s", adaptive=False)
     msgs = [big(5_000_000) for _ in range(16)]
     tasks = [asyncio.create_task(check.on_message(ctx(m, p))) for m in msgs]
@@ -226,18 +227,15 @@ async def test_wait_bound_in_time(clamd: Clamd) -> None:
     assert check.gate.peak_in_flight == 1
 
 
-async def test_soften_lowers_concurrency_and_defers_large(clamd: Clamd) -> None:
+async def test_soften_lowers_concurrency(clamd: Clamd) -> None:
     psi = FakeSensor("psi_memory", "psi_memory_some_avg10", 20.0)  # soften: 10 <= 20 < 40
     check = check_for(str(clamd.socket), sensors=[psi])
-    p = policy(max_concurrent=4, adaptive=False, soften={"max_concurrent": 1, "defer_larger_than": "4MB"})
-    msgs = [big(2_000_000) for _ in range(5)] + [big(4_000_000)]
-    results = await asyncio.gather(*(check.on_message(ctx(m, p)) for m in msgs))
-    assert [r.verdict for r in results[:5]] == [None] * 5
-    large = results[5].verdict
-    assert large is not None and large.reason == "soften_size" and large.code == 451
+    p = policy({"soften": {"scan_concurrency": 1}}, max_concurrent=4, adaptive=False)
+    results = await asyncio.gather(*(check.on_message(ctx(big(2_000_000), p)) for _ in range(5)))
+    assert [r.verdict for r in results] == [None] * 5
     assert check.gate.peak_in_flight == 1
     psi.value = 0.0
-    check.governor.update(p.scan.pressure.model_copy(update={"hold": 0}))
+    check.governor.update(p.pressure.model_copy(update={"hold": 0}))
     await asyncio.gather(*(check.on_message(ctx(m, p)) for m in [big(2_000_000) for _ in range(6)]))
     assert check.gate.peak_in_flight > 1  # back to normal: the soften cap is gone
 
@@ -245,15 +243,14 @@ async def test_soften_lowers_concurrency_and_defers_large(clamd: Clamd) -> None:
 async def test_in_pipeline(clamd: Clamd) -> None:
     check = check_for(str(clamd.socket))
     p = policy()
-    pipe = Pipeline("test", lambda: p, rcpt_checks=[check], message_checks=[check])
-    conn = Connection(parse_ip("192.0.2.1"))
+    session = Pipeline("test", lambda: p, message_checks=[check]).open(Connection(parse_ip("192.0.2.1")))
     for raw, expected in ((mail(eicar()), "550 5.7.1"), (mail(b"hello"), "250 ")):
-        t, _ = await pipe.mail(conn, "a@sender.example")
-        assert not (await pipe.rcpt(t, "b@rcpt.example")).final
-        v = await pipe.message(t, raw)
+        await session.mail("a@sender.example")
+        assert not (await session.rcpt("b@rcpt.example")).final
+        v = (await session.data(raw)).verdict
         assert v.reply().startswith(expected), v
     clamd.kill9()
-    t, _ = await pipe.mail(conn, "a@sender.example")
-    await pipe.rcpt(t, "b@rcpt.example")
-    v = await pipe.message(t, mail(b"hello again"))
+    await session.mail("a@sender.example")
+    await session.rcpt("b@rcpt.example")
+    v = (await session.data(mail(b"hello again"))).verdict
     assert v.reply().startswith("451 4.3.2"), v

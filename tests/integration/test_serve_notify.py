@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.components.guard import Guard
-from tests.components.sink import RecordingSink
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.components.ports import free_port
+from queueguard.harness.ports import free_port
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -58,3 +58,27 @@ def test_bad_listen_address_is_a_settings_error(tmp_path: Path) -> None:
     r = serve("--listen", "nonsense", "--quarantine", str(tmp_path / "q"), cwd=tmp_path)
     assert r.returncode == 2
     assert "smtp.listen: " in r.stderr and "give an IP address and port" in r.stderr
+
+
+@pytest.mark.parametrize("metrics", ["0.0.0.0", "[::]"])
+def test_status_page_off_loopback_without_credentials(tmp_path: Path, metrics: str) -> None:
+    """Refused before anything listens (so this test binds nothing beyond loopback)."""
+    smtp_port = free_port()
+    r = serve("--listen", f"127.0.0.1:{smtp_port}", "--quarantine", str(tmp_path / "q"),
+              "--metrics", f"{metrics}:{free_port()}", cwd=tmp_path)
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"queueguard: metrics: {metrics}:") and "is not a loopback address" in line
+    assert line.endswith("set status.password_hash (queueguard passwd) or status.token_file")
+    assert "queueguard ready" not in r.stderr
+    with socket.create_server(("127.0.0.1", smtp_port)):  # it never took its SMTP port either
+        pass
+
+
+def test_missing_status_token_file(tmp_path: Path) -> None:
+    settings = tmp_path / "queueguard.yaml"
+    settings.write_text(f"status:\n  token_file: {tmp_path / 'no-token'}\n")
+    r = serve("--settings", str(settings), "--listen", f"127.0.0.1:{free_port()}",
+              "--quarantine", str(tmp_path / "q"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"queueguard: status.token_file: {tmp_path / 'no-token'}: No such file or directory"

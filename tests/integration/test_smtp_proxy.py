@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.components.exim import Exim
-from tests.components.guard import Guard, raw_dialogue
-from tests.components.ports import free_port
-from tests.components.sink import RecordingSink
+from queueguard.harness.exim import Exim
+from queueguard.harness.guard import Guard, raw_dialogue
+from queueguard.harness.ports import free_port
+from queueguard.harness.sink import RecordingSink
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def guard_exim(exim: Exim) -> Iterator[Guard]:
 def guard_lb(exim: Exim) -> Iterator[Guard]:
     """Guard behind a load balancer: PROXY inbound (swaks sends it) and PROXY v2 toward Exim."""
     with Guard({
-        "smtp": {"proxy_protocol_inbound": True},
+        "smtp": {"proxy_protocol_from": ["127.0.0.1/32"]},
         "downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}],
     }) as g:
         yield g
@@ -217,8 +217,8 @@ def test_oversized_message_552_5_3_4() -> None:
 
 
 def test_ehlo_mid_transaction_resets_it() -> None:
-    """RFC 5321 4.1.4: EHLO resets the transaction, ours included (logged as rset, its downstream
-    side reset), so a refusal of the next MAIL is never booked against it."""
+    """RFC 5321 4.1.4: EHLO resets the transaction, ours included (logged as abandoned, its
+    downstream side reset), so a refusal of the next MAIL is never booked against it."""
     with RecordingSink() as sink, Guard({"smtp": {"max_message_size": 10_000},
                                          "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
         with g.smtp() as c:
@@ -230,32 +230,27 @@ def test_ehlo_mid_transaction_resets_it() -> None:
             c.sendmail("c@client.example", ["bob@test.example"], MSG)
         assert [m.mail_from for m in sink.messages] == ["c@client.example"]
         lines = g.message_lines()
-        assert [line for line in lines if "sender=<a@client.example>" in line and "reason=rset" in line]
+        assert [line for line in lines if "sender=<a@client.example>" in line and "reason=abandoned" in line
+                and "verdict=none" in line]
         assert not [line for line in lines if "reason=oversize" in line]
 
 
-def test_over_long_lines_are_refused_500_and_the_session_goes_on() -> None:
-    """RFC 5321 4.5.3.1.6: text lines of at most 1000 octets, commands of 512. Over-long DATA
-    lines, below and beyond what one read buffers (16 KiB), end the transaction with a 500
-    and its own log reason; the session goes on, and long but legal lines pass intact."""
-    legal = b"Subject: wide\r\n\r\n" + (b"w" * 998 + b"\r\n") * 300
-    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
-        with g.smtp() as c:
-            for length in (1_500, 40_000):
-                c.mail("a@client.example")
-                assert c.rcpt("bob@test.example")[0] == 250
-                code, text = c.data(b"Subject: long\r\n\r\n" + b"z" * length + b"\r\n")
-                assert (code, text) == (500, b"5.5.2 Line too long: at most 1000 octets per line (RFC 5321 4.5.3.1.6)")
-            for length in (600, 20_000):
-                assert c.docmd("NOOP", "n" * length) == (500, b"Command line too long")
-            assert c.noop()[0] == 250
-            c.sendmail("a@client.example", ["bob@test.example"], MSG)
-            c.sendmail("a@client.example", ["bob@test.example"], legal)
-        assert sink.messages[-1].data.endswith(legal)
-        assert len(sink.messages) == 2
-        assert g.metric("queueguard_protocol_errors_total", kind="line_too_long") == 2
-        refused = [line for line in g.message_lines() if "reason=line_too_long" in line]
-        assert len(refused) == 2 and all("verdict=reject" in line for line in refused)
+def test_long_lines_are_relayed_intact_and_long_commands_refused(exim: Exim, guard_exim: Guard) -> None:
+    """Exim (and Postfix) accept DATA lines far over RFC 5321's 1000 octets (HTML newsletters send
+    them), so we relay them byte for byte to a real Exim: below and beyond what one read buffers
+    (16 KiB), up to the message size limit. Commands keep their 512-octet limit (RFC 5321 4.5.3.1.4)."""
+    bodies = [b"z" * n + b"\r\n.starts with a dot " + b"y" * n + b"\r\n" for n in (1_500, 40_000, 300_000)]
+    with guard_exim.smtp() as c:
+        for i, body in enumerate(bodies):
+            assert c.sendmail("a@client.example", ["bob@test.example"], b"Subject: long %d\r\n\r\n" % i + body) == {}
+        for length in (600, 20_000):
+            assert c.docmd("NOOP", "n" * length) == (500, b"Command line too long")
+        assert c.noop()[0] == 250
+    delivered = exim.wait_maildir("bob", 3)
+    assert len(delivered) == 3
+    for body in bodies:  # the maildir stores LF line ends; the content is otherwise byte-identical
+        assert sum(m.replace(b"\r\n", b"\n").endswith(b"\n\n" + body.replace(b"\r\n", b"\n")) for m in delivered) == 1
+    assert guard_exim.metric("queueguard_protocol_errors_total", kind="line_too_long") == 0
 
 
 def test_garbage_commands_get_clear_errors_and_session_survives() -> None:
@@ -386,3 +381,19 @@ def test_control_characters_refused_and_postmaster_accepted() -> None:
         assert "501 5.5.2 Syntax error in HELO/EHLO hostname" in lines
         assert "501 5.1.7 Bad sender address syntax" in lines
         assert lines[-1].startswith("250"), lines
+
+
+def test_forged_verdict_headers_never_reach_the_mta(exim: Exim) -> None:
+    """A sender's X-Queueguard-* headers are removed before checks and before the downstream;
+    only the guard's own are delivered (SpamAssassin, rspamd and Exim do the same for theirs)."""
+    policy = "patterns:\n  - name: mark\n    subject: forged\n    action: tag\n"
+    with Guard({"downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}]},
+               {"p.yaml": policy}) as g, g.smtp() as c:
+        msg = (b"Subject: forged\r\nX-Queueguard-Scan: clean\r\nX-QUEUEGUARD-PATTERN: whitelisted\r\n"
+               b"X-Queueguard-Hits: none,\r\n\tfolded\r\nX-Queueguardian: not ours\r\n\r\nbody\r\n")
+        assert c.sendmail("a@client.example", ["bob@test.example"], msg) == {}
+    (delivered,) = exim.wait_maildir("bob", 1)
+    headers = delivered.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].replace(b"\n\t", b" ")
+    ours = sorted(line for line in headers.split(b"\n") if line.lower().startswith(b"x-queueguard-"))
+    assert ours == [b"X-Queueguard-Hits: pattern:mark", b"X-Queueguard-Pattern: mark"], ours
+    assert b"X-Queueguardian: not ours" in headers and b"folded" not in delivered

@@ -10,6 +10,7 @@ credentials, which NotifyAccess=main checks) on a socket we bind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 import shutil
@@ -87,7 +88,7 @@ def test_service_is_notify_with_watchdog_and_always_restarts(unit: dict[str, dic
     assert seconds(one(unit, "RestartSec")) > 0
     assert one(unit, "StartLimitIntervalSec", "Unit") == "0", "systemd must never give up restarting"
     assert one(unit, "ExecStart") == f"{INSTALLED_BINARY} serve --settings /etc/queueguard/queueguard.yaml"
-    assert unit["Service"]["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
+    assert unit["Service"]["ExecReload"][-1] == '/bin/sh -c "kill -HUP $MAINPID"'
     assert seconds(one(unit, "TimeoutStopSec")) > SmtpSettings().shutdown_grace
     assert int(one(unit, "LimitNOFILE")) >= 65536
     assert one(unit, "WantedBy", "Install") == "multi-user.target"
@@ -331,58 +332,62 @@ def test_real_process_does_not_ping_someone_elses_watchdog(child_dir: Path) -> N
 
 # --- the shipped unit under a real systemd (PID 1 of a systemd-nspawn container) ---------------
 
-SYSTEMD_ROOT = ROOT / ".deps" / "systemd-root"  # a minimal bookworm with systemd and python3, cached
+# A minimal bookworm with systemd, python3 and redis, cached under a name that changes with the list.
+# Debian's python3 is 3.11.2: redis-py wants async-timeout below 3.11.3, so it comes from Debian.
+CONTAINER_PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-async-timeout,redis-server"
+SYSTEMD_ROOT = ROOT / ".deps" / f"systemd-root-{hashlib.sha256(CONTAINER_PACKAGES.encode()).hexdigest()[:8]}"
 
-STAND_IN = textwrap.dedent('''\
+LAUNCHER = textwrap.dedent('''\
     #!/usr/bin/python3
-    """Stand-in for `queueguard serve` built from the shipped sdnotify and logging_setup:
-    binds port 25 as the unprivileged service user, fsyncs a file into the quarantine,
-    notifies READY/STATUS and pings the watchdog from its event loop, which it blocks
-    when /var/lib/queueguard/block appears."""
-    import asyncio, logging, os, sys, time
-    sys.path.insert(0, "/opt/queueguard")
-    from queueguard import sdnotify
-    from queueguard.logging_setup import configure, log_event
+    """The real `queueguard serve` (and `check`), from the checkout's package and the test venv's
+    dependencies bound read-only into the container, run by the container's own python3."""
+    import sys
+    sys.path[:0] = ["/opt/queueguard", "/opt/queueguard/site-packages"]
+    sys.path.append("/usr/lib/python3/dist-packages")  # Debian's async-timeout, after ours
+    from queueguard.cli import main
+    sys.exit(main())
+''')
 
-    if sys.argv[1:2] == ["check"]:
-        sys.exit(0)
-    configure("logfmt", "info")
-    log = logging.getLogger("queueguard.standin")
+SETTINGS = textwrap.dedent("""\
+    smtp: {listen: "0.0.0.0:25", hostname: guard.test, shutdown_grace: 5}
+    downstreams: [{address: "127.0.0.1:2526"}]
+    metrics: "127.0.0.1:9925"
+    policies: /etc/queueguard/policies
+    state: redis://127.0.0.1:6379/0
+    workers: 2
+""")
 
-    async def main() -> None:
-        await asyncio.start_server(lambda r, w: w.close(), "0.0.0.0", 25)
-        with open("/var/lib/queueguard/quarantine/probe", "w") as f:
-            f.write("x")
-            os.fsync(f.fileno())
-        try:
-            open("/etc/queueguard/probe", "w")
-            log_event(log, "etc_writable")
-        except OSError:
-            log_event(log, "etc_readonly")
-        asyncio.create_task(sdnotify.Watchdog().run())
-        asyncio.create_task(sdnotify.status_loop(lambda: f"uid={os.getuid()}", 0.5))
-        sdnotify.ready("accepting mail")
-        log_event(log, "ready", uid=os.getuid())
-        while True:
-            if os.path.exists("/var/lib/queueguard/block"):
-                os.unlink("/var/lib/queueguard/block")
-                log_event(log, "blocking_loop")
-                time.sleep(600)
-            await asyncio.sleep(0.2)
+SINK = textwrap.dedent('''\
+    import sys, time
+    sys.path[:0] = ["/opt/queueguard/site-packages"]
+    from aiosmtpd.controller import Controller
+    class Keep:
+        n = 0
+        async def handle_DATA(self, server, session, envelope):
+            Keep.n += 1
+            with open(f"/var/tmp/sink-{Keep.n}.eml", "wb") as f:
+                f.write(envelope.original_content)
+            return "250 2.0.0 kept"
+    Controller(Keep(), hostname="127.0.0.1", port=2526).start()
+    time.sleep(600)
+''')
 
-    asyncio.run(main())
+SEND = textwrap.dedent('''\
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", 25, timeout=30) as c:
+        c.sendmail("a@client.example", ["bob@test.example"], b"Subject: through systemd\\r\\n\\r\\nhello\\r\\n")
 ''')
 
 
 def systemd_root() -> Path:
-    """Build the container root once (mmdebstrap from the Debian mirror, ~25 s), then reuse it."""
+    """Build the container root once (mmdebstrap from the Debian mirror, ~30 s), then reuse it."""
     if (SYSTEMD_ROOT / "usr" / "lib" / "systemd" / "systemd").exists():
         return SYSTEMD_ROOT
-    building = SYSTEMD_ROOT.with_name("systemd-root.building")
+    building = SYSTEMD_ROOT.with_name(SYSTEMD_ROOT.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     building.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [tool("mmdebstrap"), "--variant=apt", "--include=systemd,systemd-sysv,dbus,python3", "bookworm",
+        [tool("mmdebstrap"), "--variant=apt", f"--include={CONTAINER_PACKAGES}", "bookworm",
          str(building), "/etc/apt/sources.list.d/debian.sources"],
         check=True, capture_output=True, timeout=600,
     )
@@ -445,27 +450,32 @@ class Container:
                 self.proc.wait(10)
 
 
-def test_real_systemd_runs_the_unit_and_restarts_a_stuck_event_loop(unit_root: Path) -> None:
-    """Boot systemd in a container with the shipped service, sysusers and tmpfiles files.
+def test_real_systemd_runs_the_real_daemon_with_two_workers(unit_root: Path) -> None:
+    """Boot systemd in a container with the shipped service, sysusers and tmpfiles files, and the
+    real `queueguard serve` with 2 workers on a Redis inside the container.
 
-    Checks what only a real systemd can: Type=notify start-up, the sandbox letting
-    Python run (MemoryDenyWriteExecute, the system-call filter), port 25 bound by the
-    unprivileged user through AmbientCapabilities, the quarantine writable under
-    ProtectSystem=strict and /etc not, and a blocked event loop answered by a
-    watchdog kill and a restart. WatchdogSec is lowered to 3 s by a drop-in to keep
-    the test short; everything else is the shipped file.
+    Checks what only a real systemd can: Type=notify start-up of the supervisor, the sandbox
+    letting Python and its workers run (MemoryDenyWriteExecute, the system-call filter,
+    ProtectSystem=strict), port 25 bound by the unprivileged user through AmbientCapabilities,
+    a message relayed, `systemctl reload` reloading both workers, a hung main process killed by
+    the watchdog and restarted, and a clean stop. WatchdogSec (3 s) and TimeoutAbortSec are
+    lowered by a drop-in to keep the test short; everything else is the shipped file.
     """
     root = systemd_root()
     opt = unit_root / "opt"
     (opt / ".venv" / "bin").mkdir(parents=True)
-    (opt / "queueguard").mkdir()  # mount point for the package, inside a read-only bind
-    standin = opt / ".venv" / "bin" / "queueguard"
-    standin.write_text(STAND_IN)
-    standin.chmod(0o755)
-    (unit_root / "etc-queueguard").mkdir()
-    (unit_root / "etc-queueguard" / "queueguard.yaml").write_text("{}\n")
+    (opt / "queueguard").mkdir()  # mount points inside a read-only bind
+    (opt / "site-packages").mkdir()
+    launcher = opt / ".venv" / "bin" / "queueguard"
+    launcher.write_text(LAUNCHER)
+    launcher.chmod(0o755)
+    etc = unit_root / "etc-queueguard"
+    (etc / "policies").mkdir(parents=True)
+    (etc / "queueguard.yaml").write_text(SETTINGS)
+    (etc / "policies" / "default.yaml").write_text("lists: {}\n")
     dropin = unit_root / "watchdog.conf"
-    dropin.write_text("[Service]\nWatchdogSec=3\n")
+    dropin.write_text("[Service]\nWatchdogSec=3\nTimeoutAbortSec=5\n")
+    site = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     binds = {
         SERVICE: "/etc/systemd/system/queueguard.service",
         dropin: "/etc/systemd/system/queueguard.service.d/watchdog.conf",
@@ -473,32 +483,65 @@ def test_real_systemd_runs_the_unit_and_restarts_a_stuck_event_loop(unit_root: P
         SYSTEMD / "queueguard.tmpfiles": "/etc/tmpfiles.d/queueguard.conf",
         opt: "/opt/queueguard",
         ROOT / "queueguard": "/opt/queueguard/queueguard",
-        unit_root / "etc-queueguard": "/etc/queueguard",
+        site: "/opt/queueguard/site-packages",
+        etc: "/etc/queueguard",
     }
     container = Container(root, binds, ["systemd.wants=queueguard.service"], unit_root / "nspawn.log")
+    sink: subprocess.Popen[bytes] | None = None
     try:
         container.wait_leader()
-        first = container.wait_for("queueguard", lambda s: s.get("StatusText", "").startswith("uid="), 60)
-        assert first["ActiveState"] == "active"
-        uid = int(first["StatusText"].removeprefix("uid="))
+        first = container.wait_for("queueguard", lambda s: s.get("StatusText", "").startswith("2 workers"), 90)
+        assert first["ActiveState"] == "active", first
+        main = int(first["MainPID"])
+
+        def children(pid: int | str) -> list[str]:  # no procps in the container
+            return container.run("cat", f"/proc/{pid}/task/{pid}/children").split()
+
+        workers = children(main)
+        assert len(workers) == 2, workers
+        uid = int(container.run("stat", "-c", "%u", f"/proc/{workers[0]}").strip())
         assert uid != 0
         listening = container.run("cat", "/proc/net/tcp")
         assert any(f.split()[1].endswith(":0019") and int(f.split()[7]) == uid
                    for f in listening.splitlines()[1:]), listening
-        journal = container.run("journalctl", "-u", "queueguard", "--no-pager", "-o", "cat")
-        assert "msg=etc_readonly" in journal and "msg=ready" in journal, journal
-        assert container.run("stat", "-c", "%a %u", "/var/lib/queueguard/quarantine").split() == ["700", str(uid)]
 
-        container.run("touch", "/var/lib/queueguard/block")
+        sink = subprocess.Popen(["nsenter", "-t", str(container.leader), "-a", "python3", "-c", SINK],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while f":{2526:04X} " not in container.run("cat", "/proc/net/tcp"):  # the sink listening
+            assert time.monotonic() < deadline, "the sink in the container did not start"
+            time.sleep(0.2)
+        sent = subprocess.run(["nsenter", "-t", str(container.leader), "-a", "python3", "-c", SEND],
+                              capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        assert "Subject: through systemd" in container.run("cat", "/var/tmp/sink-1.eml")
+
+        def journal() -> str:
+            return container.run("journalctl", "-u", "queueguard", "--no-pager", "-o", "cat")
+
+        loaded = journal().count("policy loaded from")
+        container.run("systemctl", "reload", "queueguard")
+        deadline = time.monotonic() + 30
+        while journal().count("policy loaded from") < loaded + 2:
+            assert time.monotonic() < deadline, journal()
+            time.sleep(0.3)
+
+        container.run("sh", "-c", f"kill -STOP {main}")  # the supervisor hangs: no more WATCHDOG=1
         restarted = container.wait_for(
             "queueguard",
             lambda s: s.get("NRestarts") == "1" and s.get("ActiveState") == "active"
-            and s.get("MainPID") not in ("0", first["MainPID"]) and s.get("StatusText", "").startswith("uid="),
-            60,
+            and s.get("MainPID") not in ("0", str(main)) and s.get("StatusText", "").startswith("2 workers"),
+            90,
         )
-        journal = container.run("journalctl", "-u", "queueguard", "--no-pager", "-o", "cat")
-        assert "msg=blocking_loop" in journal
-        assert "Watchdog timeout" in journal, journal
-        assert restarted["MainPID"] != first["MainPID"]
+        assert "Watchdog timeout" in journal(), journal()
+        assert len(children(restarted["MainPID"])) == 2
+
+        container.run("systemctl", "stop", "queueguard")
+        stopped = container.wait_for("queueguard", lambda s: s.get("ActiveState") == "inactive", 60)
+        assert stopped["Result"] == "success", stopped
+        assert "workers draining" in journal()
     finally:
+        if sink is not None:
+            sink.kill()
+            sink.wait()
         container.stop()

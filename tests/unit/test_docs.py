@@ -36,9 +36,11 @@ from pydantic import BaseModel
 
 from queueguard import cli
 from queueguard import settings as settings_module
+from queueguard.check import schema_json
+from queueguard.pipeline import End
 from queueguard.policy import schema as policy_schema
-from queueguard.policy.check import schema_json
 from queueguard.policy.units import parse_duration, parse_size
+from queueguard.resolve import CONNECTION_TEXTS, PRESSURE_TEXTS
 from queueguard.settings import Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -351,12 +353,15 @@ PACKAGE = ROOT / "queueguard"
 # Every non-literal `reason=` expression in the code, and how its labels are found. A new form
 # fails test_every_reason_form_is_understood: teach code_reason_labels about it.
 DYNAMIC_REASONS = {
-    "reason": "scan/check.py _defer(LABEL, ...)",
-    "f'route_{reason}'": "routing.py _defer(route, LABEL, ...)",
-    "kind": "burst/pattern rule kinds",
+    "hit.rule": "resolve.py: scan hits, named by scan/check.py _defer(LABEL, ...)",
+    "rule": "resolve.py: pressure hits, named by the keys of resolve.PRESSURE_TEXTS",
+    "f'route_{why}'": "resolve.py: route hits, named by routing.py _defer(route, LABEL, ...)",
+    "kind": "resolve.py: rule kinds (ratelimit, burst, pattern)",
     "hit.kind": "rule kinds that quarantine",
-    "f'downstream_{stage}'": "pipeline.py _from_downstream(reply, STAGE)",
+    "f'downstream_{stage}'": "pipeline/session.py from_downstream(reply, STAGE)",
     "verdict.reason": "the pipeline passing a verdict's reason on",
+    "reason": "verdict.py: the verdict makers passing their argument on",
+    "f'connection_{rule}'": "resolve.py: connection limits, named by the keys of resolve.CONNECTION_TEXTS",
 }
 VERDICT_MAKERS = ("tempfail", "reject", "quarantine", "Verdict")
 RULE_KINDS = ("ratelimit", "burst", "pattern")
@@ -405,10 +410,11 @@ def code_reason_labels() -> set[str]:
     for call in _calls(PACKAGE / "routing.py"):
         if _name(call) == "_defer" and len(call.args) >= 2 and (label := _const(call.args[1])):
             labels.add(f"route_{label}")
-    for call in _calls(PACKAGE / "pipeline.py"):
-        if _name(call) == "_from_downstream" and len(call.args) >= 2 and (stage := _const(call.args[1])):
+    for call in _calls(PACKAGE / "pipeline" / "session.py"):
+        if _name(call) == "from_downstream" and len(call.args) >= 2 and (stage := _const(call.args[1])):
             labels.add(f"downstream_{stage}")
-    return labels | set(RULE_KINDS)
+    return (labels | set(RULE_KINDS) | set(PRESSURE_TEXTS) | {why.value for why in End}
+            | {f"connection_{why}" for why in CONNECTION_TEXTS})
 
 
 def documented_reasons() -> set[str]:

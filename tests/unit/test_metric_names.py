@@ -115,3 +115,56 @@ def test_dashboard_datasource_is_a_variable() -> None:
     for panel in dash["panels"]:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+# Where every label's values come from. /metrics is open to anyone who can reach the listener
+# (docs/settings.md#status), so no label may carry mail data: an address, a local part, a subject.
+# A new label name fails the test below until it is added here with its source.
+LABEL_SOURCES = {
+    "frontend": "fixed: smtp, milter, policy",
+    "stage": "fixed pipeline and front-end stage names",
+    "action": "fixed verdict and rule actions",
+    "reason": "fixed reason strings (test_docs lists every one)",
+    "rule": "policy rule names or route names (both [A-Za-z0-9_.-]), or fixed scan names",
+    "kind": "fixed: rule kinds, protocol error kinds, quarantine refusals, clamd memory kinds",
+    "mode": "enforce or shadow",
+    "downstream": "a downstream's host:port from the settings",
+    "class": "reply class: 2xx to 5xx",
+    "route": "route names from the settings ([A-Za-z0-9_.-])",
+    "result": "fixed results",
+    "store": "fixed state store names",
+    "backend": "fixed state backend names",
+    "component": "fixed: the checks that keep shared state (ratelimit, burst)",
+    "sensor": "fixed pressure sensor names",
+    "level": "normal, soften or shed",
+    "state": "clamd thread states from STATS",
+    "mta": "exim, postfix or mailman",
+    "queue": "the MTA's queue directory names",
+    "watcher": "fixed watcher names",
+    "runner": "Mailman runner names from the settings",
+    "path": "filesystem paths from the settings",
+    "name": "process names from the settings",
+    "fingerprint": "hashes: s:/u:/a: or bNN: and hex digits, never the text they were made from",
+}
+
+
+def test_every_label_has_a_known_source_that_is_not_mail() -> None:
+    import queueguard.metrics as m
+
+    labelled = {obj._name: set(obj._labelnames) for obj in vars(m).values() if isinstance(obj, MetricWrapperBase)}
+    assert len(labelled) > 50
+    unknown = {name: sorted(extra) for name, labels in labelled.items() if (extra := labels - set(LABEL_SOURCES))}
+    assert unknown == {}, "new metric labels: say in LABEL_SOURCES where their values come from"
+
+
+def test_burst_fingerprint_labels_are_hashes() -> None:
+    """The one label fed from message content: the subject, URL hosts and body only as hashes."""
+    from queueguard.burst.fingerprint import fingerprints
+    from queueguard.mime import parse_message
+
+    raw = (b"From: bulk@client.example\r\nTo: info@example.org\r\nSubject: Win a MINI Cooper, info@example.org\r\n"
+           b"\r\nDear info@example.org, click http://win.example.net/x now to claim the car you won today.\r\n")
+    fps = fingerprints(parse_message(raw))
+    keys = [k for kind in ("body", "subject", "url_hosts", "attachment") for k in fps.keys(kind)]
+    assert len(keys) > 2
+    assert all(re.fullmatch(r"(s|u|a|b\d\d):[0-9a-f]+", k) for k in keys), keys

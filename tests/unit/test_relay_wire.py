@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from queueguard.frontends.smtp_proxy import smuggling_verdict
-from queueguard.pipeline import _from_downstream
+from queueguard.pipeline.hygiene import smuggling_verdict
+from queueguard.pipeline.session import from_downstream as _from_downstream
 from queueguard.relay import Reply, dot_stuff, proxy_header
 from queueguard.verdict import Action
 

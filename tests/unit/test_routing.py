@@ -18,7 +18,8 @@ import pytest
 from queueguard import metrics
 from queueguard.model import Connection, Transaction
 from queueguard.policy.schema import Policy
-from queueguard.pressure_publish import (
+from queueguard.pressure.governor import Governor
+from queueguard.pressure.publish import (
     LevelFile,
     PressurePublisher,
     parse_level,
@@ -32,6 +33,8 @@ from queueguard.routing import PressureReport, Router, next_level, route_cap
 from queueguard.settings import Route, RoutePressure, Settings, SettingsError, load_settings
 from queueguard.stage import RcptContext
 from queueguard.verdict import Action
+from tests.unit.pressure.test_governor import Clock as GovClock
+from tests.unit.pressure.test_governor import FakeSensor
 
 DS = [{"address": "127.0.0.1:2600"}]
 
@@ -174,7 +177,7 @@ async def test_concurrency_cap_defers_new_transactions_until_one_ends() -> None:
     assert metrics.route_active.labels("tickets")._value.get() == 2
     # other routes are not capped by it
     assert (await rcpt(router, txn(), "alice@example.org"))[0] is Action.ACCEPT
-    router.release(a)
+    await router.on_end(a, False)
     assert metrics.route_active.labels("tickets")._value.get() == 1
     assert (await rcpt(router, c, "info@example.org"))[0] is Action.ACCEPT
 
@@ -187,16 +190,16 @@ async def test_per_minute_cap_with_a_moving_clock_and_refunds_for_undelivered() 
         t = txn()
         assert (await rcpt(router, t, "info@example.org"))[0] is Action.ACCEPT
         t.downstream = "127.0.0.1:2600"  # reached DATA downstream
-        router.release(t)
+        await router.on_end(t, True)
         delivered.append(t)
         clock.now += 10
     refused = txn()
     assert (await rcpt(router, refused, "info@example.org"))[0] is Action.ACCEPT
-    router.release(refused)  # never reached DATA downstream: its place is given back
+    await router.on_end(refused, False)  # never reached DATA downstream: its place is given back
     third = txn()
     assert (await rcpt(router, third, "info@example.org"))[0] is Action.ACCEPT
     third.downstream = "x"
-    router.release(third)
+    await router.on_end(third, False)
     action, code, status, text = await rcpt(router, txn(), "info@example.org")
     assert (action, code, status) == (Action.TEMPFAIL, 451, "4.7.1")
     assert "limit of 3 messages per minute" in text
@@ -358,12 +361,14 @@ def test_parse_report_and_its_errors() -> None:
             parse_report(bad, "redis qg:pressure:t1")
 
 
-def test_report_from_status_prefers_the_published_report_then_scan_level() -> None:
-    assert report_from_status({"pressure": {"level": "soften", "queue": 7}, "scan": {"level": "normal"}}, "u") == \
+def test_report_from_status_prefers_the_published_report_then_the_governor() -> None:
+    assert report_from_status({"published_pressure": {"level": "soften", "queue": 7},
+                               "pressure": {"level": "normal"}}, "u") == \
         PressureReport("soften", 7)
-    assert report_from_status({"pressure": None, "scan": {"level": "shed"}}, "u") == PressureReport("shed")
-    with pytest.raises(ValueError, match="no 'pressure' report and no 'scan' level"):
-        report_from_status({"pressure": None, "scan": None}, "u")
+    assert report_from_status({"published_pressure": None, "pressure": {"level": "shed", "reason": "psi"}},
+                              "u") == PressureReport("shed")
+    with pytest.raises(ValueError, match="no 'published_pressure' or 'pressure'"):
+        report_from_status({"pressure": None, "scan": {"level": "shed"}}, "u")
 
 
 def test_levels_and_queue_totals() -> None:
@@ -401,10 +406,14 @@ def test_publisher_report_takes_the_worse_of_governor_and_file(tmp_path: Path) -
     assert parse_report(json.loads(json.dumps(pub.report())), "roundtrip").level == "shed"
 
 
-def test_publisher_without_scan_has_its_own_governor(tmp_path: Path) -> None:
+def test_publisher_reports_the_hosts_governor(tmp_path: Path) -> None:
     settings = Settings.model_validate({"publish_pressure": {"name": "t1", "interval": 1}})
-    quiet = Policy.model_validate({"scan": {"pressure": {"psi_memory_some_avg10": None}}})
-    pub = publisher_from_settings(settings, lambda: quiet, None)
+    psi = FakeSensor("psi_memory", "psi_memory_some_avg10", 50.0)
+    governor = Governor([psi], clock=GovClock(), interval=0)
+    quiet = Policy.model_validate({"pressure": {"psi_memory_some_avg10": None}})
+    pub = publisher_from_settings(settings, lambda: quiet, governor)
     assert pub is not None and pub.redis is None  # state: memory → HTTP status only
     assert pub.report()["level"] == "normal"
-    assert publisher_from_settings(Settings(), lambda: quiet, None) is None
+    loud = Policy.model_validate({"pressure": {"psi_memory_some_avg10": {"soften": 10, "shed": 40}}})
+    assert publisher_from_settings(settings, lambda: loud, governor).report()["level"] == "shed"  # type: ignore[union-attr]
+    assert publisher_from_settings(Settings(), lambda: quiet, governor) is None

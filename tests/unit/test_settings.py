@@ -8,6 +8,7 @@ import pytest
 
 from queueguard.cli import build_parser, settings_from_args
 from queueguard.settings import SettingsError, host_problems, load_settings, split_hostport
+from queueguard.webauth import hash_password
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -87,3 +88,45 @@ def test_yaml_syntax_error_has_file_and_line(tmp_path: Path) -> None:
     f.write_text("smtp:\n\tlisten: 127.0.0.1:25\n")
     with pytest.raises(SettingsError, match=rf"^{f}:2: found character '\\t'"):
         load_settings(f)
+
+
+NO_CREDENTIALS = ("metrics: {} is not a loopback address and the status page shows recipients: "
+                  "set status.password_hash (queueguard passwd) or status.token_file")
+
+
+@pytest.mark.parametrize("metrics", ["0.0.0.0:9925", "[::]:9925", "192.0.2.7:9925", "[::ffff:127.0.0.1]:9925"])
+def test_status_page_off_loopback_needs_credentials(metrics: str, tmp_path: Path) -> None:
+    assert host_problems(load_settings(None, {"metrics": metrics})) == [NO_CREDENTIALS.format(metrics)]
+    password_hash = hash_password("x" * 12, 10)
+    assert host_problems(load_settings(None, {"metrics": metrics, "status.password_hash": password_hash})) == []
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    assert host_problems(load_settings(None, {"metrics": metrics, "status.token_file": str(token)})) == []
+
+
+@pytest.mark.parametrize("metrics", ["127.0.0.1:9925", "127.0.0.2:9925", "[::1]:9925", "localhost:9925"])
+def test_status_page_on_loopback_may_stay_open(metrics: str) -> None:
+    assert host_problems(load_settings(None, {"metrics": metrics})) == []
+
+
+def test_token_files_are_host_problems(tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    s = load_settings(None, {
+        "status.token_file": str(tmp_path / "missing"),
+        "routes": {"tickets": {"downstreams": [{"address": "127.0.0.1:25"}], "pressure": {
+            "source": "http", "url": "http://127.0.0.1:9925/status.json", "token_file": str(short)}}},
+    })
+    assert host_problems(s) == [
+        f"status.token_file: {tmp_path / 'missing'}: No such file or directory",
+        f"routes.tickets.pressure.token_file: {short}: the token must be one word of at least 32 characters "
+        "(`openssl rand -hex 32`)",
+    ]
+
+
+def test_bad_password_hash_and_route_name_are_settings_errors() -> None:
+    with pytest.raises(SettingsError, match=r"status.password_hash: Value error, password_hash must look like"):
+        load_settings(None, {"status.password_hash": "hunter2"})
+    for name in ("info@example.org", "tickets\n"):
+        with pytest.raises(SettingsError, match=r"route name .*: only letters"):
+            load_settings(None, {"routes": {name: {"downstreams": [{"address": "127.0.0.1:25"}]}}})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from bench.corpus import campaign, distinct
 from queueguard.burst.fingerprint import (
     BANDS,
     body_keys,
@@ -15,6 +14,7 @@ from queueguard.burst.fingerprint import (
     url_host_keys,
 )
 from queueguard.mime import parse_message
+from queueguard.replay.corpus import campaign, distinct
 
 BODY = (
     "Congratulations, you have been selected for our exclusive reward programme. "

@@ -24,12 +24,11 @@ from queueguard.frontends.milter import (
     client_from,
     header_line,
     reply_args,
-    size_option,
 )
 from queueguard.model import Connection, Transaction
-from queueguard.pipeline import Pipeline
+from queueguard.pipeline import Pipeline, Session
 from queueguard.policy.schema import Policy
-from queueguard.settings import Settings
+from queueguard.settings import MilterSettings
 from queueguard.verdict import INTERNAL_ERROR, reject, tempfail
 
 
@@ -48,11 +47,6 @@ def test_headers_are_rebuilt_with_crlf() -> None:
     assert header_line("X", b"a\r\n b") == b"X: a\r\n b\r\n"
 
 
-def test_size_option() -> None:
-    assert size_option(("BODY=8BITMIME", "size=1234")) == 1234
-    assert size_option(("SIZE=abc",)) is None
-
-
 def test_reply_args() -> None:
     limited = tempfail("4.7.1", "Rate limit 100% used", reason="ratelimit")
     assert reply_args(limited) == ("451", "4.7.1", "Rate limit 100%% used")
@@ -67,7 +61,7 @@ class Stuck:
     async def on_rcpt(self, ctx: Any) -> Any:
         await asyncio.sleep(3600)
 
-    async def commit(self, txn: Transaction, policy: Policy) -> None:
+    async def on_end(self, txn: Transaction, passed: bool) -> None:
         return None
 
 
@@ -86,7 +80,7 @@ class Recorder:
 
 async def server_with(check: Stuck) -> MilterServer:
     pipeline = Pipeline(frontend="milter", policy=Policy, rcpt_checks=[check])
-    server = MilterServer(pipeline, Settings())
+    server = MilterServer(pipeline, MilterSettings(), 10_000_000)
     server.loop = asyncio.get_running_loop()
     return server
 
@@ -129,12 +123,133 @@ async def test_rcpt_stage_failures_answer_451(why: str, monkeypatch: pytest.Monk
     if why == "exception":
         async def boom(*args: object, **kwargs: object) -> None:
             raise RuntimeError("bug")
-        monkeypatch.setattr(server.pipeline, "rcpt", boom)
+        monkeypatch.setattr(Session, "rcpt", boom)
     m = QueueguardMilter(server)
     ctx = Recorder()
     m._setctx(ctx)
-    m.conn = Connection(client_ip=None, frontend="milter")
-    m.txn = Transaction(m.conn, "a@example.net", policy=Policy())
+    m.session = server.pipeline.open(Connection(client_ip=None))
+    await m.session.mail("a@example.net")
     rc = await asyncio.to_thread(m.envrcpt, "<bob@test.example>")
     assert rc == Milter.TEMPFAIL
     assert ctx.replies == [("451", "4.3.0", INTERNAL_ERROR.text)]
+
+
+# --- translation: callbacks -> Session calls, verdicts -> milter actions ---------------------------
+
+
+class Context(Recorder):
+    """libmilter's per-connection context for the calls a verdict turns into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: list[tuple[str, str]] = []
+        self.changed: list[tuple[str, int, object]] = []
+        self.held: list[str] = []
+
+    def addheader(self, name: str, value: str, idx: int = -1) -> None:
+        self.added.append((name, value))
+
+    def chgheader(self, name: str, idx: int, value: object) -> None:
+        self.changed.append((name, idx, value))
+
+    def quarantine(self, reason: str) -> None:
+        self.held.append(reason)
+
+    def getsymval(self, name: str) -> str | None:
+        return None
+
+
+class Flood:
+    """A rate limit that refuses `flood@` and a burst rule that holds or tags by subject."""
+
+    name = "stand-in"
+
+    async def on_rcpt(self, ctx: Any) -> Any:
+        from queueguard.model import RuleHit
+        from queueguard.stage import StageResult
+
+        hit = RuleHit("flood", "ratelimit", "tempfail", retry_after=9)
+        return StageResult([hit] if ctx.recipient.startswith("flood") else [])
+
+    async def on_end(self, txn: Transaction, passed: bool) -> None:
+        return None
+
+    async def on_message(self, ctx: Any) -> Any:
+        from queueguard.model import RuleHit
+        from queueguard.stage import StageResult
+
+        subject = ctx.parsed.subject
+        return StageResult([RuleHit("wave", "burst", "quarantine")] if "wave" in subject else
+                           [RuleHit("tagged", "pattern", "tag")] if "tag" in subject else [])
+
+
+async def milter_for(*, hold: bool = False, max_size: int = 10_000) -> tuple[QueueguardMilter, Context]:
+    check = Flood()
+
+    class Store:
+        async def put(self, *args: object) -> str:
+            return "q1"
+
+    pipeline = Pipeline(frontend="milter", policy=Policy, rcpt_checks=[check], message_checks=[check],
+                        quarantine=None if hold else Store(), hold_in_mta=hold)
+    server = MilterServer(pipeline, MilterSettings(), max_size)
+    server.loop = asyncio.get_running_loop()
+    m = QueueguardMilter(server)
+    ctx = Context()
+    m._setctx(ctx)
+    m._actions = server.flags
+    assert await asyncio.to_thread(m.connect, "mail.example.net", socket.AF_INET, ("192.0.2.5", 40000)) \
+        == Milter.CONTINUE
+    return m, ctx
+
+
+async def send(m: QueueguardMilter, subject: str, *headers: tuple[str, bytes], body: bytes = b"hello\r\n") -> int:
+    def run() -> int:
+        assert m.envfrom("<a@example.net>") == Milter.CONTINUE
+        assert m.envrcpt("<ok@example.org>") == Milter.CONTINUE
+        m.header("Subject", subject.encode())
+        for name, value in headers:
+            m.header(name, value)
+        m.body(body)
+        return int(m.eom())
+
+    return await asyncio.to_thread(run)
+
+
+async def test_refused_rcpt_is_setreply_and_tempfail() -> None:
+    m, ctx = await milter_for()
+    await asyncio.to_thread(m.envfrom, "<a@example.net>")
+    assert await asyncio.to_thread(m.envrcpt, "<flood@example.org>") == Milter.TEMPFAIL
+    assert ctx.replies == [("451", "4.7.1", "Rate limit exceeded (rule flood), try again in 9s")]
+
+
+async def test_accepted_message_gets_headers_and_forged_ones_deleted() -> None:
+    m, ctx = await milter_for()
+    rc = await send(m, "tag me", ("X-Queueguard-Hits", b"none"), ("x-queueguard-scan", b"clean"),
+                    ("X-Queueguard-Hits", b"again"))
+    assert rc == Milter.ACCEPT
+    assert ctx.added == [("X-Queueguard-Pattern", "tagged"), ("X-Queueguard-Hits", "pattern:tagged")]
+    assert ctx.changed == [("X-Queueguard-Hits", 2, None), ("x-queueguard-scan", 1, None),
+                           ("X-Queueguard-Hits", 1, None)]
+
+
+async def test_quarantine_store_discards_and_hold_asks_the_mta() -> None:
+    m, ctx = await milter_for()
+    assert await send(m, "wave") == Milter.DISCARD and ctx.held == []
+    m, ctx = await milter_for(hold=True)
+    assert await send(m, "wave") == Milter.ACCEPT and ctx.held == ["queueguard wave"]
+
+
+async def test_oversize_is_rejected_at_eom_with_552() -> None:
+    m, ctx = await milter_for(max_size=100)
+    assert await send(m, "big", body=b"x" * 200) == Milter.REJECT
+    assert ctx.replies == [("552", "5.3.4", "Message size exceeds fixed maximum message size")]
+    assert m.session is not None and m.session.txn is None
+
+
+async def test_abort_and_close_end_the_session() -> None:
+    m, _ = await milter_for()
+    await asyncio.to_thread(m.envfrom, "<a@example.net>")
+    assert m.session is not None and m.session.txn is not None
+    assert await asyncio.to_thread(m.abort) == Milter.CONTINUE and m.session.txn is None
+    assert await asyncio.to_thread(m.close) == Milter.CONTINUE and m.session is None

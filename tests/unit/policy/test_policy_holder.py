@@ -63,7 +63,7 @@ async def test_good_reload_changes_behaviour_for_new_transactions_only(tmp_path:
         r = await check.on_rcpt(RcptContext(t, "info@example.org", t.policy))  # type: ignore[arg-type]
         if r.verdict is None:
             t.recipients.append("info@example.org")
-            await check.commit(t, t.policy)  # type: ignore[arg-type]
+            await check.on_end(t, True)
             return "250"
         return r.verdict.reply()
 

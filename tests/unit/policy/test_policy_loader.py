@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from queueguard.check import run_check, schema_json
 from queueguard.model import Connection, Transaction
-from queueguard.policy.check import run_check, schema_json
 from queueguard.policy.loader import PolicyError, PolicyIssue, compile_regex, load_policy_dir, load_policy_dir_warned
 from queueguard.policy.match import rule_applies
 
@@ -278,7 +278,8 @@ def test_schema_is_json_schema_of_the_policy() -> None:
     import json
 
     schema = json.loads(schema_json())
-    assert set(schema["properties"]) == {"lists", "ratelimits", "bursts", "patterns", "scan", "state"}
+    assert set(schema["properties"]) == {"lists", "ratelimits", "bursts", "patterns", "scan", "pressure",
+                                         "connections", "state"}
     rate = schema["$defs"]["RateLimitRule"]["properties"]["rate"]
     assert rate["type"] == "string"
     assert schema["$defs"]["RateLimitRule"]["additionalProperties"] is False
@@ -330,3 +331,16 @@ def test_list_id_in_is_refused_on_rate_limits(tmp_path: Path) -> None:
     write(tmp_path, a_yaml=RULE + "    unless:\n      list_id_in: [lists.example.org]\n")
     issue = one_issue(tmp_path)
     assert issue.line == 6 and "ratelimits[0].unless.list_id_in" in issue.message
+
+
+def test_every_policy_section_survives_the_merge(tmp_path: Path) -> None:
+    """A section the merge forgot would load without error and silently fall back to defaults."""
+    from queueguard.policy.loader import RULE_SECTIONS, SINGLE_SECTIONS
+
+    assert set(policy_schema_fields()) == {"lists", *RULE_SECTIONS, *SINGLE_SECTIONS}
+
+
+def policy_schema_fields() -> list[str]:
+    from queueguard.policy.schema import Policy
+
+    return list(Policy.model_fields)

@@ -26,7 +26,7 @@ async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def get(path: str, method: str = "GET") -> bytes:
-    return f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    return f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
 
 
 @pytest.fixture
@@ -122,11 +122,12 @@ async def test_readyz_names_what_keeps_it_from_taking_mail(port: int, status_val
     status_value["downstreams"] = [{"route": "default", "address": "a:25", "up": False},
                                    {"route": "default", "address": "b:25", "up": True},
                                    {"route": "tickets", "address": "t:25", "up": False}]
-    status_value["scan"] = {"level": "shed", "reason": "psi_memory_some_avg10=52"}
+    status_value["pressure"] = {"level": "shed", "reason": "psi_memory_some_avg10=52"}
     code, _, body = await request(port, get("/readyz"))
     assert code == 503
-    assert body == b"not ready: route tickets has no downstream up; scanner shedding load (psi_memory_some_avg10=52)\n"
-    status_value["scan"] = {"level": "soften", "reason": ""}
+    assert body == (b"not ready: route tickets has no downstream up; "
+                    b"shedding load under memory pressure (psi_memory_some_avg10=52)\n")
+    status_value["pressure"] = {"level": "soften", "reason": ""}
     code, _, body = await request(port, get("/readyz"))  # another route down: listed, still ready
     assert (code, body) == (200, b"ready: route tickets has no downstream up\n")
     status_value["downstreams"] = [{"route": "default", "address": "a:25", "up": False}]

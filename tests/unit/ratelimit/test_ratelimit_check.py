@@ -1,4 +1,4 @@
-"""RateLimitCheck: verdicts at RCPT, consumption at commit, shadow, null sender, store failures."""
+"""RateLimitCheck: verdicts at RCPT, consumption at the end of mail that passed, shadow, null sender, store failures."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
 from queueguard.ratelimit.check import RateLimitCheck
 from queueguard.ratelimit.store import MemoryStore
-from queueguard.stage import RcptContext, StageResult
+from queueguard.resolve import refusal
+from queueguard.stage import RcptContext, StageResult, StateUnavailable
 
 
 class Clock:
@@ -38,7 +39,7 @@ def new_txn(sender: str = "a@example.org", ip: str = "192.0.2.1") -> Transaction
 async def rcpt(check: RateLimitCheck, txn: Transaction, policy: Policy, to: str) -> StageResult:
     """Ask at RCPT; the pipeline would then accept the recipient if there is no verdict."""
     result = await check.on_rcpt(RcptContext(txn, to, policy))
-    if result.verdict is None:
+    if not refusal(result.verdict):
         txn.recipients.append(to)
     return result
 
@@ -50,8 +51,9 @@ async def message(check: RateLimitCheck, policy: Policy, *rcpts: str, sender: st
     replies = []
     for to in rcpts:
         r = await rcpt(check, txn, policy, to)
-        replies.append("250" if r.verdict is None else r.verdict.reply())
-    await check.commit(txn, policy)
+        replies.append(r.verdict.reply() if refusal(r.verdict) and r.verdict else "250")
+    txn.policy = policy
+    await check.on_end(txn, True)
     return replies
 
 
@@ -126,11 +128,16 @@ async def test_quarantine_marks_the_rcpt_without_a_verdict() -> None:
     policy = make_policy({"name": "q", "rate": "1/1h", "action": "quarantine"},
                          {"name": "t", "key": "sender", "rate": "1/1h"})
     await message(check, policy, "x@example.org", sender="s1@example.org")
-    r = await rcpt(check, new_txn("s2@example.org"), policy, "x@example.org")
-    assert r.verdict is None and [(h.rule, h.action, h.shadow) for h in r.hits] == [("q", "quarantine", False)]
-    # When another rule refuses the RCPT, its quarantine hit is dropped: it must not mark the message.
-    r = await rcpt(check, new_txn("s1@example.org"), policy, "x@example.org")
-    assert r.verdict is not None and r.verdict.code == 451 and [h.rule for h in r.hits] == ["t"]
+    txn = new_txn("s2@example.org")
+    r = await rcpt(check, txn, policy, "x@example.org")
+    assert not refusal(r.verdict) and [(h.rule, h.action, h.shadow) for h in r.hits] == [("q", "quarantine", False)]
+    # When another rule refuses the RCPT, the refusal wins; the quarantine hit stays a record of a
+    # recipient that was not accepted (Transaction.quarantine_hit looks only at accepted ones).
+    txn = new_txn("s1@example.org")
+    r = await rcpt(check, txn, policy, "x@example.org")
+    assert r.verdict is not None and r.verdict.code == 451 and sorted(h.rule for h in r.hits) == ["q", "t"]
+    txn.hits.extend(r.hits)
+    assert txn.recipients == [] and txn.quarantine_hit() is None
 
 
 async def test_null_sender_counts_by_recipient_but_not_by_sender() -> None:
@@ -185,25 +192,25 @@ async def test_store_failure_falls_back_to_the_in_process_limiter(caplog: pytest
     store = BrokenStore()
     check = RateLimitCheck(store, clock=clock, retry_after=5.0)
     policy = make_policy({"name": "flood"})
-    errors = counter(metrics.ratelimit_backend_errors, "redis")
-    with caplog.at_level(logging.ERROR, "queueguard.ratelimit"):
+    errors = counter(metrics.state_errors, "ratelimit", "redis")
+    with caplog.at_level(logging.ERROR, "queueguard.state"):
         replies = [(await message(check, policy, "info@example.org"))[0] for _ in range(3)]
     assert replies[:2] == ["250", "250"] and replies[2].startswith("451 4.7.1")  # still limited, in memory
-    assert counter(metrics.ratelimit_fallback_active) == 1
-    assert counter(metrics.ratelimit_backend_errors, "redis") == errors + 1  # tried once, then waits
+    assert counter(metrics.state_fallback_active, "ratelimit") == 1
+    assert counter(metrics.state_errors, "ratelimit", "redis") == errors + 1  # tried once, then waits
     assert store.calls == 1
-    assert caplog.text.count("failed") == 1 and "using the in-process limiter" in caplog.text
+    assert caplog.text.count("failed") == 1 and "using in-process state" in caplog.text
     store.fail = False
     clock.t += 5
     assert await message(check, policy, "other@example.org") == ["250"]
-    assert counter(metrics.ratelimit_fallback_active) == 0 and check.status()["shared_state_down"] is False
+    assert counter(metrics.state_fallback_active, "ratelimit") == 0 and check.status()["shared_state_down"] is False
 
 
 async def test_store_failure_with_tempfail_policy() -> None:
     check = RateLimitCheck(BrokenStore(), clock=Clock())
     policy = make_policy({"name": "flood"}, on_error="tempfail")
-    assert await message(check, policy, "info@example.org", "x@example.org") == [
-        "451 4.3.0 Temporary local problem (rate-limit state unavailable), please try again later"] * 2
+    with pytest.raises(StateUnavailable):  # the pipeline answers it: tests/unit/test_pipeline.py
+        await message(check, policy, "info@example.org")
 
 
 async def test_store_failure_with_accept_policy() -> None:

@@ -1,4 +1,0 @@
-"""Incident replays: one module per scenario, each with `run(scale, workdir) -> Summary`.
-
-Run with `queueguard replay NAME` or `.venv/bin/python -m bench.replay NAME` (see docs/replay.md).
-"""

@@ -1,0 +1,246 @@
+"""Several worker processes behind one set of ports, supervised by the main process (`workers: N`).
+
+Each worker is a whole `queueguard serve` with its own event loop; the kernel
+spreads new connections over them (SO_REUSEPORT on the SMTP and metrics
+ports), so a host uses every core. Limits and burst counts must then be
+shared: more than one worker needs `state: redis://` (settings refuse
+otherwise). The main process does no mail itself:
+
+- starts N workers with QUEUEGUARD_WORKER=i/N, PROMETHEUS_MULTIPROC_DIR (so any
+  worker's /metrics answers for all) and QUEUEGUARD_RUN_DIR (ready and
+  heartbeat files);
+- says READY=1 to systemd once every worker listens, and pings systemd's
+  watchdog while it supervises: the watchdog covers the whole set, because a
+  worker whose event loop hangs stops beating and is killed and restarted;
+- restarts a worker that exits or stops beating (logged, with a backoff for one
+  that keeps dying);
+- forwards SIGHUP (each worker reloads its policy, the last good one stays on
+  errors) and SIGTERM/SIGINT (each drains its in-flight mail), and waits.
+
+Worker 0 also runs what must run once per host: the milter and policy socket
+listeners, queue watch, quarantine recovery and retention, pressure publishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from queueguard import sdnotify
+from queueguard.settings import Settings
+
+log = logging.getLogger("queueguard.workers")
+
+ENV_WORKER = "QUEUEGUARD_WORKER"
+ENV_RUN_DIR = "QUEUEGUARD_RUN_DIR"
+HEARTBEAT = 1.0
+"""Seconds between a worker's heartbeats (touching its file from its event loop)."""
+HEARTBEAT_STALE = 15.0
+"""A worker whose heartbeat is this old is hung: killed and restarted."""
+READY_TIMEOUT = 60.0
+MAX_BACKOFF = 30.0
+
+
+@dataclass(frozen=True)
+class WorkerId:
+    index: int
+    count: int
+
+    @property
+    def primary(self) -> bool:
+        """Worker 0 runs the once-per-host parts."""
+        return self.index == 0
+
+
+def current_worker(environ: dict[str, str] | None = None) -> WorkerId | None:
+    """This process's place in the set, or None when it serves alone."""
+    value = (os.environ if environ is None else environ).get(ENV_WORKER, "")
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit()):
+        return None
+    return WorkerId(int(index), int(count))
+
+
+def ready_file(run_dir: Path, index: int) -> Path:
+    return run_dir / f"ready-{index}"
+
+
+def heartbeat_file(run_dir: Path, index: int) -> Path:
+    return run_dir / f"heartbeat-{index}"
+
+
+async def beat(run_dir: Path, index: int) -> None:
+    """In a worker: say it is ready, then touch its heartbeat from its event loop until stopped."""
+    ready_file(run_dir, index).write_text(str(os.getpid()))
+    path = heartbeat_file(run_dir, index)
+    while True:
+        path.touch()
+        await asyncio.sleep(HEARTBEAT)
+
+
+def stale(heartbeat_mtime: float | None, now: float) -> bool:
+    return heartbeat_mtime is not None and now - heartbeat_mtime > HEARTBEAT_STALE
+
+
+class Worker:
+    def __init__(self, index: int, count: int, argv: list[str], env: dict[str, str], run_dir: Path) -> None:
+        self.index = index
+        self.argv = argv
+        self.env = {**env, ENV_WORKER: f"{index}/{count}"}
+        self.run_dir = run_dir
+        self.proc: asyncio.subprocess.Process | None = None
+        self.failures = 0
+        self.started_at = 0.0
+        self.restart_at: float | None = None
+
+    async def start(self) -> None:
+        for path in (ready_file(self.run_dir, self.index), heartbeat_file(self.run_dir, self.index)):
+            path.unlink(missing_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env)
+        self.started_at, self.restart_at = time.monotonic(), None
+        log.info("worker %d started (pid %d)", self.index, self.proc.pid)
+
+    @property
+    def ready(self) -> bool:
+        try:
+            return self.proc is not None and ready_file(self.run_dir, self.index).read_text() == str(self.proc.pid)
+        except OSError:
+            return False
+
+    def heartbeat(self) -> float | None:
+        try:
+            return heartbeat_file(self.run_dir, self.index).stat().st_mtime
+        except OSError:
+            return None
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+
+class WorkerFailed(Exception):
+    """A worker exited before it ever became ready (its own error is in the log above)."""
+
+
+def worker_settings(settings: Settings, run_dir: Path) -> Path:
+    """The resolved settings (flags applied) as a file every worker reads, each as one process."""
+    doc = settings.model_dump(mode="json")
+    doc["workers"] = 1
+    path = run_dir / "settings.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+async def supervise(settings: Settings, count: int) -> int:
+    """Run `count` workers until SIGTERM/SIGINT; see the module docstring."""
+    from prometheus_client import multiprocess
+
+    run_dir = Path(tempfile.mkdtemp(prefix="queueguard-workers-"))
+    (run_dir / "metrics").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env.update({"PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"), ENV_RUN_DIR: str(run_dir),
+                # workers import what this process imports, however it was launched
+                "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    argv = [sys.executable, "-m", "queueguard.cli", "serve", "--settings", str(worker_settings(settings, run_dir))]
+    workers = [Worker(i, count, argv, env, run_dir) for i in range(count)]
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, _forward, workers, signal.SIGHUP)
+    watchdog = asyncio.create_task(sdnotify.Watchdog().run())
+    try:
+        for w in workers:
+            await w.start()
+        await _wait_ready(workers, stopping)
+        if stopping.is_set():
+            return 0
+        sdnotify.ready(f"{count} workers accepting mail")
+        log.info("queueguard ready: %d workers on smtp=%s metrics=%s", count, settings.smtp.listen, settings.metrics)
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 1.0)
+            if not stopping.is_set():
+                try:
+                    await _tend(workers, multiprocess)
+                except Exception:  # a bug here must not take every worker down with the supervisor
+                    log.exception("tending the workers failed; trying again")
+        sdnotify.stopping("draining")
+        log.info("queueguard stopping: %d workers draining", count)
+        await _stop(workers, settings.smtp.shutdown_grace + 15)
+        return 0
+    finally:
+        watchdog.cancel()
+        for w in workers:
+            w.signal(signal.SIGKILL)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def _wait_ready(workers: list[Worker], stopping: asyncio.Event) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not all(w.ready for w in workers) and not stopping.is_set():
+        for w in workers:
+            if w.proc is not None and w.proc.returncode is not None:
+                raise WorkerFailed(f"worker {w.index} exited with code {w.proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise WorkerFailed(f"workers not ready after {READY_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.05)
+
+
+def _forward(workers: list[Worker], sig: int) -> None:
+    for w in workers:
+        w.signal(sig)
+
+
+def restart_delay(failures: int) -> float:
+    """0, 1, 3, 7, 15, 30, 30 ... seconds: at once the first time, slower for one that keeps dying."""
+    return float(min(MAX_BACKOFF, 2 ** failures - 1))
+
+
+async def _tend(workers: list[Worker], multiprocess: object) -> None:
+    """Kill the hung, restart the dead (after restart_delay), forget old failures of the steady."""
+    now = time.monotonic()
+    for w in workers:
+        proc = w.proc
+        if proc is None:
+            continue
+        if proc.returncode is None:
+            if not stale(w.heartbeat(), time.time()):
+                if w.failures and now - w.started_at > MAX_BACKOFF:
+                    w.failures = 0
+                continue
+            log.error("worker %d (pid %d) stopped beating for %.0fs: killing it", w.index, proc.pid, HEARTBEAT_STALE)
+            w.signal(signal.SIGKILL)
+            await proc.wait()
+        if w.restart_at is None:
+            # its live gauges (connections open, scans in flight) must not count any more
+            multiprocess.mark_process_dead(proc.pid, str(w.run_dir / "metrics"))  # type: ignore[attr-defined]
+            w.restart_at = now + restart_delay(w.failures)
+            w.failures += 1
+            log.error("worker %d (pid %d) exited with code %s; restarting in %.0fs", w.index, proc.pid,
+                      proc.returncode, w.restart_at - now)
+        if now >= w.restart_at:
+            await w.start()
+
+
+async def _stop(workers: list[Worker], grace: float) -> None:
+    for w in workers:
+        w.signal(signal.SIGTERM)
+    procs = [w.proc for w in workers if w.proc is not None]
+    try:
+        async with asyncio.timeout(grace):
+            await asyncio.gather(*(p.wait() for p in procs))
+    except TimeoutError:
+        log.error("workers still running %.0fs after SIGTERM: killing them", grace)

@@ -1,0 +1,114 @@
+"""`workers: 2`: two processes share the SMTP and metrics ports, a supervisor restarts a killed one,
+nothing is lost meanwhile, SIGHUP reloads both, SIGTERM drains both; `state: memory` is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import RecordingSink
+from queueguard.workers import HEARTBEAT_STALE
+from tests.components.redis import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as r:
+        yield r
+
+
+def children(pid: int) -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def status(guard: Guard) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{guard.metrics_port}/status.json", timeout=5) as r:
+        doc: dict[str, Any] = json.load(r)
+    return doc
+
+
+def wait_for(what: str, ok: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def send_all(port: int, ids: list[int], done: list[int]) -> None:
+    """A retrying sender: every message is sent until some answer takes it (250)."""
+    for i in ids:
+        for _ in range(100):
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+                    c.sendmail("a@client.example", ["bob@test.example"], b"Subject: m%d\r\n\r\nbody\r\n" % i)
+                done.append(i)
+                break
+            except (smtplib.SMTPException, OSError):
+                time.sleep(0.05)
+
+
+def test_two_workers_share_the_port_survive_a_kill_reload_and_drain(redis: RedisServer) -> None:
+    with RecordingSink() as sink:
+        guard = Guard({"workers": 2, "state": redis.url, "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]})
+        guard.start(timeout=60)
+        try:
+            assert guard.proc is not None
+            wait_for("two workers", lambda: len(children(guard.proc.pid)) == 2)
+            seen = set()
+            wait_for("both workers answering", lambda: seen.add(status(guard)["worker"]) or seen == {"0/2", "1/2"})
+
+            done: list[int] = []
+            threads = [threading.Thread(target=send_all, args=(guard.port, list(range(k, 300, 4)), done))
+                       for k in range(4)]
+            for t in threads:
+                t.start()
+            wait_for("some mail", lambda: len(done) > 50)
+            victim = min(children(guard.proc.pid))
+            os.kill(victim, signal.SIGKILL)  # mid-load
+            for t in threads:
+                t.join(120)
+            assert sorted(done) == list(range(300))
+            got = {int(m.data.split(b"Subject: m")[1].split(b"\r\n")[0]) for m in sink.messages}
+            assert got == set(range(300)), sorted(set(range(300)) - got)  # none lost (a retry may duplicate)
+            wait_for("the killed worker replaced",
+                     lambda: len(children(guard.proc.pid)) == 2 and victim not in children(guard.proc.pid))
+            assert "exited with code -9; restarting" in guard.log()
+            assert guard.metric("queueguard_transactions_total", frontend="smtp") >= 300  # one scrape, all workers
+
+            (guard.policy_dir / "extra.yaml").write_text("lists: {extra: [a@b.example]}\n")
+            loaded = guard.log().count("policy loaded from")
+            guard.signal(signal.SIGHUP)
+            wait_for("both workers reloaded", lambda: guard.log().count("policy loaded from") >= loaded + 2)
+
+            hung = min(children(guard.proc.pid))
+            os.kill(hung, signal.SIGSTOP)  # alive but its event loop never runs: the watchdog's case
+            wait_for("the hung worker replaced", lambda: hung not in children(guard.proc.pid)
+                     and len(children(guard.proc.pid)) == 2, timeout=HEARTBEAT_STALE + 30)
+            assert f"(pid {hung}) stopped beating" in guard.log()
+            with smtplib.SMTP("127.0.0.1", guard.port, timeout=20) as c:
+                assert c.sendmail("a@client.example", ["bob@test.example"], b"Subject: after\r\n\r\nx\r\n") == {}
+        finally:
+            code = guard.stop(timeout=60)
+        assert code == 0 and "workers draining" in guard.log()
+
+
+def test_more_than_one_worker_with_in_process_state_is_refused(tmp_path: Path) -> None:
+    guard = Guard({"workers": 2, "state": "memory"})
+    with pytest.raises(RuntimeError, match="exited 2") as e:
+        guard.start()
+    assert "set state to a redis:// URL, or workers: 1" in str(e.value)
