@@ -75,10 +75,10 @@ async def test_redis_links_campaigns_like_memory(client: Redis) -> None:
     """campaign.lua and MemoryWindow.link_now apply the same rules: the same messages in the same order
     (two campaigns of variants, distinct mail, text-less image spam counted by its shape) give the same
     campaign counts, variants and signals (ids differ: they are random)."""
-    from queueguard.replay.corpus import distinct
     from queueguard.burst.campaign import sighting
     from queueguard.burst.fingerprint import fingerprints, subject_skeleton
     from queueguard.burst.window import MemoryWindow
+    from queueguard.replay.corpus import distinct
 
     rng = random.Random(9)
     variants = [campaign(random.Random(seed), f"v{seed}", 6) for seed in (21, 22)]

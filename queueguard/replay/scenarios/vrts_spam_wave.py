@@ -78,6 +78,8 @@ INFO = "info@test.example"
 LEGIT_INFO_DEADLINE_S = 120.0
 """Legitimate mail to info@ counts as getting through when delivered within this of being sent."""
 SAMPLE_S = 0.5
+DRAIN_S = 30.0
+"""After the wave, how long the sender's compressed retries may run (keeps a full run under 2 minutes)."""
 
 TICKETS = '''\
 import os, sys, time
@@ -145,11 +147,21 @@ class Supervisor:
         self.clamd, self.group = clamd, group
         self.restarts = 0
         self.peak_rss = 0
+        self.usage: list[float] = []
+        """The group's usage / limit every SAMPLE_S: read by the replay, the same in both arms
+        (the control arm's guards have no sensors, so their pressure level says nothing)."""
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, daemon=True),
+                         threading.Thread(target=self._sample, daemon=True)]
 
     def place(self) -> None:
         Path(f"/proc/{self.clamd.pid}/oom_score_adj").write_text(str(CLAMD_OOM_SCORE_ADJ))
+
+    def _sample(self) -> None:
+        """Its own thread: a clamd restart blocks _run for seconds."""
+        while not self._stop.wait(SAMPLE_S):
+            with contextlib.suppress(OSError):
+                self.usage.append(self.group.usage() / self.group.limit)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
@@ -183,12 +195,14 @@ class Supervisor:
             self.clamd.start()
 
     def __enter__(self) -> Supervisor:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
-        self._thread.join(30)
+        for thread in self._threads:
+            thread.join(30)
 
 
 def messages(scale: float, arm: str) -> list[tuple[str, str, str, bytes]]:
@@ -228,6 +242,19 @@ class Arm:
     route_deferrals: float = 0.0
     broken: list[str] = field(default_factory=list)
     rejected_reasons: set[str] = field(default_factory=set)
+    usage: list[float] = field(default_factory=list)
+
+    def measured(self) -> dict[str, Any]:
+        """The arm's numbers for --json (the table's figures are for reading)."""
+        return {"accounting": self.accounting.as_dict(), "oom_kills": self.oom_kills, "clamd_restarts": self.restarts,
+                "peak_mib": self.peak_mib, "limit_mib": LIMIT // 2**20, "max_usage_ratio": max(self.usage, default=0.0),
+                "pressure_levels": self.levels, "max_pressure_level": max(self.levels, default=0.0),
+                "route_deferrals": self.route_deferrals, "scan_deferrals": self.scan_deferrals,
+                "route_pressure_max": self.figures.get("route pressure max", 0.0),
+                "legit_info_delivered_in_time": self.legit_info_in_time[0],
+                "legit_info_sent": self.legit_info_in_time[1],
+                "legit_other_delivered": self.legit_other[0], "legit_other_sent": self.legit_other[1],
+                "spam_delivered": self.spam_delivered, "rejected_reasons": sorted(self.rejected_reasons)}
 
 
 def run(scale: float, workdir: Path) -> Summary:
@@ -244,6 +271,7 @@ def run(scale: float, workdir: Path) -> Summary:
             acc.rejected[k] = acc.rejected.get(k, 0) + v
     s = Summary("vrts-spam-wave", INCIDENT, scale, acc)
     s.figures["arms"] = {"control": control.figures, "protected": protected.figures}
+    s.figures["measured"] = {a.name: a.measured() for a in (control, protected)}
     s.check("control: the host group ran out (OOM kills or clamd restarts)",
             control.oom_kills > 0 or control.restarts > 0,
             f"{control.oom_kills} OOM kills, {control.restarts} clamd restarts, peak {control.peak_mib} MiB")
@@ -288,6 +316,12 @@ def timeline(levels: list[float]) -> str:
     return " → ".join(f"{lvl}@{sum(n for _, n in runs[:i]) * SAMPLE_S:g}s" for i, (lvl, _) in enumerate(runs)) or "-"
 
 
+def usage_timeline(ratios: list[float], every_s: float = 2.0) -> str:
+    """The host group's highest usage in each `every_s` window, in percent of its limit."""
+    n = max(1, int(every_s / SAMPLE_S))
+    return " ".join(f"{round(100 * max(ratios[i:i + n]))}" for i in range(0, len(ratios), n)) or "-"
+
+
 def run_arm(arm: str, scale: float, workdir: Path, *, protected: bool) -> Arm:
     msgs = messages(scale, arm)
     with MemoryGroup(f"qg-replay-vrts-{arm}-{os.getpid()}", LIMIT) as group:
@@ -302,8 +336,10 @@ def run_arm(arm: str, scale: float, workdir: Path, *, protected: bool) -> Arm:
         }, {"default.yaml": ticket_policy() if protected else PASS_THROUGH}, workdir=subdir(workdir, "ticket"))
         route: dict[str, Any] = {"recipients": ["ticket_addresses"],
                                  "downstreams": [{"address": f"127.0.0.1:{ticket.port}"}]}
-        if protected:  # the caps of docs/routes.md's example, and the ticket host's own report
-            route.update(max_concurrent=4, soften_concurrent=1, max_per_minute=120)
+        if protected:  # docs/routes.md's concurrency caps, and the ticket host's own report. Not its
+            # max_per_minute: a route is chosen at RCPT, so the wave's copies (quarantined at DATA)
+            # would use up that budget for info@'s real mail too
+            route.update(max_concurrent=4, soften_concurrent=1)
             route["pressure"] = {"source": "http", "url": f"http://127.0.0.1:{ticket.metrics_port}/status.json",
                                  "interval": "1s"}
         mx = Guard({"downstreams": [{"address": f"127.0.0.1:{downstream.port}"}],
@@ -339,7 +375,7 @@ def run_arm(arm: str, scale: float, workdir: Path, *, protected: bool) -> Arm:
                     time.sleep(0.1)
                 wave_s = time.monotonic() - started
                 _settle(sender)
-                _drain(sender, downstream, deadline=started + 60)
+                _drain(sender, downstream, deadline=time.monotonic() + DRAIN_S)
                 time.sleep(1)
             host.stop()
             edge.stop()
@@ -365,18 +401,17 @@ def _settle(sender: SendingExim, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def _drain(sender: SendingExim, downstream: Exim, *, deadline: float) -> None:
-    """The sender's retries, compressed: run its queue until a round delivers nothing more or the
-    deadline (60 s after the wave began) passes; what is left stays queued at the sender."""
-    before = -1
-    while time.monotonic() < deadline:
-        count = len(maildir_messages(downstream.dir / "maildir"))
-        if count == before or not sender.queued_ids():
-            return
-        before = count
+def _drain(sender: SendingExim, downstream: Exim, *, deadline: float, idle_rounds: int = 3) -> None:
+    """The sender's retries, compressed: run its queue every 2 s until it is empty, `idle_rounds`
+    rounds in a row delivered nothing, or the deadline passes; what is left stays queued there."""
+    before, idle = len(maildir_messages(downstream.dir / "maildir")), 0
+    while time.monotonic() < deadline and idle < idle_rounds and sender.queued_ids():
         time.sleep(2)
         sender.flush()
         _settle(sender, timeout=max(0.0, deadline - time.monotonic()))
+        count = len(maildir_messages(downstream.dir / "maildir"))
+        idle = idle + 1 if count == before else 0
+        before = count
 
 
 def _kill_tree(group: MemoryGroup, spare: set[int]) -> None:
@@ -421,13 +456,15 @@ def _measure(arm: str, accepted: list[str], downstream: Exim, mx: Guard, ticket:
     a.scan_deferrals = _last(host, "queueguard_scan_deferrals_total")
     a.route_deferrals = _last(edge, "queueguard_route_deferrals_total")
     a.broken = broken
+    a.usage = supervisor.usage
     a.rejected_reasons = {rejected[m] for m in accepted if m in rejected and "-virus-" in m}
     lat = latency(d for d in delivered if d.mid in legit_info)
     a.figures = {
         "accounting": acc.equation(),
         "OOM kills": a.oom_kills, "clamd restarts": a.restarts,
         "host group peak MiB": a.peak_mib, "host group limit MiB": LIMIT // 2**20,
-        "pressure timeline (ticket host)": timeline(a.levels),
+        "host memory % of limit, max per 2 s": usage_timeline(supervisor.usage),
+        "pressure level timeline (ticket host)": timeline(a.levels),
         "route pressure max": _last(edge, "queueguard_route_pressure_level"),
         "scan deferrals": int(a.scan_deferrals),
         "pressure deferrals (ticket host door)": int(_last(host, "queueguard_pressure_deferrals_total")),

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import pytest
 
-from queueguard.replay.corpus import campaign, mailing_list, notifications
 from queueguard.burst.campaign import Campaign, Sighting
 from queueguard.burst.check import BurstCheck
 from queueguard.burst.window import MemoryWindow
