@@ -16,14 +16,16 @@ replay runs the same wave twice against the same ticket host, so the difference 
   `tickets` (info@) toward the ticket host's guard, other mail straight to the downstream
   Exim (maildirs; outside the group, where the intake watches info@'s maildir).
 - control arm: both guards pass-through (no rules, no pressure sensors, the route without
-  `pressure:`): nothing but clamd's scan stands between the wave and the intake.
+  caps or `pressure:`): nothing but clamd's scan stands between the wave and the intake.
 - protected arm: the MX runs the shipped default policy (burst threshold 10, since the replay
-  sends hundreds, not thousands) and its route reads the ticket host's published pressure;
+  sends hundreds, not thousands) and its route (4 at once, 1 while softened) reads the ticket
+  host's published pressure;
   the ticket host's governor reads its cgroup's usage (this machine has 24 GiB, so
   MemAvailable/PSI would not move).
 
-After each wave the sender's queue is run until nothing more is delivered (`exim -qff`, the
-retries compressed); what is still deferred stays queued at the sender, and each arm's
+After each wave the sender's queue is run every 2 s (`exim -qff`, the retries compressed) for up
+to DRAIN_S, until it is empty or three rounds deliver nothing; what is still deferred stays
+queued at the sender, and each arm's
 accounting must balance: sent = delivered + quarantined + rejected + queued + lost (0).
 """
 
