@@ -35,9 +35,9 @@ from bench import spamassassin as sa
 from queueguard.burst.campaign import sighting
 from queueguard.burst.fingerprint import fingerprints, subject_skeleton
 from queueguard.burst.window import MemoryWindow
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import SmtpSink
 from queueguard.mime import parse_message
-from tests.components.guard import Guard
-from tests.components.sink import SmtpSink
 
 REPO = Path(__file__).resolve().parents[1]
 COPIES = 100

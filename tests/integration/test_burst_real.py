@@ -18,13 +18,15 @@ import pytest
 
 from bench import spamassassin as sa
 from bench.burst_real import COPIES, legit_waves, shipped_policies, threshold
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import SmtpSink
 from queueguard.quarantine import QuarantineStore
-from tests.components.guard import REPO, Guard
-from tests.components.sink import SmtpSink
 
 WAVE_STEP = 5
 """Every 5th campaign by size: 8 waves from the largest (17 variants) to the smallest (5)."""
 HAM_STEP = 4
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
