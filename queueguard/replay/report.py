@@ -148,4 +148,20 @@ def render(summary: Summary) -> str:
     width = max(len(r[0]) for r in rows)
     lines += [f"  {name:<{width}}  {status:<4}  {detail}" for name, status, detail in rows]
     lines += [f"  note: {n}" for n in summary.notes]
+    arms = summary.figures.get("arms")
+    if isinstance(arms, dict) and arms:
+        lines += ["", *side_by_side(arms)]
     return "\n".join(lines)
+
+
+def side_by_side(arms: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Arms of one scenario (control and protected) in columns, so the same figure reads across."""
+    names = list(arms)
+    keys = list(dict.fromkeys(k for figs in arms.values() for k in figs))
+    cells = [[_fmt(arms[n].get(k, "")) for n in names] for k in keys]
+    kw = max(len(k) for k in keys)
+    cw = [max(len(n), *(len(row[i]) for row in cells)) for i, n in enumerate(names)]
+    out = ["  " + " " * kw + "  " + "  ".join(n.ljust(w) for n, w in zip(names, cw, strict=True))]
+    out += ["  " + k.ljust(kw) + "  " + "  ".join(c.ljust(w) for c, w in zip(row, cw, strict=True)).rstrip()
+            for k, row in zip(keys, cells, strict=True)]
+    return out

@@ -10,11 +10,9 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from queueguard.cli import main as cli_main
 from queueguard.replay.report import Summary
 from queueguard.replay.runner import run
 
@@ -79,16 +77,33 @@ def test_inodes_452_readable_quarantine_and_alert() -> None:
     assert not replay_mounts() - before  # ours unmounted in teardown
 
 
-def test_vrts_spam_wave_through_the_cli(tmp_path: Path) -> None:
-    out = tmp_path / "summary.json"
-    assert cli_main(["replay", "vrts-spam-wave", "--scale", "0.3", "--json", str(out)]) == 0
-    doc = json.loads(out.read_text())
-    acc = doc["accounting"]
+def test_vrts_spam_wave_control_arm_dies_protected_arm_holds() -> None:
+    """Both arms at small scale: the same wave and ticket host (a 384 MiB cgroup with clamd, its
+    queueguard and the per-message intake) without and with the guard."""
+    text = io.StringIO()
+    s = run("vrts-spam-wave", 0.2, out=text)
+    doc = json.loads(json.dumps(s.as_dict()))  # what --json writes
     assert doc["lost"] == 0 and doc["ok"]
-    placed = acc["delivered"] + acc["quarantined"] + sum(acc["rejected"].values()) + acc["queued_at_sender"]
-    assert acc["sent"] == placed
-    assert doc["figures"]["clamd restarts"] == 0 and doc["figures"]["OOM kills"] == 0
-    assert doc["figures"]["spam quarantined"] > 0
-    assert doc["figures"]["spam delivered"] <= 10  # the burst threshold of the replay policy
-    assert acc["rejected"] == {"scan:clamav": acc["rejected"]["scan:clamav"]} and acc["rejected"]["scan:clamav"] > 0
-    assert doc["figures"]["legit latency p99 s"] is not None
+    control, protected = doc["figures"]["measured"]["control"], doc["figures"]["measured"]["protected"]
+    for arm in (control, protected):  # each arm's own accounting balances, measured the same way
+        acc = arm["accounting"]
+        assert acc["lost"] == 0
+        assert acc["sent"] == acc["delivered"] + acc["quarantined"] + sum(acc["rejected"].values()) \
+            + acc["queued_at_sender"]
+    # control: the host group ran out, the kernel took clamd, mail stalled at the sender
+    assert control["oom_kills"] > 0 and control["clamd_restarts"] > 0
+    assert control["max_usage_ratio"] >= 0.99
+    assert control["accounting"]["queued_at_sender"] > 0 and control["scan_deferrals"] > 0
+    # protected: no OOM, clamd untouched, the governor moved and the route slowed from its report
+    assert protected["oom_kills"] == 0 and protected["clamd_restarts"] == 0
+    assert protected["max_usage_ratio"] < 1.0 and protected["peak_mib"] < protected["limit_mib"]
+    assert protected["max_pressure_level"] >= 1 and protected["route_pressure_max"] >= 1
+    assert protected["route_deferrals"] > 0
+    # info@'s real mail got through the wave; the wave's copies were held, not delivered
+    assert protected["legit_info_sent"] > 0
+    assert protected["legit_info_delivered_in_time"] >= 0.9 * protected["legit_info_sent"]
+    assert protected["legit_other_delivered"] == protected["legit_other_sent"]
+    assert protected["accounting"]["quarantined"] > 0 and protected["spam_delivered"] <= 20
+    assert protected["rejected_reasons"] == ["scan:clamav"]
+    table = text.getvalue()  # the printed report: both arms side by side, the pressure timeline
+    assert "control" in table and "protected" in table and "pressure level timeline" in table
