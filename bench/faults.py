@@ -458,10 +458,13 @@ def _clamd_restart(rig: Rig) -> None:
 
 
 def _clamd_kill_witness(rig: Rig) -> Witness:
+    """Scans that failed and senders deferred prove the kill hit the mail. How many scans were in
+    flight is reported, not required: on an idle box a scan takes milliseconds and the /metrics
+    poll that precedes the kill rarely catches one running."""
     errors = rig.metric("queueguard_scans_total", result="error")
     ok, text = _sender_4xx(rig, r"45\d")
     in_flight = rig.extra.get("in_flight_at_kill", 0)
-    return ok and errors > 0 and in_flight > 0, (
+    return ok and errors > 0, (
         f"{in_flight:.0f} scans in flight at the kill; {errors:.0f} scan errors; {text}")
 
 
