@@ -7,17 +7,26 @@ must be ours. A message that cannot get a slot within `max_wait`, or finds
 answers 451 4.3.2: the sender's MTA keeps it and retries, nothing is lost.
 
 The limit adapts to scan latency (AIMD, like TCP congestion control): it
-creeps up by 1/limit per fast scan and is cut by a quarter when scans get
-slow (clamd queueing inside, or swapping) or fail. Latency is normalised by
-message size, since a 10 MB message is slow without any congestion.
+creeps up by 1/limit per normal scan and is cut by a quarter when a scan is
+far slower than the typical recent one (clamd stalling, the host starting to
+swap) or fails. "Typical" is the median of the recent scans, not the best:
+on a host whose CPU is busy with other work (the MTA, a load peak) scan
+latency spreads widely without clamd being the bottleneck, and measured
+against the best scan nearly every scan looked congested, so the gate sat at
+one or two scans while clamd's threads idled (the milter benchmark lost 6-12 %
+to it). A lasting new latency level becomes the new normal after half a
+window; memory pressure, the reason to keep clamd small, is the governor's
+signal, not this one. Latency is normalised by message size, since a 10 MB
+message is slow without any congestion.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -49,8 +58,13 @@ def normalized_latency(latency: float, size: int) -> float:
     return latency / (1.0 + size / SIZE_UNIT)
 
 
+def typical(samples: Sequence[float]) -> float | None:
+    """The median of the recent normalised latencies; None before the first scan."""
+    return statistics.median(samples) if samples else None
+
+
 def is_congested(norm: float, baseline: float | None, *, tolerance: float, floor: float) -> bool:
-    """Slow compared to the best recent scan (and not just noise at sub-`floor` latencies)."""
+    """Slow compared to the typical recent scan (and not just noise at sub-`floor` latencies)."""
     return baseline is not None and norm > floor and norm > baseline * tolerance
 
 
@@ -176,7 +190,7 @@ class AdmissionGate:
         if not self.config.adaptive:
             return
         norm = normalized_latency(latency, size)
-        baseline = min(self._samples) if self._samples else None
+        baseline = typical(self._samples)
         congested = not ok or is_congested(norm, baseline, tolerance=self.config.tolerance,
                                            floor=self.config.floor)
         if ok:
