@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from queueguard.scan.clamd import ClamdClient, ScanError, parse_scan_answer, parse_stats
+from queueguard.scan.clamd import ClamdClient, ScanError, instream_writes, parse_scan_answer, parse_stats
 
 STATS_146 = (
     "POOLS: 1\n\nSTATE: VALID PRIMARY\nTHREADS: live 3  idle 1 max 4 idle-timeout 30\nQUEUE: 2 items\n"
@@ -122,6 +122,18 @@ async def test_chunked_framing(fake: Callable[[Handler], Awaitable[str]]) -> Non
     assert not result.infected
     assert bytes(body) == data
     assert max(seen) == 1000 and len(seen) == 26
+
+
+@pytest.mark.parametrize(("size", "writes"), [(0, 1), (999, 1), (1000, 1), (1001, 2), (2500, 3)])
+def test_instream_writes(size: int, writes: int) -> None:
+    """The bytes are INSTREAM's framing exactly; an everyday message goes in one send."""
+    data = bytes(range(256)) * 10
+    data = data[:size]
+    batches = [b"".join(w) for w in instream_writes(data, 1000)]
+    assert len(batches) == writes
+    expected = b"zINSTREAM\0" + b"".join(
+        struct.pack("!L", len(data[i:i + 1000])) + data[i:i + 1000] for i in range(0, size, 1000)) + b"\0\0\0\0"
+    assert b"".join(batches) == expected
 
 
 @pytest.mark.parametrize(
