@@ -249,7 +249,10 @@ def expire_quarantine(store: QuarantineStore, retention: float, now: float) -> i
 async def _refresh_quarantine_summary(store: QuarantineStore) -> None:
     """Keeps the quarantine gauges current for /metrics (and the status page) without I/O on the loop."""
     while True:
-        await asyncio.to_thread(store.summary, force=True)
+        try:
+            await asyncio.to_thread(store.summary, force=True)
+        except Exception:  # the gauges go stale, the task must not end with them
+            log.exception("quarantine summary of %s failed", store.dir)
         await asyncio.sleep(SUMMARY_TTL)
 
 

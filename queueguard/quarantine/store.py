@@ -298,12 +298,17 @@ class QuarantineStore:
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        """A connection to the index as _ensure left it (WAL is persistent: nothing to switch)."""
-        db = _connect(self.index_path, time.monotonic() + self.open_timeout)
+        """A connection to the index as _ensure left it (WAL is persistent: nothing to switch).
+        Any index error (locked past the timeout, damaged, disk I/O) is a QuarantineError that
+        names the file: the pipeline answers 451, the CLI says what failed instead of a traceback."""
         try:
-            yield db
-        finally:
-            db.close()
+            db = _connect(self.index_path, time.monotonic() + self.open_timeout)
+            try:
+                yield db
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            raise QuarantineError(f"quarantine index {self.index_path}: {e}") from e
 
     def _index(self, db: sqlite3.Connection, meta: dict[str, Any]) -> None:
         released = meta.get("released")
@@ -414,12 +419,10 @@ class QuarantineStore:
             if e.errno in _NO_SPACE:
                 raise QuarantineFull(f"{self.dir}: {e.strerror}") from e
             raise QuarantineError(f"cannot store in {self.dir}: {e}") from e
-        except sqlite3.Error as e:
-            raise QuarantineError(f"quarantine index {self.index_path}: {e}") from e
         try:  # the entry is durable; a failed index insert is repaired by recover()
             with self._db() as db:
                 self._index(db, meta)
-        except sqlite3.Error as e:
+        except QuarantineError as e:
             log.warning("quarantine %s: stored %s but could not index it (%s); recover() at the next "
                         "start, or `queueguard quarantine stats`, re-indexes it", self.dir, qid, e)
         return qid
@@ -573,7 +576,7 @@ class QuarantineStore:
                 by_rule = dict(db.execute("SELECT rule, COUNT(*) FROM entries GROUP BY rule").fetchall())
                 counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
             shards = sum(1 for _ in self.msg_dir.iterdir())
-        except (OSError, sqlite3.Error, QuarantineError) as e:
+        except (OSError, QuarantineError) as e:
             log.warning("quarantine %s: cannot read its index for the summary: %s", self.dir, e)
             return self._summary
         self._summary = {"messages": messages, "bytes": size, "by_rule": by_rule}

@@ -161,3 +161,20 @@ def test_release_without_settings_is_refused(tmp_path: Path) -> None:
     (tmp_path / "msg").mkdir()
     r = cli("release", "--rule", "x", qdir=tmp_path)
     assert r.returncode == 2 and "release needs --settings" in r.stderr
+
+
+def test_an_index_it_cannot_read_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    """An index left by another version (or damaged) opens, then a query fails: every command
+    says which file and what, exit 1, no Python traceback for the admin to decode."""
+    import sqlite3
+
+    (tmp_path / "msg").mkdir()
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    db.execute("CREATE TABLE entries (something_else TEXT)")
+    db.commit()
+    db.close()
+    for command in (["list"], ["stats"], ["purge", "--older-than", "1d"]):
+        r = cli(*command, qdir=tmp_path)
+        assert r.returncode == 1, (command, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        assert f"quarantine index {tmp_path / 'index.sqlite'}:" in r.stderr, r.stderr

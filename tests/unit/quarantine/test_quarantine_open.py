@@ -174,3 +174,21 @@ async def test_an_index_that_cannot_be_opened_is_a_logged_451_never_a_250(
     assert verdict.code == 250 and verdict.text.startswith("Ok: quarantined as ")
     assert [e.id for e in store.list()] == [verdict.text.removeprefix("Ok: quarantined as ")]
 
+
+
+async def test_an_index_locked_after_setup_is_a_quarantine_error_naming_it(tmp_path: Path) -> None:
+    """Set up fine, then another writer holds the index past the deadline (a long `purge`, a
+    backup tool): listing, deleting and releasing say which file and why, as QuarantineError
+    (451 in the pipeline, one line from the CLI), never a bare sqlite3 exception."""
+    store = QuarantineStore(tmp_path / "q", open_timeout=0.2)
+    qid = store.put_sync(_txn(), RAW, quarantine("Ok", reason="burst", rule="wave"),
+                         [RuleHit("wave", "burst", "quarantine")], {})
+    foreign = _foreign_writer(store.index_path)
+    try:
+        for action in (lambda: store.mark_released(qid, "250 Ok", "mx"), lambda: store.delete(qid)):
+            with pytest.raises(QuarantineError, match=r"quarantine index .*index\.sqlite: database is locked"):
+                action()
+    finally:
+        foreign.commit()
+        foreign.close()
+    assert store.delete(qid)
