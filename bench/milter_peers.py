@@ -35,7 +35,9 @@ clamav-milter, rspamd (`apt-get install rspamd`; ./setup.sh does not install it)
 counting relay) for packets, bytes and round trips per message.
 --latency: after the rounds, queueguard without scanning at a paced 200 msg/s
 (one connection per message) against Postfix alone, alternated: the added
-latency of the milter, p50/p99, from connect to the 250 after DATA.
+latency of the milter, p50/p99, from connect to the 250 after DATA; and, through
+the counting relay, the time Postfix waited on the milter per message
+(wait_p50_ms/wait_p99_ms: what the milter adds, without Postfix's own jitter).
 --profile NAME: py-spy samples that queueguard during its first round; the
 top functions are printed.
 """
@@ -432,9 +434,13 @@ def main(argv: list[str] | None = None) -> int:
                              "cpu_ms_per_msg": dict(sorted(cpu.items(), key=lambda kv: -kv[1])[:6])}
         result["table"] = table
         if args.latency:
-            with queueguard(workdir, "qg-latency", None, True) as (_, spec), \
-                    Postfix(relay_port=sink.port, milter=spec) as pf, Postfix(relay_port=sink.port) as alone:
+            sock = workdir / "latency-relay.sock"
+            with queueguard(workdir, "qg-latency", None, True) as (_, spec), Relay(sock, spec) as relay, \
+                    Postfix(relay_port=sink.port, milter=f"unix:{sock}") as pf, \
+                    Postfix(relay_port=sink.port) as alone:
                 result["latency"] = latency(alone.port, pf.port, args.rounds, args.latency_rate)
+                waits = relay.counts.per_message()
+                result["latency"].update({k: v for k, v in waits.items() if k.startswith("wait_")})
             print(f"latency at {args.latency_rate:g} msg/s: {result['latency']}", flush=True)
     print(f"\n{'configuration':<15} {'accepted':>8} {'e2e':>6}  runs (e2e)          CPU ms/msg")
     for name, row in table.items():
