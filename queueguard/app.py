@@ -40,7 +40,15 @@ from queueguard.routing import Router
 from queueguard.scan.check import ScanCheck
 from queueguard.settings import Settings, host_problems, split_hostport
 from queueguard.stage import ConnectCheck, MessageCheck, RcptCheck
-from queueguard.workers import ENV_RUN_DIR, WorkerFailed, WorkerId, beat, current_worker, supervise
+from queueguard.workers import (
+    ENV_RUN_DIR,
+    WorkerFailed,
+    WorkerId,
+    beat,
+    current_worker,
+    inherited_socket,
+    supervise,
+)
 
 log = logging.getLogger("queueguard")
 
@@ -174,18 +182,19 @@ def build(settings: Settings) -> App:
 
 
 def frontends(app: App, worker: WorkerId | None) -> list[Frontend]:
-    """The SMTP proxy always (every worker, sharing the port); the milter and the policy socket
-    where the settings ask for them (in worker 0 only: one listener per host)."""
+    """The SMTP proxy always (every worker, sharing the port) and the milter where the settings
+    ask for it (every worker, on the socket the supervisor bound); the policy socket in worker 0
+    only (one listener per host)."""
     s = app.settings
     out: list[Frontend] = [SmtpProxy(app.pipeline("smtp", relay=True), s.smtp, reuse_port=worker is not None)]
-    if worker is not None and not worker.primary:
-        return out
     if s.milter.enabled:
         from queueguard.frontends.milter import MilterServer
 
         hold = s.milter.quarantine == "hold"
         out.append(MilterServer(app.pipeline("milter", relay=False, hold_in_mta=hold), s.milter,
-                                s.smtp.max_message_size))
+                                s.smtp.max_message_size, sock=inherited_socket("milter") if worker else None))
+    if worker is not None and not worker.primary:
+        return out
     if s.policy_socket.enabled:
         from queueguard.frontends.policy_socket import PolicySocket
 
@@ -294,10 +303,23 @@ async def serve(settings: Settings) -> int:
     worker = current_worker()
     if worker is None and settings.worker_count() > 1:
         build(settings)  # refuse here, once, with the same one-line errors as a single process
+        shared: dict[str, socket.socket] = {}
+        if settings.milter.enabled:
+            from queueguard.frontends.milter import bind, remove_socket
+
+            try:
+                shared["milter"] = bind(settings.milter)
+            except OSError as e:
+                raise StartupError(f"milter socket {settings.milter.listen}: {e}") from e
         try:
-            return await supervise(settings, settings.worker_count())
+            return await supervise(settings, settings.worker_count(), shared)
         except WorkerFailed as e:
             raise StartupError(str(e)) from e
+        finally:
+            for sock in shared.values():
+                if sock.family == socket.AF_UNIX:
+                    remove_socket(Path(sock.getsockname()))
+                sock.close()
     app = build(settings)
     try:
         started, web = await start(app, worker)

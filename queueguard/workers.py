@@ -17,8 +17,13 @@ otherwise). The main process does no mail itself:
 - forwards SIGHUP (each worker reloads its policy, the last good one stays on
   errors) and SIGTERM/SIGINT (each drains its in-flight mail), and waits.
 
-Worker 0 also runs what must run once per host: the milter and policy socket
-listeners, queue watch, quarantine recovery and retention, pressure publishing.
+The milter's socket is bound once, by the main process (a unix socket cannot be
+shared by SO_REUSEPORT), and every worker inherits it and accepts on it
+(QUEUEGUARD_INHERIT=milter=FD): a Postfix or Sendmail site uses every core too,
+and one worker dying or hanging leaves the milter answering.
+
+Worker 0 also runs what must run once per host: the policy socket listener,
+queue watch, quarantine recovery and retention, pressure publishing.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -44,6 +50,7 @@ log = logging.getLogger("queueguard.workers")
 
 ENV_WORKER = "QUEUEGUARD_WORKER"
 ENV_RUN_DIR = "QUEUEGUARD_RUN_DIR"
+ENV_INHERIT = "QUEUEGUARD_INHERIT"
 HEARTBEAT = 1.0
 """Seconds between a worker's heartbeats (touching its file from its event loop)."""
 HEARTBEAT_STALE = 15.0
@@ -72,6 +79,15 @@ def current_worker(environ: dict[str, str] | None = None) -> WorkerId | None:
     return WorkerId(int(index), int(count))
 
 
+def inherited_socket(name: str, environ: dict[str, str] | None = None) -> socket.socket | None:
+    """The listening socket `name` the supervisor handed this worker, or None."""
+    for item in (os.environ if environ is None else environ).get(ENV_INHERIT, "").split(","):
+        key, _, fd = item.partition("=")
+        if key == name and fd.isdigit():
+            return socket.socket(fileno=int(fd))
+    return None
+
+
 def ready_file(run_dir: Path, index: int) -> Path:
     return run_dir / f"ready-{index}"
 
@@ -94,11 +110,13 @@ def stale(heartbeat_mtime: float | None, now: float) -> bool:
 
 
 class Worker:
-    def __init__(self, index: int, count: int, argv: list[str], env: dict[str, str], run_dir: Path) -> None:
+    def __init__(self, index: int, count: int, argv: list[str], env: dict[str, str], run_dir: Path,
+                 fds: tuple[int, ...] = ()) -> None:
         self.index = index
         self.argv = argv
         self.env = {**env, ENV_WORKER: f"{index}/{count}"}
         self.run_dir = run_dir
+        self.fds = fds
         self.proc: asyncio.subprocess.Process | None = None
         self.failures = 0
         self.started_at = 0.0
@@ -107,7 +125,7 @@ class Worker:
     async def start(self) -> None:
         for path in (ready_file(self.run_dir, self.index), heartbeat_file(self.run_dir, self.index)):
             path.unlink(missing_ok=True)
-        self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env)
+        self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env, pass_fds=self.fds)
         self.started_at, self.restart_at = time.monotonic(), None
         log.info("worker %d started (pid %d)", self.index, self.proc.pid)
 
@@ -143,8 +161,9 @@ def worker_settings(settings: Settings, run_dir: Path) -> Path:
     return path
 
 
-async def supervise(settings: Settings, count: int) -> int:
-    """Run `count` workers until SIGTERM/SIGINT; see the module docstring."""
+async def supervise(settings: Settings, count: int, shared: dict[str, socket.socket] | None = None) -> int:
+    """Run `count` workers until SIGTERM/SIGINT; see the module docstring. `shared`: listening
+    sockets by name that every worker inherits (`inherited_socket`)."""
     from prometheus_client import multiprocess
 
     run_dir = Path(tempfile.mkdtemp(prefix="queueguard-workers-"))
@@ -153,8 +172,12 @@ async def supervise(settings: Settings, count: int) -> int:
     env.update({"PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"), ENV_RUN_DIR: str(run_dir),
                 # workers import what this process imports, however it was launched
                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    shared = shared or {}
+    if shared:
+        env[ENV_INHERIT] = ",".join(f"{name}={sock.fileno()}" for name, sock in shared.items())
+    fds = tuple(sock.fileno() for sock in shared.values())
     argv = [sys.executable, "-m", "queueguard.cli", "serve", "--settings", str(worker_settings(settings, run_dir))]
-    workers = [Worker(i, count, argv, env, run_dir) for i in range(count)]
+    workers = [Worker(i, count, argv, env, run_dir, fds) for i in range(count)]
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)

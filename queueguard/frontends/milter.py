@@ -114,12 +114,78 @@ def remove_socket(path: Path) -> None:
             path.unlink()
 
 
+BACKLOG = 1024
+"""Connections the kernel queues for us: Postfix opens one per SMTP session, a wave opens many."""
+
+
+def bind(settings: MilterSettings) -> socket.socket:
+    """The milter's listening socket, bound and listening, unix sockets with the owner, group
+    and mode of the settings. Made once per host: with `workers` the supervisor binds it and
+    every worker accepts on it (a unix socket cannot be shared by SO_REUSEPORT)."""
+    kind, where, port = milter_listen(settings.listen)
+    if kind == "unix":
+        path = Path(where)
+        remove_socket(path)  # left by a previous run (libmilter removed it too)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(where)
+            set_permissions(path, settings)
+        except OSError:
+            sock.close()
+            raise
+    else:
+        family = socket.AF_INET6 if ":" in where else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((where, port))
+        except OSError:
+            sock.close()
+            raise
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def set_permissions(path: Path, s: MilterSettings) -> None:
+    """Owner, group and mode from the settings, so the MTA's user can connect (Postfix's smtpd
+    runs as `postfix`); by default group `postfix` where it exists, mode 0660."""
+    try:
+        uid = pwd.getpwnam(s.socket_owner).pw_uid if s.socket_owner else -1
+    except KeyError:
+        raise OSError(f"milter socket {path}: no user {s.socket_owner!r} (milter.socket_owner)") from None
+    group = s.socket_group
+    if group is None:
+        with contextlib.suppress(KeyError):
+            group = grp.getgrnam(MTA_GROUP).gr_name
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else -1
+    except KeyError:
+        raise OSError(f"milter socket {path}: no group {group!r} (milter.socket_group)") from None
+    path.chmod(int(s.socket_mode, 8))
+    if uid == -1 and gid == -1:
+        return
+    try:
+        os.chown(path, uid, gid)
+    except PermissionError:
+        if s.socket_group is not None or s.socket_owner is not None:
+            raise
+        # The default group, as a user outside it: the MTA is refused (and tempfails) until
+        # queueguard's user joins the group; say so rather than not start at all.
+        log.warning("milter socket %s: cannot give it to group %s (add queueguard's user to that group, "
+                    "or set milter.socket_group); the MTA cannot connect until then", path, group)
+
+
 class MilterServer:
     """The listening socket and its MTA connections; each connection has one Session."""
 
-    def __init__(self, pipeline: Pipeline, settings: MilterSettings, max_size: int) -> None:
-        """`pipeline.hold_in_mta` is `quarantine: hold`: the MTA's hold queue keeps quarantined mail."""
+    def __init__(self, pipeline: Pipeline, settings: MilterSettings, max_size: int,
+                 sock: socket.socket | None = None) -> None:
+        """`pipeline.hold_in_mta` is `quarantine: hold`: the MTA's hold queue keeps quarantined mail.
+        `sock`: a listening socket bound by the supervisor and shared by every worker (see `bind`);
+        without one the server binds its own and removes a unix socket's file at stop."""
         self.pipeline = pipeline
+        self.sock = sock
         self.hold = pipeline.hold_in_mta
         self.settings = settings
         self.listen = settings.listen
@@ -134,50 +200,15 @@ class MilterServer:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        kind, where, port = milter_listen(self.listen)
         loop = asyncio.get_running_loop()
-        if kind == "unix":
-            path = Path(where)
-            remove_socket(path)  # left by a previous run (libmilter removed it too)
-            self.server = await loop.create_unix_server(lambda: MilterConnection(self), path=where)
-            try:
-                self._set_permissions(path)
-            except OSError:
-                self.server.close()
-                raise
+        sock = self.sock or bind(self.settings)
+        if sock.family == socket.AF_UNIX:
+            self.server = await loop.create_unix_server(lambda: MilterConnection(self), sock=sock)
         else:
-            self.server = await loop.create_server(lambda: MilterConnection(self), where, port)
+            self.server = await loop.create_server(lambda: MilterConnection(self), sock=sock)
         self._sweeper = loop.create_task(self._sweep())
-        log.info("milter listening on %s (quarantine: %s)", self.listen, "hold" if self.hold else "store")
-
-    def _set_permissions(self, path: Path) -> None:
-        """Owner, group and mode from the settings, so the MTA's user can connect (Postfix's smtpd
-        runs as `postfix`); by default group `postfix` where it exists, mode 0660."""
-        s = self.settings
-        try:
-            uid = pwd.getpwnam(s.socket_owner).pw_uid if s.socket_owner else -1
-        except KeyError:
-            raise OSError(f"milter socket {path}: no user {s.socket_owner!r} (milter.socket_owner)") from None
-        group = s.socket_group
-        if group is None:
-            with contextlib.suppress(KeyError):
-                group = grp.getgrnam(MTA_GROUP).gr_name
-        try:
-            gid = grp.getgrnam(group).gr_gid if group else -1
-        except KeyError:
-            raise OSError(f"milter socket {path}: no group {group!r} (milter.socket_group)") from None
-        path.chmod(int(s.socket_mode, 8))
-        if uid == -1 and gid == -1:
-            return
-        try:
-            os.chown(path, uid, gid)
-        except PermissionError:
-            if s.socket_group is not None or s.socket_owner is not None:
-                raise
-            # The default group, as a user outside it: the MTA is refused (and tempfails) until
-            # queueguard's user joins the group; say so rather than not start at all.
-            log.warning("milter socket %s: cannot give it to group %s (add queueguard's user to that group, "
-                        "or set milter.socket_group); the MTA cannot connect until then", path, group)
+        log.info("milter listening on %s (quarantine: %s)%s", self.listen, "hold" if self.hold else "store",
+                 ", shared with the other workers" if self.sock is not None else "")
 
     @property
     def port(self) -> int:
@@ -211,7 +242,7 @@ class MilterServer:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 1)
         kind, where, _ = milter_listen(self.listen)
-        if kind == "unix":
+        if kind == "unix" and self.sock is None:  # a shared socket is the supervisor's to remove
             remove_socket(Path(where))
 
     async def _sweep(self) -> None:

@@ -3,8 +3,10 @@ nothing is lost meanwhile, SIGHUP reloads both, SIGTERM drains both; `state: mem
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
 import smtplib
 import subprocess
@@ -112,3 +114,54 @@ def test_more_than_one_worker_with_in_process_state_is_refused(tmp_path: Path) -
     with pytest.raises(RuntimeError, match="exited 2") as e:
         guard.start()
     assert "set state to a redis:// URL, or workers: 1" in str(e.value)
+
+
+PASSED = {"a", "c"}
+"""The milter's end-of-message answers that let a message through (accept, continue)."""
+
+
+def milter_message(path: Path, n: int) -> list[str]:
+    """One whole MTA conversation with the milter on unix socket `path`: its end-of-message answer."""
+    from tests.unit.frontends.test_milter import MTA
+
+    async def talk() -> list[str]:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5)
+        mta = MTA(reader, writer)
+        try:
+            await mta.negotiate()
+            await mta.connect()
+            await mta.envelope("<a@client.example>", "<bob@test.example>")
+            return await asyncio.wait_for(mta.content(f"m{n}"), 10)
+        finally:
+            mta.close()
+
+    return asyncio.run(talk())
+
+
+def test_every_worker_answers_the_milter_on_one_socket(redis: RedisServer, tmp_path: Path) -> None:
+    """The supervisor binds the milter's unix socket once and every worker accepts on it: with
+    worker 0 stopped (hung) or killed, the other one answers every MTA connection. Before, the
+    milter ran in worker 0 alone: a Postfix site used one core, and lost its milter with it."""
+    sock = tmp_path / "milter.sock"
+    guard = Guard({"workers": 2, "state": redis.url, "milter": {"enabled": True, "listen": f"unix:{sock}"}})
+    guard.start(timeout=60)
+    try:
+        assert guard.proc is not None
+        wait_for("two workers ready", lambda: guard.log().count("milter listening on") >= 2)
+        assert all(milter_message(sock, i)[-1] in PASSED for i in range(10))
+        first = int(re.search(r"worker 0 started \(pid (\d+)\)", guard.log()).group(1))  # type: ignore[union-attr]
+        os.kill(first, signal.SIGSTOP)
+        try:
+            answers = [milter_message(sock, i)[-1] for i in range(10, 40)]
+        finally:
+            os.kill(first, signal.SIGCONT)
+        assert len(answers) == 30 and set(answers) <= PASSED, answers
+        os.kill(first, signal.SIGKILL)
+        wait_for("worker 0 replaced", lambda: guard.log().count("milter listening on") >= 3)
+        assert milter_message(sock, 40)[-1] in PASSED
+        assert sock.is_socket()
+        assert guard.log().count("msg=message") >= 41
+    finally:
+        code = guard.stop(timeout=60)
+    assert code == 0
+    assert not sock.exists(), "the supervisor removes the socket it made"
