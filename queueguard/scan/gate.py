@@ -6,18 +6,19 @@ must be ours. A message that cannot get a slot within `max_wait`, or finds
 `max_waiting` others already waiting, is refused (`GateBusy`) and the caller
 answers 451 4.3.2: the sender's MTA keeps it and retries, nothing is lost.
 
-The limit adapts to scan latency (AIMD, like TCP congestion control): it
-creeps up by 1/limit per normal scan and is cut by a quarter when a scan is
-far slower than the typical recent one (clamd stalling, the host starting to
-swap) or fails. "Typical" is the median of the recent scans, not the best:
-on a host whose CPU is busy with other work (the MTA, a load peak) scan
-latency spreads widely without clamd being the bottleneck, and measured
-against the best scan nearly every scan looked congested, so the gate sat at
-one or two scans while clamd's threads idled (the milter benchmark lost 6-12 %
-to it). A lasting new latency level becomes the new normal after half a
-window; memory pressure, the reason to keep clamd small, is the governor's
-signal, not this one. Latency is normalised by message size, since a 10 MB
-message is slow without any congestion.
+The limit adapts to scan latency (AIMD, like TCP congestion control), once
+per round of `limit` scans: it grows by one after a normal round and is cut
+by a quarter after a slow one, whose median is far above the typical recent
+scan (clamd stalling, the host starting to swap), or at once when a scan
+times out. Rounds and medians, not single scans against the best one: on a
+host whose CPU is busy with other work (the MTA, a load peak) scan latency
+spreads widely without clamd being the bottleneck, and judged scan by scan
+against the best, nearly every round had a "congested" scan, so the gate sat
+at one or two scans while clamd's threads idled (the milter benchmark lost
+12-14 % to it). A lasting new latency level becomes the new normal after
+half a window; memory pressure, the reason to keep clamd small, is the
+governor's signal, not this one. Latency is normalised by message size,
+since a 10 MB message is slow without any congestion.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class AdmissionGate:
         self.peak_in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._samples: deque[float] = deque(maxlen=self.config.window)
+        self._round: list[float] = []
         self._since_decrease = 1 << 30
         self.refused: dict[str, int] = {"waiting_full": 0, "wait_timeout": 0}
         self._publish()
@@ -185,23 +187,32 @@ class AdmissionGate:
         metrics.scan_gate_refused.labels(reason).inc()
 
     def record(self, latency: float, size: int, *, ok: bool) -> None:
-        """Feed one finished scan into the adaptive limit; `ok=False` for a scan that timed out
-        (clamd down is the breaker's business, not a reason to shrink)."""
+        """Feed one finished scan into the adaptive limit. A round is `limit` scans (one round
+        trip of the pipe, as in TCP): at its end the limit grows by one, or is cut by a quarter
+        when the round's median was `tolerance` times the typical scan. One slow scan in a round
+        is scheduling noise on a busy host, a slow round is clamd. A scan that timed out
+        (`ok=False`) cuts at once, once per round (clamd down is the breaker's business)."""
         if not self.config.adaptive:
             return
-        norm = normalized_latency(latency, size)
-        baseline = typical(self._samples)
-        congested = not ok or is_congested(norm, baseline, tolerance=self.config.tolerance,
-                                           floor=self.config.floor)
-        if ok:
-            self._samples.append(norm)
         self._since_decrease += 1
-        if congested and self._since_decrease < self.limit:
-            return  # one cut per round of scans, not one per slow scan of the same round
+        if not ok:
+            if self._since_decrease >= self.limit:
+                self._step(congested=True)
+            return
+        self._round.append(normalized_latency(latency, size))
+        if len(self._round) < self.limit:
+            return
+        congested = is_congested(statistics.median(self._round), typical(self._samples),
+                                 tolerance=self.config.tolerance, floor=self.config.floor)
+        self._samples.extend(self._round)
+        self._round.clear()
+        self._step(congested=congested)
+
+    def _step(self, *, congested: bool) -> None:
         if congested:
             self._since_decrease = 0
         self._limit = aimd_next(self._limit, congested=congested, lo=self.config.min_concurrent,
-                                hi=self.config.max_concurrent)
+                                hi=self.config.max_concurrent, increase=max(self._limit, 1.0))
         self._wake()
         self._publish()
 
