@@ -79,6 +79,10 @@ class Guard:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0, env_extra: Mapping[str, str] | None = None) -> Guard:
+        """Start the guard and wait for its ports. Refused while it runs: a second process would
+        be forgotten here and outlive the test (`with guard.start()` starts twice: use `with guard`)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("this guard is already running (use `with guard:` or `guard.start()`, not both)")
         log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
@@ -97,6 +101,7 @@ class Guard:
                 return self
             except (TimeoutError, OSError):
                 continue
+        self.kill()  # not left running behind the test that gave up on it
         raise RuntimeError(f"queueguard did not start:\n{self.log()}")
 
     def stop(self, timeout: float = 15.0) -> int:
