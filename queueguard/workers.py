@@ -97,10 +97,17 @@ def heartbeat_file(run_dir: Path, index: int) -> Path:
 
 
 async def beat(run_dir: Path, index: int) -> None:
-    """In a worker: say it is ready, then touch its heartbeat from its event loop until stopped."""
+    """In a worker: say it is ready, then touch its heartbeat from its event loop until stopped.
+    A worker whose supervisor is gone (killed with -9, it could not stop us) drains and exits
+    rather than serve on unsupervised beside the next generation (SO_REUSEPORT lets both bind)."""
+    supervisor = os.getppid()
     ready_file(run_dir, index).write_text(str(os.getpid()))
     path = heartbeat_file(run_dir, index)
     while True:
+        if os.getppid() != supervisor:
+            log.warning("worker %d: the supervisor (pid %d) is gone; draining and exiting", index, supervisor)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         path.touch()
         await asyncio.sleep(HEARTBEAT)
 

@@ -4,6 +4,7 @@ nothing is lost meanwhile, SIGHUP reloads both, SIGTERM drains both; `state: mem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -165,3 +166,30 @@ def test_every_worker_answers_the_milter_on_one_socket(redis: RedisServer, tmp_p
         code = guard.stop(timeout=60)
     assert code == 0
     assert not sock.exists(), "the supervisor removes the socket it made"
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its new parent to reap it."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_of_a_killed_supervisor_drain_and_exit(redis: RedisServer) -> None:
+    """`kill -9` of the main process (an admin, the OOM killer): its workers must not serve on
+    unsupervised beside the next start, which SO_REUSEPORT would let bind the same port."""
+    guard = Guard({"workers": 2, "state": redis.url})
+    guard.start(timeout=60)
+    workers: set[int] = set()
+    try:
+        assert guard.proc is not None
+        wait_for("two workers", lambda: len(children(guard.proc.pid)) == 2)
+        workers = children(guard.proc.pid)
+        guard.kill()
+        wait_for("the orphaned workers to exit", lambda: not any(running(pid) for pid in workers), timeout=20)
+        assert guard.log().count("the supervisor (pid") == 2
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
