@@ -145,8 +145,9 @@ def _writable(directory: Path) -> None:
         raise StartupError(f"quarantine directory {directory} is not writable: {e.strerror or e}") from e
 
 
-def build(settings: Settings) -> App:
-    """Construct the components; nothing listens yet."""
+def build(settings: Settings, processes: int = 1) -> App:
+    """Construct the components; nothing listens yet. `processes`: the worker processes of this
+    host, which split its per-host bounds (the scan limits: clamd is one per host)."""
     if missing := host_problems(settings):
         raise StartupError("\n".join(missing))
     policies = PolicyHolder(settings.policies)
@@ -157,7 +158,7 @@ def build(settings: Settings) -> App:
     clamd = settings.clamd
     governor = Governor(default_sensors(clamd.pid_file if clamd.enabled else None, clamd.memory_cgroup),
                         clock=time.monotonic)
-    scan = ScanCheck(clamd, governor) if clamd.enabled else None
+    scan = ScanCheck(clamd, governor, processes=processes) if clamd.enabled else None
     if scan is not None:
         scan.set_policy(policies.current())
     router = Router(settings, policies.current)
@@ -320,7 +321,7 @@ async def serve(settings: Settings) -> int:
                 if sock.family == socket.AF_UNIX:
                     remove_socket(Path(sock.getsockname()))
                 sock.close()
-    app = build(settings)
+    app = build(settings, worker.count if worker else 1)
     try:
         started, web = await start(app, worker)
     except OSError as e:  # a port in use, an address not on this host

@@ -28,16 +28,24 @@ from queueguard.stage import NOTHING, MessageContext, StageResult
 log = logging.getLogger("queueguard.scan")
 
 
-def gate_config(scan: ScanPolicy) -> GateConfig:
+def share_of(host_limit: int, processes: int) -> int:
+    """One worker's part of a per-host bound: the policy's scan limits are the host's (clamd is
+    one per host), and with `workers: N` every worker has its own gate. Never below one scan,
+    so with more workers than the bound the host's total is the number of workers."""
+    return max(1, host_limit // processes)
+
+
+def gate_config(scan: ScanPolicy, processes: int = 1) -> GateConfig:
+    most = share_of(scan.max_concurrent, processes)
     return GateConfig(
-        min_concurrent=min(scan.min_concurrent, scan.max_concurrent), max_concurrent=scan.max_concurrent,
-        max_waiting=scan.max_waiting, max_wait=scan.max_wait, adaptive=scan.adaptive,
+        min_concurrent=min(scan.min_concurrent, most), max_concurrent=most,
+        max_waiting=share_of(scan.max_waiting, processes), max_wait=scan.max_wait, adaptive=scan.adaptive,
     )
 
 
-def threads_cap(threads_max: int | None) -> int | None:
+def threads_cap(threads_max: int | None, processes: int = 1) -> int | None:
     """Stay below clamd's MaxThreads, so a PING or STATS still gets a thread while we scan."""
-    return None if threads_max is None else max(1, threads_max - 1)
+    return None if threads_max is None else share_of(max(1, threads_max - 1), processes)
 
 
 def _defer(reason: str, detail: str = "") -> StageResult:
@@ -57,19 +65,23 @@ class ScanCheck:
         *,
         clock: Callable[[], float] = time.monotonic,
         scanner: Scanner | None = None,
+        processes: int = 1,
     ) -> None:
+        """`processes`: the worker processes of this host, each with its own gate, that share
+        clamd and the policy's per-host scan bounds (`share_of`)."""
         self.settings = settings
+        self.processes = processes
         self.scanner: Scanner = scanner or ClamdClient.from_settings(settings)
         self.governor = governor
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset, clock=clock)
         self.health = ClamdHealth(self.scanner, self.breaker, interval=settings.ping_interval)
         self.policy = ScanPolicy()
-        self.gate = AdmissionGate(gate_config(self.policy))
+        self.gate = AdmissionGate(gate_config(self.policy, processes))
 
     def set_policy(self, policy: Policy) -> None:
         """Take a (re)loaded policy's scan section: the gate's bounds."""
         self.policy = policy.scan
-        self.gate.configure(gate_config(policy.scan))
+        self.gate.configure(gate_config(policy.scan, self.processes))
 
     def _enabled(self, policy: Policy) -> bool:
         if policy.scan is not self.policy:
@@ -81,9 +93,9 @@ class ScanCheck:
             return NOTHING
         scan = ctx.policy.scan
         size = len(ctx.raw)
-        cap = threads_cap(self.health.stats.threads_max if self.health.stats else None)
+        cap = threads_cap(self.health.stats.threads_max if self.health.stats else None, self.processes)
         if self.governor.current(ctx.policy.pressure) is Level.SOFTEN:
-            soft = ctx.policy.pressure.soften.scan_concurrency
+            soft = share_of(ctx.policy.pressure.soften.scan_concurrency, self.processes)
             cap = min(cap or soft, soft)
         self.gate.set_cap(cap)
         if size > self.settings.stream_max_length:

@@ -4,7 +4,9 @@ nothing is lost meanwhile, SIGHUP reloads both, SIGTERM drains both; `state: mem
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -14,6 +16,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,3 +196,59 @@ def test_workers_of_a_killed_supervisor_drain_and_exit(redis: RedisServer) -> No
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def slow_to_scan(i: int) -> bytes:
+    """A small message clamd takes a while over: a zip of 10 MB of zeros, distinct per message
+    (clamd caches clean results by hash), so scans overlap while the transfers do not."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("data.bin", os.urandom(16) + bytes(10_000_000))
+    attachment = base64.encodebytes(buf.getvalue()).replace(b"\n", b"\r\n")
+    return (b"Subject: archive %d\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b\r\nContent-Type: application/zip\r\n"
+            b"Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=data.zip\r\n\r\n"
+            % i) + attachment + b"--b--\r\n"
+
+
+def test_workers_share_the_hosts_scan_bound(redis: RedisServer, tmp_path: Path) -> None:
+    """`scan.max_concurrent` bounds the streams in this host's clamd, however many workers: with
+    2 workers and a bound of 2, clamd (whose STATS we sample) never runs more than 2 of our scans.
+    Before, each worker's gate allowed the whole bound, 4 here; N workers, N times it."""
+    from queueguard.harness.clamd import Clamd
+    from tests.integration.test_scan_clamd import StatsSampler
+
+    policy = ("scan:\n  max_concurrent: 2\n  min_concurrent: 1\n  adaptive: false\n  max_waiting: 100\n"
+              "  max_wait: 60s\n")
+    with Clamd(tmp_path / "clamd", max_threads=8) as clamd, RecordingSink() as sink:
+        guard = Guard({"workers": 2, "state": redis.url, "downstreams": [{"address": f"127.0.0.1:{sink.port}"}],
+                       "clamd": {"enabled": True, "address": str(clamd.socket), "pid_file": str(clamd.pid_file),
+                                 "timeout": "60s", "ping_interval": "10m"}},  # no PING amid the samples
+                      {"scan.yaml": policy})
+        guard.start(timeout=60)
+        sampler = StatsSampler(clamd)
+        try:
+            assert guard.proc is not None
+            wait_for("both workers' first PING", lambda: guard.log().count("clamd is up") >= 2)
+            sampler.start()
+            replies: list[int] = []
+
+            def send(i: int) -> None:
+                with smtplib.SMTP("127.0.0.1", guard.port, timeout=120) as c:
+                    c.sendmail("a@client.example", ["bob@test.example"], slow_to_scan(i))
+                replies.append(250)
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(180)
+        finally:
+            sampler.stop.set()
+            sampler.join(5)
+            guard.stop(timeout=60)
+    assert replies == [250] * 12
+    # clamd's own count of our scans; its thread may still be tidying up a scan whose answer a
+    # worker already read (the slot is free, the next scan starts): one over the bound, briefly.
+    assert 2 <= max(sampler.busy) <= 3, sampler.busy
+    assert sum(1 for b in sampler.busy if b > 2) <= max(1, len(sampler.busy) // 20), sampler.busy

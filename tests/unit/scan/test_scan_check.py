@@ -14,7 +14,7 @@ from queueguard.model import Connection, RuleHit, Transaction, parse_ip
 from queueguard.policy.schema import Policy
 from queueguard.pressure.governor import Governor
 from queueguard.resolve import resolve
-from queueguard.scan.check import ScanCheck
+from queueguard.scan.check import ScanCheck, gate_config, share_of, threads_cap
 from queueguard.scan.health import BreakerState
 from queueguard.settings import ClamdSettings
 from queueguard.stage import MessageContext, StageResult
@@ -97,3 +97,15 @@ async def test_on_error_accept_marks_the_message(tmp_path: Path) -> None:
         assert r.verdict is None and len(headers) == 1 and headers[0][0] == HEADER
         assert headers[0][1].startswith("unscanned (clamd error: ")
         assert r.hits and r.hits[0].rule == "unscanned"
+
+
+def test_workers_split_the_hosts_scan_bounds() -> None:
+    """clamd is one per host and the policy's scan bounds are the host's: with `workers: N` each
+    worker's gate gets its share, so N workers do not put N x max_concurrent streams into clamd."""
+    scan = Policy().scan.model_copy(update={"max_concurrent": 4, "min_concurrent": 2, "max_waiting": 32})
+    one, two, eight = gate_config(scan, 1), gate_config(scan, 2), gate_config(scan, 8)
+    assert (one.max_concurrent, one.min_concurrent, one.max_waiting) == (4, 2, 32)
+    assert (two.max_concurrent, two.min_concurrent, two.max_waiting) == (2, 2, 16)
+    assert (eight.max_concurrent, eight.min_concurrent, eight.max_waiting) == (1, 1, 4)  # never below one
+    assert threads_cap(10) == 9 and threads_cap(10, 3) == 3 and threads_cap(4, 2) == 1 and threads_cap(None, 2) is None
+    assert share_of(3, 2) == 1 and share_of(1, 4) == 1
