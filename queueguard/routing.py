@@ -29,6 +29,7 @@ from queueguard.model import RuleHit, Transaction
 from queueguard.policy.match import AddressMatcher
 from queueguard.policy.schema import Policy
 from queueguard.settings import Route, RoutePressure, Settings
+from queueguard.shared_state import raise_if_cancelling
 from queueguard.stage import NOTHING, RcptContext, StageResult
 
 log = logging.getLogger("queueguard.routing")
@@ -215,6 +216,7 @@ class Router:
                 log.info("route=%s pressure source answers again", name)
             state.failing = False
         except Exception as e:
+            raise_if_cancelling(e)
             if not state.failing:
                 log.warning("route=%s pressure source failed: %s", name, e)
             state.failing = True
@@ -247,6 +249,7 @@ class Router:
         assert spec is not None and spec.pressure is not None
         while True:
             await self.poll_once(name)
+            raise_if_cancelling()
             await asyncio.sleep(spec.pressure.interval)
 
     def status(self) -> list[dict[str, object]]:

@@ -38,6 +38,17 @@ T = TypeVar("T")
 THEN = {"fallback": "using in-process state", "tempfail": "answering 451 4.3.0", "accept": "not counting"}
 
 
+def raise_if_cancelling(cause: BaseException | None = None) -> None:
+    """redis-py can swallow a cancellation that hits one of its calls, or turn it into an error
+    of its own. A caller that handles errors and goes on (a background loop, the outage fallback)
+    checks here, so it still stops when its task is being cancelled: a stopping worker waited
+    forever for its membership loop, and a client leaving mid-command must not look like Redis
+    failing."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from cause
+
+
 class SharedState(Generic[S]):
     """`shared` is the store hosts share; `fallback` stands in for it (they may be one object
     when there is no shared store: `state: memory`)."""
@@ -69,6 +80,7 @@ class SharedState(Generic[S]):
                     await self.recover()
                 result = await op(self.shared)
             except Exception as e:  # any failure of the shared state becomes the policy's choice
+                raise_if_cancelling(e)
                 self._failed(e, now, on_error)
             else:
                 if self.down_until is not None:
@@ -144,7 +156,9 @@ class Membership:
             try:
                 await self.beat()
             except Exception as e:
+                raise_if_cancelling(e)
                 log.debug("state membership not renewed (%s: %s); keeping %d", type(e).__name__, e, self.hosts)
+            raise_if_cancelling()
             await asyncio.sleep(self.every)
 
     async def leave(self) -> None:

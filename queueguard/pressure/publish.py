@@ -31,6 +31,7 @@ from queueguard.pressure.governor import Governor
 from queueguard.redis_client import BACKGROUND, connect
 from queueguard.routing import LEVELS, PressureReport, PressureSource
 from queueguard.settings import Settings
+from queueguard.shared_state import raise_if_cancelling
 from queueguard.webauth import read_token
 
 if TYPE_CHECKING:
@@ -160,6 +161,7 @@ class PressurePublisher:
         try:
             await self.redis.set(report_key(self.name), json.dumps(report), px=int(self.ttl * 1000))
         except Exception as e:
+            raise_if_cancelling(e)
             metrics.pressure_published.labels("error").inc()
             if not self._failing:
                 log.warning("publishing pressure to Redis failed (readers fall back after the TTL): %s", e)
@@ -174,6 +176,7 @@ class PressurePublisher:
     async def run(self) -> None:
         while True:
             await self.publish_once()
+            raise_if_cancelling()
             await asyncio.sleep(self.interval)
 
 
