@@ -8,6 +8,7 @@ that imports a front end. Each front end gets its own Pipeline (its own
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -183,9 +184,8 @@ def build(settings: Settings, processes: int = 1) -> App:
 
 
 def frontends(app: App, worker: WorkerId | None) -> list[Frontend]:
-    """The SMTP proxy always (every worker, sharing the port) and the milter where the settings
-    ask for it (every worker, on the socket the supervisor bound); the policy socket in worker 0
-    only (one listener per host)."""
+    """The SMTP proxy always (every worker, sharing the port), the milter and the policy socket
+    where the settings ask for them (every worker, on the socket the supervisor bound)."""
     s = app.settings
     out: list[Frontend] = [SmtpProxy(app.pipeline("smtp", relay=True), s.smtp, reuse_port=worker is not None)]
     if s.milter.enabled:
@@ -194,12 +194,11 @@ def frontends(app: App, worker: WorkerId | None) -> list[Frontend]:
         hold = s.milter.quarantine == "hold"
         out.append(MilterServer(app.pipeline("milter", relay=False, hold_in_mta=hold), s.milter,
                                 s.smtp.max_message_size, sock=inherited_socket("milter") if worker else None))
-    if worker is not None and not worker.primary:
-        return out
     if s.policy_socket.enabled:
         from queueguard.frontends.policy_socket import PolicySocket
 
-        out.append(PolicySocket(app.pipeline("policy", relay=False, hold_in_mta=True), s.policy_socket))
+        out.append(PolicySocket(app.pipeline("policy", relay=False, hold_in_mta=True), s.policy_socket,
+                                sock=inherited_socket("policy") if worker else None))
     return out
 
 
@@ -305,13 +304,19 @@ async def serve(settings: Settings) -> int:
     if worker is None and settings.worker_count() > 1:
         build(settings)  # refuse here, once, with the same one-line errors as a single process
         shared: dict[str, socket.socket] = {}
-        if settings.milter.enabled:
-            from queueguard.frontends.milter import bind, remove_socket
+        try:
+            if settings.milter.enabled:
+                from queueguard.frontends import milter
 
-            try:
-                shared["milter"] = bind(settings.milter)
-            except OSError as e:
-                raise StartupError(f"milter socket {settings.milter.listen}: {e}") from e
+                shared["milter"] = milter.bind(settings.milter)
+            if settings.policy_socket.enabled:
+                from queueguard.frontends import policy_socket
+
+                shared["policy"] = policy_socket.bind(settings.policy_socket)
+        except OSError as e:
+            for sock in shared.values():
+                sock.close()
+            raise StartupError(f"cannot listen: {e}") from e
         try:
             return await supervise(settings, settings.worker_count(), shared)
         except WorkerFailed as e:
@@ -319,7 +324,8 @@ async def serve(settings: Settings) -> int:
         finally:
             for sock in shared.values():
                 if sock.family == socket.AF_UNIX:
-                    remove_socket(Path(sock.getsockname()))
+                    with contextlib.suppress(OSError):
+                        os.unlink(sock.getsockname())
                 sock.close()
     app = build(settings, worker.count if worker else 1)
     try:

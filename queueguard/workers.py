@@ -17,13 +17,14 @@ otherwise). The main process does no mail itself:
 - forwards SIGHUP (each worker reloads its policy, the last good one stays on
   errors) and SIGTERM/SIGINT (each drains its in-flight mail), and waits.
 
-The milter's socket is bound once, by the main process (a unix socket cannot be
-shared by SO_REUSEPORT), and every worker inherits it and accepts on it
-(QUEUEGUARD_INHERIT=milter=FD): a Postfix or Sendmail site uses every core too,
-and one worker dying or hanging leaves the milter answering.
+The milter's and the policy service's sockets are bound once, by the main
+process (a unix socket cannot be shared by SO_REUSEPORT), and every worker
+inherits them and accepts on them (QUEUEGUARD_INHERIT=milter=FD,policy=FD): a
+Postfix or Sendmail site uses every core too, and one worker dying or hanging
+leaves them answering.
 
-Worker 0 also runs what must run once per host: the policy socket listener,
-queue watch, quarantine recovery and retention, pressure publishing.
+Worker 0 also runs what must run once per host: queue watch, quarantine
+recovery and retention, pressure publishing.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ log = logging.getLogger("queueguard.workers")
 ENV_WORKER = "QUEUEGUARD_WORKER"
 ENV_RUN_DIR = "QUEUEGUARD_RUN_DIR"
 ENV_INHERIT = "QUEUEGUARD_INHERIT"
+ENV_SUPERVISOR = "QUEUEGUARD_SUPERVISOR"
 HEARTBEAT = 1.0
 """Seconds between a worker's heartbeats (touching its file from its event loop)."""
 HEARTBEAT_STALE = 15.0
@@ -100,7 +102,7 @@ async def beat(run_dir: Path, index: int) -> None:
     """In a worker: say it is ready, then touch its heartbeat from its event loop until stopped.
     A worker whose supervisor is gone (killed with -9, it could not stop us) drains and exits
     rather than serve on unsupervised beside the next generation (SO_REUSEPORT lets both bind)."""
-    supervisor = os.getppid()
+    supervisor = int(os.environ.get(ENV_SUPERVISOR) or os.getppid())  # given: it may die before we look
     ready_file(run_dir, index).write_text(str(os.getpid()))
     path = heartbeat_file(run_dir, index)
     while True:
@@ -177,6 +179,7 @@ async def supervise(settings: Settings, count: int, shared: dict[str, socket.soc
     (run_dir / "metrics").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env.update({"PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"), ENV_RUN_DIR: str(run_dir),
+                ENV_SUPERVISOR: str(os.getpid()),
                 # workers import what this process imports, however it was launched
                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     shared = shared or {}

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from queueguard import metrics
 from queueguard.frontends import milter_protocol as mp
+from queueguard.frontends.base import listening_socket
 from queueguard.model import Connection, parse_ip
 from queueguard.pipeline import End, Session
 from queueguard.settings import milter_listen
@@ -114,37 +115,15 @@ def remove_socket(path: Path) -> None:
             path.unlink()
 
 
-BACKLOG = 1024
-"""Connections the kernel queues for us: Postfix opens one per SMTP session, a wave opens many."""
-
-
 def bind(settings: MilterSettings) -> socket.socket:
-    """The milter's listening socket, bound and listening, unix sockets with the owner, group
-    and mode of the settings. Made once per host: with `workers` the supervisor binds it and
-    every worker accepts on it (a unix socket cannot be shared by SO_REUSEPORT)."""
+    """The milter's listening socket, a unix socket with the owner, group and mode of the
+    settings. With `workers` the supervisor binds it and every worker accepts on it (a unix
+    socket cannot be shared by SO_REUSEPORT)."""
     kind, where, port = milter_listen(settings.listen)
     if kind == "unix":
         path = Path(where)
-        remove_socket(path)  # left by a previous run (libmilter removed it too)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(where)
-            set_permissions(path, settings)
-        except OSError:
-            sock.close()
-            raise
-    else:
-        family = socket.AF_INET6 if ":" in where else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((where, port))
-        except OSError:
-            sock.close()
-            raise
-    sock.listen(BACKLOG)
-    sock.setblocking(False)
-    return sock
+        return listening_socket(path, lambda: set_permissions(path, settings))
+    return listening_socket((where, port))
 
 
 def set_permissions(path: Path, s: MilterSettings) -> None:

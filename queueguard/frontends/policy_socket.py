@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from queueguard import metrics
+from queueguard.frontends.base import listening_socket
 from queueguard.model import Connection, IPAddress, parse_ip
 from queueguard.pipeline import End
 from queueguard.settings import PolicySocketSettings, split_hostport
@@ -198,11 +200,24 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[list[bytes], bool]
         lines.append(line)
 
 
+def bind(settings: PolicySocketSettings) -> socket.socket:
+    """The policy service's listening socket (a unix socket with SOCKET_MODE). With `workers`
+    the supervisor binds it and every worker answers on it."""
+    if settings.listen.startswith("/"):
+        path = Path(settings.listen)
+        return listening_socket(path, lambda: path.chmod(SOCKET_MODE))
+    return listening_socket(split_hostport(settings.listen, 10031))
+
+
 class PolicySocket:
     """The listening server; each request is answered by the shared pipeline."""
 
-    def __init__(self, pipeline: Pipeline, settings: PolicySocketSettings) -> None:
+    def __init__(self, pipeline: Pipeline, settings: PolicySocketSettings, sock: socket.socket | None = None) -> None:
+        """`sock`: a listening socket the supervisor bound for every worker (see `bind`); without
+        one the server binds its own and removes a unix socket's file at stop."""
         self.pipeline = pipeline
+        self.settings = settings
+        self.sock = sock
         self.listen = settings.listen
         self.server: asyncio.Server | None = None
         self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
@@ -213,16 +228,13 @@ class PolicySocket:
         return Path(self.listen) if self.listen.startswith("/") else None
 
     async def start(self) -> None:
-        path = self.unix_path
-        if path is not None:
-            if path.is_socket():
-                path.unlink()
-            self.server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_LINE + 2)
-            path.chmod(SOCKET_MODE)
+        sock = self.sock or bind(self.settings)
+        if sock.family == socket.AF_UNIX:
+            self.server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE + 2)
         else:
-            host, port = split_hostport(self.listen, 10031)
-            self.server = await asyncio.start_server(self._client, host, port, limit=MAX_LINE + 2)
-        log.info("policy socket listening on %s", self.listen)
+            self.server = await asyncio.start_server(self._client, sock=sock, limit=MAX_LINE + 2)
+        log.info("policy socket listening on %s%s", self.listen,
+                 ", shared with the other workers" if self.sock is not None else "")
 
     @property
     def port(self) -> int:
@@ -251,7 +263,7 @@ class PolicySocket:
         await self.server.wait_closed()
         self.server = None
         path = self.unix_path
-        if path is not None:
+        if path is not None and self.sock is None:  # a shared socket is the supervisor's to remove
             with contextlib.suppress(OSError):
                 path.unlink()
 

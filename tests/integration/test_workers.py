@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import threading
 import time
@@ -252,3 +253,41 @@ def test_workers_share_the_hosts_scan_bound(redis: RedisServer, tmp_path: Path) 
     # worker already read (the slot is free, the next scan starts): one over the bound, briefly.
     assert 2 <= max(sampler.busy) <= 3, sampler.busy
     assert sum(1 for b in sampler.busy if b > 2) <= max(1, len(sampler.busy) // 20), sampler.busy
+
+
+def policy_answer(path: Path, n: int) -> bytes:
+    """One Postfix policy delegation request on unix socket `path`: the answer's action line."""
+    request = (f"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.{n % 250 + 1}\n"
+               f"sender=a@client.example\nrecipient=bob{n}@test.example\n\n").encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(request)
+        answer = b""
+        while not answer.endswith(b"\n\n"):
+            chunk = s.recv(4096)
+            assert chunk, f"closed after {answer!r}"
+            answer += chunk
+    return answer.split(b"\n")[0]
+
+
+def test_every_worker_answers_the_policy_socket(redis: RedisServer, tmp_path: Path) -> None:
+    """The policy service, like the milter, is bound once and answered by every worker: with
+    worker 0 stopped the other answers every request (before, the MTA deferred its mail)."""
+    sock = tmp_path / "policy.sock"
+    guard = Guard({"workers": 2, "state": redis.url, "policy_socket": {"enabled": True, "listen": str(sock)}})
+    guard.start(timeout=60)
+    try:
+        assert guard.proc is not None
+        wait_for("two workers ready", lambda: guard.log().count("policy socket listening on") >= 2)
+        first = int(re.search(r"worker 0 started \(pid (\d+)\)", guard.log()).group(1))  # type: ignore[union-attr]
+        os.kill(first, signal.SIGSTOP)
+        try:
+            answers = [policy_answer(sock, i) for i in range(30)]
+        finally:
+            os.kill(first, signal.SIGCONT)
+        assert answers == [b"action=dunno"] * 30, answers
+    finally:
+        code = guard.stop(timeout=60)
+    assert code == 0
+    assert not sock.exists(), "the supervisor removes the socket it made"
