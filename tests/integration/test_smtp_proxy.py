@@ -415,3 +415,24 @@ def test_real_newsletters_with_long_lines_arrive_intact(exim: Exim, guard_exim: 
     assert len(delivered) == len(long)
     bodies = sorted(m.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1] for m in delivered)
     assert bodies == sorted(raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1] for raw in long)
+
+
+def test_long_lines_pass_to_a_postfix_downstream_as_postfix_takes_them() -> None:
+    """Never stricter than the MTA behind us, with Postfix as that MTA: lines of 1.5 KB, 40 KB and
+    300 KB pass the guard to Postfix's smtpd (whose own `line_length_limit` splits them inside its
+    queue and joins them again), and arrive at the final Exim with every octet; Postfix's SMTP
+    client folds lines over its `smtp_line_length_limit` (998) with CRLF SPACE on the way out, which
+    is Postfix's doing, not ours, so the comparison unfolds them."""
+    from tests.components.postfix import Postfix
+
+    bodies = [b"z" * n + b"\r\n" + b"y" * n + b"\r\n" for n in (1_500, 40_000, 300_000)]
+    with Exim() as final, Postfix(relay_port=final.port) as pf, \
+            Guard({"downstreams": [{"address": f"127.0.0.1:{pf.port}"}]}) as g:
+        with g.smtp() as c:
+            for i, body in enumerate(bodies):
+                refused = c.sendmail("a@client.example", ["bob@test.example"], b"Subject: long %d\r\n\r\n" % i + body)
+                assert refused == {}
+        delivered = [m.replace(b"\r\n", b"\n").replace(b"\n ", b"") for m in final.wait_maildir("bob", 3, 60)]
+        assert g.metric("queueguard_protocol_errors_total", kind="line_too_long") == 0
+    for body in bodies:
+        assert sum(body.replace(b"\r\n", b"\n") in m for m in delivered) == 1, len(body)
