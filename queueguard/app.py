@@ -171,13 +171,14 @@ def build(settings: Settings, processes: int = 1) -> App:
     q = settings.queuewatch
     if publisher is not None and (q.exim_spool or q.postfix_queue or q.mailman_queue):
         publisher.queue = lambda: queue_total(queuewatch.snapshot())
+    ratelimit = RateLimitCheck.from_settings(settings)
     return App(
         settings=settings, policies=policies, relay=Relay.from_settings(settings), router=router,
         quarantine=QuarantineStore(
             settings.quarantine.directory, min_free_bytes=settings.quarantine.min_free_bytes,
             min_free_inodes=settings.quarantine.min_free_inodes),
-        ratelimit=RateLimitCheck.from_settings(settings),
-        bursts=BurstCheck.from_settings(settings), patterns=PatternCheck(), admission=Admission(governor),
+        ratelimit=ratelimit, bursts=BurstCheck.from_settings(settings, ratelimit.members),
+        patterns=PatternCheck(), admission=Admission(governor),
         connections=ConnectionLimits(),
         scan=scan, queuewatch=queuewatch, publisher=publisher,
     )

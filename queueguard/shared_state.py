@@ -9,8 +9,10 @@ the same way for both:
 After a failure the shared store is not asked again for `retry_after` seconds
 (a dead Redis must not cost every message a timeout); the outage is logged
 once when it starts and once when it ends, and shown as metrics per component.
-When it answers again, `recover` (if given) runs first: rate limits add what
-this host admitted meanwhile (ratelimit/store.py LocalShare).
+The fallback is a mirror of what the shared store answered, and each process
+takes its share during the outage (ratelimit/store.py LocalShare, burst/window.py
+WindowShare). When it answers again, `recover` (if given) runs first: rate limits
+add what this host admitted meanwhile.
 
 `Membership` counts the guard processes sharing one Redis while it is up, so
 that during an outage each can take its share of a limit.

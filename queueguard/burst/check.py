@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 from queueguard import metrics
 from queueguard.burst.campaign import Campaign, Sighting, sighting
 from queueguard.burst.fingerprint import Fingerprints, fingerprints, subject_skeleton
-from queueguard.burst.window import MemoryWindow, RedisWindow, WindowCounter
+from queueguard.burst.window import MemoryWindow, RedisWindow, WindowCounter, WindowShare
 from queueguard.model import RuleHit
 from queueguard.policy.match import rule_applies
 from queueguard.policy.schema import BurstRule, Mode
 from queueguard.redis_client import connect
-from queueguard.shared_state import SharedState
+from queueguard.shared_state import Membership, SharedState
 from queueguard.stage import MessageContext, StageResult
 
 if TYPE_CHECKING:
@@ -74,22 +74,30 @@ class BurstCheck:
         window: WindowCounter,
         *,
         fallback: MemoryWindow | None = None,
+        hosts: Callable[[], int] = lambda: 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        backend = "memory" if isinstance(window, MemoryWindow) else "redis"
+        """`window` is shared (Redis) or this process's own (MemoryWindow). With a shared window,
+        `fallback` is the mirror that stands in for it (window.WindowShare) and `hosts` counts the
+        processes sharing it."""
+        self.share: WindowShare | None = None
+        stand_in: WindowCounter = window
+        if not isinstance(window, MemoryWindow):
+            self.share = stand_in = WindowShare(fallback or MemoryWindow(), hosts)
         self.state: SharedState[WindowCounter] = SharedState(
-            "burst", window, window if isinstance(window, MemoryWindow) else fallback or MemoryWindow(),
-            backend=backend, clock=clock)
+            "burst", window, stand_in, backend="memory" if self.share is None else "redis", clock=clock)
         self.clock = clock
         self._active: dict[tuple[str, str], ActiveBurst] = {}
         self._metrics_at = 0.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> BurstCheck:
-        """Memory counts for `state: memory`; Redis counts (shared between MX hosts) for a redis:// URL."""
+    def from_settings(cls, settings: Settings, members: Membership | None = None) -> BurstCheck:
+        """Memory counts for `state: memory`; Redis counts (shared between MX hosts) for a redis://
+        URL, with `members` (the rate limits' membership) telling how many processes share them."""
         if settings.state == "memory":
             return cls(MemoryWindow())
-        return cls(RedisWindow(connect(settings.state)))
+        return cls(RedisWindow(connect(settings.state)), fallback=MemoryWindow(),
+                   hosts=(lambda: members.hosts) if members is not None else (lambda: 1))
 
     async def on_message(self, ctx: MessageContext) -> StageResult:
         rules = ctx.policy.bursts
@@ -130,14 +138,27 @@ class BurstCheck:
         period = rule.threshold.period
         on_error = ctx.policy.state.on_error
         if linking:
-            campaign = await self.state.run(on_error, lambda w: w.link(f"{rule.name}:", seen, period, now))
+            campaign = await self.state.run(on_error, lambda w: self._link(w, f"{rule.name}:", seen, period, now))
             return None if campaign is None else (campaign.count, f"c:{campaign.id}", campaign)
         scoped = [f"{rule.name}:{k}" for k in keys]
-        counts = await self.state.run(on_error, lambda w: w.add(scoped, period, now))
+        counts = await self.state.run(on_error, lambda w: self._add(w, scoped, period, now))
         if counts is None:
             return None
         best = max(range(len(keys)), key=lambda i: (counts[i], -i))
         return counts[best], keys[best], None
+
+    async def _link(self, window: WindowCounter, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
+        """The shared window's answers keep this process's mirror warm for an outage."""
+        campaign = await window.link(scope, seen, period, now)
+        if self.share is not None and window is self.state.shared:
+            self.share.observe_link(scope, seen, period, now, campaign)
+        return campaign
+
+    async def _add(self, window: WindowCounter, keys: list[str], period: float, now: float) -> list[int]:
+        counts = await window.add(keys, period, now)
+        if self.share is not None and window is self.state.shared:
+            self.share.observe(keys, counts, period, now)
+        return counts
 
     def _track(self, rule: BurstRule, key: str, count: int, now: float) -> None:
         """Remember keys at half their threshold or more, for status() and the metrics."""

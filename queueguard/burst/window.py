@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Protocol
@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 
 BUCKETS = 10
 DEFAULT_MAX_KEYS = 50_000
+MIRROR_FROM = 2
+"""A shared count this high is mirrored for an outage (WindowShare)."""
 
 
 class WindowCounter(Protocol):
@@ -84,6 +86,24 @@ def window_sum(buckets: dict[int, int], now: float, period: float) -> int:
     for b in [b for b in buckets if b < oldest]:
         del buckets[b]
     return sum(buckets.values())
+
+
+def set_window_sum(buckets: dict[int, int], total: int, now: float, period: float) -> None:
+    """Make the window ending now sum to `total` (a shared store's count): what is missing goes
+    into the current bucket, what is too much comes off the oldest buckets first (they would
+    have left the window first)."""
+    delta = total - window_sum(buckets, now, period)
+    if delta > 0:
+        current = bucket_of(now, period)
+        buckets[current] = buckets.get(current, 0) + delta
+    for b in sorted(buckets):
+        if delta >= 0:
+            break
+        take = min(buckets[b], -delta)
+        buckets[b] -= take
+        delta += take
+        if not buckets[b]:
+            del buckets[b]
 
 
 @dataclass
@@ -122,7 +142,7 @@ def _merge(camps: list[_Campaign]) -> _Campaign:
 
 
 class MemoryWindow:
-    """In-process counts: one host, or the fallback when Redis is down."""
+    """In-process counts: one host, or the mirror a WindowShare keeps for a Redis outage."""
 
     def __init__(self, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.max_keys = max_keys
@@ -136,8 +156,8 @@ class MemoryWindow:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def add_now(self, keys: Sequence[str], period: float, now: float) -> list[int]:
-        """The synchronous core of `add` (no I/O, so no awaits needed)."""
+    def add_now(self, keys: Sequence[str], period: float, now: float, step: int = 1) -> list[int]:
+        """The synchronous core of `add` (no I/O, so no awaits needed); each event counts `step`."""
         current = bucket_of(now, period)
         oldest = current - BUCKETS + 1
         counts = []
@@ -145,12 +165,21 @@ class MemoryWindow:
             buckets = self._keys.pop(key, None) or {}
             for b in [b for b in buckets if b < oldest]:
                 del buckets[b]
-            buckets[current] = buckets.get(current, 0) + 1
+            buckets[current] = buckets.get(current, 0) + step
             self._keys[key] = buckets
             counts.append(sum(buckets.values()))
         while len(self._keys) > self.max_keys:
             self._keys.popitem(last=False)
         return counts
+
+    def set_counts(self, keys: Sequence[str], counts: Sequence[int], period: float, now: float) -> None:
+        """These keys stand at these counts in the window ending now (what a shared store said)."""
+        for key, count in zip(keys, counts, strict=True):
+            buckets = self._keys.pop(key, None) or {}
+            set_window_sum(buckets, count, now, period)
+            self._keys[key] = buckets
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
 
     async def add(self, keys: Sequence[str], period: float, now: float) -> list[int]:
         return self.add_now(keys, period, now)
@@ -163,8 +192,9 @@ class MemoryWindow:
             camp = self._campaigns.get(camp.merged_into)
         return camp
 
-    def link_now(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
-        """The synchronous core of `link` (campaign.py's rules; campaign.lua does the same in Redis)."""
+    def link_now(self, scope: str, seen: Sighting, period: float, now: float, step: int = 1) -> Campaign:
+        """The synchronous core of `link` (campaign.py's rules; campaign.lua does the same in Redis);
+        the message counts `step` in its campaign."""
         horizon = now - period
         found: dict[tuple[str, str], _Variant] = {}
         checked: set[str] = set()
@@ -209,7 +239,7 @@ class MemoryWindow:
         self._variants[own_id] = own
         self._variants.move_to_end(own_id)
         current = bucket_of(now, period)
-        target.buckets[current] = target.buckets.get(current, 0) + 1
+        target.buckets[current] = target.buckets.get(current, 0) + step
         target.signals |= signals
         target.last = now
         self._campaigns.move_to_end(target.id)
@@ -233,6 +263,61 @@ class MemoryWindow:
 
     async def link(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
         return self.link_now(scope, seen, period, now)
+
+    def adopt(self, scope: str, seen: Sighting, period: float, now: float, shared: Campaign) -> None:
+        """Link the message here as well, and make the campaign it joins the shared one: its id,
+        first sight, variants, signals and count. Later copies linked here (during an outage) then
+        join the wave under the id its quarantined copies already carry."""
+        local = self._root(self.link_now(scope, seen, period, now).id)
+        entry = self._campaigns.get(shared.id)
+        if entry is None:
+            entry = self._campaigns[shared.id] = _Campaign(shared.id, shared.first_seen, now)
+        entry.merged_into = None
+        if local is not None and local is not entry:
+            for b, n in local.buckets.items():
+                entry.buckets[b] = entry.buckets.get(b, 0) + n
+            local.buckets, local.merged_into = {}, entry.id
+        entry.first, entry.last, entry.variants = shared.first_seen, now, shared.variants
+        entry.signals = set(shared.signals)
+        set_window_sum(entry.buckets, shared.count, now, period)
+        self._campaigns.move_to_end(entry.id)
+        self._trim()
+
+
+class WindowShare:
+    """The fallback of a shared window: this process's mirror of the waves under way, and its share.
+
+    While the shared window answers, every key and campaign it counts at MIRROR_FROM or more is
+    copied into `mirror` (`observe`, `observe_link`; a message seen once is no wave yet, and ham,
+    which mostly is, costs nothing), so when it fails the mirror already knows where each wave
+    this process saw stood: counting on from there is not a fresh start at zero (which let every
+    host pass a whole threshold of a wave already under way). During the outage each copy counts
+    `hosts()` times (the processes that shared the store, as last counted:
+    shared_state.Membership): a wave is spread over them, so together they hold it at about the
+    threshold one would. What was counted during the outage is not added to the shared store
+    when it answers again; its counts go on from where they stood.
+    """
+
+    def __init__(self, mirror: MemoryWindow, hosts: Callable[[], int] = lambda: 1) -> None:
+        self.mirror = mirror
+        self.hosts = hosts
+
+    def observe(self, keys: Sequence[str], counts: Sequence[int], period: float, now: float) -> None:
+        """The shared window's counts for these keys."""
+        waves = [(k, c) for k, c in zip(keys, counts, strict=True) if c >= MIRROR_FROM]
+        if waves:
+            self.mirror.set_counts([k for k, _ in waves], [c for _, c in waves], period, now)
+
+    def observe_link(self, scope: str, seen: Sighting, period: float, now: float, shared: Campaign) -> None:
+        """The shared window linked this message into `shared`."""
+        if shared.count >= MIRROR_FROM:
+            self.mirror.adopt(scope, seen, period, now, shared)
+
+    async def add(self, keys: Sequence[str], period: float, now: float) -> list[int]:
+        return self.mirror.add_now(keys, period, now, step=max(1, self.hosts()))
+
+    async def link(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
+        return self.mirror.link_now(scope, seen, period, now, step=max(1, self.hosts()))
 
 
 class RedisWindow:

@@ -1,10 +1,12 @@
 """Burst counts in a real Redis: two MX hosts (two BurstChecks) count one wave together; four real guard
-processes flooded at once pass exactly the threshold; Redis down follows the policy's state.on_error."""
+processes flooded at once pass exactly the threshold; Redis down follows the policy's state.on_error,
+and two real guards whose Redis is killed mid-wave go on from the counts it gave them."""
 
 from __future__ import annotations
 
 import contextlib
 import random
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,10 +20,11 @@ from queueguard.harness.sink import RecordingSink
 from queueguard.mime import parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.schema import Policy
+from queueguard.quarantine.store import QuarantineStore
 from queueguard.replay.corpus import campaign
 from queueguard.stage import MessageContext, StateUnavailable
 from queueguard.verdict import Action
-from tests.components.flood import flood
+from tests.components.flood import Sent, flood, send, wait_for
 from tests.components.redis import RedisServer
 
 
@@ -117,3 +120,40 @@ def test_four_guards_flooded_at_once_pass_exactly_the_threshold(redis_server: Re
         assert len(sent) - len(held) == 10
         assert sink.wait_count(10) == 10
         assert sum(g.metric("queueguard_quarantined_total", rule="wave") for g in guards) == 38
+
+
+def test_two_guards_keep_holding_a_wave_when_redis_is_killed(redis_server: RedisServer) -> None:
+    """Two guards (two MX hosts) share a wave's count in Redis, which is killed mid-wave. Each goes
+    on from the counts Redis gave it, counting its own copies for both (its share), so the wave is
+    not let through again: the in-process fallback used to start at zero in each guard, and 2 x 8
+    more copies passed. The copies held during the outage carry the campaign id Redis gave the wave,
+    so one `delete --campaign` still takes them all."""
+    copies = [c.raw for c in campaign(random.Random(12), "c", 24)]
+    wave = "bursts:\n  - name: wave\n    threshold: 8 in 1h\n    action: quarantine\n"
+
+    def held(s: Sent) -> str | None:
+        assert s.data is not None and s.data[0] == 250, s.data  # passed or quarantined, never refused
+        m = re.search(r"quarantined as (\w+)", s.data[1])
+        return m.group(1) if m else None
+
+    with RecordingSink() as sink, contextlib.ExitStack() as stack:
+        settings = {"downstreams": [{"address": f"127.0.0.1:{sink.port}"}], "state": redis_server.url}
+        a, b = (stack.enter_context(Guard(settings, {"bursts.yaml": wave})) for _ in range(2))
+        wait_for("both guards to count two members", lambda: {a.metric("queueguard_state_members"),
+                                                               b.metric("queueguard_state_members")} == {2})
+        guards = (a, b)
+        before = [held(send(guards[n % 2].port, ["info@dest.example"], n, message=lambda n: copies[n]))
+                  for n in range(10)]
+        assert [q is not None for q in before] == [False] * 8 + [True] * 2
+
+        redis_server.kill()
+        during = [held(send(guards[n % 2].port, ["info@dest.example"], n, message=lambda n: copies[n]))
+                  for n in range(10, 24)]
+        assert all(q is not None for q in during), during
+        for g in guards:
+            assert g.metric("queueguard_state_fallback_active", component="burst") == 1
+
+    assert sink.wait_count(8) == 8 and len(sink.received()) == 8
+    entries = [QuarantineStore(g.dir / "quarantine").get(q) for g in guards for q in (*before, *during) if q]
+    found = [e for e in entries if e is not None]
+    assert len(found) == 16 and len({e.campaign for e in found}) == 1, {e.campaign for e in found}
