@@ -17,8 +17,9 @@ import email.policy
 import hashlib
 import re
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from urllib.parse import urlsplit
+
+from queueguard.html_text import html_to_text
 
 MAX_HEADERS = 500
 MAX_HEADER_VALUE = 8192
@@ -28,32 +29,6 @@ HTML_INPUT_FACTOR = 4
 
 _URL_RE = re.compile(r"""(?i)\b(?:https?://|www\.)[^\s<>"'()\[\]{}]+""")
 _URL_AT = re.compile(r"""(?i)(?:https?://|www\.)[^\s<>"'()\[\]{}]+""")
-_BLOCK_TAGS = frozenset(
-    [
-        "p",
-        "div",
-        "li",
-        "tr",
-        "td",
-        "th",
-        "h1",
-        "h2",
-        "h3",
-        "h4",
-        "h5",
-        "h6",
-        "table",
-        "ul",
-        "ol",
-        "blockquote",
-        "pre",
-        "section",
-        "article",
-        "header",
-        "footer",
-    ]
-)
-_SKIP_TAGS = frozenset(("script", "style", "head", "title"))
 
 
 @dataclass(frozen=True)
@@ -92,48 +67,6 @@ class ParsedMessage:
     @property
     def is_reply(self) -> bool:
         return bool(self.in_reply_to or self.references)
-
-
-class _HtmlText(HTMLParser):
-    """HTML to plain text: block elements become paragraph breaks, links are collected."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.links: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIP_TAGS:
-            self._skip += 1
-        elif tag in _BLOCK_TAGS:
-            self.out.append("\n\n")
-        elif tag == "br":
-            self.out.append("\n")
-        for name, value in attrs:
-            if name in ("href", "src") and value and value.lower().startswith(("http://", "https://")):
-                self.links.append(value.strip())
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIP_TAGS:
-            self._skip = max(0, self._skip - 1)
-        elif tag in _BLOCK_TAGS:
-            self.out.append("\n\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip:
-            self.out.append(data)
-
-
-def html_to_text(html: str) -> tuple[str, list[str]]:
-    """(text, links) of an HTML fragment; never raises."""
-    parser = _HtmlText()
-    try:
-        parser.feed(html)
-        parser.close()
-    except Exception:  # html.parser has raised on some malformed declarations
-        pass
-    return "".join(parser.out), parser.links
 
 
 def _fix_surrogates(text: str) -> str:

@@ -8,7 +8,8 @@ import email.parser
 import email.policy
 import random
 
-from queueguard.mime import _URL_RE, email_message, find_urls, html_to_text, parse_message, single_part_head
+from queueguard.html_text import html_to_text
+from queueguard.mime import _URL_RE, email_message, find_urls, parse_message, single_part_head
 
 MULTIPART = (
     b"""From: =?utf-8?q?J=C3=BCrgen?= <j@example.org>
