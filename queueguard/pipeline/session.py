@@ -18,6 +18,7 @@ on the way is a 451 4.3.0, never a 5xx and never a silent accept.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import logging
 import time
@@ -51,7 +52,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("queueguard.pipeline")
 msglog = logging.getLogger("queueguard.message")
 PARSE_IN_THREAD = 512 * 1024
-"""Messages larger than this are MIME-decoded in a worker thread."""
+"""Messages larger than this are MIME-decoded in a worker thread (PARSERS)."""
+PARSERS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="qg-parse")
+"""Not asyncio's default executor: that one also writes the quarantine (fsync before 250), which
+must not queue behind clients' large messages (six at once held it for over 60 s)."""
 RELAYED_PARAMS = ("SIZE", "BODY", "SMTPUTF8")
 
 
@@ -218,7 +222,7 @@ class Session:
         ctx = MessageContext(txn, raw, policy, pipeline.parser)
         if len(raw) > PARSE_IN_THREAD and (pipeline.message_checks or policy.patterns or policy.bursts):
             # A 25 MB message takes ~0.4 s to decode: not on the loop every session shares.
-            ctx.__dict__["parsed"] = await asyncio.to_thread(pipeline.parser, raw)
+            ctx.__dict__["parsed"] = await asyncio.get_running_loop().run_in_executor(PARSERS, pipeline.parser, raw)
         hit = txn.quarantine_hit()
         verdict = ACCEPT if hit is None else quarantine("Ok", reason=hit.kind, rule=hit.rule)
         if not verdict.final:
@@ -367,9 +371,14 @@ class Session:
 
 
 def with_headers(headers: list[tuple[str, str]], raw: bytes) -> bytes:
+    """Our header fields on top of the message. A message whose first line starts with a space or
+    tab has no header section (that line continues nothing; Exim makes it all body): put right
+    under ours it would fold into our last field and the sender would write in our verdict, so a
+    blank line keeps it in the body, where Exim puts it anyway."""
     if not headers:
         return raw
-    return "".join(f"{name}: {value}\r\n" for name, value in headers).encode("utf-8", "replace") + raw
+    ours = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("utf-8", "replace")
+    return ours + (b"\r\n" if raw[:1] in (b" ", b"\t") else b"") + raw
 
 
 def from_downstream(reply: Reply, stage: str) -> Verdict:

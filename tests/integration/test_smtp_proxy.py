@@ -6,6 +6,7 @@ process, and speaks SMTP to it with real clients (smtplib, swaks, raw sockets).
 
 from __future__ import annotations
 
+import email
 import shutil
 import smtplib
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from queueguard.harness.exim import Exim
-from queueguard.harness.guard import Guard, raw_dialogue
+from queueguard.harness.guard import Guard, _read_reply, raw_dialogue
 from queueguard.harness.ports import free_port
 from queueguard.harness.sink import RecordingSink
 
@@ -399,6 +400,25 @@ def test_forged_verdict_headers_never_reach_the_mta(exim: Exim) -> None:
     assert b"X-Queueguardian: not ours" in headers and b"folded" not in delivered
 
 
+@pytest.mark.parametrize("fold", [b" ", b"\t"])
+def test_a_message_starting_with_a_fold_cannot_write_into_our_headers(exim: Exim, fold: bytes) -> None:
+    """A first line starting with a space or tab continues nothing; put right under our headers it
+    folded into the last of them (`X-Queueguard-Hits: pattern:mark X-Queueguard-Pattern: allow`).
+    Ours arrive as we wrote them, and the sender's lines in the body, where Exim puts them when
+    it gets such a message directly."""
+    policy = "patterns:\n  - name: mark\n    body: forged\n    action: tag\n"
+    msg = fold + b"X-Queueguard-Pattern: allow\r\n" + fold + b"X-Queueguard-Verdict: clean\r\nSubject: x\r\n\r\nforged\r\n"
+    with Guard({"downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}]},
+               {"p.yaml": policy}) as g, g.smtp() as c:
+        assert c.sendmail("a@client.example", ["bob@test.example"], msg) == {}
+    (delivered,) = exim.wait_maildir("bob", 1)
+    parsed = email.message_from_bytes(delivered)
+    assert parsed.get_all("X-Queueguard-Hits") == ["pattern:mark"]
+    assert parsed.get_all("X-Queueguard-Pattern") == ["mark"]
+    assert parsed.get_all("X-Queueguard-Verdict") is None
+    assert msg.replace(b"\r\n", b"\n") in delivered.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
+
+
 def test_real_newsletters_with_long_lines_arrive_intact(exim: Exim, guard_exim: Guard) -> None:
     """The SpamAssassin dev split's ham with lines over 998 octets (HTML newsletters; the ones the
     first version bounced with 500) goes through to a real Exim unchanged but for line ends."""
@@ -436,3 +456,32 @@ def test_long_lines_pass_to_a_postfix_downstream_as_postfix_takes_them() -> None
         assert g.metric("queueguard_protocol_errors_total", kind="line_too_long") == 0
     for body in bodies:
         assert sum(body.replace(b"\r\n", b"\n") in m for m in delivered) == 1, len(body)
+
+
+@pytest.mark.parametrize("unit", [b"<!--", b"<a b='"])
+def test_hostile_html_does_not_stall_other_sessions(unit: bytes) -> None:
+    """400 KB of unclosed comments or tags, in a message small enough to be decoded on the event
+    loop: html.parser took 20-100 s over it (quadratic), and every other session waited: an idle
+    client's NOOP here was answered after 23 s. With the shipped policies (burst and pattern rules,
+    so the HTML is read), another session is answered at once and the message itself gets its 250."""
+    policies = {p.name: p.read_text() for p in Path("policies").glob("*.yaml")}
+    assert policies, "run from the checkout"
+    html = unit * (400_000 // len(unit))
+    body = (b"Subject: newsletter\r\nContent-Type: text/html\r\n\r\n"
+            + b"\r\n".join(html[i:i + 900] for i in range(0, len(html), 900)) + b"\r\n.\r\n")
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}, policies) as g, \
+            socket.create_connection(("127.0.0.1", g.port), timeout=120) as attacker, \
+            socket.create_connection(("127.0.0.1", g.port), timeout=120) as other:
+        assert _read_reply(other).startswith(b"220") and _read_reply(attacker).startswith(b"220")
+        for line in (b"EHLO c.example\r\n", b"MAIL FROM:<a@client.example>\r\n", b"RCPT TO:<bob@test.example>\r\n",
+                     b"DATA\r\n"):
+            attacker.sendall(line)
+            assert _read_reply(attacker)[:1] in (b"2", b"3")
+        attacker.sendall(body)
+        sent = time.monotonic()
+        other.sendall(b"NOOP\r\n")
+        assert _read_reply(other).startswith(b"250")
+        waited = time.monotonic() - sent
+        assert _read_reply(attacker).startswith(b"250")
+        assert waited < 5, f"another session waited {waited:.1f} s for its NOOP"
+        assert sink.wait_count(1) == 1
