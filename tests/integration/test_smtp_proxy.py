@@ -345,21 +345,55 @@ def test_one_log_line_per_message() -> None:
         assert "hello bob" not in g.log(), "message bodies must never be logged"
 
 
-def test_starttls_with_configured_certificate(tmp_path: Path) -> None:
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
                     "/CN=guard.test", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return key, cert
+
+
+def client_tls(cert: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    return ctx
+
+
+def test_starttls_with_configured_certificate(tmp_path: Path) -> None:
+    """STARTTLS works; after it AUTH is not offered (the proxy authenticates nobody; aiosmtpd
+    offered it, and then refused a sender's `AUTH=<>` with a permanent 555), `AUTH=<>` on MAIL is
+    accepted as Exim accepts it, and the AUTH command gets Exim's 503."""
+    key, cert = certificate(tmp_path)
     with RecordingSink() as sink, Guard({"smtp": {"tls_cert": str(cert), "tls_key": str(key)},
                                          "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
         with g.smtp() as c:
-            assert c.has_extn("starttls")
-            ctx = ssl.create_default_context(cafile=str(cert))
-            ctx.check_hostname = False
-            code, _ = c.starttls(context=ctx)
+            assert c.has_extn("starttls") and not c.has_extn("auth")
+            code, _ = c.starttls(context=client_tls(cert))
             assert code == 220
             c.ehlo("client.test")
-            c.sendmail("a@client.example", ["bob@test.example"], MSG)
+            assert not c.has_extn("auth")
+            assert c.docmd("AUTH", "PLAIN AGZvbwBiYXI=") == (503, b"5.5.1 AUTH command used when not advertised")
+            c.sendmail("a@client.example", ["bob@test.example"], MSG, mail_options=["AUTH=<>"])
         assert len(sink.messages) == 1
+
+
+def test_commands_pipelined_behind_starttls_are_discarded(tmp_path: Path) -> None:
+    """CVE-2011-0411 (and aiosmtpd's own CVE-2024-34083): a MAIL sent in the same packet as
+    STARTTLS, in plain text, must not be run inside the TLS session."""
+    key, cert = certificate(tmp_path)
+    with RecordingSink() as sink, Guard({"smtp": {"tls_cert": str(cert), "tls_key": str(key)},
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g, \
+            socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+        assert _read_reply(s).startswith(b"220")
+        s.sendall(b"EHLO c.example\r\n")
+        assert _read_reply(s).startswith(b"250")
+        s.sendall(b"STARTTLS\r\nMAIL FROM:<injected@client.example>\r\n")
+        assert _read_reply(s).startswith(b"220")
+        with client_tls(cert).wrap_socket(s) as tls:
+            tls.sendall(b"EHLO c.example\r\n")
+            assert _read_reply(tls).startswith(b"250")
+            tls.sendall(b"RCPT TO:<bob@test.example>\r\n")
+            assert _read_reply(tls).startswith(b"503")
+        assert sink.messages == []
 
 
 def test_smtputf8_and_8bitmime_pass_through() -> None:
@@ -407,7 +441,8 @@ def test_a_message_starting_with_a_fold_cannot_write_into_our_headers(exim: Exim
     Ours arrive as we wrote them, and the sender's lines in the body, where Exim puts them when
     it gets such a message directly."""
     policy = "patterns:\n  - name: mark\n    body: forged\n    action: tag\n"
-    msg = fold + b"X-Queueguard-Pattern: allow\r\n" + fold + b"X-Queueguard-Verdict: clean\r\nSubject: x\r\n\r\nforged\r\n"
+    msg = (fold + b"X-Queueguard-Pattern: allow\r\n" + fold + b"X-Queueguard-Verdict: clean\r\n"
+           b"Subject: x\r\n\r\nforged\r\n")
     with Guard({"downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}]},
                {"p.yaml": policy}) as g, g.smtp() as c:
         assert c.sendmail("a@client.example", ["bob@test.example"], msg) == {}
