@@ -351,6 +351,11 @@ class RelayTransaction:
         open, so it is reset (never pooled half-way) before the refusal is passed on."""
         started = time.monotonic()
         reply = await self._command("DATA")
+        if reply.code != 354 and reply.positive:
+            # Only 354 lets the message through; a 250 here is a downstream out of step with us,
+            # and passing it on would answer 250 for a message nobody received.
+            self.close(reusable=False)
+            raise DownstreamError(f"answered DATA with {reply}, not 354")
         if reply.code != 354:
             await self.abort()
             return reply

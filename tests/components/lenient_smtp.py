@@ -3,7 +3,8 @@
 It ends DATA at a dot between any two line breaks (CR, LF or CRLF), with or without a NUL next
 to the dot, as the servers of the 2023 SMTP-smuggling research did; whatever follows is read as
 new commands. It records every MAIL FROM it accepts and every message it "delivers", so a test
-can see whether a smuggled transaction ever reached it.
+can see whether a smuggled transaction ever reached it. With `data_answer` it is also a broken
+MTA: it answers the DATA command with that (say a 250) and reads on for commands.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ LENIENT_END = re.compile(rb"(?:\r\n|\r|\n)\x00?\.\x00?(?:\r\n|\r|\n)")
 
 
 class LenientSmtp:
-    def __init__(self) -> None:
+    def __init__(self, data_answer: bytes | None = None) -> None:
         self.port = free_port()
+        self.data_answer = data_answer
         self.senders: list[str] = []
         self.messages: list[bytes] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -46,6 +48,8 @@ class LenientSmtp:
                     writer.write(b"250 ok\r\n")
                 elif cmd.startswith((b"RCPT", b"RSET", b"NOOP")):
                     writer.write(b"250 ok\r\n")
+                elif cmd == b"DATA" and self.data_answer is not None:
+                    writer.write(self.data_answer + b"\r\n")
                 elif cmd == b"DATA":
                     writer.write(b"354 go ahead\r\n")
                     data = b"\r\n"  # a dot right at the start of DATA ends it too

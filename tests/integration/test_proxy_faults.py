@@ -21,6 +21,7 @@ from queueguard.harness.guard import Guard
 from queueguard.harness.ports import free_port
 from queueguard.harness.sink import RecordingSink
 from queueguard.relay import proxy_header
+from tests.components.lenient_smtp import LenientSmtp
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +62,22 @@ def test_downstream_refusing_the_data_command_does_not_poison_the_pool() -> None
             assert c.rcpt("bob@test.example")[0] == 250
             assert c.data(MSG)[0] == 250
         assert len(exim.wait_maildir("bob", 1)) == 1
+
+
+@pytest.mark.parametrize("answer", [b"250 ok", b"334 what"])
+def test_a_downstream_answering_data_without_354_is_never_taken_for_delivery(answer: bytes) -> None:
+    """A broken MTA that answers the DATA command itself with a 250 (no real MTA does: scripted
+    here) never got the message; passing its 250 on answered 250 for mail nobody had. The client
+    gets 451 and the message is retried."""
+    with LenientSmtp(data_answer=answer) as broken, \
+            Guard({"downstreams": [{"address": f"127.0.0.1:{broken.port}"}]}) as g, g.smtp() as c:
+        c.mail("a@client.example")
+        assert c.rcpt("bob@test.example")[0] == 250
+        code, text = c.data(MSG)
+        assert code == 451, text
+        assert b"4.4.3" in text or b"4.4.2" in text
+    assert broken.messages == []
+    assert "not 354" in g.log()
 
 
 def test_one_senders_4xx_at_mail_does_not_take_the_downstream_down() -> None:
