@@ -64,7 +64,7 @@ def rig() -> Iterator[tuple[Guard, RecordingSink]]:
 # --- a small SMTP client that keeps every byte and every reply ------------------------------------
 
 class Closed(Exception):
-    """The guard closed the connection (after a 421, or QUIT)."""
+    """The guard closed the connection (after a 421, a 502 for too many unknown commands, or QUIT)."""
 
 
 class Client:
@@ -82,6 +82,8 @@ class Client:
                     part = self.sock.recv(65536)
                 except TimeoutError:
                     raise AssertionError(f"no reply within {REPLY_TIMEOUT}s; so far {self.replies[-5:]}") from None
+                except ConnectionResetError:  # closed (502 after five unknown commands) while we sent
+                    part = b""
                 if not part:
                     raise Closed(b"".join(lines))
                 self.buf += part
