@@ -99,8 +99,22 @@ def proxy_header(version: str, client_ip: IPAddress | None, client_port: int, lo
     return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, fam_byte]) + struct.pack("!H", len(addrs)) + addrs
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
 def dot_stuff(raw: bytes) -> bytes:
-    """Body for DATA: CRLF line ends guaranteed, leading dots doubled, final CRLF.CRLF."""
+    """Body for DATA: CRLF line ends guaranteed, leading dots doubled, final CRLF.CRLF.
+
+    Mail from the proxy was refused with any bare CR, bare LF or NUL (pipeline/hygiene.py); mail
+    released from the quarantine or replayed may come from a milter, whose MTA passed them. A bare
+    line end (or a NUL beside a dot) is what a lenient downstream ends DATA at, so what follows
+    would run as a second transaction: line ends become CRLF and NULs (which RFC 5321 does not
+    allow in DATA) are dropped."""
+    if b"\0" in raw:
+        raw = raw.replace(b"\0", b"")
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
+        raw = _LINE_END.sub(b"\r\n", raw)
     if raw.startswith(b"."):
         raw = b"." + raw
     raw = raw.replace(b"\r\n.", b"\r\n..")

@@ -13,6 +13,7 @@ from queueguard.harness.sink import RecordingSink
 from queueguard.model import Connection, RuleHit, Transaction, parse_ip
 from queueguard.quarantine import QuarantineStore
 from queueguard.verdict import quarantine
+from tests.components.lenient_smtp import LenientSmtp
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,6 +111,24 @@ async def test_release_delivers_with_original_envelope_once(tmp_path: Path) -> N
         assert "already released" in again.stdout and len(sink.messages) == 1
         listed = cli("list", qdir=qdir).stdout
         assert f"{ids[0]}" in listed and "released" in listed
+
+
+async def test_release_never_smuggles_a_second_transaction(tmp_path: Path) -> None:
+    """A milter's MTA may pass bare CRs, LFs and NULs that the proxy refuses; a message held from
+    there and released must not end DATA early at a lenient downstream (the rest would run as a
+    transaction of its own, from a sender nobody checked)."""
+    qdir = tmp_path / "q"
+    txn = Transaction(Connection(parse_ip("198.51.100.7")), "real@client.example", recipients=["info@example.org"])
+    raw = (b"Subject: held\r\n\r\nfirst\r.\rMAIL FROM:<smuggled@evil.example>\rRCPT TO:<info@example.org>\r"
+           b"DATA\rSubject: smuggled\r\r\n\x00.\r\nlast\n.\nend\r\n")
+    qid = await QuarantineStore(qdir).put(txn, raw, quarantine("Ok", reason="pattern", rule="r"),
+                                          [RuleHit("r", "pattern", "quarantine")], {})
+    with LenientSmtp() as lenient:
+        out = cli("release", qid, settings=settings_for(tmp_path, lenient.port), qdir=qdir)
+        assert "released 1 of 1" in out.stdout, out.stdout + out.stderr
+    assert lenient.senders == ["<real@client.example>"]
+    (got,) = lenient.messages
+    assert got.endswith(b"end") and b"smuggled@evil.example" in got
 
 
 async def test_failed_release_keeps_message_and_says_why(tmp_path: Path) -> None:

@@ -42,9 +42,15 @@ def test_proxy_unknown_client_or_family_mismatch() -> None:
     (b".first\r\n", b"..first\r\n.\r\n"),
     (b"no final newline", b"no final newline\r\n.\r\n"),
     (b"x\r\n.\r\ny\r\n", b"x\r\n..\r\ny\r\n.\r\n"),
+    # bare line ends and NULs (mail released from a milter's quarantine): no end of data but ours
+    (b"a\n.\nMAIL FROM:<x@y>\n", b"a\r\n..\r\nMAIL FROM:<x@y>\r\n.\r\n"),
+    (b"a\r.\rb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+    (b"a\r\n\x00.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+    (b"a\r\x00\n.\x00\r\n", b"a\r\n..\r\n.\r\n"),
 ])
 def test_dot_stuffing(raw: bytes, wire: bytes) -> None:
     assert dot_stuff(raw) == wire
+    assert wire.count(b"\r\n.\r\n") == 1 and wire.count(b"\r") == wire.count(b"\n") == wire.count(b"\r\n")
 
 
 def test_downstream_reply_mapping() -> None:
