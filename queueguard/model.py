@@ -112,9 +112,13 @@ def domain_of(address: str) -> str:
 
 
 def parse_ip(text: str | None) -> IPAddress | None:
+    """An address as written by a socket, an MTA or a PROXY header; an IPv4-mapped IPv6 address
+    (a dual-stack listener's `::ffff:192.0.2.1`) is the IPv4 address it maps, so IPv4 networks
+    in the settings and policies (load balancers, client networks, rate-limit keys) match it."""
     if not text:
         return None
     try:
-        return ipaddress.ip_address(text.strip("[]").removeprefix("IPv6:"))
+        ip = ipaddress.ip_address(text.strip("[]").removeprefix("IPv6:"))
     except ValueError:
         return None
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip

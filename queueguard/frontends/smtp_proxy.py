@@ -134,12 +134,13 @@ class QueueguardSMTP(SMTP):
         self.qg_handler.closed(self)
 
     async def smtp_PROXY(self, arg: str) -> None:
-        """A PROXY header from a peer that is not a configured load balancer: a forged client
-        address. Refused, logged and counted, and the connection closed."""
+        """A PROXY header as a command: from a peer that is not a configured load balancer (a
+        forged client address), or a second one from a balancer (after the first, where only
+        the client can have put it). Refused, logged and counted, and the connection closed."""
         state = self.qg
         metrics.protocol_errors.labels("proxy_forged").inc()
-        log.warning("PROXY header from %s refused (not in smtp.proxy_protocol_from): %s",
-                    state.conn.client_ip if state else "?", arg[:100])
+        why = "a second one on this connection" if self._proxied else "not in smtp.proxy_protocol_from"
+        log.warning("PROXY header from %s refused (%s): %s", state.conn.client_ip if state else "?", why, arg[:100])
         await self.push(PROXY_FORGED)
         if self.transport is not None:
             self.transport.close()

@@ -161,6 +161,7 @@ class Received:
     helo: str | None
     #: (source address, source port) from a PROXY header, when proxy_protocol is on.
     proxy_source: tuple[str, int] | None
+    """The client address of the PROXY header (None without one, or for PROXY UNKNOWN / v2 LOCAL)."""
 
 
 DropStage = Literal["MAIL", "RCPT", "DATA"]
@@ -258,7 +259,7 @@ class _Handler:
             data=bytes(envelope.content),
             peer=tuple(session.peer[:2]),
             helo=session.host_name,
-            proxy_source=(str(proxy.src_addr), int(proxy.src_port)) if proxy else None,
+            proxy_source=(str(proxy.src_addr), int(proxy.src_port)) if proxy and proxy.src_addr else None,
         )
         with self.sink.lock:
             self.sink.messages.append(msg)

@@ -68,3 +68,40 @@ def test_haproxy_passes_the_client_address_and_forged_headers_are_refused() -> N
             time.sleep(0.05)
         assert guard.metric("queueguard_protocol_errors_total", kind="proxy_missing") == 1
         assert "no valid PROXY header" in guard.log()
+
+
+
+def test_an_ipv4_client_behind_a_dual_stack_balancer_is_an_ipv4_client() -> None:
+    """HAProxy on a dual-stack frontend writes an IPv4 client as TCP6 ::ffff:198.51.100.9; it is
+    198.51.100.9 to the policies (IPv4 networks, per-network limits), the logs and the downstream
+    (it was an IPv6 address that no IPv4 network matched)."""
+    with RecordingSink(proxy_protocol=True) as sink, Guard({
+        "smtp": {"proxy_protocol_from": ["127.0.0.1/32"]},
+        "downstreams": [{"address": f"127.0.0.1:{sink.port}", "proxy_protocol": "v2"}],
+    }) as guard, socket.create_connection(("127.0.0.1", guard.port), timeout=10) as s:
+        s.sendall(b"PROXY TCP6 ::ffff:198.51.100.9 ::ffff:127.0.0.1 40000 25\r\n")
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        for line in (b"EHLO c.example\r\n", b"MAIL FROM:<a@client.example>\r\n", b"RCPT TO:<bob@test.example>\r\n",
+                     b"DATA\r\n", MSG + b".\r\n", b"QUIT\r\n"):
+            s.sendall(line)
+        replies = f.read()
+        assert b"250 2.0.0" in replies, replies
+        assert sink.wait_count(1) == 1 and sink.messages[0].proxy_source == ("198.51.100.9", 40000)
+        assert any("client=unknown[198.51.100.9]" in line for line in guard.message_lines())
+
+
+def test_a_second_proxy_header_from_the_balancer_is_the_clients_and_refused() -> None:
+    """After the balancer's header, a PROXY line can only come from the client it relays."""
+    with RecordingSink() as sink, Guard({
+        "smtp": {"proxy_protocol_from": ["127.0.0.1/32"]},
+        "downstreams": [{"address": f"127.0.0.1:{sink.port}"}],
+    }) as guard, socket.create_connection(("127.0.0.1", guard.port), timeout=10) as s:
+        s.sendall(b"PROXY TCP4 198.51.100.9 127.0.0.1 40000 25\r\n")
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 40001 25\r\n")
+        assert f.readline().startswith(b"554 5.7.0 PROXY header not accepted")
+        assert f.readline() == b""  # closed
+        assert "PROXY header from 198.51.100.9 refused (a second one on this connection)" in guard.log()
+    assert sink.messages == []
