@@ -16,6 +16,7 @@ import email.parser
 import email.policy
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -98,6 +99,45 @@ def _charset(part: email.message.Message, defects: list[str]) -> str:
         defects.append(f"unknown charset {name[:40]!r}")
         return "latin-1"
     return name
+
+
+_LONG_SPACE = re.compile(r"[ \t\r\n]{16,}")
+_LONG_SPACE_BYTES = re.compile(rb"[ \t\r\n]{16,}")
+"""Runs of whitespace no reader sees as more than a break: squeezed before the text budget is
+charged, so 200,000 spaces cannot use it up ahead of the text a client shows."""
+
+
+def _squeeze(m: re.Match[str]) -> str:
+    """A long whitespace run as the break it reads as: a paragraph, a line or a space."""
+    lines = m.group().count("\n")
+    return "\n\n" if lines >= 2 else "\n" if lines else " "
+
+
+def _squeeze_bytes(m: re.Match[bytes]) -> bytes:
+    lines = m.group().count(b"\n")
+    return b"\n\n" if lines >= 2 else b"\n" if lines else b" "
+
+
+def shown_parts(msg: email.message.Message) -> Iterator[tuple[email.message.Message, bool]]:
+    """Every part, depth first in order (containers too), and whether a mail client shows it: of
+    a multipart/alternative only the last alternative that is text/plain, text/html or multipart
+    (RFC 2046 5.1.4: the last is the one preferred). The text of the others must neither hide
+    nor dilute the text that is displayed (a first alternative of spaces, or of ham sentences);
+    their links still count. Iterative, so deep nesting cannot exhaust the recursion limit."""
+    stack = [(msg, True)]
+    while stack:
+        part, shown = stack.pop()
+        yield part, shown
+        payload = part.get_payload() if part.is_multipart() else None
+        if not isinstance(payload, list):
+            continue
+        children = [(c, shown) for c in payload if isinstance(c, email.message.Message)]
+        if part.get_content_type() == "multipart/alternative":
+            preferred = [i for i, (c, _) in enumerate(children) if c.get_content_type() in ("text/plain", "text/html")
+                         or c.get_content_maintype() == "multipart"]
+            last = preferred[-1] if preferred else len(children) - 1
+            children = [(c, shown and i == last) for i, (c, _) in enumerate(children)]
+        stack.extend(reversed(children))
 
 
 def _is_attachment(part: email.message.Message) -> bool:
@@ -232,16 +272,20 @@ def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) 
     links: list[str] = []
     attachments: list[Attachment] = []
     budget = max_text
+    looked = 0
     try:
-        for count, part in enumerate(msg.walk(), 1):
-            if count > max_parts:
-                defects.append(f"more than {max_parts} MIME parts")
-                break
+        for part, shown in shown_parts(msg):
             defects.extend(type(d).__name__ for d in part.defects)
             if part.is_multipart():
                 continue
             payload = part.get_payload(decode=True)
             data = payload if isinstance(payload, bytes) else b""
+            if not data:
+                continue  # empty parts cost nothing, and must not use up the cap below
+            looked += 1
+            if looked > max_parts:
+                defects.append(f"more than {max_parts} MIME parts")
+                break
             if _is_attachment(part):
                 attachments.append(
                     Attachment(
@@ -256,10 +300,15 @@ def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) 
             if part.get_content_maintype() != "text" or budget <= 0:
                 continue
             limit = budget * HTML_INPUT_FACTOR if subtype == "html" else budget
+            data = _LONG_SPACE_BYTES.sub(_squeeze_bytes, data)
             text = data[: limit * 4].decode(_charset(part, defects), "replace")[:limit]
             if subtype == "html":
                 text, found = html_to_text(text)
                 links.extend(found)
+                text = _LONG_SPACE.sub(_squeeze, text)
+            if not shown:
+                links.extend(find_urls(text))
+                continue
             texts.append(text[:budget])
             budget -= len(texts[-1])
     except Exception as e:

@@ -8,6 +8,8 @@ import email.parser
 import email.policy
 import random
 
+import pytest
+
 from queueguard.html_text import html_to_text
 from queueguard.mime import _URL_RE, email_message, find_urls, parse_message, single_part_head
 
@@ -61,12 +63,41 @@ def test_headers_decoded_and_threading_fields() -> None:
     assert p.header("subject") == "Hello world"
 
 
-def test_text_from_quoted_printable_and_html_parts() -> None:
+def test_text_of_the_shown_alternative_and_links_of_all() -> None:
+    """The HTML alternative is what a client shows: its text is the message's; the plain one's
+    (quoted-printable, here) only gives its links."""
     p = parse_message(MULTIPART)
-    assert "Hello Jürgen, see https://www.Example.com/a?b=1 now." in p.text
-    assert "Hello here" in p.text
+    assert p.text.strip() == "Hello here"
     assert "hidden()" not in p.text and "p{}" not in p.text
     assert p.url_hosts == ["evil.example.net", "www.example.com"]
+    plain_only = MULTIPART.replace(b"Content-Type: text/html", b"Content-Type: text/x-other")
+    assert "Hello Jürgen, see https://www.Example.com/a?b=1 now." in parse_message(plain_only).text
+
+
+def alternative(*parts: tuple[str, bytes]) -> bytes:
+    body = b"".join(b"--A\r\nContent-Type: %s; charset=utf-8\r\n\r\n%s\r\n" % (t.encode(), b) for t, b in parts)
+    head = b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=A\r\n\r\n"
+    return head + body + b"--A--\r\n"
+
+
+SPAM = b"<p>Buy cheap replica watches today, the finest quality at the lowest price online.</p>"
+
+
+@pytest.mark.parametrize("decoys", [
+    [("text/plain", b" " * 200_001)],  # spaces a client never shows, which used up the text budget
+    [("text/plain", b"")] * 150,  # empty alternatives, which used up the part cap
+    [("text/plain", b"Our quarterly meeting notes are attached; let me know what you think. " * 30)],  # dilution
+])
+def test_alternatives_a_client_does_not_show_neither_hide_nor_dilute_the_text(
+        decoys: list[tuple[str, bytes]]) -> None:
+    p = parse_message(alternative(*decoys, ("text/html", SPAM)), max_parts=100)
+    assert p.text.strip() == "Buy cheap replica watches today, the finest quality at the lowest price online."
+
+
+def test_whitespace_runs_do_not_use_up_the_text_budget() -> None:
+    raw = (b"Subject: x\r\nContent-Type: text/html\r\n\r\n<div>" + b" \r\n" * 150_000 + b"</div>"
+           + b"<p></p>" * 100_000 + SPAM)
+    assert "replica watches" in parse_message(raw).text
 
 
 def test_attachment_hash_and_size() -> None:
