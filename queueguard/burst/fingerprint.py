@@ -31,6 +31,7 @@ import hashlib
 import random
 import re
 import struct
+import unicodedata
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -227,8 +228,35 @@ def _keep(token: str) -> bool:
     return rest == rest.lower() or token.isupper()
 
 
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
+"""Format characters (zero-width spaces and joiners, soft hyphens, direction marks, variation
+selectors) and combining marks: inside a word they split it, or make it another word, unseen."""
+_LOOKALIKES = str.maketrans(
+    "аеорсуххіјѕԁԛԝӏкмнтвАВЕКМНОРСТХУІЈЅαβεικνορτυχΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+    "aeopcyxxijsdqwlkmhtbABEKMHOPCTXYIJSabeikvoptuxABEZHIKMNOPTYX")
+"""Cyrillic and Greek letters that look like Latin ones, as Latin (a few of UTS #39's confusables)."""
+_SPACED = re.compile(r"(?<![^\W_])(?:[^\W\d_][ .*_-]){3,}[^\W\d_](?![^\W_])")
+"""A word written letter by letter (`V i a g r a`, `V.i.a.g.r.a`)."""
+
+
+def _unspace(m: re.Match[str]) -> str:
+    return m.group()[::2]
+
+
+def fold(text: str) -> str:
+    """Text as a reader sees its words: look-alike letters, accents, width variants and invisible
+    characters a spammer varies per copy all fold to one spelling (NFKD, marks and format
+    characters dropped, Cyrillic and Greek look-alikes as Latin), and spaced-out words join.
+    Deterministic everywhere (no locale), like everything here; plain ASCII skips the Unicode steps."""
+    if not text.isascii():
+        text = _INVISIBLE.sub("", unicodedata.normalize("NFKD", text)).translate(_LOOKALIKES)
+    return _SPACED.sub(_unspace, text)
+
+
 def normalise_tokens(text: str) -> list[str]:
-    return [t.lower() for t in _WORD_RE.findall(text) if _keep(t)]
+    return [t.lower() for t in _WORD_RE.findall(fold(text)) if _keep(t)]
 
 
 TOKEN_CACHE = 1 << 15
@@ -260,7 +288,7 @@ def shingle_hashes(text: str) -> set[int]:
     loop of fingerprinting. Left out: shingles spanning a sentence end, shingles of
     stop words only, and so sentences under three words ("Best regards.").
     """
-    hs = [h for h in map(_token_value, _TOKEN_RE.findall(text)) if h != _DROP]
+    hs = [h for h in map(_token_value, _TOKEN_RE.findall(fold(text))) if h != _DROP]
     return {
         (a * _K1 + b * _K2 + c * _K3) & _MASK64
         for a, b, c in zip(hs, hs[1:], hs[2:], strict=False)

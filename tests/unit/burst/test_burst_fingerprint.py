@@ -5,10 +5,13 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from queueguard.burst.fingerprint import (
     BANDS,
     body_keys,
     fingerprints,
+    fold,
     registrable_domain,
     subject_skeleton,
     url_host_keys,
@@ -103,3 +106,29 @@ def test_fingerprints_are_stable_across_processes() -> None:
         for seed in ("1", "2")
     }
     assert outs == {body_keys(BODY)[0] + "\n"}
+
+
+def _spell(text: str, every: int, swap: dict[str, str]) -> str:
+    """Every `every`-th word of `text` with its letters swapped as given."""
+    words = text.split(" ")
+    return " ".join("".join(swap.get(c, c) for c in w) if i % every == 0 else w for i, w in enumerate(words))
+
+
+@pytest.mark.parametrize("disguise", [
+    {c: c + "\u200b" for c in "aeiou"},  # zero-width spaces inside words
+    {"e": "\u00ade", "o": "o\u2060"},  # soft hyphens, word joiners
+    {"a": "\u0430", "e": "\u0435", "o": "\u043e", "p": "\u0440", "c": "\u0441"},  # Cyrillic look-alikes
+    {"o": "\u03bf", "i": "\u03b9"},  # Greek look-alikes
+    {c: chr(ord(c) + 0xFEE0) for c in "abcdefghijklmnopqrstuvwxyz"},  # fullwidth letters
+    {"e": "\u00e9", "a": "a\u0301"},  # accents, precomposed and combining
+])
+def test_letters_disguised_per_copy_read_as_the_same_words(disguise: dict[str, str]) -> None:
+    """Each copy disguised differently (every 2nd, 3rd or 5th word) is still the same text."""
+    for every in (2, 3, 5):
+        assert shared_bands(BODY, _spell(BODY, every, disguise)) == BANDS, (disguise, every)
+
+
+def test_a_word_spelled_out_is_the_word() -> None:
+    spaced = BODY.replace("exclusive", "e x c l u s i v e").replace("harbour", "h.a.r.b.o.u.r")
+    assert shared_bands(BODY, spaced) == BANDS
+    assert fold("I am a b c fine, J. R. R. Tolkien in the U.S.A.") == "I am a b c fine, J. R. R. Tolkien in the U.S.A."
