@@ -7,12 +7,14 @@ each search for the end of a construct starts where the last one stopped, and a 
 missing once is not looked for again.
 
 What it keeps: text between tags (character references decoded), a paragraph break for block
-elements and a line break for <br>, and the http(s) targets of href and src attributes. What it
-drops: comments, declarations, processing instructions, and the content of <script>, <style> and
-<title> (up to their end tag, or the end). Stray text in <head> is kept, as browsers show it. An
-unclosed comment is just its `<!--` and an unclosed quote ends its tag at the next `>`, as
-html.parser had it: the text after them still counts (a spammer cannot blank the body for the
-checks with one `<!--`, and real spam has such markup: `<!--#rotate>`).
+elements, a line break for <br> and a space between table cells, and the http(s) targets of href
+and src attributes. What it drops: comments, declarations, processing instructions, the content
+of <script>, <style> and <title> (up to their end tag, or the end), and of elements hidden by an
+inline style (`hides`) or the `hidden` attribute, when they end. Stray text in <head> is kept, as
+browsers show it. An unclosed comment is just its `<!--` and an unclosed quote ends its tag at
+the next `>`, as html.parser had it: the text after them still counts (a spammer cannot blank
+the body for the checks with one `<!--`, and real spam has such markup: `<!--#rotate>`); so does
+the content of an unclosed hidden element.
 """
 
 from __future__ import annotations
@@ -21,9 +23,29 @@ import html
 import re
 
 BLOCK_TAGS = frozenset((
-    "p", "div", "li", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol",
+    "p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol",
     "blockquote", "pre", "section", "article", "header", "footer",
 ))
+CELL_TAGS = frozenset(("td", "th"))
+"""A space, not a break: a row of cells reads as one line, and spammers cut sentences into
+cells at random places per copy to break them."""
+HIDEABLE_TAGS = frozenset((
+    "span", "div", "p", "font", "a", "b", "i", "u", "em", "strong", "small", "center", "section",
+    "table", "tbody", "tr", "td", "th", "ul", "ol", "li", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6",
+))
+"""Elements whose content is dropped when an inline style or `hidden` hides it (a fixed set: an
+unclosed one is searched to the end once per name, which keeps the scan linear)."""
+_HIDING = re.compile(
+    r"display\s*:\s*none|visibility\s*:\s*hidden|(?:font-size|opacity)\s*:\s*0+(?:\.0*)?(?![\d.])"
+    r"|font-size\s*:\s*1px", re.IGNORECASE)
+_COLLAPSED = re.compile(r"max-height\s*:\s*0+(?:px)?(?![\d.])", re.IGNORECASE)
+_CLIPPED = re.compile(r"overflow\s*:\s*hidden", re.IGNORECASE)
+
+
+def hides(style: str) -> bool:
+    """An inline style that hides its element's text from the reader: invisible words are
+    hash-busting to the checks. (Not white text: on a dark background it is what the reader sees.)"""
+    return bool(_HIDING.search(style) or (_COLLAPSED.search(style) and _CLIPPED.search(style)))
 RAW_TEXT_TAGS = frozenset(("script", "style", "title"))
 """Elements whose content is not markup and not shown: skipped up to their end tag."""
 
@@ -33,6 +55,7 @@ _ATTR_NAME = re.compile(r"[^\s/>][^\s/>=]*")
 _EQUALS = re.compile(r"\s*=\s*")
 _UNQUOTED = re.compile(r"[^\s>]*")
 _RAW_END = {tag: re.compile(rf"</{tag}[\s/>]", re.IGNORECASE) for tag in RAW_TEXT_TAGS}
+_OPEN_CLOSE = {tag: re.compile(rf"<(/?){tag}(?=[\s/>])", re.IGNORECASE) for tag in HIDEABLE_TAGS}
 
 
 class _Scan:
@@ -44,6 +67,8 @@ class _Scan:
         self.links: list[str] = []
         self._absent: dict[str, int] = {}
         """marker -> a position from which it does not occur (searched to the end once)."""
+        self._unclosed: set[str] = set()
+        """Hideable tags one of which was found without its end: not hidden again."""
 
     def _find(self, marker: str, pos: int) -> int:
         """doc.find, but a marker missing from some position on is not searched for again."""
@@ -84,8 +109,8 @@ class _Scan:
             return self._after(self._find(">", lt + 2), 1)
         if nxt == "/":
             name = _NAME.match(doc, lt + 2)
-            if name is not None and name.group().lower() in BLOCK_TAGS:
-                self.out.append("\n\n")
+            if name is not None:
+                self._break(name.group().lower())
             return self._after(self._find(">", lt + 2), 1)
         name = _NAME.match(doc, lt + 1)
         if name is None:  # a '<' that starts no tag is text
@@ -97,8 +122,30 @@ class _Scan:
         """Past a construct's end marker, or the end of the input when it has none."""
         return len(self.doc) if found < 0 else found + length
 
+    def _break(self, tag: str) -> None:
+        """What a start or end tag adds to the text: a paragraph, a line, a space or nothing."""
+        if tag in BLOCK_TAGS:
+            self.out.append("\n\n")
+        elif tag in CELL_TAGS:
+            self.out.append(" ")
+        elif tag == "br":
+            self.out.append("\n")
+
+    def _hidden_end(self, tag: str, pos: int) -> int | None:
+        """Past the end tag matching a hidden element opened before `pos`; None if it has none."""
+        if tag in self._unclosed:
+            return None
+        depth = 1
+        for m in _OPEN_CLOSE[tag].finditer(self.doc, pos):
+            depth += -1 if m.group(1) else 1
+            if not depth:
+                return self._after(self._find(">", m.end()), 1)
+        self._unclosed.add(tag)  # shown after all: an unclosed hidden element must not blank the rest
+        return None
+
     def _start_tag(self, tag: str, pos: int) -> int:
         doc, end = self.doc, len(self.doc)
+        hidden = False
         while True:
             space = _SPACE.match(doc, pos)
             assert space is not None  # matches the empty string
@@ -113,6 +160,7 @@ class _Scan:
             pos = name.end()
             eq = _EQUALS.match(doc, pos)
             if eq is None:
+                hidden = hidden or name.group().lower() == "hidden"
                 continue
             pos = eq.end()
             quote = doc[pos:pos + 1]
@@ -126,15 +174,17 @@ class _Scan:
                 unquoted = _UNQUOTED.match(doc, pos)
                 assert unquoted is not None  # matches the empty string
                 value, pos = unquoted.group(), unquoted.end()
-            if name.group().lower() in ("href", "src"):
+            attribute = name.group().lower()
+            if attribute in ("href", "src"):
                 self._link(value)
+            elif attribute == "hidden" or (attribute == "style" and hides(value)):
+                hidden = True
         if tag in RAW_TEXT_TAGS:
             close_tag = _RAW_END[tag].search(doc, pos)
             return end if close_tag is None else close_tag.start()
-        if tag in BLOCK_TAGS:
-            self.out.append("\n\n")
-        elif tag == "br":
-            self.out.append("\n")
+        if hidden and tag in HIDEABLE_TAGS and (past := self._hidden_end(tag, pos)) is not None:
+            return past
+        self._break(tag)
         return pos
 
     def _link(self, value: str) -> None:

@@ -64,3 +64,38 @@ def test_an_unclosed_script_runs_to_the_end() -> None:
     Counted.looked = 0
     assert html_to_text(doc)[0] == ""
     assert Counted.looked <= len(doc)
+
+
+def test_table_cells_read_as_one_line() -> None:
+    """Spammers cut sentences into cells at random places per copy."""
+    assert html_to_text("<table><tr><td>Buy cheap</td><td>watches today</td></tr></table>")[0].split() == \
+        ["Buy", "cheap", "watches", "today"]
+    assert "\n\n" not in html_to_text("<td>a</td><th>b</th>")[0]
+
+
+@pytest.mark.parametrize("hider", [
+    '<span style="display:none">', "<span style='DISPLAY: none !important'>", '<div style="visibility:hidden">',
+    '<span style="font-size:0">', '<span style="font-size: 0px">', '<font style="font-size:1px">',
+    '<span style="opacity:0.0">', "<span hidden>", "<div hidden='hidden'>",
+    '<div style="max-height:0;overflow:hidden">', '<div style="overflow: hidden; max-height: 0px">',
+])
+def test_text_a_style_hides_is_not_text(hider: str) -> None:
+    tag = hider[1:].split()[0].rstrip(">")
+    text, _ = html_to_text(f"Buy now {hider}salad words <{tag}>nested</{tag}> more</{tag}> today")
+    assert text.split() == ["Buy", "now", "today"]
+
+
+def test_visible_styles_and_unclosed_hidden_elements_stay_text() -> None:
+    assert html_to_text('<span style="font-size:0.9em">small</span>')[0] == "small"
+    assert html_to_text('<span style="opacity:0.5">faint</span>')[0] == "faint"
+    assert html_to_text('<div style="max-height:0">spills out</div>')[0] == "\n\nspills out\n\n"
+    assert html_to_text('<span style="color:#ffffff">white on a dark cell</span>')[0] == "white on a dark cell"
+    # an unclosed hidden element must not blank the rest (a spammer's way to hide everything)
+    assert html_to_text('<div style="display:none">Buy <b>now</b> today')[0] == "\n\nBuy now today"
+
+
+def test_unclosed_hidden_elements_are_searched_once() -> None:
+    doc = Counted('<span style="display:none">x' * 20_000 + "<p>tail</p>")
+    Counted.looked = 0
+    assert "tail" in html_to_text(doc)[0]
+    assert Counted.looked <= 2 * len(doc)
