@@ -11,8 +11,9 @@ tables) to do the same and is less predictable under insertions.
 One-permutation hashing (one hash per shingle, bins by the top bits) keeps the
 cost at one hash per shingle instead of one per shingle per permutation.
 
-Normalisation before shingling removes hash-busters: everything is
-lower-cased; tokens with digits (numbers, prices, random ids), tokens longer
+Normalisation before shingling removes hash-busters: text is folded as a
+reader sees it (`fold`: invisible characters, accents, look-alike letters,
+spaced-out words); everything is lower-cased; tokens with digits (numbers, prices, random ids), tokens longer
 than 20 characters, and letter salad without vowels or with inner capitals
 are dropped; sentences split at . ! ? and blank lines, not at line wraps, so
 an HTML part and a wrapped text/plain part of the same body give the same
@@ -35,6 +36,8 @@ import unicodedata
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import re2
 
 from queueguard.mime import ParsedMessage
 
@@ -237,11 +240,12 @@ _LOOKALIKES = str.maketrans(
     "аеорсуххіјѕԁԛԝӏкмнтвАВЕКМНОРСТХУІЈЅαβεικνορτυχΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
     "aeopcyxxijsdqwlkmhtbABEKMHOPCTXYIJSabeikvoptuxABEZHIKMNOPTYX")
 """Cyrillic and Greek letters that look like Latin ones, as Latin (a few of UTS #39's confusables)."""
-_SPACED = re.compile(r"(?<![^\W_])(?:[^\W\d_][ .*_-]){3,}[^\W\d_](?![^\W_])")
-"""A word written letter by letter (`V i a g r a`, `V.i.a.g.r.a`)."""
+_SPACED = re2.compile(r"\b(?:\pL[ .*_-]){3,}\pL\b")
+"""A word written letter by letter (`V i a g r a`, `V.i.a.g.r.a`). RE2: this runs over every
+body, and Python's re tries it at every letter (65 µs for a mean corpus message, 10 with RE2)."""
 
 
-def _unspace(m: re.Match[str]) -> str:
+def _unspace(m: re2._Match[str]) -> str:
     return m.group()[::2]
 
 
