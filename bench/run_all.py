@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.run_all [--only proxy,scan] [--json all.json]
 
-Each `bench/*_bench.py` (and bench/burst_real.py) runs as `python -m bench.NAME` with its defaults (and
+Each `bench/*_bench.py` (and bench/burst_real.py, bench/evasion.py) runs as `python -m bench.NAME` with its defaults (and
 `--json FILE` where it offers one); its JSON is flattened into rows
 (`key.path  value`), and a script without JSON contributes the last lines of
 its own printed table. Slow: tens of minutes with every script at its
@@ -24,7 +24,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 
 
-EXTRA = ("burst_real",)
+EXTRA = ("burst_real", "evasion")
 """Benchmarks named for what they measure rather than `*_bench`."""
 
 
