@@ -101,6 +101,10 @@ def _charset(part: email.message.Message, defects: list[str]) -> str:
     return name
 
 
+READABLE_ATTACHMENTS = ("text/plain", "text/html")
+"""Attachments whose text is the message's text too: a client opens them in one click, and a
+wave that moves its text into one (a line of body text and the offer as `offer.html`) must not
+leave nothing to compare."""
 _LONG_SPACE = re.compile(r"[ \t\r\n]{16,}")
 _LONG_SPACE_BYTES = re.compile(rb"[ \t\r\n]{16,}")
 """Runs of whitespace no reader sees as more than a break: squeezed before the text budget is
@@ -295,7 +299,8 @@ def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) 
                         hashlib.sha256(data).hexdigest(),
                     )
                 )
-                continue
+                if part.get_content_type() not in READABLE_ATTACHMENTS:
+                    continue
             subtype = part.get_content_subtype()
             if part.get_content_maintype() != "text" or budget <= 0:
                 continue

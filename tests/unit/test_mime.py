@@ -208,3 +208,16 @@ def test_find_urls_finds_what_the_regex_finds() -> None:
     for _ in range(2000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
         assert find_urls(text) == _URL_RE.findall(text), text
+
+
+def test_text_attachments_are_read_and_listed() -> None:
+    """A wave that moves its text into `offer.html` must still leave text to compare."""
+    raw = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=M\r\n\r\n"
+           b"--M\r\nContent-Type: text/plain\r\n\r\nSee the attached offer.\r\n"
+           b"--M\r\nContent-Type: text/html; name=offer.html\r\n"
+           b"Content-Disposition: attachment; filename=offer.html\r\n\r\n" + SPAM + b"\r\n"
+           b"--M\r\nContent-Type: application/octet-stream; name=a.bin\r\n\r\nbinary words here\r\n--M--\r\n")
+    p = parse_message(raw)
+    assert "See the attached offer." in p.text and "replica watches" in p.text
+    assert "binary words" not in p.text
+    assert [a.filename for a in p.attachments] == ["offer.html", "a.bin"]
