@@ -122,6 +122,17 @@ def _squeeze_bytes(m: re.Match[bytes]) -> bytes:
     return b"\n\n" if lines >= 2 else b"\n" if lines else b" "
 
 
+def _read_text(part: email.message.Message, data: bytes, limit: int, defects: list[str]) -> tuple[str, list[str], int]:
+    """(text, links, characters read) of a text part, reading at most `limit` characters of it
+    (HTML converted, long whitespace runs squeezed first)."""
+    data = _LONG_SPACE_BYTES.sub(_squeeze_bytes, data)
+    text = data[: limit * 4].decode(_charset(part, defects), "replace")[:limit]
+    if part.get_content_subtype() != "html":
+        return text, [], len(text)
+    shown, links = html_to_text(text)
+    return _LONG_SPACE.sub(_squeeze, shown), links, len(text)
+
+
 def shown_parts(msg: email.message.Message) -> Iterator[tuple[email.message.Message, bool]]:
     """Every part, depth first in order (containers too), and whether a mail client shows it: of
     a multipart/alternative only the last alternative that is text/plain, text/html or multipart
@@ -275,6 +286,7 @@ def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) 
     texts: list[str] = []
     links: list[str] = []
     attachments: list[Attachment] = []
+    hidden: list[tuple[email.message.Message, bytes]] = []
     budget = max_text
     looked = 0
     try:
@@ -301,21 +313,25 @@ def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) 
                 )
                 if part.get_content_type() not in READABLE_ATTACHMENTS:
                     continue
-            subtype = part.get_content_subtype()
-            if part.get_content_maintype() != "text" or budget <= 0:
+            if part.get_content_maintype() != "text":
                 continue
-            limit = budget * HTML_INPUT_FACTOR if subtype == "html" else budget
-            data = _LONG_SPACE_BYTES.sub(_squeeze_bytes, data)
-            text = data[: limit * 4].decode(_charset(part, defects), "replace")[:limit]
-            if subtype == "html":
-                text, found = html_to_text(text)
-                links.extend(found)
-                text = _LONG_SPACE.sub(_squeeze, text)
             if not shown:
-                links.extend(find_urls(text))
+                hidden.append((part, data))  # for its links, once the shown text is in (below)
                 continue
+            if budget <= 0:
+                continue
+            text, found, _ = _read_text(part, data, budget * HTML_INPUT_FACTOR if
+                                        part.get_content_subtype() == "html" else budget, defects)
+            links.extend(found)
             texts.append(text[:budget])
             budget -= len(texts[-1])
+        unread = max_text * HTML_INPUT_FACTOR  # alternatives no client shows: one more part's reading
+        for part, data in hidden:
+            if unread <= 0:
+                break
+            text, found, read = _read_text(part, data, unread, defects)
+            links.extend([*found, *find_urls(text)])
+            unread -= read
     except Exception as e:
         defects.append(f"MIME walk stopped: {type(e).__name__}")
     body = "\n\n".join(texts)[:max_text]

@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from queueguard import mime
 from queueguard.html_text import html_to_text
 from queueguard.mime import _URL_RE, email_message, find_urls, parse_message, single_part_head
 
@@ -221,3 +222,20 @@ def test_text_attachments_are_read_and_listed() -> None:
     assert "See the attached offer." in p.text and "replica watches" in p.text
     assert "binary words" not in p.text
     assert [a.filename for a in p.attachments] == ["offer.html", "a.bin"]
+
+
+def test_alternatives_no_client_shows_are_read_within_one_more_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their links count, but 50 of them must not cost 50 parts' reading (the shown one's text
+    is read first, so they cannot use up anything it needs either)."""
+    read: list[int] = []
+    real = mime.html_to_text
+
+    def counting(doc: str) -> tuple[str, list[str]]:
+        read.append(len(doc))
+        return real(doc)
+
+    monkeypatch.setattr(mime, "html_to_text", counting)
+    junk = b"<b></b>" * 2_000 + b"<a href='https://hidden.example/'>x</a>"
+    p = parse_message(alternative(*[("text/html", junk)] * 50, ("text/html", SPAM)), max_text=1_000)
+    assert p.text.strip().startswith("Buy cheap replica watches")
+    assert read[0] == len(SPAM) and sum(read[1:]) <= 1_000 * mime.HTML_INPUT_FACTOR
