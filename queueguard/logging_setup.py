@@ -41,11 +41,14 @@ _SYSLOG_PRIORITY = {
     logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2,
 }
 
-# Characters that some reader treats as a line break or that are not printable:
-# C0/C1 controls, DEL, Unicode line/paragraph separators, lone surrogates.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_CONTROLS = ("\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff"
+             "\ufff9-\ufffb\ud800-\udfff")
+"""Characters a reader or a terminal acts on instead of showing: C0/C1 controls and DEL (escape
+sequences), line and paragraph separators, bidi overrides and isolates (they reorder what
+follows on screen), zero-width and other invisible format characters, lone surrogates."""
+_UNSAFE = re.compile(f"[{_CONTROLS}]")
 _LOGFMT_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
-_LOGFMT_BARE = re.compile('[^\\s"=\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+')
+_LOGFMT_BARE = re.compile(f'[^\\s"=\\\\{_CONTROLS}]+')
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 _keys: dict[str, str] = {}
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -54,6 +57,12 @@ _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 def _escape_char(match: re.Match[str]) -> str:
     ch = match.group()
     return _SHORT_ESCAPES.get(ch) or f"\\u{ord(ch):04x}"
+
+
+def visible(text: str) -> str:
+    """`text` as one line a terminal shows as written: every character it would act on (an
+    escape sequence, a line break, a bidi override) appears as its escape, e.g. `\\u001b`."""
+    return _UNSAFE.sub(_escape_char, text)
 
 
 def _truncate(text: str) -> str:

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from queueguard.logging_setup import visible
 from queueguard.mime import parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.policy.units import parse_duration
@@ -173,6 +174,13 @@ def _progress(done: int, total: int, verb: str) -> None:
         print(f"{verb} {done}/{total}", file=sys.stderr, flush=True)
 
 
+def say(line: str = "") -> None:
+    """One line of human output: what senders wrote (subjects, addresses, file names, text)
+    cannot move the cursor, clear a line, retitle the window or fill the clipboard of the
+    admin reading it, nor fake a row (`--json` escapes by itself, `--raw` is the bytes)."""
+    print(visible(line))
+
+
 def _line(e: Entry) -> str:
     rcpts = e.recipients
     to = (rcpts[0] if rcpts else "") + (f" (+{len(rcpts) - 1})" if len(rcpts) > 1 else "")
@@ -193,8 +201,8 @@ def _list(args: argparse.Namespace) -> int:
             print(json.dumps([e.meta for e in entries], indent=1))
             return 0
         for e in entries:
-            print(_line(e))
-        print(f"{len(entries)} message(s)")
+            say(_line(e))
+        say(f"{len(entries)} message(s)")
         return 0
 
     return _run(run, args)
@@ -225,33 +233,37 @@ def _show(args: argparse.Namespace) -> int:
             return 0
         env, client = m["envelope"], m["client"]
         released = m.get("released")
-        print(f"id:           {entry.id}")
-        print(f"quarantined:  {iso(entry.time)}  reason={m.get('reason')} rule={m.get('rule')}")
-        print(f"status:       {'released ' + iso(released['time']) + ' ' + released['reply'] if released else 'held'}")
-        print(f"client:       {client.get('name') or 'unknown'}[{client.get('ip')}] helo={m.get('helo')} "
+        say(f"id:           {entry.id}")
+        say(f"quarantined:  {iso(entry.time)}  reason={m.get('reason')} rule={m.get('rule')}")
+        say(f"status:       {'released ' + iso(released['time']) + ' ' + released['reply'] if released else 'held'}")
+        say(f"client:       {client.get('name') or 'unknown'}[{client.get('ip')}] helo={m.get('helo')} "
               f"tls={client.get('tls')} auth={client.get('authenticated') or '-'}")
-        print(f"sender:       <{env['sender']}>")
-        print(f"recipients:   {', '.join(env['recipients'])}")
-        print(f"size:         {m['size']} bytes  sha256={m['sha256']}")
+        say(f"sender:       <{env['sender']}>")
+        say(f"recipients:   {', '.join(env['recipients'])}")
+        say(f"size:         {m['size']} bytes  sha256={m['sha256']}")
         for h in m.get("hits", []):
-            print(f"hit:          {h['kind']}:{h['rule']} action={h['action']}"
+            say(f"hit:          {h['kind']}:{h['rule']} action={h['action']}"
                   f"{' (shadow)' if h.get('shadow') else ''} {h.get('detail', '')}")
         if camp := m.get("campaign"):
-            print(f"campaign:     {camp['id']}  first seen {camp['first_seen_iso']}, {camp['copies']} copies in the "
+            say(f"campaign:     {camp['id']}  first seen {camp['first_seen_iso']}, {camp['copies']} copies in the "
                   f"window when held, {camp['variants']} variant(s), linked by: "
                   f"{', '.join(camp['signals']) or 'identical copies'}")
-            print(f"              all of it: queueguard quarantine delete --campaign {camp['id']} --dry-run")
+            say(f"              all of it: queueguard quarantine delete --campaign {camp['id']} --dry-run")
         for kind, value in m.get("fingerprints", {}).items():
-            print(f"fingerprint:  {kind} {value}")
+            say(f"fingerprint:  {kind} {value}")
         for name in ("From", "Subject", "Date", "Message-ID"):
-            print(f"{name + ':':14}{parsed.header(name) or ''}")
+            say(f"{name + ':':14}{parsed.header(name) or ''}")
         if parsed.attachments:
             for a in parsed.attachments:
-                print(f"attachment:   {a.filename or '(unnamed)'} {a.content_type} {a.size} bytes sha256={a.sha256}")
+                say(f"attachment:   {a.filename or '(unnamed)'} {a.content_type} {a.size} bytes sha256={a.sha256}")
         if parsed.url_hosts:
-            print(f"url hosts:    {', '.join(parsed.url_hosts[:20])}")
-        print()
-        print("\n".join(line for line in parsed.text.splitlines() if line.strip())[:1500])
+            say(f"url hosts:    {', '.join(parsed.url_hosts[:20])}")
+        say()
+        shown = 0
+        for line in parsed.text.splitlines():
+            if line.strip() and shown < 1500:
+                say(line[:1500 - shown])
+                shown += len(line) + 1
         return 0
 
     return _run(run, args)
@@ -267,14 +279,14 @@ def _release(args: argparse.Namespace) -> int:
         todo = [e for e in entries if e.released is None]
         for e in entries:
             if e.released is not None:
-                print(f"{e.id}: already released {iso(e.released)}, skipped")
+                say(f"{e.id}: already released {iso(e.released)}, skipped")
         if args.dry_run:
             for e in todo:
-                print(f"would release {_line(e)}")
-            print(f"{len(todo)} message(s) would be released")
+                say(f"would release {_line(e)}")
+            say(f"{len(todo)} message(s) would be released")
             return 0
         ok, failed = asyncio.run(_deliver_all(settings, store, todo))
-        print(f"released {ok} of {len(todo)} message(s); {failed} failed and stay in quarantine")
+        say(f"released {ok} of {len(todo)} message(s); {failed} failed and stay in quarantine")
         return 1 if failed else 0
 
     return _run(run, args)
@@ -296,11 +308,11 @@ async def _deliver_all(settings: Settings, store: QuarantineStore, entries: list
             if success:
                 store.mark_released(e.id, reply, downstream)
                 ok += 1
-                print(f"{e.id}: released via {downstream}: {reply}")
+                say(f"{e.id}: released via {downstream}: {reply}")
             else:
                 store.count_failed_release()
                 failed += 1
-                print(f"{e.id}: NOT released, kept in quarantine: {reply}")
+                say(f"{e.id}: NOT released, kept in quarantine: {reply}")
             _progress(i, len(entries), "released")
     finally:
         relay.close()
@@ -322,14 +334,14 @@ def _transaction(e: Entry) -> Transaction:
 def _remove(store: QuarantineStore, entries: list[Entry], dry_run: bool, verb: str) -> int:
     if dry_run:
         for e in entries:
-            print(f"would {verb} {_line(e)}")
-        print(f"{len(entries)} message(s) would be {verb}d; nothing changed")
+            say(f"would {verb} {_line(e)}")
+        say(f"{len(entries)} message(s) would be {verb}d; nothing changed")
         return 0
     removed = 0
     for i, e in enumerate(entries, 1):
         removed += store.delete(e.id)
         _progress(i, len(entries), f"{verb}d")
-    print(f"{verb}d {removed} message(s)")
+    say(f"{verb}d {removed} message(s)")
     return 0
 
 
@@ -386,21 +398,21 @@ def _stats(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(stats, indent=1))
             return 0
-        print(f"messages: {stats['messages']} (held {stats['held']}, released {stats['released']}), "
+        say(f"messages: {stats['messages']} (held {stats['held']}, released {stats['released']}), "
               f"{stats['bytes']} bytes of mail, {stats['disk_bytes']} bytes on disk, {stats['inodes']} inodes")
-        print(f"oldest: {stats['oldest']}  newest: {stats['newest']}")
+        say(f"oldest: {stats['oldest']}  newest: {stats['newest']}")
         fs = store.filesystem()
-        print(f"filesystem: {fs['free_bytes']} bytes free of {fs['size_bytes']}, "
+        say(f"filesystem: {fs['free_bytes']} bytes free of {fs['size_bytes']}, "
               f"{fs['free_inodes']} inodes free of {fs['inodes']}")
-        print("by rule:")
+        say("by rule:")
         for r, n in by_rule.most_common():
-            print(f"  {n:>8}  {bytes_by_rule[r]:>12} bytes  {r}")
-        print("by campaign (top 20; delete one with --campaign ID):")
+            say(f"  {n:>8}  {bytes_by_rule[r]:>12} bytes  {r}")
+        say("by campaign (top 20; delete one with --campaign ID):")
         for cid, n in by_campaign.most_common(20):
-            print(f"  {n:>8}  {cid}")
-        print("by fingerprint (top 20):")
+            say(f"  {n:>8}  {cid}")
+        say("by fingerprint (top 20):")
         for fp, n in by_fp.most_common(20):
-            print(f"  {n:>8}  {fp}")
+            say(f"  {n:>8}  {fp}")
         return 0
 
     return _run(run, args)

@@ -131,6 +131,32 @@ async def test_release_never_smuggles_a_second_transaction(tmp_path: Path) -> No
     assert got.endswith(b"end") and b"smuggled@evil.example" in got
 
 
+async def test_what_senders_wrote_cannot_drive_the_admins_terminal(tmp_path: Path) -> None:
+    """Escape sequences, bidi overrides and line breaks in a subject, sender, file name or text
+    reach the admin's screen as visible escapes: they cannot hide or fake a row, overwrite
+    `status:`, retitle the window or fill the clipboard (OSC 52)."""
+    qdir = tmp_path / "q"
+    esc = "\x1b[2K\x1b[1A\x1b]0;owned\x07\x1b]52;c;cm0gLXJmIH4=\x07\u202e\r\x08"
+    txn = Transaction(Connection(parse_ip("198.51.100.7"), helo=f"h{esc}.example"), f"a{esc}@evil.example",
+                      recipients=["ceo@example.org"])
+    raw = (f"Subject: QGTEST {esc}released <ceo@example.org>\r\nFrom: =?utf-8?q?x=1B[44G?= <a@evil.example>\r\n"
+           "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+           f"Content-Type: text/plain\r\n\r\nbody {esc} text\r\n--B\r\nContent-Type: application/pdf\r\n"
+           "Content-Disposition: attachment; filename*=utf-8''x%1B%5B2Jy.pdf\r\n\r\nJVBERi0xLjQK\r\n--B--\r\n")
+    qid = await QuarantineStore(qdir).put(txn, raw.encode(), quarantine("Ok", reason="pattern", rule="r"),
+                                          [RuleHit("r", "pattern", "quarantine")], {})
+    await fill(qdir)
+    for args in (("list",), ("show", qid), ("release", "--rule", "r", "--dry-run"),
+                 ("delete", "--rule", "r", "--dry-run"), ("stats",)):
+        out = cli(*args, qdir=qdir)
+        assert out.returncode == 0, out.stderr
+        shown = out.stdout
+        assert not any(c in shown for c in "\x1b\x07\x08\r\u202e"), (args, shown)
+        if args == ("list",):
+            assert shown.count("\n") == 6 and "5 message(s)" in shown  # 5 rows and the count: none hidden
+    assert "\\u001b[2K" in cli("show", qid, qdir=qdir).stdout
+
+
 async def test_failed_release_keeps_message_and_says_why(tmp_path: Path) -> None:
     qdir = tmp_path / "q"
     ids = await fill(qdir)

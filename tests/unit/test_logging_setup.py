@@ -67,6 +67,7 @@ HOSTILE = [
     "nul\x00bell\x07del\x7f",
     "Jos\u00e9 \u2603 \u65e5\u672c",
     "sep\u2028para\u2029nel\u0085",
+    "bidi\u202eevil\u2066x\u200bzw\ufeff",
     b"\xffHELO\xfe".decode("utf-8", "surrogateescape"),
     "",
     '"',
@@ -98,6 +99,7 @@ def test_logfmt_quoting_rules() -> None:
     assert logfmt_value("c:\\x") == '"c:\\\\x"'
     assert logfmt_value("a\nb") == '"a\\nb"'
     assert logfmt_value("a\x00b") == '"a\\u0000b"'
+    assert logfmt_value("a\u202eb") == '"a\\u202eb"'  # a bidi override would reorder the line in a log viewer
     assert logfmt_value("") == '""'
     assert logfmt_value(None) == '""'
 
