@@ -2,11 +2,11 @@
 
     .venv/bin/python -m bench.run_all [--only proxy,scan] [--json all.json]
 
-Each `bench/*_bench.py` (and bench/burst_real.py, bench/evasion.py) runs as `python -m bench.NAME` with its defaults (and
-`--json FILE` where it offers one); its JSON is flattened into rows
-(`key.path  value`), and a script without JSON contributes the last lines of
-its own printed table. Slow: tens of minutes with every script at its
-defaults; not part of the test suite.
+Each `bench/*_bench.py` (and bench/burst_real.py, bench/evasion.py) runs as
+`python -m bench.NAME` with its defaults (and `--json FILE` where it offers one); its JSON is
+flattened into rows (`key.path  value`), and a script without JSON contributes the last lines
+of its own printed table. Slow: tens of minutes with every script at its defaults; not part of
+the test suite.
 """
 
 from __future__ import annotations
