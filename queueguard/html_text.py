@@ -9,12 +9,12 @@ missing once is not looked for again.
 What it keeps: text between tags (character references decoded), a paragraph break for block
 elements, a line break for <br> and a space between table cells, and the http(s) targets of href
 and src attributes. What it drops: comments, declarations, processing instructions, the content
-of <script>, <style> and <title> (up to their end tag, or the end), and of elements hidden by an
-inline style (`hides`) or the `hidden` attribute, when they end. Stray text in <head> is kept, as
-browsers show it. An unclosed comment is just its `<!--` and an unclosed quote ends its tag at
-the next `>`, as html.parser had it: the text after them still counts (a spammer cannot blank
-the body for the checks with one `<!--`, and real spam has such markup: `<!--#rotate>`); so does
-the content of an unclosed hidden element.
+of <script>, <style> and <title>, and of elements hidden by an inline style (`hides`) or the
+`hidden` attribute, up to their end tag. Stray text in <head> is kept, as browsers show it.
+An unclosed comment is just its `<!--` and an unclosed quote ends its tag at the next `>`, as
+html.parser had it: the text after them still counts (a spammer cannot blank the body for the
+checks with one `<!--`, and real spam has such markup: `<!--#rotate>`); so does the content of an
+element that would be skipped but never ends.
 """
 
 from __future__ import annotations
@@ -41,11 +41,6 @@ _HIDING = re.compile(
 _COLLAPSED = re.compile(r"max-height\s*:\s*0+(?:px)?(?![\d.])", re.IGNORECASE)
 _CLIPPED = re.compile(r"overflow\s*:\s*hidden", re.IGNORECASE)
 
-
-def hides(style: str) -> bool:
-    """An inline style that hides its element's text from the reader: invisible words are
-    hash-busting to the checks. (Not white text: on a dark background it is what the reader sees.)"""
-    return bool(_HIDING.search(style) or (_COLLAPSED.search(style) and _CLIPPED.search(style)))
 RAW_TEXT_TAGS = frozenset(("script", "style", "title"))
 """Elements whose content is not markup and not shown: skipped up to their end tag."""
 
@@ -58,6 +53,12 @@ _RAW_END = {tag: re.compile(rf"</{tag}[\s/>]", re.IGNORECASE) for tag in RAW_TEX
 _OPEN_CLOSE = {tag: re.compile(rf"<(/?){tag}(?=[\s/>])", re.IGNORECASE) for tag in HIDEABLE_TAGS}
 
 
+def hides(style: str) -> bool:
+    """An inline style that hides its element's text from the reader: invisible words are
+    hash-busting to the checks. (Not white text: on a dark background it is what the reader sees.)"""
+    return bool(_HIDING.search(style) or (_COLLAPSED.search(style) and _CLIPPED.search(style)))
+
+
 class _Scan:
     """One pass over one document; `out` and `links` are the result."""
 
@@ -68,7 +69,7 @@ class _Scan:
         self._absent: dict[str, int] = {}
         """marker -> a position from which it does not occur (searched to the end once)."""
         self._unclosed: set[str] = set()
-        """Hideable tags one of which was found without its end: not hidden again."""
+        """Raw-text and hideable tags one of which was found without its end: not skipped again."""
 
     def _find(self, marker: str, pos: int) -> int:
         """doc.find, but a marker missing from some position on is not searched for again."""
@@ -179,9 +180,11 @@ class _Scan:
                 self._link(value)
             elif attribute == "hidden" or (attribute == "style" and hides(value)):
                 hidden = True
-        if tag in RAW_TEXT_TAGS:
+        if tag in RAW_TEXT_TAGS and tag not in self._unclosed:
             close_tag = _RAW_END[tag].search(doc, pos)
-            return end if close_tag is None else close_tag.start()
+            if close_tag is not None:
+                return close_tag.start()
+            self._unclosed.add(tag)  # read as text after all, like an unclosed hidden element
         if hidden and tag in HIDEABLE_TAGS and (past := self._hidden_end(tag, pos)) is not None:
             return past
         self._break(tag)
