@@ -92,7 +92,10 @@ def test_vrts_spam_wave_control_arm_dies_protected_arm_holds() -> None:
             + acc["queued_at_sender"]
     # control: the host group ran out, the kernel took clamd, mail stalled at the sender
     assert control["oom_kills"] > 0 and control["clamd_restarts"] > 0
-    assert control["max_usage_ratio"] >= 0.99
+    # the kernel's own peak where it keeps one: the 2 s samples can miss the last MiB before the
+    # kill (a CI run sampled 0.984 of the limit in the arm the kernel had just OOM-killed in)
+    peak = control["max_usage_ratio"] if control["peak_mib"] is None else control["peak_mib"] / control["limit_mib"]
+    assert peak >= 0.99
     assert control["accounting"]["queued_at_sender"] > 0 and control["scan_deferrals"] > 0
     # protected: no OOM, clamd untouched, the governor moved and the route slowed from its report
     assert protected["oom_kills"] == 0 and protected["clamd_restarts"] == 0
