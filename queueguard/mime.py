@@ -261,9 +261,10 @@ def _plain_headers(head: bytes) -> list[tuple[str, str]] | None:
 def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) -> ParsedMessage:
     """Decode `raw` into headers, text, URLs and attachments; never raises.
 
-    Work is bounded: at most `max_parts` MIME parts are looked at, text is cut
-    at `max_text` characters, HTML input at a multiple of that, headers and
-    URLs at fixed caps.
+    Work is bounded: at most `max_parts` non-empty MIME parts are decoded, text
+    is cut at `max_text` characters, HTML input at a multiple of that (and the
+    alternatives no client shows share one such allowance), headers and URLs at
+    fixed caps.
     """
     defects: list[str] = []
     try:
