@@ -748,13 +748,21 @@ def _until(condition: Callable[[], float], timeout: float = 5.0) -> float:
 
 
 def _guard_kill(rig: Rig) -> None:
-    rig.extra["active"] = _until(lambda: rig.metric("queueguard_connections_active"))
-    rig.guard.kill()
-    assert rig.guard.proc is not None
-    rig.extra["exit"] = rig.guard.proc.returncode
+    """Kill the guard the moment a client connection is open, from a thread of its own: the mail
+    offered meanwhile keeps coming, so the kill cannot miss it. Killing on a timer instead once
+    struck after the first batch had gone through, between sessions (a CI run)."""
+    def kill() -> None:
+        rig.extra["active"] = _until(lambda: rig.metric("queueguard_connections_active"), timeout=60.0)
+        rig.guard.kill()
+        assert rig.guard.proc is not None
+        rig.extra["exit"] = rig.guard.proc.returncode
+
+    rig.extra["killer"] = killer = threading.Thread(target=kill, name="guard-killer")
+    killer.start()
 
 
 def _guard_start(rig: Rig) -> None:
+    rig.extra.pop("killer").join()
     rig.guard.start()
 
 
