@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -105,10 +106,37 @@ class RuleHit:
         return f"{self.kind}:{self.rule}{'(shadow)' if self.shadow else ''}"
 
 
+_ROUTE = re.compile(r"@(?:\[[^\]]*\]|[^,:\[\]])*(?:,@(?:\[[^\]]*\]|[^,:\[\]])*)*:")
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
+def canonical_address(address: str) -> str:
+    """The mailbox an envelope address names, spelled one way: `<@relay:"In\\fo"@Example.ORG.>`
+    -> `info@example.org`; the null sender -> ''.
+
+    RFC 5321 has a source route ignored and a quoted local part mean its content, and Exim
+    delivers all of `info@`, `"info"@`, `"in\\fo"@`, `INFO@` and `@any.relay:info@` to one mailbox:
+    a rate-limit key or a list entry that told them apart would give a flood as many budgets as
+    its sender can spell the address. (A trailing dot in the domain is stripped as Postfix does.)
+    """
+    a = address.strip().strip("<>").strip()
+    if '"' not in a and a[:1] != "@" and a[-1:] != ".":
+        return a.lower()  # the common case, without the regexes
+    route = _ROUTE.match(a)
+    if route:
+        a = a[route.end():]
+    local, at, domain = a.rpartition("@")
+    if not at:
+        local, domain = a, ""
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    return f"{local}@{domain.rstrip('.')}".lower() if at else local.lower()
+
+
 def domain_of(address: str) -> str:
-    """The domain part of an address, lower-cased; '' for the null sender."""
-    address = address.strip("<>")
-    return address.rpartition("@")[2].lower() if "@" in address else ""
+    """The domain part of an address, lower-cased (canonical_address); '' for the null sender."""
+    mailbox = canonical_address(address)
+    return mailbox.rpartition("@")[2] if "@" in mailbox else ""
 
 
 def parse_ip(text: str | None) -> IPAddress | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from queueguard.burst.fingerprint import fingerprint_dict
-from queueguard.model import RuleHit, Transaction
+from queueguard.model import RuleHit, Transaction, canonical_address
 from queueguard.policy.loader import compile_regex
 from queueguard.policy.match import rule_applies
 from queueguard.policy.schema import Mode, PatternRule, Policy
@@ -49,12 +49,12 @@ class CompiledPattern:
         parts = []
         parsed = ctx.parsed
         if self.sender is not None:
-            if not self.sender.search(txn.sender):
+            if not _address_matches(self.sender, txn.sender):
                 return None
             parts.append("sender")
         if self.recipient is not None:
             rx = self.recipient
-            if not any(rx.search(r) for r in txn.recipients):
+            if not any(_address_matches(rx, r) for r in txn.recipients):
                 return None
             parts.append("recipient")
         for name, rx in self.headers:
@@ -70,6 +70,12 @@ class CompiledPattern:
                 return None
             parts.append("body")
         return "+".join(parts)
+
+
+def _address_matches(rx: Regex, address: str) -> bool:
+    """As the client spelled it, or as the mailbox it names: `^info@` must not be dodged by
+    writing `"info"@` or `@relay:info@`, which the MTA delivers to info all the same."""
+    return rx.search(address) is not None or rx.search(canonical_address(address)) is not None
 
 
 _cache: dict[int, list[CompiledPattern]] = {}

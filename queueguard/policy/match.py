@@ -23,15 +23,16 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from queueguard.model import IPAddress, Transaction
+from queueguard.model import IPAddress, Transaction, canonical_address
 from queueguard.policy.schema import Condition, ListRef, Policy, RuleBase
 
 _GLOB_CHARS = frozenset("*?[")
 
 
 def normalize_address(address: str) -> str:
-    """'<Info@Example.ORG>' -> 'info@example.org'; the null sender -> ''."""
-    return address.strip().strip("<>").strip().lower()
+    """'<Info@Example.ORG>' -> 'info@example.org'; the null sender -> ''. Quoting and source
+    routes are taken off too (model.canonical_address): one mailbox, one spelling."""
+    return canonical_address(address)
 
 
 def normalize_ip(ip: IPAddress) -> IPAddress:

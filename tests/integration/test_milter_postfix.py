@@ -34,6 +34,12 @@ ratelimits:
     burst: 3
     action: tempfail
     only: {recipient_in: ["flood@test.example"]}
+  - name: spelled-many-ways
+    key: recipient
+    rate: 3/1h
+    burst: 3
+    action: tempfail
+    only: {recipient_in: ["spelled@test.example"]}
   - name: keep-second
     key: recipient
     rate: 1/1h
@@ -101,6 +107,24 @@ def test_flood_is_deferred_per_recipient(postfix: Postfix, sink: SmtpSink) -> No
     assert list(partly) == ["flood@test.example"] and partly["flood@test.example"][0] == 451
     assert sink.wait_count(before + 4) == before + 4
     assert postfix.wait_queue_empty()["deferred"] == 0
+
+
+def test_one_mailbox_spelled_many_ways_is_one_budget(postfix: Postfix) -> None:
+    """Postfix hands the milter the address as the client spelled it (quoted, escaped, source-routed),
+    but delivers every spelling to one mailbox: one budget for all of them. (Raw commands: smtplib
+    would unquote the addresses itself.)"""
+    spellings = ['"spelled"@test.example', '"sp\\elled"@test.example', "SPELLED@test.example",
+                 "@relay.example:spelled@test.example", "spelled@test.example"]
+    codes = []
+    for i, rcpt in enumerate(spellings):
+        with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as c:
+            c.ehlo("client.example")
+            assert c.docmd(f"MAIL FROM:<s{i}@sender.example>")[0] == 250
+            code, text = c.docmd(f"RCPT TO:<{rcpt}>")
+            codes.append((code, text.split(b" ")[0] if code != 250 else b""))
+            if code == 250:
+                assert c.data(f"Subject: spelled {i}\r\n\r\nbody\r\n".encode())[0] == 250
+    assert codes == [(250, b"")] * 3 + [(451, b"4.7.1")] * 2, list(zip(spellings, codes, strict=True))
 
 
 def test_quarantine_in_store_is_discarded_by_postfix(postfix: Postfix, sink: SmtpSink, guard: Guard) -> None:

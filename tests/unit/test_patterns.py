@@ -63,6 +63,14 @@ async def test_all_given_matchers_must_match() -> None:
         assert r.verdict is None and not r.hits, change
 
 
+@pytest.mark.parametrize("spelling", ['"info"@example.org', '"in\\fo"@example.org', "@relay.example:info@example.org",
+                                      "<INFO@example.org>"])
+async def test_address_patterns_see_the_mailbox_however_it_is_spelled(spelling: str) -> None:
+    rule = {"name": "r", "sender": "^info@example\\.org$", "recipient": "^info@example\\.org$"}
+    r = await PatternCheck().on_message(ctx(MINI, policy(rule), sender=spelling, rcpts=("bob@x.example", spelling)))
+    assert r.verdict is not None and r.hits[0].detail == "sender+recipient"
+
+
 async def test_missing_header_does_not_match() -> None:
     r = await PatternCheck().on_message(ctx(MINI, policy({"name": "r", "headers": {"X-Spam": "."}})))
     assert r.verdict is None

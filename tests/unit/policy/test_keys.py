@@ -57,3 +57,23 @@ def test_null_sender_skips_sender_keys_but_not_recipient_keys() -> None:
 def test_missing_facts_skip_the_rule() -> None:
     assert key_value("client_ip", txn(ip=None), "x@y") is None
     assert key_value("helo", txn(helo=""), "x@y") is None
+
+
+@pytest.mark.parametrize("spelling", [
+    "info@example.org", "<INFO@Example.ORG>", '"info"@example.org', '"in\\fo"@example.org',
+    '"\\i\\n\\f\\o"@example.org',
+    "<@relay.example:info@example.org>", "<@a.example,@[IPv6:::1]:Info@example.org>", "info@example.org.",
+])
+def test_one_mailbox_is_one_key_however_it_is_spelled(spelling: str) -> None:
+    """Exim delivers every one of these to info@ (checked against the real Exim): each spelling its
+    own key would give a flood to one address a budget per spelling, and a sender can spell it in
+    endless ways (backslashes, source routes)."""
+    assert key_value("recipient", txn(), spelling) == "info@example.org"
+    assert key_value("sender+sender_domain", txn(spelling), "x@y.example") == "info@example.org|example.org"
+
+
+def test_distinct_mailboxes_stay_distinct() -> None:
+    values = {key_value("recipient", txn(), r) for r in
+              ['"a b"@example.org', "ab@example.org", '"a@b"@example.org', "b@example.org", "info@example.net"]}
+    assert len(values) == 5
+    assert key_value("sender_domain", txn("postmaster"), "x@y.example") is None
