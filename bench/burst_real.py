@@ -44,7 +44,11 @@ COPIES = 100
 
 
 def shipped_policies() -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted((REPO / "policies").glob("*.yaml"))}
+    """As shipped, with the bulk senders' network where this bench's legitimate waves come from:
+    loopback, like every message here (the spam waves forge no bulk sender or trusted List-Id;
+    tests/integration/test_burst_proxy.py holds waves that do)."""
+    return {p.name: p.read_text().replace("    - 192.0.2.0/24\n", "    - 127.0.0.1/32\n")
+            for p in sorted((REPO / "policies").glob("*.yaml"))}
 
 
 def threshold() -> int:

@@ -372,19 +372,23 @@ def _conditions(loc: Loc, rule: RuleBase) -> list[tuple[Loc, Condition]]:
 
 
 HEADER_ONLY = ("any sender can write that header, so a wave carrying it would pass uncounted; exempt "
-               "configured senders instead (sender_in: bulk_senders, list_id_in: trusted_list_ids, "
-               "client_in, authenticated)")
+               "configured senders from their own networks instead ({sender_in: bulk_senders, "
+               "client_in: bulk_networks}, authenticated)")
+FORGEABLE = ("alone exempts mail by what its sender writes (an envelope sender or a List-Id, which anyone "
+             "can forge), so a wave forging one passes uncounted; add client_in (the networks that mail "
+             "comes from) or authenticated: true to the same condition")
 
 
 def _warnings(doc: _Doc) -> list[PolicyIssue]:
-    """Burst rules that ask for an exemption a header alone buys (docs/policy.md#bursts says why)."""
+    """Burst and rate-limit rules that ask for an exemption a sender can buy by writing a header
+    or an envelope sender (docs/policy.md#bursts says why)."""
     out = []
     for loc, rule in doc.rules:
-        if not isinstance(rule, BurstRule):
+        if not isinstance(rule, BurstRule | RateLimitRule):
             continue
         for flag, what in (("exempt_list_traffic", "List-Id/List-Unsubscribe"),
                            ("exempt_replies", "In-Reply-To/References")):
-            if getattr(rule, flag):
+            if getattr(rule, flag, False):
                 out.append(doc.issue((*loc, flag), f"warning: {_path((*loc, flag))}: true exempts every message "
                                                    f"with {what}: {HEADER_ONLY}"))
         for cloc, cond in _conditions(loc, rule):
@@ -394,6 +398,11 @@ def _warnings(doc: _Doc) -> list[PolicyIssue]:
                 if value is not None and value == skips_when:
                     out.append(doc.issue((*cloc, key), f"warning: {_path((*cloc, key))}: {str(value).lower()} "
                                                        f"exempts messages by a header: {HEADER_ONLY}"))
+            vouched = any(c is not None and (c.client_in is not None or c.authenticated is True)
+                          for c in (cond, rule.only))
+            if skips_when and not vouched:
+                out.extend(doc.issue((*cloc, key), f"warning: {_path((*cloc, key))} {FORGEABLE}")
+                           for key in ("sender_in", "list_id_in") if getattr(cond, key) is not None)
     return out
 
 

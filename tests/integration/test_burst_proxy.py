@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import smtplib
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,35 @@ def test_wave_through_proxy_then_release_and_purge(tmp_path: Path) -> None:
         out = quarantine_cli(guard, "purge", "--older-than", "0s", "--rule", "same-message-wave")
         assert "purged 7 message(s)" in out.stdout
         assert store.list() == []
+
+
+def test_a_wave_forging_a_bulk_sender_or_a_trusted_list_is_held() -> None:
+    """The shipped policy exempts its bulk senders and trusted lists from same-body-wave only from
+    their own networks (here the list server is 127.0.0.2). The same envelope sender or List-Id
+    written into a wave that comes from anywhere else is what a spammer forges: counted and held."""
+    shipped = (REPO / "policies" / "default.yaml").read_text()
+    assert "    - 192.0.2.0/24\n" in shipped
+    policy = shipped.replace("    - 192.0.2.0/24\n", "    - 127.0.0.2/32\n")
+    copies, threshold = 50, 40
+    list_id = b"List-Id: News <news.lists.example.org>\r\n"
+    waves = {
+        "real bulk sender": ("127.0.0.2", "news@lists.example.org", b""),
+        "real trusted list": ("127.0.0.2", "news@mailer.example.net", list_id),
+        "forged bulk sender": ("127.0.0.3", "news@lists.example.org", b""),
+        "forged trusted List-Id": ("127.0.0.3", "news@mailer.example.net", list_id),
+    }
+    held: dict[str, int] = {}
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]},
+                                        {"default.yaml": policy}) as guard:
+        for seed, (what, (source, sender, header)) in enumerate(waves.items()):
+            held[what] = 0
+            with smtplib.SMTP("127.0.0.1", guard.port, timeout=30, source_address=(source, 0)) as c:
+                c.ehlo("client.test")
+                for i, sample in enumerate(campaign(random.Random(100 + seed), f"wave-{seed}", copies)):
+                    # one recipient each: the flood-to-one-address limit is not what this is about
+                    assert c.mail(sender)[0] == 250 and c.rcpt(f"user{i}@example.org")[0] == 250
+                    code, text = c.data(header + sample.raw)
+                    assert code == 250, text
+                    held[what] += b"quarantined as" in text
+    assert held == {"real bulk sender": 0, "real trusted list": 0, "forged bulk sender": copies - threshold,
+                    "forged trusted List-Id": copies - threshold}, held

@@ -305,19 +305,43 @@ def test_header_only_exemptions_load_with_a_warning_each(tmp_path: Path, capsys:
                                    "    unless:\n      - {list_traffic: true}\n      - {sender_in: [x.example]}\n"
                                    "    only: {reply: false}\n")
     _, warnings = load_policy_dir_warned(tmp_path)
-    where = [(w.line, w.message.split(":")[1].strip()) for w in warnings]
+    where = [(w.line, w.message.split(":")[1].strip().split()[0]) for w in warnings]
     assert where == [(4, "bursts[0].exempt_list_traffic"), (5, "bursts[0].exempt_replies"),
-                     (9, "bursts[0].only.reply"), (7, "bursts[0].unless[0].list_traffic")]
+                     (9, "bursts[0].only.reply"), (7, "bursts[0].unless[0].list_traffic"),
+                     (8, "bursts[0].unless[1].sender_in")]
     assert all(w.message.startswith("warning: ") and "any sender can write that header" in w.message
-               for w in warnings)
+               for w in warnings[:4])
     assert run_check(None, tmp_path) == 0  # still a valid policy: check warns, exits 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 5 and out[-1].endswith("1 burst, 0 patterns, 4 warnings; settings: defaults (no --settings)")
+    assert len(out) == 6 and out[-1].endswith("1 burst, 0 patterns, 5 warnings; settings: defaults (no --settings)")
+
+
+@pytest.mark.parametrize(("kind", "unless", "only", "warned"), [
+    ("burst", "{sender_in: [x.example]}", None, ["sender_in"]),
+    ("burst", "{list_id_in: [lists.x.example]}", None, ["list_id_in"]),
+    ("burst", "{sender_in: [x.example], list_id_in: [lists.x.example]}", None, ["sender_in", "list_id_in"]),
+    ("burst", "{sender_in: [x.example], client_in: [192.0.2.0/24]}", None, []),
+    ("burst", "{list_id_in: [lists.x.example], authenticated: true}", None, []),
+    ("burst", "{sender_in: [x.example], authenticated: false}", None, ["sender_in"]),
+    ("rate", "{sender_in: [x.example]}", None, ["sender_in"]),
+    ("rate", "{sender_in: [x.example]}", "{authenticated: true}", []),
+    ("rate", "{sender_in: [x.example]}", "{client_in: [10.0.0.0/8]}", []),
+])
+def test_exemptions_a_sender_can_forge_warn(tmp_path: Path, kind: str, unless: str, only: str | None,
+                                            warned: list[str]) -> None:
+    """An envelope sender or a List-Id is what the spammer writes: an exemption by either alone hands
+    a wave that forges it a free pass, unless the client (its network, its authentication) vouches."""
+    write(tmp_path, a_yaml=(BURST if kind == "burst" else RULE) + f"    unless: {unless}\n"
+          + (f"    only: {only}\n" if only else ""))
+    _, warnings = load_policy_dir_warned(tmp_path)
+    assert [w.message.split(":")[1].split()[0].rpartition(".")[2] for w in warnings] == warned
+    assert all("anyone can forge" in w.message for w in warnings)
 
 
 def test_configured_exemptions_and_header_conditions_that_judge_nothing_away_do_not_warn(tmp_path: Path) -> None:
     write(tmp_path, a_yaml="lists:\n  trusted: [lists.example.org]\n" + BURST
-          + "    unless: [{list_id_in: trusted}, {authenticated: true}]\n    only: {list_traffic: true}\n")
+          + "    unless: [{list_id_in: trusted, client_in: [192.0.2.0/24]}, {authenticated: true}]\n"
+          + "    only: {list_traffic: true}\n")
     assert load_policy_dir_warned(tmp_path)[1] == []
 
 
