@@ -24,6 +24,7 @@ from queueguard.burst.check import BurstCheck
 from queueguard.connlimits import ConnectionLimits
 from queueguard.frontends.base import Frontend
 from queueguard.frontends.smtp_proxy import SmtpProxy
+from queueguard.host_counts import HostCounts
 from queueguard.logging_setup import configure
 from queueguard.patterns import PatternCheck
 from queueguard.pipeline import Pipeline
@@ -47,6 +48,7 @@ from queueguard.workers import (
     WorkerId,
     beat,
     current_worker,
+    host_counts_file,
     inherited_socket,
     supervise,
 )
@@ -146,6 +148,14 @@ def _writable(directory: Path) -> None:
         raise StartupError(f"quarantine directory {directory} is not writable: {e.strerror or e}") from e
 
 
+def _host_counts(worker: WorkerId | None) -> HostCounts | None:
+    """A worker counts its connections in the table every worker of the host maps."""
+    run_dir = os.environ.get(ENV_RUN_DIR)
+    if worker is None or not run_dir:
+        return None
+    return HostCounts(host_counts_file(Path(run_dir)), worker.index)
+
+
 def build(settings: Settings, processes: int = 1) -> App:
     """Construct the components; nothing listens yet. `processes`: the worker processes of this
     host, which split its per-host bounds (the scan limits: clamd is one per host)."""
@@ -179,7 +189,7 @@ def build(settings: Settings, processes: int = 1) -> App:
             min_free_inodes=settings.quarantine.min_free_inodes),
         ratelimit=ratelimit, bursts=BurstCheck.from_settings(settings, ratelimit.members),
         patterns=PatternCheck(), admission=Admission(governor),
-        connections=ConnectionLimits(),
+        connections=ConnectionLimits(host=_host_counts(current_worker())),
         scan=scan, queuewatch=queuewatch, publisher=publisher,
     )
 

@@ -7,9 +7,11 @@ rate limit is ever asked. At connect time (before the greeting):
   open connections from its /24 (v4) or /64   > connections.max_per_network  -> 421 4.7.0
   new connections from its address too fast   > connections.rate_per_ip      -> 421 4.7.0
 Clients matching `connections.unless` (e.g. the trusted networks) are never
-limited. Counts are per process and kept only for open connections (and,
-for the rate, one GCRA time per address, dropped once idle), so memory stays
-bounded by what is connected.
+limited. Open connections are counted for the host: with `workers: N` every
+worker adds its own to one mapped table (host_counts.py), since the kernel
+spreads one client's connections over all of them. The rate is per process
+(one GCRA time per address, dropped once idle). Memory stays bounded by what
+is connected.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from queueguard import metrics
+from queueguard.host_counts import HostCounts
 from queueguard.model import Connection, IPAddress, RuleHit
 from queueguard.policy.match import compiled
 from queueguard.policy.schema import ConnectionsPolicy, Policy
@@ -45,6 +48,8 @@ class ConnectionLimits:
     """A ConnectCheck (queueguard/stage.py) with `on_disconnect` to give the place back."""
 
     clock: Callable[[], float] = time.monotonic
+    host: HostCounts | None = None
+    """The counts of every worker of this host; None when this process serves alone."""
     name: str = "connection"
     per_ip: dict[str, int] = field(default_factory=dict)
     per_network: dict[str, int] = field(default_factory=dict)
@@ -62,6 +67,9 @@ class ConnectionLimits:
             return StageResult([RuleHit(why, "connection", "tempfail", detail=f"{address} ({network})")])
         self.per_ip[address] = self.per_ip.get(address, 0) + 1
         self.per_network[network] = self.per_network.get(network, 0) + 1
+        if self.host is not None:
+            self.host.add(f"ip:{address}", 1)
+            self.host.add(f"net:{network}", 1)
         self._open[conn.id] = _Open(address, network)
         return NOTHING
 
@@ -69,6 +77,9 @@ class ConnectionLimits:
         counted = self._open.pop(conn.id, None)
         if counted is None:
             return
+        if self.host is not None:
+            self.host.add(f"ip:{counted.ip}", -1)
+            self.host.add(f"net:{counted.network}", -1)
         for table, key in ((self.per_ip, counted.ip), (self.per_network, counted.network)):
             left = table[key] - 1
             if left:
@@ -82,10 +93,14 @@ class ConnectionLimits:
             return False
         return compiled(policy).nets(unless.client_in)(conn.client_ip)
 
+    def _open_now(self, table: dict[str, int], kind: str, key: str) -> int:
+        return table.get(key, 0) if self.host is None else self.host.get(f"{kind}:{key}")
+
     def _over(self, limits: ConnectionsPolicy, address: str, network: str) -> str | None:
-        if limits.max_per_ip is not None and self.per_ip.get(address, 0) >= limits.max_per_ip:
+        if limits.max_per_ip is not None and self._open_now(self.per_ip, "ip", address) >= limits.max_per_ip:
             return "per_ip"
-        if limits.max_per_network is not None and self.per_network.get(network, 0) >= limits.max_per_network:
+        if (limits.max_per_network is not None
+                and self._open_now(self.per_network, "net", network) >= limits.max_per_network):
             return "per_network"
         if limits.rate_per_ip is not None:
             limit = Limit(limits.rate_per_ip.period / limits.rate_per_ip.count, limits.rate_per_ip.count)

@@ -8,7 +8,7 @@ otherwise). The main process does no mail itself:
 
 - starts N workers with QUEUEGUARD_WORKER=i/N, PROMETHEUS_MULTIPROC_DIR (so any
   worker's /metrics answers for all) and QUEUEGUARD_RUN_DIR (ready and
-  heartbeat files);
+  heartbeat files, and the host's connection counts: host_counts.py);
 - says READY=1 to systemd once every worker listens, and pings systemd's
   watchdog while it supervises: the watchdog covers the whole set, because a
   worker whose event loop hangs stops beating and is killed and restarted;
@@ -45,6 +45,7 @@ from pathlib import Path
 import yaml
 
 from queueguard import sdnotify
+from queueguard.host_counts import HostCounts
 from queueguard.settings import Settings
 
 log = logging.getLogger("queueguard.workers")
@@ -88,6 +89,11 @@ def inherited_socket(name: str, environ: dict[str, str] | None = None) -> socket
         if key == name and fd.isdigit():
             return socket.socket(fileno=int(fd))
     return None
+
+
+def host_counts_file(run_dir: Path) -> Path:
+    """The connection counts every worker maps (host_counts.py)."""
+    return run_dir / "connections"
 
 
 def ready_file(run_dir: Path, index: int) -> Path:
@@ -177,6 +183,7 @@ async def supervise(settings: Settings, count: int, shared: dict[str, socket.soc
 
     run_dir = Path(tempfile.mkdtemp(prefix="queueguard-workers-"))
     (run_dir / "metrics").mkdir()
+    HostCounts.create(host_counts_file(run_dir), count)
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env.update({"PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"), ENV_RUN_DIR: str(run_dir),
                 ENV_SUPERVISOR: str(os.getpid()),

@@ -27,8 +27,6 @@ WAVE_STEP = 5
 """Every 5th campaign by size: 8 waves from the largest (17 variants) to the smallest (5)."""
 HAM_STEP = 4
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def corpus() -> tuple[list[list[sa.Mail]], list[sa.Mail], list[sa.Mail]]:

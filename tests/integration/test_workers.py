@@ -291,3 +291,34 @@ def test_every_worker_answers_the_policy_socket(redis: RedisServer, tmp_path: Pa
         code = guard.stop(timeout=60)
     assert code == 0
     assert not sock.exists(), "the supervisor removes the socket it made"
+
+
+def test_connection_limits_count_a_client_over_every_worker(redis: RedisServer) -> None:
+    """The kernel spreads one client's connections over the workers: counted per worker, a client
+    held `max_per_ip` open on each (twice the limit with two). Counted for the host: exactly the limit."""
+    policy = "connections:\n  max_per_ip: 6\n  max_per_network: 100\n"
+    with RecordingSink() as sink, Guard({"workers": 2, "state": redis.url,
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]},
+                                        {"connections.yaml": policy}) as guard, contextlib.ExitStack() as held:
+        assert guard.proc is not None
+        wait_for("two workers", lambda: len(children(guard.proc.pid)) == 2)
+        lines = []
+        for _ in range(16):
+            s = socket.create_connection(("127.0.0.1", guard.port), source_address=("127.0.0.9", 0), timeout=10)
+            held.callback(s.close)
+            lines.append(s.makefile("rb").readline())
+        assert sum(line.startswith(b"220 ") for line in lines) == 6, lines
+        assert sum(line.startswith(b"421 4.7.0 Too many connections") for line in lines) == 10, lines
+        seen: set[str] = set()
+        wait_for("both workers answering", lambda: seen.add(status(guard)["worker"]) or seen == {"0/2", "1/2"})
+        held.close()
+        deadline = time.monotonic() + 10
+        while True:  # the places come back once the workers have seen the connections close
+            try:
+                with smtplib.SMTP("127.0.0.1", guard.port, source_address=("127.0.0.9", 0), timeout=10) as c:
+                    assert c.sendmail("a@client.example", ["bob@test.example"], b"Subject: back\r\n\r\nx\r\n") == {}
+                break
+            except smtplib.SMTPConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert sink.wait_count(1) == 1

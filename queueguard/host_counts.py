@@ -1,0 +1,70 @@
+"""Open-connection counts shared by the worker processes of one host, in one mapped file.
+
+With `workers: N` the kernel spreads one client's connections over every worker, so limits
+counted per process (connlimits.py) let a client hold N times `max_per_ip` open. Here every
+worker maps the same file, written by the supervisor before any worker starts: one row per
+worker, and each worker writes only its own row (no locks; a 32-bit aligned store is atomic),
+while a count is the sum over all rows. A worker that dies takes its connections with it, and
+its successor zeroes the row before it accepts anything, so nothing leaks.
+
+Keys are not stored: each row is a count-min sketch, DEPTH arrays of WIDTH counters, a key
+counted in one counter per array, read as the smallest sum. Collisions can only add (a client
+looks busier, never idler), and reaching a limit by collision needs other clients' connections
+in the same counter of every array at once, under a hash keyed with a per-host random salt that
+senders cannot aim at. 2 x 65,536 counters x 4 bytes: 512 KiB per worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import secrets
+from pathlib import Path
+
+DEPTH = 2
+WIDTH = 1 << 16
+SALT = 16
+ROW = DEPTH * WIDTH * 4
+
+
+class HostCounts:
+    """This worker's view of the host's counts: `add` to its own row, `get` over all rows."""
+
+    def __init__(self, path: Path, index: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+        self._salt = bytes(self._map[:SALT])
+        self._rows = (len(self._map) - SALT) // ROW
+        if not 0 <= index < self._rows:
+            raise ValueError(f"worker {index} has no row in {path} ({self._rows} rows)")
+        self._counts = memoryview(self._map)[SALT:].cast("i")
+        self._own = index * DEPTH * WIDTH
+        self._counts[self._own:self._own + DEPTH * WIDTH] = memoryview(bytes(ROW)).cast("i")
+
+    @staticmethod
+    def create(path: Path, workers: int) -> Path:
+        """The zeroed file for `workers` rows, with a fresh salt (by the supervisor, before any worker)."""
+        with open(path, "wb") as f:
+            f.write(secrets.token_bytes(SALT))
+            f.truncate(SALT + workers * ROW)
+        return path
+
+    def _slots(self, key: str) -> tuple[int, ...]:
+        digest = hashlib.blake2b(key.encode(), digest_size=4 * DEPTH, key=self._salt).digest()
+        return tuple(d * WIDTH + int.from_bytes(digest[4 * d:4 * d + 4], "little") % WIDTH for d in range(DEPTH))
+
+    def add(self, key: str, delta: int) -> None:
+        for slot in self._slots(key):
+            self._counts[self._own + slot] += delta
+
+    def get(self, key: str) -> int:
+        step = DEPTH * WIDTH
+        return min(sum(self._counts[row * step + slot] for row in range(self._rows)) for slot in self._slots(key))
+
+    def close(self) -> None:
+        self._counts.release()
+        self._map.close()
