@@ -191,7 +191,11 @@ class RateLimitCheck:
         await self._refund(refunds if passed else refunds + kept, held.on_error)
 
     async def _reserve(self, store: RateStore, asks: Sequence[Ask], now: float) -> Reservation:
-        """The shared store's answers keep this process's mirror warm for an outage."""
+        """The shared store's answers keep this process's mirror warm for an outage, and the mirror
+        is each key's floor there (Ask.floor: a Redis that lost the key starts from it)."""
+        if self.local is not None and store is self.state.shared:
+            mirror = self.local.mirror
+            asks = [Ask(a.key, a.limit, a.gate, mirror.get(a.key)) for a in asks]
         result = await store.reserve(asks, now)
         self._observe(store, [a.key for a in asks], result.tats, now)
         return result

@@ -6,10 +6,14 @@
 -- is operation i, its words separated by spaces; KEYS are the operations' keys, in order. The
 -- script runs atomically, so each decision is too: nothing else happens between its check and
 -- its update. Operations ("op now n" then n groups of numbers, one group per key):
---   r now n {interval tolerance gate}  reserve: unless a gate key (gate 1: being over this limit
---       refuses the recipient) is over its limit, every key takes one event. Reply
+--   r now n {interval tolerance gate floor}  reserve: unless a gate key (gate 1: being over this
+--       limit refuses the recipient) is over its limit, every key takes one event. A key this
+--       Redis has no entry for starts from `floor` (the TAT the caller last saw here; 0: none), so
+--       a Redis that restarted empty or evicted the key does not hand out a fresh burst. Reply
 --       "reserved(1/0) tat wait tat wait ..." (tat 0: none; wait 0: within the limit).
 --   f now n {interval}  refund: one event back if the TAT is still ahead. Reply "tat tat ...".
+--       A refund that leaves nothing ahead keeps the key, at 0, for as long as its old TAT was
+--       ahead: other hosts may still hold that TAT as their floor, and must not put it back.
 --   c now n {floor increment}  reconcile: tat = max(tat, now, floor) + increment (what a host
 --       admitted while it could not reach this Redis). Reply "tat tat ...".
 -- The reply is one string, operation i's answer on line i.
@@ -22,8 +26,10 @@ local function store(key, tat, now)
   end
 end
 
-local function current(key, now)
-  local tat = tonumber(redis.call('GET', key)) or now
+local function current(key, now, floor)
+  local stored = redis.call('GET', key)
+  local tat = tonumber(stored) or now
+  if not stored and floor and floor > tat then tat = floor end
   if tat < now then tat = now end
   return tat
 end
@@ -37,8 +43,8 @@ for i, spec in ipairs(ARGV) do
   if op == 'r' then
     local tats, waits, blocked = {}, {}, false
     for j = 1, n do
-      local b = 3 * j + 1
-      local tat = current(KEYS[k + j], now)
+      local b = 4 * j
+      local tat = current(KEYS[k + j], now, a[b + 3])
       local over = tat + a[b] - now - a[b + 1]
       if over > 0 then
         waits[j] = over
@@ -52,7 +58,7 @@ for i, spec in ipairs(ARGV) do
     for j = 1, n do
       local tat = tats[j]
       if not blocked then
-        tat = tat + a[3 * j + 1]
+        tat = tat + a[4 * j]
         store(KEYS[k + j], tat, now)
       elseif tat <= now then
         tat = 0
@@ -65,8 +71,13 @@ for i, spec in ipairs(ARGV) do
       local key = KEYS[k + j]
       local tat = tonumber(redis.call('GET', key)) or 0
       if tat > now then
+        local before = tat
         tat = tat - a[3 + j]
-        store(key, tat, now)
+        if tat > now then
+          store(key, tat, now)
+        else
+          redis.call('SET', key, '0', 'PX', math.floor((before - now) / 1000) + 1000)
+        end
       end
       if tat <= now then tat = 0 end
       out[j] = string.format('%d', tat)

@@ -87,6 +87,10 @@ class Ask:
     key: str
     limit: Limit
     gate: bool = True
+    floor: float | None = None
+    """The TAT this process last saw for the key in the shared store. A shared store that has no
+    entry for the key at all (restarted empty, or evicted it) starts from here, not from a fresh
+    burst; one that has an entry, even one lowered by another host's refund, keeps its own."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ what gets one process past 20,000 decisions/s (docs/benchmarks.md), where a comm
 spends most of its time in redis-py's packing and parsing.
 
 Values are microseconds since the epoch; keys carry a TTL so Redis forgets idle keys by itself.
+Each reservation carries the key's TAT as the caller last saw it here (Ask.floor, from its mirror):
+a Redis with no entry for the key (restarted empty, failed over to a replica that missed the last
+writes, or evicted it) starts from that rather than a fresh burst.
 Times come from the caller's clock (hosts are NTP-synced; a few ms of skew is small against
 intervals of seconds). A call's keys must live on one server: one Redis or one Sentinel-managed
 master, not a Cluster.
@@ -61,8 +64,8 @@ class RedisStore:
     async def reserve(self, asks: Sequence[Ask], now: float) -> Reservation:
         if not asks:
             return Reservation(True, [], [])
-        groups = " ".join(f"{max(1, _us(a.limit.interval))} {_us(a.limit.tolerance)} {1 if a.gate else 0}"
-                          for a in asks)
+        groups = " ".join(f"{max(1, _us(a.limit.interval))} {_us(a.limit.tolerance)} {1 if a.gate else 0} "
+                          f"{_us(a.floor or 0.0)}" for a in asks)
         out = await self._call([a.key for a in asks], f"r {_us(now)} {len(asks)} {groups}")
         return Reservation(out[0] == 1, [_tat(out[2 * i + 1]) for i in range(len(asks))],
                            [out[2 * i + 2] / US for i in range(len(asks))])

@@ -192,3 +192,39 @@ async def test_redis_hanging_times_out_into_the_fallback(redis_server: RedisServ
     finally:
         redis_server.resume()
     await check.close()
+
+
+async def test_a_redis_that_lost_a_key_starts_it_from_the_floor_and_a_refund_is_not_undone(
+        redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    now, limit = time.time(), Limit(10.0, 3)  # a burst of 3: 20 s of tolerance
+    gone = await store.reserve([Ask("lost", limit, floor=now + 25.0)], now)  # Redis has no entry
+    assert gone.reserved is False and gone.waits[0] > 0 and await store.client.get("qg:rl:lost") is None
+    kept = await store.reserve([Ask("fresh", limit)], now)
+    assert kept.reserved and kept.tats[0] == pytest.approx(now + 10.0)
+    # an entry Redis has wins over a caller's floor, even one another host's refund lowered to zero
+    assert (await store.refund([("fresh", 10.0)], now)) == [None]
+    again = await store.reserve([Ask("fresh", limit, floor=now + 10.0)], now)
+    assert again.reserved and again.tats[0] == pytest.approx(now + 10.0)
+    await store.close()
+
+
+async def test_a_key_spent_before_redis_restarted_empty_stays_spent(redis_server: RedisServer) -> None:
+    """info@ used up its limit; Redis crashes and comes back empty (no persistence) and info@ is not
+    asked for during the outage, so nothing about it is owed. Without floors the empty Redis gave it
+    a fresh burst; with the mirror's TAT as its floor it goes on from where it stood."""
+    clock = Clock()
+    store = RedisStore(redis_server.url)
+    check = RateLimitCheck(store, clock=clock, retry_after=5.0, fallback=MemoryStore(10_000))
+    codes = [(await message(check, "info@example.org", sender=f"s{i}@x.example"))[0] for i in range(4)]
+    assert codes == [250, 250, 250, 451]
+    redis_server.kill()
+    assert await message(check, "sales@example.org") == [250]  # fails over to the mirror
+    assert metrics.state_fallback_active.labels("ratelimit")._value.get() == 1
+    redis_server.start()  # empty
+    clock.t += 5
+    assert await message(check, "bob@example.org") == [250]
+    assert metrics.state_fallback_active.labels("ratelimit")._value.get() == 0
+    assert await message(check, "info@example.org", sender="after@x.example") == [451]
+    assert await store.client.get("qg:rl:flood:info@example.org") is None  # refused: nothing stored
+    await check.close()
