@@ -148,16 +148,17 @@ class BurstCheck:
         return counts[best], keys[best], None
 
     async def _link(self, window: WindowCounter, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
-        """The shared window's answers keep this process's mirror warm for an outage."""
+        """The shared window's answers keep this process's mirror warm for an outage, and the mirror
+        stands in for what the shared window forgot (window.WindowShare)."""
         campaign = await window.link(scope, seen, period, now)
         if self.share is not None and window is self.state.shared:
-            self.share.observe_link(scope, seen, period, now, campaign)
+            return self.share.observe_link(scope, seen, period, now, campaign)
         return campaign
 
     async def _add(self, window: WindowCounter, keys: list[str], period: float, now: float) -> list[int]:
         counts = await window.add(keys, period, now)
         if self.share is not None and window is self.state.shared:
-            self.share.observe(keys, counts, period, now)
+            return self.share.observe(keys, counts, period, now)
         return counts
 
     def _track(self, rule: BurstRule, key: str, count: int, now: float) -> None:

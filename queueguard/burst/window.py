@@ -264,6 +264,27 @@ class MemoryWindow:
     async def link(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
         return self.link_now(scope, seen, period, now)
 
+    def known(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign | None:
+        """The live campaign a copy of this message's variant is in here, without counting it."""
+        horizon = now - period
+        best: _Campaign | None = None
+        for key in seen.variant_keys:
+            for vid in self._links.get(hash((scope, key)), ()):
+                v = self._variants.get(vid)
+                if v is None or v.last < horizon or verdict(seen.signature, v.signature) not in (TEXT, SHAPE):
+                    continue
+                camp = self._root(v.campaign)
+                if camp is not None and camp.last >= horizon and (best is None or camp.first < best.first):
+                    best = camp
+        if best is None:
+            return None
+        return Campaign(best.id, best.first, window_sum(best.buckets, now, period), best.variants,
+                        tuple(sorted(best.signals)))
+
+    def counts(self, keys: Sequence[str], period: float, now: float) -> list[int]:
+        """Each key's count in the window ending now, without counting anything."""
+        return [window_sum(self._keys[k], now, period) if k in self._keys else 0 for k in keys]
+
     def adopt(self, scope: str, seen: Sighting, period: float, now: float, shared: Campaign) -> None:
         """Link the message here as well, and make the campaign it joins the shared one: its id,
         first sight, variants, signals and count. Later copies linked here (during an outage) then
@@ -295,23 +316,42 @@ class WindowShare:
     `hosts()` times (the processes that shared the store, as last counted:
     shared_state.Membership): a wave is spread over them, so together they hold it at about the
     threshold one would. What was counted during the outage is not added to the shared store
-    when it answers again; its counts go on from where they stood.
+    when it answers again; its counts go on from where they stood. A shared store that answers
+    but has forgotten a wave the mirror knows (restarted empty) is outvoted by the mirror
+    (`observe`, `observe_link`) until its own count overtakes it.
     """
 
     def __init__(self, mirror: MemoryWindow, hosts: Callable[[], int] = lambda: 1) -> None:
         self.mirror = mirror
         self.hosts = hosts
 
-    def observe(self, keys: Sequence[str], counts: Sequence[int], period: float, now: float) -> None:
-        """The shared window's counts for these keys."""
-        waves = [(k, c) for k, c in zip(keys, counts, strict=True) if c >= MIRROR_FROM]
-        if waves:
-            self.mirror.set_counts([k for k, _ in waves], [c for _, c in waves], period, now)
+    def observe(self, keys: Sequence[str], counts: Sequence[int], period: float, now: float) -> list[int]:
+        """The shared window's counts for these keys (this message counted); the counts to judge by.
 
-    def observe_link(self, scope: str, seen: Sighting, period: float, now: float, shared: Campaign) -> None:
-        """The shared window linked this message into `shared`."""
+        The mirror holds what the shared window last said, so a wave key it knows at least as high
+        as the shared window now does is one the shared window forgot (Redis restarted empty, or a
+        replica that missed writes took over): it counts on from the mirror, as in an outage."""
+        known = self.mirror.counts(keys, period, now)
+        answer = [max(c, m + 1) if m >= MIRROR_FROM else c for c, m in zip(counts, known, strict=True)]
+        waves = [(k, a) for k, a in zip(keys, answer, strict=True) if a >= MIRROR_FROM]
+        if waves:
+            self.mirror.set_counts([k for k, _ in waves], [a for _, a in waves], period, now)
+        return answer
+
+    def observe_link(self, scope: str, seen: Sighting, period: float, now: float, shared: Campaign) -> Campaign:
+        """The shared window linked this message into `shared`; the campaign to judge by.
+
+        A wave the mirror saw under way, older and larger than the campaign the shared window now
+        puts the message in, is one the shared window forgot: the message counts on in the mirror's
+        campaign (its id is the one the wave's quarantined copies carry), until the shared
+        window's own count of the wave overtakes it."""
+        known = self.mirror.known(scope, seen, period, now)
+        if known is not None and known.id != shared.id and known.first_seen <= shared.first_seen \
+                and known.count >= shared.count:
+            return self.mirror.link_now(scope, seen, period, now)
         if shared.count >= MIRROR_FROM:
             self.mirror.adopt(scope, seen, period, now, shared)
+        return shared
 
     async def add(self, keys: Sequence[str], period: float, now: float) -> list[int]:
         return self.mirror.add_now(keys, period, now, step=max(1, self.hosts()))

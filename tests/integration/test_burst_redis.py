@@ -157,3 +157,44 @@ def test_two_guards_keep_holding_a_wave_when_redis_is_killed(redis_server: Redis
     entries = [QuarantineStore(g.dir / "quarantine").get(q) for g in guards for q in (*before, *during) if q]
     found = [e for e in entries if e is not None]
     assert len(found) == 16 and len({e.campaign for e in found}) == 1, {e.campaign for e in found}
+
+
+def test_two_guards_keep_holding_a_wave_when_redis_comes_back_empty(redis_server: RedisServer) -> None:
+    """Redis crashes mid-wave and comes back empty (no persistence) before the wave is over. Redis
+    then puts the next copies in a new campaign counted from one; each guard's mirror knows the wave
+    was past its threshold and goes on from there, under the campaign id its held copies carry.
+    Before, 8 more copies passed (the threshold again, counted from zero for both guards)."""
+    copies = [c.raw for c in campaign(random.Random(13), "c", 26)]
+    wave = "bursts:\n  - name: wave\n    threshold: 8 in 1h\n    action: quarantine\n"
+
+    def held(s: Sent) -> str | None:
+        assert s.data is not None and s.data[0] == 250, s.data
+        m = re.search(r"quarantined as (\w+)", s.data[1])
+        return m.group(1) if m else None
+
+    with RecordingSink() as sink, contextlib.ExitStack() as stack:
+        settings = {"downstreams": [{"address": f"127.0.0.1:{sink.port}"}], "state": redis_server.url}
+        a, b = (stack.enter_context(Guard(settings, {"bursts.yaml": wave})) for _ in range(2))
+        guards = (a, b)
+        before = [held(send(guards[n % 2].port, ["info@dest.example"], n, message=lambda n: copies[n]))
+                  for n in range(12)]
+        assert [q is not None for q in before] == [False] * 8 + [True] * 4
+
+        redis_server.kill()
+        redis_server.start()  # same port, empty
+        n = 12
+
+        def back_on_redis() -> bool:  # each guard asks Redis again 5 s after its failure
+            nonlocal n
+            held(send(guards[n % 2].port, ["info@dest.example"], n, message=lambda n: copies[n]))
+            n += 1
+            return all(g.metric("queueguard_state_fallback_active", component="burst") == 0 for g in guards) \
+                and n % 2 == 0
+        wait_for("both guards back on Redis", back_on_redis, timeout=30)
+        after = [held(send(guards[k % 2].port, ["info@dest.example"], k, message=lambda k: copies[k]))
+                 for k in range(n, n + 6)]
+        assert all(q is not None for q in after), after
+
+    assert sink.wait_count(8) == 8 and len(sink.received()) == 8
+    entries = [QuarantineStore(g.dir / "quarantine").get(q) for g in guards for q in (*before, *after) if q]
+    assert len({e.campaign for e in entries if e is not None}) == 1

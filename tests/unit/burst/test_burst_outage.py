@@ -119,3 +119,25 @@ async def test_the_mirror_counts_as_the_shared_window_did() -> None:
         counts = sorted(c.buckets and sum(c.buckets.values()) for c in check.share.mirror._campaigns.values()
                         if c.merged_into is None)
         assert counts[-1] in (6, 7)  # as of this process's last copy (its own copies: 3 or 4)
+
+
+async def test_a_shared_window_that_forgot_a_wave_is_outvoted_by_the_mirror() -> None:
+    """Redis restarted empty between two copies (it answers, so no outage is seen): its counts start
+    from one again, and without the mirror the wave would pass a whole threshold once more. Body
+    (campaigns: copies of a variant the mirror saw) and subject (keys) rules alike; the campaign id
+    stays the one the held copies carry."""
+    text = ("Dear customer, your parcel could not be delivered because the customs fee was not paid. "
+            "Pay the small fee today and the courier will bring the parcel tomorrow morning. "
+            "Follow the link below to choose a delivery slot and confirm your address details.")
+    for rule in ({}, {"fingerprint": "subject"}):
+        shared = SwitchedWindow()
+        checks = hosts(shared)
+        raws = [f"Subject: Your parcel {i} is waiting x{i}q\r\n\r\n{text} Ref {i * 7919}.\r\n".encode()
+                for i in range(16)]
+        before = await alternate(checks, raws[:8], **rule)
+        assert [f is not None for f in before] == [False] * 5 + [True] * 3, rule
+        shared.inner = MemoryWindow()  # what the restarted Redis knows: nothing
+        after = await alternate(checks, raws[8:], **rule)
+        assert all(f is not None for f in after), (rule, after)
+        if not rule:
+            assert {f["campaign"] for f in before + after if f} == {before[-1]["campaign"]}  # type: ignore[index]
