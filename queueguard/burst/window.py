@@ -268,8 +268,12 @@ class MemoryWindow:
         """The live campaign a copy of this message's variant is in here, without counting it."""
         horizon = now - period
         best: _Campaign | None = None
+        checked: set[str] = set()
         for key in seen.variant_keys:
             for vid in self._links.get(hash((scope, key)), ()):
+                if vid in checked:
+                    continue
+                checked.add(vid)
                 v = self._variants.get(vid)
                 if v is None or v.last < horizon or verdict(seen.signature, v.signature) not in (TEXT, SHAPE):
                     continue
