@@ -107,30 +107,59 @@ class RuleHit:
 
 
 _ROUTE = re.compile(r"@(?:\[[^\]]*\]|[^,:\[\]])*(?:,@(?:\[[^\]]*\]|[^,:\[\]])*)*:")
-_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_PLAIN = frozenset('"()\\ \t')
+
+
+def _unquote(text: str) -> str:
+    """RFC 5322 lexing of an address: comments `(..)` (nested) and whitespace outside quotes
+    dropped, quoted strings and backslash pairs reduced to what they quote."""
+    out: list[str] = []
+    depth, quoted, i = 0, False, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            if not depth:
+                out.append(text[i + 1])
+            i += 2
+            continue
+        if quoted:
+            if c == '"':
+                quoted = False
+            else:
+                out.append(c)
+        elif depth:
+            depth += (c == "(") - (c == ")")
+        elif c == '"':
+            quoted = True
+        elif c == "(":
+            depth = 1
+        elif c not in " \t":
+            out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def canonical_address(address: str) -> str:
-    """The mailbox an envelope address names, spelled one way: `<@relay:"In\\fo"@Example.ORG.>`
+    """The mailbox an envelope address names, spelled one way: `<@relay:"In\\fo"(x)@Example.ORG.>`
     -> `info@example.org`; the null sender -> ''.
 
-    RFC 5321 has a source route ignored and a quoted local part mean its content, and Exim
-    delivers all of `info@`, `"info"@`, `"in\\fo"@`, `INFO@` and `@any.relay:info@` to one mailbox:
-    a rate-limit key or a list entry that told them apart would give a flood as many budgets as
-    its sender can spell the address. (A trailing dot in the domain is stripped as Postfix does.)
+    RFC 5321 has a source route ignored and a quoted local part mean its content, and Exim and
+    Postfix deliver `info@`, `"info"@`, `"in\\fo"@`, `in\\fo@`, `info(x)@`, `INFO@` and
+    `@any.relay:info@` to one mailbox (Postfix hands a milter the address as the client wrote
+    it): a rate-limit key or a list entry that told them apart would give a flood as many budgets
+    as its sender can spell the address. (A trailing dot in the domain is stripped as Postfix does.)
     """
     a = address.strip().strip("<>").strip()
-    if '"' not in a and a[:1] != "@" and a[-1:] != ".":
-        return a.lower()  # the common case, without the regexes
+    if _PLAIN.isdisjoint(a) and a[:1] != "@" and a[-1:] != ".":
+        return a.lower()  # the common case, without the lexing
+    a = _unquote(a).strip("<>")
     route = _ROUTE.match(a)
     if route:
         a = a[route.end():]
     local, at, domain = a.rpartition("@")
     if not at:
-        local, domain = a, ""
-    if len(local) >= 2 and local[0] == local[-1] == '"':
-        local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
-    return f"{local}@{domain.rstrip('.')}".lower() if at else local.lower()
+        return a.lower()
+    return f"{local}@{domain.rstrip('.')}".lower()
 
 
 def domain_of(address: str) -> str:

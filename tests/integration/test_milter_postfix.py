@@ -110,11 +110,13 @@ def test_flood_is_deferred_per_recipient(postfix: Postfix, sink: SmtpSink) -> No
 
 
 def test_one_mailbox_spelled_many_ways_is_one_budget(postfix: Postfix) -> None:
-    """Postfix hands the milter the address as the client spelled it (quoted, escaped, source-routed),
+    """Postfix hands the milter the address as the client spelled it (quoted, escaped, commented,
+    source-routed),
     but delivers every spelling to one mailbox: one budget for all of them. (Raw commands: smtplib
     would unquote the addresses itself.)"""
     spellings = ['"spelled"@test.example', '"sp\\elled"@test.example', "SPELLED@test.example",
-                 "@relay.example:spelled@test.example", "spelled@test.example"]
+                 "@relay.example:spelled@test.example", "spelled(1)@test.example", "spel\\led@test.example",
+                 "spelled@(x)test.example", "spelled@test.example"]
     codes = []
     for i, rcpt in enumerate(spellings):
         with smtplib.SMTP("127.0.0.1", postfix.port, timeout=30) as c:
@@ -124,7 +126,7 @@ def test_one_mailbox_spelled_many_ways_is_one_budget(postfix: Postfix) -> None:
             codes.append((code, text.split(b" ")[0] if code != 250 else b""))
             if code == 250:
                 assert c.data(f"Subject: spelled {i}\r\n\r\nbody\r\n".encode())[0] == 250
-    assert codes == [(250, b"")] * 3 + [(451, b"4.7.1")] * 2, list(zip(spellings, codes, strict=True))
+    assert codes == [(250, b"")] * 3 + [(451, b"4.7.1")] * 5, list(zip(spellings, codes, strict=True))
 
 
 def test_quarantine_in_store_is_discarded_by_postfix(postfix: Postfix, sink: SmtpSink, guard: Guard) -> None:
