@@ -111,9 +111,8 @@ def test_flood_is_deferred_per_recipient(postfix: Postfix, sink: SmtpSink) -> No
 
 def test_one_mailbox_spelled_many_ways_is_one_budget(postfix: Postfix) -> None:
     """Postfix hands the milter the address as the client spelled it (quoted, escaped, commented,
-    source-routed),
-    but delivers every spelling to one mailbox: one budget for all of them. (Raw commands: smtplib
-    would unquote the addresses itself.)"""
+    source-routed), but delivers every spelling to one mailbox: one budget for all of them. (Raw
+    commands: smtplib would unquote the addresses itself.)"""
     spellings = ['"spelled"@test.example', '"sp\\elled"@test.example', "SPELLED@test.example",
                  "@relay.example:spelled@test.example", "spelled(1)@test.example", "spel\\led@test.example",
                  "spelled@(x)test.example", "spelled@test.example"]
