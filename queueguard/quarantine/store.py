@@ -311,10 +311,13 @@ class QuarantineStore:
             raise QuarantineError(f"quarantine index {self.index_path}: {e}") from e
 
     def _index(self, db: sqlite3.Connection, meta: dict[str, Any]) -> None:
+        """One row; the metadata as JSON (ASCII, so 8-bit envelope octets, which reach us as
+        surrogate escapes, survive exactly) and the sender column as valid UTF-8 (sqlite's text)."""
         released = meta.get("released")
+        sender = str(meta["envelope"]["sender"]).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         db.execute(
             "INSERT OR REPLACE INTO entries (id, time, size, sender, rule, released, meta) VALUES (?,?,?,?,?,?,?)",
-            (meta["id"], meta["time"], meta["size"], meta["envelope"]["sender"], meta.get("rule") or "",
+            (meta["id"], meta["time"], meta["size"], sender, meta.get("rule") or "",
              released["time"] if released else None, json.dumps(meta)),
         )
 
@@ -422,7 +425,7 @@ class QuarantineStore:
         try:  # the entry is durable; a failed index insert is repaired by recover()
             with self._db() as db:
                 self._index(db, meta)
-        except QuarantineError as e:
+        except (QuarantineError, ValueError) as e:
             log.warning("quarantine %s: stored %s but could not index it (%s); recover() at the next "
                         "start, or `queueguard quarantine stats`, re-indexes it", self.dir, qid, e)
         return qid

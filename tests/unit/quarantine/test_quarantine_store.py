@@ -200,3 +200,19 @@ async def test_campaign_is_kept_apart_typed_and_selectable(tmp_path: Path) -> No
     assert store.get(b).meta["campaign"] is None  # type: ignore[union-attr]
     assert [e.id for e in store.list(Filter(campaign=camp.id))] == [a]
     assert [e.id for e in store.list(Filter(campaign=f"c:{camp.id}"))] == [a]
+
+
+async def test_an_8bit_envelope_is_stored_indexed_and_recovered(tmp_path: Path) -> None:
+    """Sendmail (and Postfix without SMTPUTF8) pass 8-bit envelope octets through; they reach us as
+    surrogate escapes. The index refused them (not UTF-8), so the entry was written but put() failed:
+    the sender got 451 and retried, leaving an unlisted copy per retry, and recover() and the CLI
+    failed on it. Now stored, indexed, listed, and the envelope kept exactly (for a release)."""
+    sender = b"\xe9ric@remote.example".decode("utf-8", "surrogateescape")
+    store = QuarantineStore(tmp_path / "q", clock=Clock())
+    qid = await put(store, sender=sender)
+    assert [e.id for e in store.list()] == [qid]
+    entry = store.get(qid)
+    assert entry is not None and entry.meta["envelope"]["sender"] == sender
+    store.index_path.unlink()
+    QuarantineStore(tmp_path / "q", clock=Clock()).recover()
+    assert [e.id for e in QuarantineStore(tmp_path / "q").list()] == [qid]
