@@ -22,7 +22,11 @@ from urllib.parse import urlsplit
 
 from queueguard.html_text import html_to_text
 
-MAX_HEADERS = 500
+MAX_HEADERS = 1000
+"""Header fields parsed: the first ones, plus the first of each field the checks and MIME read
+wherever it stands (bounded_head)."""
+MAX_FIELD_BYTES = 65536
+"""Bytes of one header field parsed (continuation lines and all)."""
 MAX_HEADER_VALUE = 8192
 MAX_URLS = 500
 HTML_INPUT_FACTOR = 4
@@ -258,6 +262,48 @@ def _plain_headers(head: bytes) -> list[tuple[str, str]] | None:
     return [(name, "\r\n".join(parts).rstrip("\r\n")) for name, parts in headers]
 
 
+READ_FIELDS = ("subject", "from", "message-id", "list-id", "list-unsubscribe", "in-reply-to", "references",
+               "mime-version", "content-type", "content-transfer-encoding", "content-disposition")
+"""Fields the checks and the MIME structure depend on: never lost to the bound on fields."""
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_NEXT_FIELD = re.compile(rb"\n(?![ \t])")
+_FIELD_NAME = re.compile(rb"([^:\s]+)[ \t]*:")
+_READ_FIELD = re.compile(rb"(?im)^(" + "|".join(READ_FIELDS).encode() + rb")[ \t]*:")
+
+
+def bounded_head(raw: bytes) -> tuple[bytes, bool]:
+    """`raw` with a header block the parser can afford, and whether it had to be cut.
+
+    Any sender can send millions of tiny header fields (12 MB of `a:` lines took the email package
+    6 s and 700 MB, holding the interpreter lock) or one field folded over millions of lines. The
+    parse keeps the first MAX_HEADERS fields, each cut at MAX_FIELD_BYTES, and after them the first
+    of each READ_FIELDS field not yet seen, wherever it stands, so junk fields cannot push the
+    Subject or the Content-Type out of sight. Only the parse sees the cut: the message is relayed
+    and stored as it came."""
+    m = _HEAD_END.search(raw)
+    head_end = m.start() if m else len(raw)
+    if head_end <= MAX_FIELD_BYTES and raw.count(b"\n", 0, head_end) < MAX_HEADERS:
+        return raw, False
+    head, kept, seen, pos = raw[:head_end], [], set(), 0
+
+    def take(start: int) -> int:
+        """Keep the field at `start` (cut at MAX_FIELD_BYTES); where the next one starts."""
+        nxt = _NEXT_FIELD.search(head, start)
+        end = nxt.end() if nxt else head_end
+        kept.append(head[start:min(end, start + MAX_FIELD_BYTES)].rstrip(b"\r\n"))
+        return end
+
+    while pos < head_end and len(kept) < MAX_HEADERS:
+        if named := _FIELD_NAME.match(head, pos):
+            seen.add(named.group(1).lower())
+        pos = take(pos)
+    for later in _READ_FIELD.finditer(head, pos):
+        if (name := later.group(1).lower()) not in seen:
+            seen.add(name)
+            take(later.start())
+    return b"\r\n".join(kept) + raw[head_end:], True
+
+
 def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) -> ParsedMessage:
     """Decode `raw` into headers, text, URLs and attachments; never raises.
 
@@ -267,6 +313,9 @@ def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) 
     fixed caps.
     """
     defects: list[str] = []
+    raw, cut = bounded_head(raw)
+    if cut:
+        defects.append(f"header block over {MAX_HEADERS} fields or {MAX_FIELD_BYTES} bytes: parsed in part")
     try:
         msg = email_message(raw)
     except Exception as e:  # deep nesting can exhaust the recursion limit
@@ -276,9 +325,7 @@ def parse_message(raw: bytes, *, max_text: int = 200_000, max_parts: int = 100) 
         except Exception:
             return ParsedMessage(headers=[], defects=defects)
     raw_headers = list(msg.raw_items())  # raw: 8-bit bytes kept as surrogates, decoded as UTF-8 below
-    headers = [(_fix_surrogates(n), decode_header_value(v)) for n, v in raw_headers[:MAX_HEADERS]]
-    if len(raw_headers) > MAX_HEADERS:
-        defects.append(f"more than {MAX_HEADERS} headers")
+    headers = [(_fix_surrogates(n), decode_header_value(v)) for n, v in raw_headers]
 
     def first(name: str) -> str | None:
         lname = name.lower()
