@@ -248,6 +248,9 @@ class MilterConnection(asyncio.Protocol):
     def __init__(self, server: MilterServer) -> None:
         self.server = server
         self.pipeline = server.pipeline
+        self.own_prefix = server.pipeline.header_prefix.lower() + "-"
+        """Our verdict headers' names start so; a message's own copies of them are forged: deleted
+        (the pipeline already judged the message without them)."""
         self.reader = mp.PacketReader(MAX_PACKET)
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
@@ -258,9 +261,12 @@ class MilterConnection(asyncio.Protocol):
         self.refused_connect: Verdict | None = None
         self.refused_mail: Verdict | None = None
         """Refusals of a CONNECT or MAIL the MTA did not wait for: answered at each RCPT instead."""
-        self.headers: list[bytes] = []
-        self.header_names: list[str] = []
-        self.body_parts: list[bytes] = []
+        self.headers = bytearray()
+        self.own_headers: list[tuple[str, int]] = []
+        """Our `<prefix>-*` header fields in the message, with each one's index among fields of its
+        name (what CHGHEADER deletes by): only these, so a million other fields cost nothing here."""
+        self.header_counts: dict[str, int] = {}
+        self.body_parts = bytearray()
         self.size = 0
         self.too_big = False
         self.waiting = False
@@ -380,9 +386,13 @@ class MilterConnection(asyncio.Protocol):
         """Agree on what the MTA sends and waits for; refuse an MTA without the actions we need."""
         version, actions, protocol, _ = mp.parse_optneg(data)
         wanted = self.server.actions
-        if version < 2 or wanted & ~actions:
-            log.error("milter: the MTA (protocol %d) does not offer the actions we need (%#x of %#x); "
-                      "closing, so it applies milter_default_action", version, actions, wanted)
+        if version < 2:
+            log.error("milter: the MTA speaks milter protocol %d, we need 2 or later; closing, so it applies "
+                      "milter_default_action", version)
+            return False
+        if wanted & ~actions:
+            log.error("milter: the MTA offers the actions %#x, we need %#x; closing, so it applies "
+                      "milter_default_action", actions, wanted)
             return False
         agreed = PROTOCOL & protocol
         macros = None
@@ -446,7 +456,10 @@ class MilterConnection(asyncio.Protocol):
 
     async def on_header(self, data: bytes) -> bool:
         name, value = mp.parse_header(data)
-        self.header_names.append(name)
+        key = name.lower()
+        if key.startswith(self.own_prefix) and not self.too_big:
+            n = self.header_counts[key] = self.header_counts.get(key, 0) + 1
+            self.own_headers.append((name, n))
         self._keep(header_line(name, value), self.headers)
         return self._continue(mp.HEADER)
 
@@ -454,9 +467,16 @@ class MilterConnection(asyncio.Protocol):
         self._keep(data, self.body_parts)
         return self._continue(mp.BODY)
 
-    async def on_step(self, data: bytes) -> bool:
-        """EOH, DATA, unknown commands: negotiated away; answered if an MTA sends them anyway."""
-        return True
+    async def on_eoh(self, data: bytes) -> bool:
+        """EOH, DATA and unknown commands are negotiated away; an MTA that sends them anyway (it
+        could not skip them) waits for an answer unless it offered not to."""
+        return self._continue(mp.EOH)
+
+    async def on_data(self, data: bytes) -> bool:
+        return self._continue(mp.DATA)
+
+    async def on_unknown(self, data: bytes) -> bool:
+        return self._continue(mp.UNKNOWN)
 
     async def on_eom(self, data: bytes) -> bool:
         if data:
@@ -487,8 +507,8 @@ class MilterConnection(asyncio.Protocol):
         session = self._session()
         if session.txn is None:
             return self.answer(INTERNAL_ERROR)
-        raw = b"".join(self.headers) + b"\r\n" + b"".join(self.body_parts)
-        too_big, names = self.too_big, self.header_names
+        raw = bytes(self.headers) + b"\r\n" + bytes(self.body_parts)
+        too_big, own = self.too_big, self.own_headers
         self._reset_message()
         try:
             if too_big:
@@ -501,7 +521,7 @@ class MilterConnection(asyncio.Protocol):
                 self.server.busy -= 1
             deletes = b""
             if outcome.verdict.action in (Action.ACCEPT, Action.QUARANTINE):
-                deletes = self._delete_own_headers(names)
+                deletes = b"".join(mp.chgheader(idx, name) for name, idx in reversed(own))
             return deletes + self.answer(outcome.verdict, outcome.headers)
         except Exception:
             self._internal_error("eom")
@@ -528,20 +548,6 @@ class MilterConnection(asyncio.Protocol):
 
     def _add_headers(self, headers: list[tuple[str, str]]) -> bytes:
         return b"".join(mp.addheader(name, value) for name, value in headers)
-
-    def _delete_own_headers(self, names: list[str]) -> bytes:
-        """Forged `<prefix>-*` headers go (the pipeline already judged the message without them):
-        CHGHEADER with an empty value deletes the idx-th field of that name, last first so the
-        indices of the others stay put."""
-        wanted = self.pipeline.header_prefix.lower() + "-"
-        seen: dict[str, int] = {}
-        own: list[tuple[str, int]] = []
-        for name in names:
-            key = name.lower()
-            seen[key] = seen.get(key, 0) + 1
-            if key.startswith(wanted):
-                own.append((name, seen[key]))
-        return b"".join(mp.chgheader(idx, name) for name, idx in reversed(own))
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -608,18 +614,19 @@ class MilterConnection(asyncio.Protocol):
         finally:
             self.deadline = None
 
-    def _keep(self, data: bytes, into: list[bytes]) -> None:
+    def _keep(self, data: bytes, into: bytearray) -> None:
         """Buffer message bytes up to the size limit; past it, remember to refuse at eom."""
         self.size += len(data)
         if self.size > self.server.max_size:
             self.too_big = True
         else:
-            into.append(data)
+            into += data
 
     def _reset_message(self) -> None:
-        self.headers = []
-        self.header_names = []
-        self.body_parts = []
+        self.headers = bytearray()
+        self.own_headers = []
+        self.header_counts = {}
+        self.body_parts = bytearray()
         self.size = 0
         self.too_big = False
 
@@ -636,7 +643,7 @@ HANDLERS: dict[int, Handler] = {
     mp.RCPT: MilterConnection.on_rcpt, mp.MAIL: MilterConnection.on_mail, mp.EOM: MilterConnection.on_eom,
     mp.HELO: MilterConnection.on_helo, mp.CONNECT: MilterConnection.on_connect,
     mp.OPTNEG: MilterConnection.on_optneg, mp.ABORT: MilterConnection.on_abort, mp.QUIT: MilterConnection.on_quit,
-    mp.QUIT_NC: MilterConnection.on_quit_nc, mp.EOH: MilterConnection.on_step, mp.DATA: MilterConnection.on_step,
-    mp.UNKNOWN: MilterConnection.on_step,
+    mp.QUIT_NC: MilterConnection.on_quit_nc, mp.EOH: MilterConnection.on_eoh, mp.DATA: MilterConnection.on_data,
+    mp.UNKNOWN: MilterConnection.on_unknown,
 }
 """Each command's handler; True: read on, False: close the connection."""

@@ -118,13 +118,19 @@ class PacketReader:
 
     def __init__(self, max_packet: int) -> None:
         self.max_packet = max_packet
-        self._buf = b""
+        self._buf = bytearray()
         self._pos = 0
 
     def feed(self, data: bytes) -> None:
-        # Usually whole packets arrive and the last read was used up: no copy at all.
-        self._buf = self._buf[self._pos:] + data if self._pos < len(self._buf) else data
-        self._pos = 0
+        """Append; what was returned is dropped once it is half the buffer, so a packet trickled
+        in byte by byte costs linear time (copying the rest on every read was quadratic)."""
+        if self._pos >= len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > len(self._buf) // 2:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
 
     @property
     def buffered(self) -> int:
@@ -143,7 +149,7 @@ class PacketReader:
         if len(buf) < end:
             return None
         self._pos = end
-        return buf[pos + 4], buf[pos + 5:end]
+        return buf[pos + 4], bytes(buf[pos + 5:end])
 
 
 # --- encoding -------------------------------------------------------------------------------------
@@ -173,7 +179,9 @@ def replycode(code: str, status: str, text: str) -> bytes:
 
 
 def addheader(name: str, value: str) -> bytes:
-    return packet(ADDHEADER, cstr(name) + cstr(value))
+    """Our own header: a line break in a value (none is expected: rule names, reasons) would start
+    another header, so it becomes a space."""
+    return packet(ADDHEADER, cstr(name) + cstr(value.replace("\r", " ").replace("\n", " ")))
 
 
 def chgheader(index: int, name: str, value: str = "") -> bytes:

@@ -272,6 +272,22 @@ async def test_an_mta_that_only_offers_old_steps_is_answered_at_each(server: Mil
     m.close()
 
 
+async def test_an_mta_that_cannot_skip_data_eoh_or_unknown_is_answered_at_each(server: MilterServer) -> None:
+    """An MTA that offers no protocol flags sends DATA, EOH and unknown commands and waits for each:
+    unanswered, it waited out its timeout and applied its default action to every message."""
+    m = await mta(server, actions=mp.SMFIF_ADDHDRS | mp.SMFIF_CHGHDRS, steps=0)
+    assert m.protocol == 0
+    assert await m.connect() == ["c"]
+    assert await m.envelope() == [["c"], ["c"]]
+    assert await m.command(mp.packet(mp.DATA)) == ["c"]
+    assert await m.command(mp.packet(mp.UNKNOWN, b"XYZZY\0")) == ["c"]
+    assert await m.command(mp.header("Subject", "x")) == ["c"]
+    assert await m.command(mp.packet(mp.EOH)) == ["c"]
+    assert await m.command(mp.packet(mp.BODY, b"b\r\n")) == ["c"]
+    assert await m.command(mp.packet(mp.EOM)) == ["a"]
+    m.close()
+
+
 async def test_an_mta_without_the_header_actions_is_refused(server: MilterServer) -> None:
     """No CHGHDRS: forged headers could not be deleted, so we close and the MTA's default
     action (tempfail in contrib/postfix) applies."""

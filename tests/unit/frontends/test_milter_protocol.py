@@ -21,6 +21,22 @@ def test_reader_splits_a_stream_cut_anywhere() -> None:
         assert got[3][1] == b"y" * 70_000 and reader.buffered == 0
 
 
+def test_a_packet_trickled_in_byte_by_byte_is_not_copied_again_and_again() -> None:
+    """Each read used to copy the whole partial packet: a 4 MiB packet sent a byte at a time was
+    quadratic (one client kept the milter at 100 % CPU). The buffer now only grows."""
+    wire = mp.packet(mp.BODY, b"z" * 200_000) + mp.packet(mp.EOM)
+    reader = mp.PacketReader(1 << 20)
+    buffers = set()
+    got = []
+    for i in range(len(wire)):
+        reader.feed(wire[i:i + 1])
+        buffers.add(id(reader._buf))
+        while (p := reader.next()) is not None:
+            got.append(p)
+    assert got == [(mp.BODY, b"z" * 200_000), (mp.EOM, b"")] and reader.buffered == 0
+    assert len(buffers) == 1  # one buffer, appended to
+
+
 @pytest.mark.parametrize("wire", [b"\0\0\0\0", b"\0\x10\0\0B"])
 def test_reader_refuses_empty_and_oversized_packets(wire: bytes) -> None:
     reader = mp.PacketReader(1024)
