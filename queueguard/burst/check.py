@@ -158,7 +158,7 @@ class BurstCheck:
     async def _add(self, window: WindowCounter, keys: list[str], period: float, now: float) -> list[int]:
         counts = await window.add(keys, period, now)
         if self.share is not None and window is self.state.shared:
-            return self.share.observe(keys, counts, period, now)
+            self.share.observe(keys, counts, period, now)
         return counts
 
     def _track(self, rule: BurstRule, key: str, count: int, now: float) -> None:

@@ -285,9 +285,6 @@ class MemoryWindow:
         return Campaign(best.id, best.first, window_sum(best.buckets, now, period), best.variants,
                         tuple(sorted(best.signals)))
 
-    def counts(self, keys: Sequence[str], period: float, now: float) -> list[int]:
-        """Each key's count in the window ending now, without counting anything."""
-        return [window_sum(self._keys[k], now, period) if k in self._keys else 0 for k in keys]
 
     def adopt(self, scope: str, seen: Sighting, period: float, now: float, shared: Campaign) -> None:
         """Link the message here as well, and make the campaign it joins the shared one: its id,
@@ -321,26 +318,21 @@ class WindowShare:
     shared_state.Membership): a wave is spread over them, so together they hold it at about the
     threshold one would. What was counted during the outage is not added to the shared store
     when it answers again; its counts go on from where they stood. A shared store that answers
-    but has forgotten a wave the mirror knows (restarted empty) is outvoted by the mirror
-    (`observe`, `observe_link`) until its own count overtakes it.
+    but has forgotten a campaign the mirror knows (restarted empty) is outvoted by the mirror
+    (`observe_link`) until its own count overtakes it. Not so for keys (`observe`): the mirror
+    dates what it copies at the moment it saw it, so once the shared window has slid, a mirrored
+    count is higher than the true one, and outvoting with it held mail no window ever counted.
     """
 
     def __init__(self, mirror: MemoryWindow, hosts: Callable[[], int] = lambda: 1) -> None:
         self.mirror = mirror
         self.hosts = hosts
 
-    def observe(self, keys: Sequence[str], counts: Sequence[int], period: float, now: float) -> list[int]:
-        """The shared window's counts for these keys (this message counted); the counts to judge by.
-
-        The mirror holds what the shared window last said, so a wave key it knows at least as high
-        as the shared window now does is one the shared window forgot (Redis restarted empty, or a
-        replica that missed writes took over): it counts on from the mirror, as in an outage."""
-        known = self.mirror.counts(keys, period, now)
-        answer = [max(c, m + 1) if m >= MIRROR_FROM else c for c, m in zip(counts, known, strict=True)]
-        waves = [(k, a) for k, a in zip(keys, answer, strict=True) if a >= MIRROR_FROM]
+    def observe(self, keys: Sequence[str], counts: Sequence[int], period: float, now: float) -> None:
+        """The shared window's counts for these keys."""
+        waves = [(k, c) for k, c in zip(keys, counts, strict=True) if c >= MIRROR_FROM]
         if waves:
-            self.mirror.set_counts([k for k, _ in waves], [a for _, a in waves], period, now)
-        return answer
+            self.mirror.set_counts([k for k, _ in waves], [c for _, c in waves], period, now)
 
     def observe_link(self, scope: str, seen: Sighting, period: float, now: float, shared: Campaign) -> Campaign:
         """The shared window linked this message into `shared`; the campaign to judge by.

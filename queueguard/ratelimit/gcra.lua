@@ -12,8 +12,8 @@
 --       a Redis that restarted empty or evicted the key does not hand out a fresh burst. Reply
 --       "reserved(1/0) tat wait tat wait ..." (tat 0: none; wait 0: within the limit).
 --   f now n {interval}  refund: one event back if the TAT is still ahead. Reply "tat tat ...".
---       A refund that leaves nothing ahead keeps the key, at 0, for as long as its old TAT was
---       ahead: other hosts may still hold that TAT as their floor, and must not put it back.
+--       The key keeps its lifetime (at 0 if nothing is left ahead): other hosts may still hold
+--       the TAT from before the refund as their floor, and must not put it back.
 --   c now n {floor increment}  reconcile: tat = max(tat, now, floor) + increment (what a host
 --       admitted while it could not reach this Redis). Reply "tat tat ...".
 -- The reply is one string, operation i's answer on line i.
@@ -71,13 +71,11 @@ for i, spec in ipairs(ARGV) do
       local key = KEYS[k + j]
       local tat = tonumber(redis.call('GET', key)) or 0
       if tat > now then
-        local before = tat
         tat = tat - a[3 + j]
-        if tat > now then
-          store(key, tat, now)
-        else
-          redis.call('SET', key, '0', 'PX', math.floor((before - now) / 1000) + 1000)
-        end
+        -- The entry keeps the lifetime the TAT before the refund gave it, whatever is left of it
+        -- (0 when nothing is): other hosts may hold that TAT as their floor, and an entry that
+        -- expired early would let one put it back.
+        redis.call('SET', key, tat > now and string.format('%d', tat) or '0', 'KEEPTTL')
       end
       if tat <= now then tat = 0 end
       out[j] = string.format('%d', tat)

@@ -206,6 +206,12 @@ async def test_a_redis_that_lost_a_key_starts_it_from_the_floor_and_a_refund_is_
     assert (await store.refund([("fresh", 10.0)], now)) == [None]
     again = await store.reserve([Ask("fresh", limit, floor=now + 10.0)], now)
     assert again.reserved and again.tats[0] == pytest.approx(now + 10.0)
+    # a partial refund keeps the entry as long as the TAT before it would have: expiring with the
+    # lowered TAT, it would leave a window in which another host's floor puts the refund back
+    await store.reserve([Ask("fresh", limit)], now)  # TAT now + 20 s
+    before = await store.client.pttl("qg:rl:fresh")
+    assert (await store.refund([("fresh", 10.0)], now))[0] == pytest.approx(now + 10.0)
+    assert await store.client.pttl("qg:rl:fresh") >= before - 1000 > 15_000
     await store.close()
 
 

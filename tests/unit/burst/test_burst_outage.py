@@ -123,21 +123,40 @@ async def test_the_mirror_counts_as_the_shared_window_did() -> None:
 
 async def test_a_shared_window_that_forgot_a_wave_is_outvoted_by_the_mirror() -> None:
     """Redis restarted empty between two copies (it answers, so no outage is seen): its counts start
-    from one again, and without the mirror the wave would pass a whole threshold once more. Body
-    (campaigns: copies of a variant the mirror saw) and subject (keys) rules alike; the campaign id
-    stays the one the held copies carry."""
+    from one again, and without the mirror the wave would pass a whole threshold once more: copies
+    of a variant the mirror saw count on in the campaign their held copies carry."""
     text = ("Dear customer, your parcel could not be delivered because the customs fee was not paid. "
             "Pay the small fee today and the courier will bring the parcel tomorrow morning. "
             "Follow the link below to choose a delivery slot and confirm your address details.")
-    for rule in ({}, {"fingerprint": "subject"}):
-        shared = SwitchedWindow()
-        checks = hosts(shared)
-        raws = [f"Subject: Your parcel {i} is waiting x{i}q\r\n\r\n{text} Ref {i * 7919}.\r\n".encode()
-                for i in range(16)]
-        before = await alternate(checks, raws[:8], **rule)
-        assert [f is not None for f in before] == [False] * 5 + [True] * 3, rule
-        shared.inner = MemoryWindow()  # what the restarted Redis knows: nothing
-        after = await alternate(checks, raws[8:], **rule)
-        assert all(f is not None for f in after), (rule, after)
-        if not rule:
-            assert {f["campaign"] for f in before + after if f} == {before[-1]["campaign"]}  # type: ignore[index]
+    shared = SwitchedWindow()
+    checks = hosts(shared)
+    raws = [f"Subject: Your parcel {i} is waiting x{i}q\r\n\r\n{text} Ref {i * 7919}.\r\n".encode()
+            for i in range(16)]
+    before = await alternate(checks, raws[:8])
+    assert [f is not None for f in before] == [False] * 5 + [True] * 3
+    shared.inner = MemoryWindow()  # what the restarted Redis knows: nothing
+    after = await alternate(checks, raws[8:])
+    assert all(f is not None for f in after), after
+    assert {f["campaign"] for f in before + after if f} == {before[-1]["campaign"]}  # type: ignore[index]
+
+
+async def test_a_mirrored_key_count_never_outvotes_the_shared_window_once_it_slid() -> None:
+    """The mirror dates a count at the moment it copied it: another host's copies from early in the
+    window stay in the mirror after they left the shared window. Judged by the mirror, a later copy
+    counted events no window held together (red-team review: 22 judged where 7 were true)."""
+    shared = SwitchedWindow()
+    a, b = hosts(shared)
+    raws = [f"Subject: Your parcel {i} is waiting x{i}q\r\n\r\nhello {i}\r\n".encode() for i in range(22)]
+    pol = {"fingerprint": "subject", "threshold": "20 in 10m"}
+    clock = a.clock
+    assert isinstance(clock, Clock)
+    for raw in raws[:15]:
+        clock.t += 1
+        await alternate([b], [raw], **pol)
+    clock.t += 485  # still in the window (buckets of 60 s) with B's copies: the shared count is 16
+    assert await alternate([a], [raws[15]], **pol) == [None]
+    held = []
+    for raw in raws[16:]:
+        clock.t += 100
+        held += await alternate([a], [raw], **pol)
+    assert held == [None] * len(held)
