@@ -5,7 +5,8 @@ counted per process (connlimits.py) let a client hold N times `max_per_ip` open.
 worker maps the same file, written by the supervisor before any worker starts: one row per
 worker, and each worker writes only its own row (no locks; a 32-bit aligned store is atomic),
 while a count is the sum over all rows. A worker that dies takes its connections with it, and
-its successor zeroes the row before it accepts anything, so nothing leaks.
+the supervisor zeroes its row when it reaps it (and its successor again before it accepts
+anything), so nothing leaks.
 
 Keys are not stored: each row is a count-min sketch, DEPTH arrays of WIDTH counters, a key
 counted in one counter per array, read as the smallest sum. Collisions can only add (a client
@@ -52,6 +53,14 @@ class HostCounts:
             f.write(secrets.token_bytes(SALT))
             f.truncate(SALT + workers * ROW)
         return path
+
+    @staticmethod
+    def clear(path: Path, index: int) -> None:
+        """Zero a dead worker's row (by the supervisor, which reaped it: nobody writes it now);
+        its successor zeroes it again before it accepts anything."""
+        with open(path, "r+b") as f:
+            f.seek(SALT + index * ROW)
+            f.write(bytes(ROW))
 
     def _slots(self, key: str) -> tuple[int, ...]:
         digest = hashlib.blake2b(key.encode(), digest_size=4 * DEPTH, key=self._salt).digest()

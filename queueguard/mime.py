@@ -265,7 +265,9 @@ def _plain_headers(head: bytes) -> list[tuple[str, str]] | None:
 READ_FIELDS = ("subject", "from", "message-id", "list-id", "list-unsubscribe", "in-reply-to", "references",
                "mime-version", "content-type", "content-transfer-encoding", "content-disposition")
 """Fields the checks and the MIME structure depend on: never lost to the bound on fields."""
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_HEAD_END = re.compile(rb"\r?\n(?:\r?\n|(?![ \t]|[!-9;-~]+[ \t]*:))")
+"""Where the header block ends: at the blank line, or (no blank line) before the first line that
+is neither a field nor a continuation, where the email parser ends it too."""
 _NEXT_FIELD = re.compile(rb"\n(?![ \t])")
 _FIELD_NAME = re.compile(rb"([^:\s]+)[ \t]*:")
 _READ_FIELD = re.compile(rb"(?im)^(" + "|".join(READ_FIELDS).encode() + rb")[ \t]*:")

@@ -110,9 +110,10 @@ _ROUTE = re.compile(r"@(?:\[[^\]]*\]|[^,:\[\]])*(?:,@(?:\[[^\]]*\]|[^,:\[\]])*)*
 _PLAIN = frozenset('"()\\ \t')
 
 
-def _unquote(text: str) -> str:
+def _unquote(text: str) -> str | None:
     """RFC 5322 lexing of an address: comments `(..)` (nested) and whitespace outside quotes
-    dropped, quoted strings and backslash pairs reduced to what they quote."""
+    dropped, quoted strings and backslash pairs reduced to what they quote; None when a quote
+    or a comment is left open (there is no telling what it meant)."""
     out: list[str] = []
     depth, quoted, i = 0, False, 0
     while i < len(text):
@@ -136,7 +137,7 @@ def _unquote(text: str) -> str:
         elif c not in " \t":
             out.append(c)
         i += 1
-    return "".join(out)
+    return None if quoted or depth else "".join(out)
 
 
 def canonical_address(address: str) -> str:
@@ -152,10 +153,10 @@ def canonical_address(address: str) -> str:
     a = address.strip().strip("<>").strip()
     if _PLAIN.isdisjoint(a) and a[:1] != "@" and a[-1:] != ".":
         return a.lower()  # the common case, without the lexing
-    a = _unquote(a).strip("<>")
-    route = _ROUTE.match(a)
+    route = _ROUTE.match(a)  # before unquoting: `"@x:victim"@example.org` is not victim's
     if route:
         a = a[route.end():]
+    a = _unquote(a) or a
     local, at, domain = a.rpartition("@")
     if not at:
         return a.lower()

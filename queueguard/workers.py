@@ -265,8 +265,10 @@ async def _tend(workers: list[Worker], multiprocess: object) -> None:
             w.signal(signal.SIGKILL)
             await proc.wait()
         if w.restart_at is None:
-            # its live gauges (connections open, scans in flight) must not count any more
+            # its live gauges (connections open, scans in flight) must not count any more, nor
+            # its connections towards the limits (they closed with it)
             multiprocess.mark_process_dead(proc.pid, str(w.run_dir / "metrics"))  # type: ignore[attr-defined]
+            HostCounts.clear(host_counts_file(w.run_dir), w.index)
             w.restart_at = now + restart_delay(w.failures)
             w.failures += 1
             log.error("worker %d (pid %d) exited with code %s; restarting in %.0fs", w.index, proc.pid,

@@ -231,7 +231,7 @@ class QueueguardSMTP(SMTP):
             end = work.find(b"\r\n.\r\n", scanned)
             if end >= 0:
                 break
-            if limit and len(work) - 2 > limit:
+            if limit and len(work) - 6 > limit:  # the last 4 bytes may begin the terminator
                 too_much = True
                 del work[:-4]  # only a terminator split across reads is left to find
             scanned = max(0, len(work) - 4)

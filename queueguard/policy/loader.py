@@ -374,9 +374,9 @@ def _conditions(loc: Loc, rule: RuleBase) -> list[tuple[Loc, Condition]]:
 HEADER_ONLY = ("any sender can write that header, so a wave carrying it would pass uncounted; exempt "
                "configured senders from their own networks instead ({sender_in: bulk_senders, "
                "client_in: bulk_networks}, authenticated)")
-FORGEABLE = ("alone exempts mail by what its sender writes (an envelope sender or a List-Id, which anyone "
-             "can forge), so a wave forging one passes uncounted; add client_in (the networks that mail "
-             "comes from) or authenticated: true to the same condition")
+FORGEABLE = ("alone exempts mail by what its sender writes (an envelope sender, a HELO name or a List-Id, "
+             "which anyone can forge), so a wave forging one passes uncounted; add client_in (the networks "
+             "that mail comes from) or authenticated: true to the same condition")
 
 
 def _warnings(doc: _Doc) -> list[PolicyIssue]:
@@ -402,7 +402,8 @@ def _warnings(doc: _Doc) -> list[PolicyIssue]:
                           for c in (cond, rule.only))
             if skips_when and not vouched:
                 out.extend(doc.issue((*cloc, key), f"warning: {_path((*cloc, key))} {FORGEABLE}")
-                           for key in ("sender_in", "list_id_in") if getattr(cond, key) is not None)
+                           for key in ("sender_in", "helo_in", "list_id_in", "null_sender")
+                           if getattr(cond, key) is not None and getattr(cond, key) is not False)
     return out
 
 

@@ -71,11 +71,11 @@ class AddressMatcher:
             if _GLOB_CHARS & set(e):
                 globs.append(e)
             elif e.startswith("@"):
-                at_domains.add(e[1:])
+                at_domains.add(e[1:].rstrip("."))
             elif "@" in e:
-                exact.add(e)
+                exact.add(canonical_address(e))  # spelled as the addresses it is compared with
             else:
-                domains.add(e.lstrip("."))
+                domains.add(e.strip("."))
         return cls(frozenset(exact), frozenset(at_domains), frozenset(domains), _glob_regex(globs))
 
     def __call__(self, address: str) -> bool:

@@ -218,6 +218,22 @@ def test_oversized_message_552_5_3_4() -> None:
         assert len([line for line in g.message_lines() if "reason=oversize" in line]) == 1
 
 
+def test_a_message_at_the_size_limit_passes_however_its_final_dot_is_split() -> None:
+    """The limit is the message's size, not the bytes read so far: a terminator split across reads
+    (`.` or `.<CR>` in one, the rest in the next) is no data. Counted as data, a message of exactly
+    the limit got a permanent 552 (red-team review)."""
+    message = b"Subject: at the limit\r\n\r\n" + b"z" * 70 + b"\r\n"
+    for split in (b"\r\n.", b"\r\n.\r"):
+        with RecordingSink() as sink, Guard({"smtp": {"max_message_size": len(message)},
+                                             "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+            with _in_data(g.port, b"MAIL FROM:<a@client.example>\r\nRCPT TO:<bob@test.example>\r\nDATA\r\n") as s:
+                s.sendall(message[:-2] + split)
+                time.sleep(0.3)  # the guard reads what came so far before the rest is sent
+                s.sendall(b"\r\n.\r\n"[len(split):] + b"QUIT\r\n")
+                assert _codes(s, 2) == [b"250", b"221"], split
+            assert sink.wait_count(1) == 1 and sink.messages[0].data == message
+
+
 def test_ehlo_mid_transaction_resets_it() -> None:
     """RFC 5321 4.1.4: EHLO resets the transaction, ours included (logged as abandoned, its
     downstream side reset), so a refusal of the next MAIL is never booked against it."""

@@ -45,3 +45,14 @@ def test_a_worker_without_a_row_is_refused(tmp_path: Path) -> None:
     path = HostCounts.create(tmp_path / "connections", 2)
     with pytest.raises(ValueError, match="worker 2 has no row"):
         HostCounts(path, 2)
+
+
+def test_the_supervisor_clears_a_dead_workers_row(tmp_path: Path) -> None:
+    path = HostCounts.create(tmp_path / "connections", 2)
+    w0, w1 = HostCounts(path, 0), HostCounts(path, 1)
+    w0.add("ip:192.0.2.7", 2)
+    w1.add("ip:192.0.2.7", 3)
+    HostCounts.clear(path, 1)  # worker 1 died: its three connections closed with it
+    assert w0.get("ip:192.0.2.7") == 2
+    w0.close()
+    w1.close()

@@ -264,3 +264,7 @@ def test_a_header_block_of_junk_fields_is_parsed_in_bounded_part() -> None:
     assert all(len(v) <= MAX_FIELD_BYTES for _, v in p.headers)
     small = b"Subject: s\r\nFrom: f@x.example\r\n\r\nbody\r\n"
     assert parse_message(small).defects == []
+    # no blank line: the header block ends at the first line that is not a field, as the email
+    # parser has it, so what follows is body however long it is
+    unseparated = b"Subject: s\r\nContent-Type: text/plain\r\n" + b"junk line\r\n" * 1500 + b"PAYLOAD\r\n"
+    assert "PAYLOAD" in parse_message(unseparated).text

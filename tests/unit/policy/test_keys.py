@@ -79,3 +79,7 @@ def test_distinct_mailboxes_stay_distinct() -> None:
               ['"a b"@example.org', "ab@example.org", '"a@b"@example.org', "b@example.org", "info@example.net"]}
     assert len(values) == 5
     assert key_value("sender_domain", txn("postmaster"), "x@y.example") is None
+    # a route inside a quoted local part is part of the local part, not a route to strip
+    assert key_value("recipient", txn(), '"@evil.example:info"@example.org') != "info@example.org"
+    # an unclosed comment or quote is not lexed away with the rest of the address
+    assert key_value("sender_domain", txn("spam(@evil.example"), "x@y.example") == "evil.example"

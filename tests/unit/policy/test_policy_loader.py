@@ -326,6 +326,9 @@ def test_header_only_exemptions_load_with_a_warning_each(tmp_path: Path, capsys:
     ("rate", "{sender_in: [x.example]}", None, ["sender_in"]),
     ("rate", "{sender_in: [x.example]}", "{authenticated: true}", []),
     ("rate", "{sender_in: [x.example]}", "{client_in: [10.0.0.0/8]}", []),
+    ("burst", "{helo_in: [mx.x.example]}", None, ["helo_in"]),
+    ("burst", "{null_sender: true}", None, ["null_sender"]),
+    ("burst", "{null_sender: false}", None, []),
 ])
 def test_exemptions_a_sender_can_forge_warn(tmp_path: Path, kind: str, unless: str, only: str | None,
                                             warned: list[str]) -> None:

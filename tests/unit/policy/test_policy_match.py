@@ -169,3 +169,11 @@ def test_unless_list_skips_the_rule_when_any_condition_matches() -> None:
     assert not rule_applies(rule, p, txn(sender="a@news.example.org"), None, Parsed())
     assert not rule_applies(rule, p, txn(), None, Parsed(list_id="<team.lists.example.org>"))
     assert rule_applies(rule, p, txn(), None, Parsed(list_id="<offers.spam.example>"))
+
+
+def test_list_entries_are_spelled_as_the_addresses_they_are_compared_with() -> None:
+    from queueguard.policy.match import AddressMatcher
+
+    m = AddressMatcher.build(['"john doe"@example.org', "user@example.org.", "@example.net.", "example.com."])
+    assert m('"John Doe"@Example.org') and m("<user@example.org>")
+    assert m("a@example.net") and m("b@sub.example.com") and not m("john@example.org")
