@@ -163,6 +163,19 @@ def canonical_address(address: str) -> str:
     return f"{local}@{domain.rstrip('.')}".lower()
 
 
+def without_extension(mailbox: str, delimiters: str) -> str:
+    """`info+tag@example.org` -> `info@example.org` for the delimiter `+`: the mailbox an MTA that
+    splits address extensions (Postfix's recipient_delimiter, Exim's local_part_suffix) delivers
+    to. Cut at the first delimiter after the first character, as Postfix does."""
+    if not delimiters:
+        return mailbox
+    local, at, domain = mailbox.rpartition("@")
+    if not at:
+        local, domain = mailbox, ""
+    cut = min((i for i in (local.find(d, 1) for d in delimiters) if i > 0), default=-1)
+    return mailbox if cut < 0 else local[:cut] + at + domain
+
+
 def domain_of(address: str) -> str:
     """The domain part of an address, lower-cased (canonical_address); '' for the null sender."""
     mailbox = canonical_address(address)

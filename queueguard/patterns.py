@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from queueguard.burst.fingerprint import fingerprint_dict
-from queueguard.model import RuleHit, Transaction, canonical_address
+from queueguard.model import RuleHit, Transaction, canonical_address, without_extension
 from queueguard.policy.loader import compile_regex
 from queueguard.policy.match import rule_applies
 from queueguard.policy.schema import Mode, PatternRule, Policy
@@ -48,13 +48,14 @@ class CompiledPattern:
         """What matched (for the hit's detail), or None unless every given matcher matches."""
         parts = []
         parsed = ctx.parsed
+        delimiters = ctx.policy.addresses.recipient_delimiter
         if self.sender is not None:
-            if not _address_matches(self.sender, txn.sender):
+            if not _address_matches(self.sender, txn.sender, delimiters):
                 return None
             parts.append("sender")
         if self.recipient is not None:
             rx = self.recipient
-            if not any(_address_matches(rx, r) for r in txn.recipients):
+            if not any(_address_matches(rx, r, delimiters) for r in txn.recipients):
                 return None
             parts.append("recipient")
         for name, rx in self.headers:
@@ -72,10 +73,15 @@ class CompiledPattern:
         return "+".join(parts)
 
 
-def _address_matches(rx: Regex, address: str) -> bool:
+def _address_matches(rx: Regex, address: str, delimiters: str) -> bool:
     """As the client spelled it, or as the mailbox it names: `^info@` must not be dodged by
-    writing `"info"@` or `@relay:info@`, which the MTA delivers to info all the same."""
-    return rx.search(address) is not None or rx.search(canonical_address(address)) is not None
+    writing `"info"@`, `@relay:info@` or (with extension delimiters) `info+x@`, which the MTA
+    delivers to info all the same."""
+    if rx.search(address) is not None:
+        return True
+    mailbox = canonical_address(address)
+    return rx.search(mailbox) is not None or (
+        bool(delimiters) and rx.search(without_extension(mailbox, delimiters)) is not None)
 
 
 _cache: dict[int, list[CompiledPattern]] = {}

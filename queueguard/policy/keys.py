@@ -16,7 +16,7 @@ import ipaddress
 from dataclasses import dataclass
 from functools import lru_cache
 
-from queueguard.model import IPAddress, Transaction, domain_of
+from queueguard.model import IPAddress, Transaction, domain_of, without_extension
 from queueguard.policy.match import normalize_address, normalize_ip
 
 KINDS = ("recipient", "sender", "sender_domain", "client_ip", "client_net", "helo")
@@ -55,10 +55,10 @@ def parse_key(text: str) -> tuple[KeyPart, ...]:
     return tuple(parts)
 
 
-def _value(part: KeyPart, txn: Transaction, recipient: str) -> str | None:
+def _value(part: KeyPart, txn: Transaction, recipient: str, delimiters: str) -> str | None:
     conn = txn.connection
     if part.kind == "recipient":
-        return normalize_address(recipient) or None
+        return without_extension(normalize_address(recipient), delimiters) or None
     if part.kind == "sender":
         return None if txn.null_sender else normalize_address(txn.sender) or None
     if part.kind == "sender_domain":
@@ -79,12 +79,13 @@ def _network(ip: IPAddress, prefix: int) -> str:
     return str(ipaddress.ip_network((ip, prefix), strict=False))
 
 
-def key_value(spec: str, txn: Transaction, recipient: str) -> str | None:
+def key_value(spec: str, txn: Transaction, recipient: str, delimiters: str = "") -> str | None:
     """The key this recipient counts against, or None when a part is unknown
-    (no client address, empty HELO, null sender for sender keys): the rule is skipped."""
+    (no client address, empty HELO, null sender for sender keys): the rule is skipped.
+    `delimiters`: the policy's address extension delimiters (a recipient's extension is cut off)."""
     values = []
     for part in parse_key(spec):
-        v = _value(part, txn, recipient)
+        v = _value(part, txn, recipient, delimiters)
         if v is None:
             return None
         values.append(v)

@@ -31,7 +31,7 @@ from queueguard.policy.schema import BurstRule, Condition, PatternRule, Policy, 
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 RULE_SECTIONS = ("ratelimits", "bursts", "patterns")
-SINGLE_SECTIONS = ("scan", "pressure", "connections", "state")
+SINGLE_SECTIONS = ("scan", "pressure", "connections", "state", "addresses")
 ADDRESS_FIELDS = ("sender_in", "recipient_in", "helo_in", "list_id_in")
 MESSAGE_FIELDS = ("list_traffic", "reply", "list_id_in")
 """Condition keys that look at the message: a rate limit (decided at RCPT) cannot use them."""

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from queueguard.model import IPAddress, Transaction, canonical_address
+from queueguard.model import IPAddress, Transaction, canonical_address, without_extension
 from queueguard.policy.schema import Condition, ListRef, Policy, RuleBase
 
 _GLOB_CHARS = frozenset("*?[")
@@ -62,9 +62,11 @@ class AddressMatcher:
     at_domains: frozenset[str] = frozenset()
     domains: frozenset[str] = frozenset()
     globs: re.Pattern[str] | None = None
+    delimiters: str = ""
+    """Address extension delimiters (policy `addresses`): `info+x@` also matches as `info@`."""
 
     @classmethod
-    def build(cls, entries: Iterable[str]) -> AddressMatcher:
+    def build(cls, entries: Iterable[str], delimiters: str = "") -> AddressMatcher:
         exact, at_domains, domains, globs = set(), set(), set(), []
         for raw in entries:
             e = raw.strip().lower()
@@ -76,10 +78,14 @@ class AddressMatcher:
                 exact.add(canonical_address(e))  # spelled as the addresses it is compared with
             else:
                 domains.add(e.strip("."))
-        return cls(frozenset(exact), frozenset(at_domains), frozenset(domains), _glob_regex(globs))
+        return cls(frozenset(exact), frozenset(at_domains), frozenset(domains), _glob_regex(globs), delimiters)
 
     def __call__(self, address: str) -> bool:
         a = normalize_address(address)
+        return self._matches(a) or (bool(self.delimiters) and (b := without_extension(a, self.delimiters)) != a
+                                    and self._matches(b))
+
+    def _matches(self, a: str) -> bool:
         if a in self.exact:
             return True
         domain = a.rpartition("@")[2] if "@" in a else ""
@@ -215,6 +221,7 @@ class CompiledPolicy:
     cache entry cannot keep a replaced policy alive."""
 
     lists: dict[str, list[str]]
+    delimiters: str = ""
     _addresses: dict[str, AddressMatcher] = field(default_factory=dict)
     _hosts: dict[str, HostMatcher] = field(default_factory=dict)
     _nets: dict[str, NetMatcher] = field(default_factory=dict)
@@ -226,9 +233,9 @@ class CompiledPolicy:
 
     def addresses(self, ref: ListRef) -> AddressMatcher:
         if not isinstance(ref, str):
-            return AddressMatcher.build(ref)
+            return AddressMatcher.build(ref, self.delimiters)
         if ref not in self._addresses:
-            self._addresses[ref] = AddressMatcher.build(self.entries(ref))
+            self._addresses[ref] = AddressMatcher.build(self.entries(ref), self.delimiters)
         return self._addresses[ref]
 
     def hosts(self, ref: ListRef) -> HostMatcher:
@@ -282,7 +289,7 @@ def compiled(policy: Policy) -> CompiledPolicy:
     key = id(policy)
     cp = _cache.get(key)
     if cp is None:
-        cp = CompiledPolicy(policy.lists)
+        cp = CompiledPolicy(policy.lists, policy.addresses.recipient_delimiter)
         _cache[key] = cp
         # Dropped when the policy dies, before its id can be reused.
         weakref.finalize(policy, _cache.pop, key, None)

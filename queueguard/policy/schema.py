@@ -204,6 +204,21 @@ class ConnectionsPolicy(Strict):
         None, description="clients never limited; only client_in applies at connect time")
 
 
+def _delimiters(value: object) -> object:
+    if isinstance(value, str) and any(c.isalnum() or c.isspace() or c in '@"' for c in value):
+        raise ValueError(f"{value!r}: punctuation characters only, like '+' or '+-'")
+    return value
+
+
+class AddressesPolicy(Strict):
+    recipient_delimiter: Annotated[str, BeforeValidator(_delimiters)] = Field(
+        default="",
+        max_length=8,
+        description="the MTA's address extension delimiters (Postfix recipient_delimiter, Exim "
+                    "local_part_suffix): info+tag@ is info@ to keys, lists and patterns",
+    )
+
+
 class StatePolicy(Strict):
     on_error: Literal["fallback", "tempfail", "accept"] = Field(
         default="fallback",
@@ -222,3 +237,4 @@ class Policy(Strict):
     pressure: PressurePolicy = PressurePolicy()
     connections: ConnectionsPolicy = ConnectionsPolicy()
     state: StatePolicy = StatePolicy()
+    addresses: AddressesPolicy = AddressesPolicy()

@@ -66,7 +66,7 @@ def applicable(policy: Policy, txn: Transaction, recipient: str) -> list[tuple[R
     out = []
     for rule in policy.ratelimits:
         if rule_applies(rule, policy, txn, recipient):
-            key = key_value(rule.key, txn, recipient)
+            key = key_value(rule.key, txn, recipient, policy.addresses.recipient_delimiter)
             if key is not None:
                 out.append((rule, f"{rule.name}:{key}"))
     return out

@@ -1,6 +1,7 @@
 """SMTP clients for flood tests: one transaction per call, the reply to every command kept.
 
-`send` runs one transaction from a loopback source address; `flood` runs many of them at once
+`send` runs one transaction from a loopback source address (`rcpt_as_written` one with the
+recipient as spelled, byte for byte); `flood` runs many of them at once
 from threads, spread over several guards, as clients of several MX hosts would; `wait_for` polls
 for the event a test waits on (never a bare sleep).
 """
@@ -34,6 +35,18 @@ class Sent:
 def body(n: int) -> bytes:
     return (f"From: s{n}@flood.example\r\nSubject: wave {n}\r\nMessage-ID: <{n}@flood.example>\r\n\r\n"
             f"message {n}\r\n").encode()
+
+
+def rcpt_as_written(port: int, rcpt: str, n: int) -> int:
+    """One transaction to `rcpt` exactly as written (raw commands: smtplib would unquote the
+    address itself); the RCPT reply's code, the message sent when it was 250."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.ehlo("client.example")
+        assert c.docmd(f"MAIL FROM:<s{n}@flood.example>")[0] == 250
+        code, _ = c.docmd(f"RCPT TO:<{rcpt}>")
+        if code == 250:
+            assert c.data(body(n))[0] == 250
+        return code
 
 
 def send(port: int, rcpts: Sequence[str], n: int, source: str = "127.0.0.1",

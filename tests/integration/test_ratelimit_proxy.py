@@ -19,6 +19,7 @@ import pytest
 from queueguard.harness.exim import Exim
 from queueguard.harness.guard import Guard
 from queueguard.harness.sink import RecordingSink
+from tests.components.flood import rcpt_as_written
 from tests.components.redis import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -129,22 +130,13 @@ def test_two_guards_share_one_limit_in_redis_and_survive_its_crash(sink: Recordi
 def test_one_mailbox_spelled_many_ways_is_one_budget() -> None:
     """A flood to info@ that spells the address another way in every message (a quoted local part,
     backslashes in it, a source route, capitals) is one recipient to the real Exim behind us, which
-    delivers every spelling to info's mailbox; it must be one budget to the limit too. (Raw
-    commands: smtplib would unquote the addresses itself. The proxy's address parser already
-    takes quotes and routes off; the milter test of the same name is where an MTA hands us the
-    spellings as written.)"""
+    delivers every spelling to info's mailbox; it must be one budget to the limit too. (The proxy's
+    address parser already takes quotes and routes off; the milter test of the same name is where
+    an MTA hands us the spellings as written.)"""
     spellings = ["info@test.example", '"info"@test.example', '"in\\fo"@test.example', '"\\info"@test.example',
                  "INFO@test.example", "@relay.example:info@test.example", "@a.example,@b.example:info@test.example"]
     with Exim() as final, Guard({"downstreams": [{"address": f"127.0.0.1:{final.port}"}]},
                                 {"limits.yaml": POLICY.replace(f"{BURST}/{BURST}s", f"{BURST}/10m")}) as guard:
-        codes = []
-        for i in range(3 * len(spellings)):
-            with smtplib.SMTP("127.0.0.1", guard.port, timeout=30) as c:
-                c.ehlo("client.example")
-                assert c.docmd(f"MAIL FROM:<s{i}@flood.example>")[0] == 250
-                code, _ = c.docmd(f"RCPT TO:<{spellings[i % len(spellings)]}>")
-                codes.append(code)
-                if code == 250:
-                    assert c.data(body(i))[0] == 250
+        codes = [rcpt_as_written(guard.port, spellings[i % len(spellings)], i) for i in range(3 * len(spellings))]
         assert codes == [250] * BURST + [451] * (len(codes) - BURST), list(zip(codes, spellings * 3, strict=True))
         assert len(final.wait_maildir("info", BURST)) == BURST

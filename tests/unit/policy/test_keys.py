@@ -83,3 +83,13 @@ def test_distinct_mailboxes_stay_distinct() -> None:
     assert key_value("recipient", txn(), '"@evil.example:info"@example.org') != "info@example.org"
     # an unclosed comment or quote is not lexed away with the rest of the address
     assert key_value("sender_domain", txn("spam(@evil.example"), "x@y.example") == "evil.example"
+
+
+def test_address_extensions_are_cut_where_the_policy_says_the_mta_splits_them() -> None:
+    from queueguard.model import without_extension
+
+    assert key_value("recipient", txn(), "<Info+Tag@example.org>", "+") == "info@example.org"
+    assert key_value("recipient", txn(), "<info-tag+x@example.org>", "+-") == "info@example.org"
+    assert key_value("recipient", txn(), "<info+tag@example.org>") == "info+tag@example.org"  # no delimiter set
+    assert without_extension("+info@example.org", "+") == "+info@example.org"  # nothing before it
+    assert without_extension("postmaster+x", "+") == "postmaster"

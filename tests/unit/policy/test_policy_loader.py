@@ -279,7 +279,7 @@ def test_schema_is_json_schema_of_the_policy() -> None:
 
     schema = json.loads(schema_json())
     assert set(schema["properties"]) == {"lists", "ratelimits", "bursts", "patterns", "scan", "pressure",
-                                         "connections", "state"}
+                                         "connections", "state", "addresses"}
     rate = schema["$defs"]["RateLimitRule"]["properties"]["rate"]
     assert rate["type"] == "string"
     assert schema["$defs"]["RateLimitRule"]["additionalProperties"] is False
@@ -371,3 +371,9 @@ def policy_schema_fields() -> list[str]:
     from queueguard.policy.schema import Policy
 
     return list(Policy.model_fields)
+
+
+def test_a_bad_address_delimiter_is_refused_with_its_line(tmp_path: Path) -> None:
+    write(tmp_path, a_yaml="addresses:\n  recipient_delimiter: 'a+'\n")
+    issue = one_issue(tmp_path)
+    assert issue.line == 2 and "punctuation characters only" in issue.message

@@ -177,3 +177,11 @@ def test_list_entries_are_spelled_as_the_addresses_they_are_compared_with() -> N
     m = AddressMatcher.build(['"john doe"@example.org', "user@example.org.", "@example.net.", "example.com."])
     assert m('"John Doe"@Example.org') and m("<user@example.org>")
     assert m("a@example.net") and m("b@sub.example.com") and not m("john@example.org")
+
+
+def test_lists_and_patterns_see_past_an_address_extension_when_the_policy_names_a_delimiter() -> None:
+    from queueguard.policy.match import AddressMatcher
+
+    assert AddressMatcher.build(["info@example.org"], "+")("<info+tickets@example.org>")
+    assert not AddressMatcher.build(["info@example.org"])("<info+tickets@example.org>")
+    assert AddressMatcher.build(["info+tickets@example.org"], "+")("info+tickets@example.org")
