@@ -301,13 +301,13 @@ async def _login(writer: asyncio.StreamWriter, request: Request, auth: StatusAut
         await _respond(writer, 400, TEXT, b"too many form fields\n")
         return
     secret = (form.get("password") or [""])[0]
+    peer = str((writer.get_extra_info("peername") or ("?",))[0])
     try:
-        sid = await auth.login(secret) if secret else None
+        sid = await auth.login(secret, peer) if secret else None
     except LoginBusy:
         await _respond(writer, 429, HTML, login_page("Too many login attempts; try again in a minute."),
                        {"Content-Security-Policy": LOGIN_SECURITY, "Retry-After": "60"})
         return
-    peer = (writer.get_extra_info("peername") or ("?",))[0]
     if sid is None:
         if secret:  # a checked guess: at most ~1/s get here, the gate's pace, so the log cannot be flooded
             log.warning("web: status page login failed client=%s", peer)

@@ -33,6 +33,7 @@ MIN_TOKEN_LENGTH = 32
 MAX_SESSIONS = 256
 LOGIN_FAIL_DELAY = 1.0  # seconds a wrong password holds the login gate: at most ~1 guess/s overall
 LOGIN_MAX_WAITING = 8  # more logins queued than this get 429 at once, not a growing queue
+LOGIN_PER_CLIENT = 2  # logins one client address may have queued: one guesser cannot fill the queue
 COOKIE = "qg_session"
 
 
@@ -149,7 +150,7 @@ class StatusAuth:
         self.sessions = Sessions(session_lifetime)
         self.lifetime = session_lifetime
         self._gate = asyncio.Lock()
-        self._waiting = 0
+        self._waiting: dict[str, int] = {}
 
     def token_ok(self, token: str) -> bool:
         return self._token is not None and hmac.compare_digest(_digest(token), self._token)
@@ -166,16 +167,19 @@ class StatusAuth:
             return True
         return self.password is not None and verify_password(secret, self.password)
 
-    async def login(self, secret: str) -> str | None:
+    async def login(self, secret: str, client: str = "") -> str | None:
         """A new session id for the right password or token, None for a wrong one.
 
         One check at a time, off the event loop (scrypt takes ~0.1 s and 32 MiB), and a wrong
         one holds the gate for LOGIN_FAIL_DELAY: guessing runs at about one try a second
-        however many connections try, and cannot take the CPU from the mail.
+        however many connections try, and cannot take the CPU from the mail. The queue is
+        bounded, and so is each client address's share of it: a guesser from one address
+        cannot keep it full and lock the admin out with 429s (the gate is first come, first
+        served, so the admin waits about a second per address guessing).
         """
-        if self._waiting >= LOGIN_MAX_WAITING:
+        if sum(self._waiting.values()) >= LOGIN_MAX_WAITING or self._waiting.get(client, 0) >= LOGIN_PER_CLIENT:
             raise LoginBusy
-        self._waiting += 1
+        self._waiting[client] = self._waiting.get(client, 0) + 1
         try:
             async with self._gate:
                 if await asyncio.to_thread(self._secret_ok, secret):
@@ -183,7 +187,10 @@ class StatusAuth:
                 await asyncio.sleep(LOGIN_FAIL_DELAY)
                 return None
         finally:
-            self._waiting -= 1
+            if (left := self._waiting[client] - 1) > 0:
+                self._waiting[client] = left
+            else:
+                del self._waiting[client]
 
 
 def session_ids(cookie_header: str) -> list[str]:

@@ -228,18 +228,33 @@ async def test_a_session_expires() -> None:
 
 
 async def test_guessing_is_serialised_and_bounded(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crowd of wrong guesses at once: one check at a time, the overflow refused at once, and the
-    right password still works afterwards. (The delay is shortened to keep the test quick.)"""
+    """A crowd of wrong guesses at once from many addresses: one check at a time, the overflow
+    refused at once, and the right password still works afterwards. (The delay is shortened to
+    keep the test quick.)"""
     monkeypatch.setattr(webauth, "LOGIN_FAIL_DELAY", 0.2)
     crowd = webauth.LOGIN_MAX_WAITING + 4
     started = time.monotonic()
-    answers = await asyncio.gather(*(request(port, req("POST", "/login", body=login_body(f"guess{i}")))
-                                     for i in range(crowd)))
+    answers = await asyncio.gather(*(request(port, req("POST", "/login", body=login_body(f"guess{i}")),
+                                             source=f"127.0.4.{i + 1}") for i in range(crowd)))
     codes = sorted(code for code, _, _ in answers)
     assert codes == [401] * webauth.LOGIN_MAX_WAITING + [429] * 4
     assert time.monotonic() - started >= webauth.LOGIN_MAX_WAITING * 0.2
     assert all("Set-Cookie" not in headers and no_data(body) for _, headers, body in answers)
     await log_in(port)
+
+
+async def test_one_guessing_address_cannot_lock_the_admin_out(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, one client keeping the queue full (8 waiting) gave everyone else 429: the admin was
+    locked out for as long as it kept guessing. Now one address holds at most its share."""
+    monkeypatch.setattr(webauth, "LOGIN_FAIL_DELAY", 0.2)
+    guesses = [asyncio.create_task(request(port, req("POST", "/login", body=login_body(f"g{i}")), source="127.0.5.1"))
+               for i in range(webauth.LOGIN_MAX_WAITING + 2)]
+    # a 429 for the guesser means its share of the queue is taken: the admin comes after it
+    await asyncio.wait(guesses, return_when=asyncio.FIRST_COMPLETED)
+    code, headers, _ = await request(port, req("POST", "/login", body=login_body(PASSWORD)), source="127.0.5.2")
+    assert code == 303 and "qg_session=" in headers["Set-Cookie"]
+    codes = sorted(c for c, _, _ in await asyncio.gather(*guesses))
+    assert codes == [401] * webauth.LOGIN_PER_CLIENT + [429] * (len(guesses) - webauth.LOGIN_PER_CLIENT)
 
 
 @pytest.mark.parametrize(("raw", "code"), [

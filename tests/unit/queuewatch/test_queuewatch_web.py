@@ -13,8 +13,9 @@ from queueguard.web import LINE_LIMIT, MAX_HEADERS, start_web
 Status = Callable[[], dict[str, object]]
 
 
-async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def request(port: int, raw: bytes, source: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    """One HTTP exchange from `source` (any loopback address: a client of its own)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     writer.write(raw)
     await writer.drain()
     data = await asyncio.wait_for(reader.read(), 10)
