@@ -133,7 +133,7 @@ def parse_request(attrs: Mapping[str, str]) -> PolicyRequest:
     if address and client_ip is None:
         raise BadRequest(f"bad client_address {address[:60]!r}")
     size_text = attrs.get("size", "")
-    if size_text and not size_text.isdigit():
+    if size_text and not (size_text.isascii() and size_text.isdigit()):  # '²' is a digit to str.isdigit
         raise BadRequest(f"bad size {size_text[:30]!r}")
     name = attrs.get("client_name", "")
     return PolicyRequest(

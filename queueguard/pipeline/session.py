@@ -90,6 +90,8 @@ class Session:
         self.conn = conn
         self.txn: Transaction | None = None
         self.in_data = False
+        self._data: asyncio.Task[Outcome] | None = None
+        """The end of the transaction once its message is in: it runs to its end (see `data`)."""
         self._relayed: RelayTransaction | None = None
 
     # --- connection ----------------------------------------------------------------------------
@@ -109,8 +111,11 @@ class Session:
         self.conn.helo = name
 
     async def close(self) -> None:
-        """The connection is gone; an open transaction ends with it (nothing was answered 250)."""
+        """The connection is gone; an open transaction ends with it (nothing was answered 250),
+        one whose message was in is settled first (`data`)."""
         try:
+            if self._data is not None and not self._data.done():
+                await asyncio.wait([self._data])
             await self.end(End.CLIENT_GONE)
         finally:
             for check in self.pipeline.connect_checks:
@@ -146,10 +151,20 @@ class Session:
         return ACCEPT
 
     async def data(self, raw: bytes) -> Outcome:
-        """The end of DATA: everything from the message bytes to the transaction's end."""
+        """The end of DATA: everything from the message bytes to the transaction's end.
+
+        It runs to its end even when the front end's wait is cancelled (the client closed the
+        connection right after its final dot, and aiosmtpd cancels the session): the downstream
+        may have the message already, so the transaction is settled as what it became (budgets
+        charged, the real outcome logged), never ended as if nothing was sent. (A client that
+        left without our 250 retries, as after any lost reply: SMTP's duplicate, not a loss.)"""
         txn = self.txn
         if txn is None:
             return Outcome(INTERNAL_ERROR)
+        self._data = asyncio.get_running_loop().create_task(self._settle(txn, raw))
+        return await asyncio.shield(self._data)
+
+    async def _settle(self, txn: Transaction, raw: bytes) -> Outcome:
         self.in_data = True
         started = time.monotonic()
         txn.size = len(raw)
@@ -187,7 +202,10 @@ class Session:
 
     async def end(self, why: End) -> Verdict | None:
         """The open transaction ends without a data verdict (nothing was answered 250); returns
-        the reply owed to the client, if any (an oversized message gets 552)."""
+        the reply owed to the client, if any (an oversized message gets 552). One whose message
+        is in is settled by `data`, not here."""
+        if self._data is not None and not self._data.done():
+            return None
         txn, self.txn = self.txn, None
         if txn is None:
             return None

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from queueguard import metrics
-from queueguard.model import RuleHit, Transaction
+from queueguard.model import RuleHit, Transaction, canonical_address, without_extension
 from queueguard.policy.keys import key_value
 from queueguard.policy.match import rule_applies
 from queueguard.policy.schema import Mode, Policy, RateLimitRule
@@ -70,6 +70,14 @@ def applicable(policy: Policy, txn: Transaction, recipient: str) -> list[tuple[R
             if key is not None:
                 out.append((rule, f"{rule.name}:{key}"))
     return out
+
+
+def _again(policy: Policy, txn: Transaction, recipient: str) -> bool:
+    """This mailbox is already a recipient of the transaction: the MTA delivers the message to
+    it once, so it is counted once (ten RCPTs of info@ in one message used ten of its budget)."""
+    delimiters = policy.addresses.recipient_delimiter
+    mailbox = without_extension(canonical_address(recipient), delimiters)
+    return any(without_extension(canonical_address(r), delimiters) == mailbox for r in txn.recipients)
 
 
 def ask(rule: RateLimitRule, key: str) -> Ask:
@@ -158,6 +166,8 @@ class RateLimitCheck:
         held = txn.check_data(_Reserved)
         held.on_error = policy.state.on_error
         await self._refund(held.settle(len(txn.recipients)), held.on_error)
+        if _again(policy, txn, ctx.recipient):
+            return NOTHING
         items = applicable(policy, txn, ctx.recipient)
         if not items:
             return NOTHING

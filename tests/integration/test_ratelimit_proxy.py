@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import smtplib
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from queueguard.harness.exim import Exim
 from queueguard.harness.guard import Guard
 from queueguard.harness.sink import RecordingSink
-from tests.components.flood import rcpt_as_written
+from tests.components.flood import rcpt_as_written, wait_for
 from tests.components.redis import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -140,3 +141,29 @@ def test_one_mailbox_spelled_many_ways_is_one_budget() -> None:
         codes = [rcpt_as_written(guard.port, spellings[i % len(spellings)], i) for i in range(3 * len(spellings))]
         assert codes == [250] * BURST + [451] * (len(codes) - BURST), list(zip(codes, spellings * 3, strict=True))
         assert len(final.wait_maildir("info", BURST)) == BURST
+
+
+def test_a_client_that_leaves_right_after_its_final_dot_is_still_charged(sink: RecordingSink) -> None:
+    """The downstream has the message once the final dot is relayed: a client that closes its
+    connection right after sending it (without waiting for our reply) must not get the delivery
+    free. It did: aiosmtpd cancelled the session, the transaction ended as `client_disconnected`
+    and its budget was given back while the downstream delivered (red team: 21 of 150 such
+    messages delivered past a limit of 2). The transaction now runs to its end."""
+    limit = "ratelimits:\n  - name: flood\n    key: recipient\n    rate: 2/1h\n    action: tempfail\n"
+    sink.behaviour.data_delay = 0.5  # the downstream takes its time over the message
+    with Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}, {"limits.yaml": limit}) as guard:
+        with socket.create_connection(("127.0.0.1", guard.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO c.example\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            s.sendall(b"MAIL FROM:<a@client.example>\r\nRCPT TO:<info@dest.example>\r\nDATA\r\n")
+            assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+            s.sendall(b"Subject: hit and run\r\n\r\nbody\r\n.\r\n")
+            s.shutdown(socket.SHUT_WR)
+        assert sink.wait_count(1) == 1
+        wait_for("the transaction's end in the log", lambda: "reason=" in "".join(guard.message_lines()))
+        assert "reason=ok" in guard.log() and "reason=client_disconnected" not in guard.log()
+        codes = [send(guard.port, ["info@dest.example"], n)["info@dest.example"] for n in range(2)]
+        assert codes == [250, 451]  # the first message took one of the two

@@ -260,3 +260,11 @@ async def test_internal_error_and_timeout_defer(check: Raises, expected: str, mo
         assert await ask(s.port, rcpt("bob@test.example")) == [expected]
     finally:
         await s.stop()
+
+
+def test_a_size_of_digits_str_isdigit_accepts_but_int_does_not_is_a_bad_request() -> None:
+    from queueguard.frontends.policy_socket import BadRequest, parse_request
+
+    with pytest.raises(BadRequest, match="bad size"):
+        parse_request({"request": "smtpd_access_policy", "protocol_state": "RCPT", "size": "\u00b2",
+                       "client_address": "192.0.2.1", "recipient": "a@example.org"})

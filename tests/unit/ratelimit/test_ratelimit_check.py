@@ -327,3 +327,14 @@ async def test_reconciling_that_fails_keeps_it_owed() -> None:
     clock.t += 5
     assert await message(check, policy, "x@example.org") == ["250"]
     assert [(o.key, o.increment) for o in store.reconciled] == [("flood:info@example.org", 720.0)]
+
+
+async def test_one_mailbox_named_twice_in_a_message_counts_once() -> None:
+    """The MTA delivers a message once to a mailbox however often RCPT names it (any spelling):
+    ten RCPTs of info@ in one message used ten of its budget, the whole burst for everyone."""
+    check = RateLimitCheck(MemoryStore(), clock=Clock())
+    policy = make_policy({"name": "flood"})
+    assert await message(check, policy, "info@example.org", '"info"@example.org', "INFO@example.org",
+                         "info(x)@example.org") == ["250"] * 4
+    assert await message(check, policy, "info@example.org") == ["250"]
+    assert (await message(check, policy, "info@example.org"))[0].startswith("451")
