@@ -107,7 +107,7 @@ class RuleHit:
 
 
 _ROUTE = re.compile(r"@(?:\[[^\]]*\]|[^,:\[\]])*(?:,@(?:\[[^\]]*\]|[^,:\[\]])*)*:")
-_PLAIN = frozenset('"()\\ \t')
+_PLAIN = frozenset('"()\\ \t%!')
 
 
 def _unquote(text: str) -> str | None:
@@ -148,7 +148,9 @@ def canonical_address(address: str) -> str:
     Postfix deliver `info@`, `"info"@`, `"in\\fo"@`, `in\\fo@`, `info(x)@`, `INFO@` and
     `@any.relay:info@` to one mailbox (Postfix hands a milter the address as the client wrote
     it): a rate-limit key or a list entry that told them apart would give a flood as many budgets
-    as its sender can spell the address. (A trailing dot in the domain is stripped as Postfix does.)
+    as its sender can spell the address. Postfix, by default, also routes `info%example.org@mx`
+    and `example.org!info@mx` to info@example.org (Exim refuses both). A trailing dot in the
+    domain is stripped as Postfix does.
     """
     a = address.strip().strip("<>").strip()
     if _PLAIN.isdisjoint(a) and a[:1] != "@" and a[-1:] != ".":
@@ -160,6 +162,10 @@ def canonical_address(address: str) -> str:
     local, at, domain = a.rpartition("@")
     if not at:
         return a.lower()
+    if "!" in local:  # UUCP bang path, host!user: Postfix's swap_bangpath (on by default)
+        *_, domain, local = local.split("!")
+    if "%" in local:  # user%domain: Postfix's allow_percent_hack (on by default)
+        local, domain = local.split("%")[:2]
     return f"{local}@{domain.rstrip('.')}".lower()
 
 
