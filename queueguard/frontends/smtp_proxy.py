@@ -231,7 +231,9 @@ class QueueguardSMTP(SMTP):
             end = work.find(b"\r\n.\r\n", scanned)
             if end >= 0:
                 break
-            if limit and len(work) - 6 > limit:  # the last 4 bytes may begin the terminator
+            # the limit is on the message, not on the wire: dot-stuffing adds at most a byte to a
+            # 3-byte line (4/3), and the last 4 bytes may begin the terminator
+            if limit and len(work) - 6 > limit * 4 // 3:
                 too_much = True
                 del work[:-4]  # only a terminator split across reads is left to find
             scanned = max(0, len(work) - 4)
@@ -241,10 +243,14 @@ class QueueguardSMTP(SMTP):
             work += chunk
         if rest := work[end + 5:]:  # commands pipelined after the data: back in front of the reader
             self._reader._buffer[:0] = rest  # type: ignore[attr-defined]
-        if too_much or (limit and end > limit):
+        if too_much:
             return End.OVERSIZE
         del work[end + 2:]
-        return bytes(work.replace(b"\r\n.", b"\r\n"))[2:]
+        if work.find(b"\r\n.") >= 0:  # dot-stuffed lines (the virtual line end finds a first one too)
+            work = work.replace(b"\r\n.", b"\r\n")
+        if limit and len(work) - 2 > limit:
+            return End.OVERSIZE
+        return bytes(memoryview(work)[2:])  # one copy: a message costs about twice its size here
 
 
 class ProxyHandler:

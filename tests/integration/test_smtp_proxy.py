@@ -220,14 +220,15 @@ def test_oversized_message_552_5_3_4() -> None:
 
 def test_a_message_at_the_size_limit_passes_however_its_final_dot_is_split() -> None:
     """The limit is the message's size, not the bytes read so far: a terminator split across reads
-    (`.` or `.<CR>` in one, the rest in the next) is no data. Counted as data, a message of exactly
-    the limit got a permanent 552 (red-team review)."""
-    message = b"Subject: at the limit\r\n\r\n" + b"z" * 70 + b"\r\n"
+    (`.` or `.<CR>` in one, the rest in the next) is no data, and neither are the dots stuffed into
+    lines that start with one. Counted as data, a message of exactly the limit got a permanent 552
+    (red-team review)."""
+    message = b"Subject: at the limit\r\n\r\n" + b"z" * 70 + b"\r\n" + b".\r\n" * 20  # stuffed on the wire
     for split in (b"\r\n.", b"\r\n.\r"):
         with RecordingSink() as sink, Guard({"smtp": {"max_message_size": len(message)},
                                              "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
             with _in_data(g.port, b"MAIL FROM:<a@client.example>\r\nRCPT TO:<bob@test.example>\r\nDATA\r\n") as s:
-                s.sendall(message[:-2] + split)
+                s.sendall(message[:-2].replace(b"\r\n.", b"\r\n..") + split)
                 time.sleep(0.3)  # the guard reads what came so far before the rest is sent
                 s.sendall(b"\r\n.\r\n"[len(split):] + b"QUIT\r\n")
                 assert _codes(s, 2) == [b"250", b"221"], split

@@ -9,7 +9,7 @@ import pytest
 
 from queueguard.pipeline.hygiene import smuggling_verdict
 from queueguard.pipeline.session import from_downstream as _from_downstream
-from queueguard.relay import Reply, dot_stuff, proxy_header
+from queueguard.relay import Reply, data_parts, dot_stuff, proxy_header
 from queueguard.verdict import Action
 
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -73,3 +73,12 @@ def test_smuggling_detects_bare_cr_and_lf(body: bytes) -> None:
 
 def test_clean_crlf_message_passes_smuggling_check() -> None:
     assert smuggling_verdict(b"Subject: x\r\n\r\nline\r\n\r\nmore\r\n") is None
+
+
+@pytest.mark.parametrize("raw", [b"Subject: x\r\n\r\nplain\r\n", b".lead\r\n", b"a\r\n.b\r\n", b"no end",
+                                 b"a\nb\r\n", b"a\x00b\r\n", b""])
+def test_data_parts_are_dot_stuff_in_two(raw: bytes) -> None:
+    message, end = data_parts(raw)
+    assert message + end == dot_stuff(raw)
+    if raw == b"Subject: x\r\n\r\nplain\r\n":
+        assert message is raw  # the everyday message is not copied
