@@ -58,7 +58,8 @@ class ConnectionLimits:
 
     async def on_connect(self, conn: Connection, policy: Policy) -> StageResult:
         limits, ip = policy.connections, conn.client_ip
-        if ip is None or self._exempt(policy, conn):
+        conn.trusted = ip is not None and self._exempt(policy, conn)
+        if ip is None or conn.trusted:
             return NOTHING
         address, network = str(ip), network_of(ip, limits)
         why = self._over(limits, address, network)

@@ -41,6 +41,9 @@ class Connection:
     tls: bool = False
     authenticated: str | None = None
     frontend: str = "smtp"
+    trusted: bool = False
+    """The client is one the policy never limits at the door (`connections.unless`: our own
+    networks): no connection limit, and no cap on its share of a downstream's connections."""
     id: str = field(default_factory=new_id)
 
 

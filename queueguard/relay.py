@@ -41,6 +41,8 @@ SLOT_WAIT = 10.0
 #: A reply line: code 2xx-5xx (second digit 0-5), then a space, a hyphen or the end of the line.
 _REPLY_LINE = re.compile(r"[2-5][0-5][0-9](?:[ -]|$)")
 MAX_BACKOFF_FACTOR = 8
+CLIENT_SHARE = 4
+"""A client network holds at most 1/CLIENT_SHARE of a downstream's connections at once."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,13 @@ class RecipientLost(DownstreamError):
 
 class DownstreamBusy(DownstreamError):
     """Every connection slot toward this downstream stayed taken for SLOT_WAIT: not a failure of it."""
+
+
+def _network(ip: IPAddress | None) -> str:
+    """The client network a downstream share is counted by: /24 for IPv4, /64 for IPv6."""
+    if ip is None:
+        return ""
+    return str(ipaddress.ip_network((ip, 24 if ip.version == 4 else 64), strict=False))
 
 
 def proxy_header(version: str, client_ip: IPAddress | None, client_port: int, local: tuple[str, int]) -> bytes:
@@ -144,6 +153,8 @@ class SmtpConnection:
         self.last_used = time.monotonic()
         self.broken = False
         self.uses = 0
+        self.holder: tuple[str, asyncio.Semaphore] | None = None
+        """The client network whose transaction holds this connection now, and its share (Downstream.share)."""
 
     async def read_reply(self, timeout: float = COMMAND_TIMEOUT) -> Reply:
         """One reply, strictly (RFC 5321 4.2): anything else breaks the connection with a
@@ -250,6 +261,11 @@ class Downstream:
         self.clock = clock
         self.data_timeout = data_timeout
         self.slots = asyncio.Semaphore(spec.max_connections)
+        self.share = max(1, spec.max_connections // CLIENT_SHARE)
+        """Connections one client network may hold: a transaction holds its connection from its
+        first accepted RCPT to the end of its data, so a few clients trickling their data a byte
+        at a time (or idling after RCPT) held all of them, and every other sender got 451."""
+        self.held: dict[str, asyncio.Semaphore] = {}
         self.idle: list[SmtpConnection] = []
         self.failures = 0
         self.retry_at = 0.0
@@ -277,12 +293,25 @@ class Downstream:
         return str(client.client_ip) if self.spec.proxy_protocol != "none" else None
 
     async def acquire(self, client: Connection) -> SmtpConnection:
-        """A ready connection (reused when possible); holds one concurrency slot until release()."""
+        """A ready connection (reused when possible); holds one concurrency slot, and one of its
+        client network's share, until release()."""
+        holder = _network(client.client_ip)
+        own = None if client.trusted else self.held.get(holder)
+        if own is None and not client.trusted:
+            own = self.held[holder] = asyncio.Semaphore(self.share)
         try:
             async with asyncio.timeout(SLOT_WAIT):
-                await self.slots.acquire()
+                if own is not None:
+                    await own.acquire()
+                try:
+                    await self.slots.acquire()
+                except BaseException:
+                    self._give_back(holder, own)
+                    raise
         except TimeoutError:
-            raise DownstreamBusy(f"{self.name}: all {self.spec.max_connections} connections busy") from None
+            which = "this client's share" if own is not None and own.locked() else f"all {self.spec.max_connections}"
+            self._forget(holder, own)
+            raise DownstreamBusy(f"{self.name}: {which} of its connections busy") from None
         try:
             key = self._pool_key(client)
             self._expire(time.monotonic())
@@ -291,17 +320,24 @@ class Downstream:
                 if conn.key == key:
                     del self.idle[i]
                     if not conn.broken and not conn.reader.at_eof():
+                        conn.holder = None if own is None else (holder, own)
                         return conn
                     self._discard(conn)
-            return await self._connect(client, key)
+            conn = await self._connect(client, key)
         except BaseException:
             self.slots.release()
+            self._give_back(holder, own)
             raise
+        conn.holder = None if own is None else (holder, own)
+        return conn
 
     def release(self, conn: SmtpConnection, *, reusable: bool) -> None:
         """Back to the idle list (oldest first), which holds at most max_connections across all
         client addresses: a wave from ever new addresses recycles the oldest, never grows it."""
         self.slots.release()
+        if conn.holder is not None:
+            self._give_back(*conn.holder)
+            conn.holder = None
         conn.uses += 1
         if not reusable or conn.broken:
             self._discard(conn)
@@ -311,6 +347,16 @@ class Downstream:
         self._expire(conn.last_used)
         while len(self.idle) > self.spec.max_connections:
             self._discard(self.idle.pop(0))
+
+    def _give_back(self, holder: str, own: asyncio.Semaphore | None) -> None:
+        if own is not None:
+            own.release()
+            self._forget(holder, own)
+
+    def _forget(self, holder: str, own: asyncio.Semaphore | None) -> None:
+        """Drop a share nobody holds or waits for: the table is bounded by the networks in flight."""
+        if own is not None and self.held.get(holder) is own and own._value == self.share and not own.locked():
+            del self.held[holder]
 
     def _expire(self, now: float) -> None:
         while self.idle and now - self.idle[0].last_used >= IDLE_TIMEOUT:

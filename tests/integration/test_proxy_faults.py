@@ -207,3 +207,28 @@ def test_timeouts_idle_not_total_and_slow_downstream_gets_our_451() -> None:
         sink.behaviour.data_delay = 4.0  # downstream slower than our DATA timeout
         slow = _dialogue(g.port, 0, 0)
         assert slow.startswith(b"451"), slow
+
+
+def test_slow_clients_from_one_network_cannot_hold_every_downstream_connection() -> None:
+    """A transaction holds its downstream connection from its first accepted RCPT to the end of
+    its data. Clients that then idle, or trickle their data a byte at a time, held all of them,
+    and every other sender got `451 No downstream available` (red team: 16 such clients from one
+    address stopped all mail). A client network now holds at most a quarter of them: here 1 of 4."""
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}",
+                                                           "max_connections": 4}]}) as g:
+        slow = []
+        for i in range(4):
+            s = socket.create_connection(("127.0.0.1", g.port), source_address=(f"127.0.9.{i + 1}", 0), timeout=30)
+            slow.append(s)
+            s.recv(1024)
+            s.sendall(b"EHLO slow.example\r\nMAIL FROM:<s@slow.example>\r\nRCPT TO:<bob@test.example>\r\n")
+        first = slow[0].makefile("rb")
+        while not first.readline().startswith(b"250 2.1.5"):  # the first holds a connection now
+            pass
+        with smtplib.SMTP("127.0.0.1", g.port, source_address=("127.0.10.1", 0), timeout=30) as c:
+            started = time.monotonic()
+            assert c.sendmail("a@client.example", ["bob@test.example"], b"Subject: other\r\n\r\nx\r\n") == {}
+            assert time.monotonic() - started < 5  # not after the 10 s wait for a connection
+        assert sink.wait_count(1) == 1
+        for s in slow:
+            s.close()
