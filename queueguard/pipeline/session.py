@@ -153,15 +153,19 @@ class Session:
     async def data(self, raw: bytes) -> Outcome:
         """The end of DATA: everything from the message bytes to the transaction's end.
 
-        It runs to its end even when the front end's wait is cancelled (the client closed the
-        connection right after its final dot, and aiosmtpd cancels the session): the downstream
-        may have the message already, so the transaction is settled as what it became (budgets
-        charged, the real outcome logged), never ended as if nothing was sent. (A client that
-        left without our 250 retries, as after any lost reply: SMTP's duplicate, not a loss.)"""
+        When we relay (the proxy), it runs to its end even when the front end's wait is
+        cancelled (the client closed the connection right after its final dot, and aiosmtpd
+        cancels the session): the downstream may have the message already, so the transaction is
+        settled as what it became (budgets charged, the real outcome logged), never ended as if
+        nothing was sent. (A client that left without our 250 retries, as after any lost reply:
+        SMTP's duplicate, not a loss.) Behind a milter the MTA holds the message, and a
+        cancelled wait (its timeout answered 451) cancels the work as before."""
         txn = self.txn
         if txn is None:
             return Outcome(INTERNAL_ERROR)
         self._data = asyncio.get_running_loop().create_task(self._settle(txn, raw))
+        if self.pipeline.relay is None:
+            return await self._data
         return await asyncio.shield(self._data)
 
     async def _settle(self, txn: Transaction, raw: bytes) -> Outcome:
