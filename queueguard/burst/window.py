@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Protocol
@@ -196,16 +196,7 @@ class MemoryWindow:
         """The synchronous core of `link` (campaign.py's rules; campaign.lua does the same in Redis);
         the message counts `step` in its campaign."""
         horizon = now - period
-        found: dict[tuple[str, str], _Variant] = {}
-        checked: set[str] = set()
-        for key in seen.variant_keys:
-            for vid in self._links.get(hash((scope, key)), ()):
-                if vid in checked:
-                    continue
-                checked.add(vid)
-                v = self._variants.get(vid)
-                if v is not None and v.last >= horizon and (why := verdict(seen.signature, v.signature)):
-                    found[(vid, why)] = v
+        found = {(vid, why): v for vid, v, why in self._resembling(scope, seen, horizon)}
         for name, key in seen.signal_keys:
             for vid in self._links.get(hash((scope, key)), ()):
                 if (v := self._variants.get(vid)) is not None and v.last >= horizon:
@@ -264,10 +255,9 @@ class MemoryWindow:
     async def link(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign:
         return self.link_now(scope, seen, period, now)
 
-    def known(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign | None:
-        """The live campaign a copy of this message's variant is in here, without counting it."""
-        horizon = now - period
-        best: _Campaign | None = None
+    def _resembling(self, scope: str, seen: Sighting, horizon: float) -> Iterator[tuple[str, _Variant, str]]:
+        """(id, variant, verdict) of each live variant a variant key of this message points at
+        and its signature resembles, each looked at once (a wave's keys name the same few)."""
         checked: set[str] = set()
         for key in seen.variant_keys:
             for vid in self._links.get(hash((scope, key)), ()):
@@ -275,16 +265,21 @@ class MemoryWindow:
                     continue
                 checked.add(vid)
                 v = self._variants.get(vid)
-                if v is None or v.last < horizon or verdict(seen.signature, v.signature) not in (TEXT, SHAPE):
-                    continue
-                camp = self._root(v.campaign)
-                if camp is not None and camp.last >= horizon and (best is None or camp.first < best.first):
-                    best = camp
+                if v is not None and v.last >= horizon and (why := verdict(seen.signature, v.signature)):
+                    yield vid, v, why
+
+    def known(self, scope: str, seen: Sighting, period: float, now: float) -> Campaign | None:
+        """The live campaign a copy of this message's variant is in here, without counting it."""
+        horizon = now - period
+        best: _Campaign | None = None
+        for _, v, why in self._resembling(scope, seen, horizon):
+            camp = self._root(v.campaign) if why in (TEXT, SHAPE) else None
+            if camp is not None and camp.last >= horizon and (best is None or camp.first < best.first):
+                best = camp
         if best is None:
             return None
         return Campaign(best.id, best.first, window_sum(best.buckets, now, period), best.variants,
                         tuple(sorted(best.signals)))
-
 
     def adopt(self, scope: str, seen: Sighting, period: float, now: float, shared: Campaign) -> None:
         """Link the message here as well, and make the campaign it joins the shared one: its id,
