@@ -12,6 +12,7 @@ import os
 import random
 import re
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
@@ -156,7 +157,7 @@ def canonical_address(address: str) -> str:
     domain is stripped as Postfix does.
     """
     a = address.strip().strip("<>").strip()
-    if _PLAIN.isdisjoint(a) and a[:1] != "@" and a[-1:] != ".":
+    if _PLAIN.isdisjoint(a) and a[:1] != "@" and a[-1:] != "." and a.isascii():
         return a.lower()  # the common case, without the lexing
     route = _ROUTE.match(a)  # before unquoting: `"@x:victim"@example.org` is not victim's
     if route:
@@ -169,7 +170,25 @@ def canonical_address(address: str) -> str:
         *_, domain, local = local.split("!")
     if "%" in local:  # user%domain: Postfix's allow_percent_hack (on by default)
         local, domain = local.split("%")[:2]
-    return f"{local}@{domain.rstrip('.')}".lower()
+    return f"{local.lower()}@{ascii_domain(domain)}"
+
+
+_DOTS = str.maketrans({"\u3002": ".", "\uff61": "."})
+
+
+def ascii_domain(domain: str) -> str:
+    """A domain as DNS knows it: `BÜCHER.example.` -> `xn--bcher-kva.example`. SMTPUTF8 lets a
+    client write an internationalised domain as Unicode (in any case, composed or not, in
+    fullwidth letters) or as its A-label, and Postfix's UTS #46 conversion resolves them all to
+    one domain: keys and list entries must not tell them apart either. Unicode labels are mapped
+    roughly as UTS #46 does (NFKC, lower case, ideographic full stops as dots; ß kept, as
+    IDNA2008 has it) and Punycode-encoded."""
+    d = domain.rstrip(".").lower()
+    if d.isascii():
+        return d
+    d = unicodedata.normalize("NFKC", d).lower().translate(_DOTS).rstrip(".")
+    return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+                    for label in d.split("."))
 
 
 def without_extension(mailbox: str, delimiters: str) -> str:

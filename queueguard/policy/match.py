@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from queueguard.model import IPAddress, Transaction, canonical_address, without_extension
+from queueguard.model import IPAddress, Transaction, ascii_domain, canonical_address, without_extension
 from queueguard.policy.schema import Condition, ListRef, Policy, RuleBase
 
 _GLOB_CHARS = frozenset("*?[")
@@ -73,11 +73,11 @@ class AddressMatcher:
             if _GLOB_CHARS & set(e):
                 globs.append(e)
             elif e.startswith("@"):
-                at_domains.add(e[1:].rstrip("."))
+                at_domains.add(ascii_domain(e[1:]))
             elif "@" in e:
                 exact.add(canonical_address(e))  # spelled as the addresses it is compared with
             else:
-                domains.add(e.strip("."))
+                domains.add(ascii_domain(e.lstrip(".")))
         return cls(frozenset(exact), frozenset(at_domains), frozenset(domains), _glob_regex(globs), delimiters)
 
     def __call__(self, address: str) -> bool:

@@ -76,6 +76,25 @@ def test_one_mailbox_is_one_key_however_it_is_spelled(spelling: str) -> None:
     assert key_value("sender+sender_domain", txn(spelling), "x@y.example") == "info@example.org|example.org"
 
 
+@pytest.mark.parametrize("spelling", [
+    "info@bücher.example", "INFO@BÜCHER.example", "info@xn--bcher-kva.example", "info@XN--BCHER-KVA.example.",
+    "info@bu\u0308cher.example", "info@\uff42\u00fccher\uff0eexample", "info@bücher\u3002example",
+    '"info"@bücher.example',
+])
+def test_an_internationalised_domain_is_one_key_however_it_is_written(spelling: str) -> None:
+    """With SMTPUTF8 a client may write a domain as Unicode (any case, composed or decomposed,
+    fullwidth) or as its A-label; Postfix's UTS #46 conversion resolves all of them to one domain,
+    so a flood alternating them gets one budget."""
+    assert key_value("recipient", txn(), spelling) == "info@xn--bcher-kva.example"
+    assert key_value("sender_domain", txn(spelling), "x@y.example") == "xn--bcher-kva.example"
+
+
+def test_distinct_internationalised_names_stay_distinct() -> None:
+    """ß is its own letter in IDNA2008 (faß.de is not fass.de); local parts are left as written."""
+    assert key_value("recipient", txn(), "info@faß.de") == "info@xn--fa-hia.de"
+    assert key_value("recipient", txn(), "jörg@example.org") != key_value("recipient", txn(), "jorg@example.org")
+
+
 def test_distinct_mailboxes_stay_distinct() -> None:
     values = {key_value("recipient", txn(), r) for r in
               ['"a b"@example.org', "ab@example.org", '"a@b"@example.org', "b@example.org", "info@example.net"]}

@@ -177,6 +177,9 @@ def test_list_entries_are_spelled_as_the_addresses_they_are_compared_with() -> N
     m = AddressMatcher.build(['"john doe"@example.org', "user@example.org.", "@example.net.", "example.com."])
     assert m('"John Doe"@Example.org') and m("<user@example.org>")
     assert m("a@example.net") and m("b@sub.example.com") and not m("john@example.org")
+    idn = AddressMatcher.build(["bücher.example", "@faß.de", "info@BÜCHER.example"])
+    assert idn("x@sub.xn--bcher-kva.example") and idn("x@XN--FA-HIA.de") and idn("info@xn--bcher-kva.example")
+    assert AddressMatcher.build(["xn--bcher-kva.example"])("x@Bücher.example")
 
 
 def test_lists_and_patterns_see_past_an_address_extension_when_the_policy_names_a_delimiter() -> None:
