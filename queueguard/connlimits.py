@@ -9,9 +9,9 @@ rate limit is ever asked. At connect time (before the greeting):
 Clients matching `connections.unless` (e.g. the trusted networks) are never
 limited. Open connections are counted for the host: with `workers: N` every
 worker adds its own to one mapped table (host_counts.py), since the kernel
-spreads one client's connections over all of them. The rate is per process
-(one GCRA time per address, dropped once idle). Memory stays bounded by what
-is connected.
+spreads one client's connections over all of them; the rate too (one GCRA
+time per address, in the same file). Serving alone, a process keeps both in
+dicts, the times dropped once idle. Memory stays bounded by what is connected.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ class ConnectionLimits:
         if limits.rate_per_ip is not None:
             limit = Limit(limits.rate_per_ip.period / limits.rate_per_ip.count, limits.rate_per_ip.count)
             now = self.clock()
+            if self.host is not None:
+                return None if self.host.take(f"rate:{address}", now, limit) else "rate"
             self._expire(now)
             tat = self._tats.get(address)
             if not decide(tat, now, limit).allowed:

@@ -13,36 +13,45 @@ counted in one counter per array, read as the smallest sum. Collisions can only 
 looks busier, never idler), and reaching a limit by collision needs other clients' connections
 in the same counter of every array at once, under a hash keyed with a per-host random salt that
 senders cannot aim at. 2 x 65,536 counters x 4 bytes: 512 KiB per worker.
+
+The connection rate per client (`rate_per_ip`) is shared the same way: after the rows, one table
+of GCRA times (TATs) that every worker reads and writes under an flock of the file, so a client
+gets one rate on the host, not one per worker. A key's TAT is the smallest over its DEPTH slots
+and an update raises each slot to at least the new TAT: collisions can only make a client look
+busier, never idler. 2 x 65,536 doubles: 1 MiB per host.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import mmap
 import os
 import secrets
 from pathlib import Path
 
+from queueguard.ratelimit.gcra import Limit, advance, decide
+
 DEPTH = 2
 WIDTH = 1 << 16
 SALT = 16
 ROW = DEPTH * WIDTH * 4
+TATS = DEPTH * WIDTH * 8
 
 
 class HostCounts:
     """This worker's view of the host's counts: `add` to its own row, `get` over all rows."""
 
     def __init__(self, path: Path, index: int) -> None:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            self._map = mmap.mmap(fd, 0)
-        finally:
-            os.close(fd)
+        self._fd = os.open(path, os.O_RDWR)
+        self._map = mmap.mmap(self._fd, 0)
         self._salt = bytes(self._map[:SALT])
-        self._rows = (len(self._map) - SALT) // ROW
+        self._rows = (len(self._map) - SALT - TATS) // ROW
         if not 0 <= index < self._rows:
+            os.close(self._fd)
             raise ValueError(f"worker {index} has no row in {path} ({self._rows} rows)")
-        self._counts = memoryview(self._map)[SALT:].cast("i")
+        self._counts = memoryview(self._map)[SALT:SALT + self._rows * ROW].cast("i")
+        self._tats = memoryview(self._map)[SALT + self._rows * ROW:].cast("d")
         self._own = index * DEPTH * WIDTH
         self._counts[self._own:self._own + DEPTH * WIDTH] = memoryview(bytes(ROW)).cast("i")
 
@@ -51,7 +60,7 @@ class HostCounts:
         """The zeroed file for `workers` rows, with a fresh salt (by the supervisor, before any worker)."""
         with open(path, "wb") as f:
             f.write(secrets.token_bytes(SALT))
-            f.truncate(SALT + workers * ROW)
+            f.truncate(SALT + workers * ROW + TATS)
         return path
 
     @staticmethod
@@ -74,6 +83,25 @@ class HostCounts:
         step = DEPTH * WIDTH
         return min(sum(self._counts[row * step + slot] for row in range(self._rows)) for slot in self._slots(key))
 
+    def take(self, key: str, now: float, limit: Limit) -> bool:
+        """One event for `key` if `limit` allows it now, for the whole host: decided and recorded
+        under the file's lock, so two workers cannot both take the last place. `now` is
+        time.monotonic(), one clock for every process of the host."""
+        slots = self._slots(key)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            tat = min(self._tats[slot] for slot in slots) or None
+            if not decide(tat, now, limit).allowed:
+                return False
+            new = advance(tat, now, limit)
+            for slot in slots:
+                self._tats[slot] = max(self._tats[slot], new)
+            return True
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
     def close(self) -> None:
         self._counts.release()
+        self._tats.release()
         self._map.close()
+        os.close(self._fd)

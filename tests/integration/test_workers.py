@@ -322,3 +322,23 @@ def test_connection_limits_count_a_client_over_every_worker(redis: RedisServer) 
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         assert sink.wait_count(1) == 1
+
+
+def test_the_connection_rate_is_one_for_the_host(redis: RedisServer) -> None:
+    """`rate_per_ip` with two workers: the kernel spreads a client's new connections over both,
+    and each worker keeping its own rate let through twice the rate. One rate for the host."""
+    policy = "connections:\n  rate_per_ip: 4/1h\n"
+    with RecordingSink() as sink, Guard({"workers": 2, "state": redis.url,
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]},
+                                        {"connections.yaml": policy}) as guard:
+        assert guard.proc is not None
+        wait_for("two workers", lambda: len(children(guard.proc.pid)) == 2)
+        seen: set[str] = set()
+        wait_for("both workers answering", lambda: seen.add(status(guard)["worker"]) or seen == {"0/2", "1/2"})
+        lines = []
+        for _ in range(24):
+            with socket.create_connection(("127.0.0.1", guard.port), source_address=("127.0.0.10", 0),
+                                          timeout=10) as s:
+                lines.append(s.makefile("rb").readline())
+        assert sum(line.startswith(b"220 ") for line in lines) == 4, lines
+        assert sum(line.startswith(b"421 4.7.0 Too many new connections") for line in lines) == 20, lines
