@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from queueguard.logging_setup import visible
 from queueguard.mime import parse_message
@@ -27,6 +27,9 @@ from queueguard.policy.units import parse_duration
 from queueguard.quarantine.protocol import QuarantineError
 from queueguard.quarantine.store import Entry, Filter, InvalidId, QuarantineStore, iso
 from queueguard.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from queueguard.relay import Relay
 
 PROGRESS_EVERY = 100
 
@@ -299,24 +302,52 @@ async def _deliver_all(settings: Settings, store: QuarantineStore, entries: list
     ok = failed = 0
     try:
         for i, e in enumerate(entries, 1):
-            txn = _transaction(e)
             try:
-                result = await relay.deliver(txn.connection, txn.sender, txn.recipients, store.raw(e.id), txn.route)
-                success, reply, downstream = result.ok, result.reply, result.downstream
-            except Exception as exc:  # any failure keeps the message; say why
-                success, reply, downstream = False, f"{type(exc).__name__}: {exc}", ""
-            if success:
-                store.mark_released(e.id, reply, downstream)
-                ok += 1
-                say(f"{e.id}: released via {downstream}: {reply}")
-            else:
-                store.count_failed_release()
+                with store.claimed(e.id) as mine:
+                    outcome = await _deliver_one(relay, store, e.id) if mine else None
+                    if not mine:
+                        say(f"{e.id}: being released by another command, skipped")
+                    elif outcome is not None:
+                        ok, failed = ok + outcome, failed + (not outcome)
+            except (OSError, QuarantineError) as exc:  # this entry only; the others are still tried
                 failed += 1
-                say(f"{e.id}: NOT released, kept in quarantine: {reply}")
+                say(f"{e.id}: NOT released: {exc}")
             _progress(i, len(entries), "released")
     finally:
         relay.close()
     return ok, failed
+
+
+async def _deliver_one(relay: Relay, store: QuarantineStore, qid: str) -> bool | None:
+    """Deliver one claimed entry as its metadata file has it now (it may have been released or
+    deleted since it was selected): True when released; None when there was nothing to do;
+    False when it stays in quarantine, or was delivered but could not be marked released (which
+    must not go unsaid: releasing it again delivers it again)."""
+    entry = store.get(qid)
+    if entry is None:
+        say(f"{qid}: deleted meanwhile, skipped")
+        return None
+    if entry.released is not None:
+        say(f"{qid}: already released {iso(entry.released)}, skipped")
+        return None
+    txn = _transaction(entry)
+    try:
+        result = await relay.deliver(txn.connection, txn.sender, txn.recipients, store.raw(qid), txn.route)
+        success, reply, downstream = result.ok, result.reply, result.downstream
+    except Exception as exc:  # any failure keeps the message; say why
+        success, reply, downstream = False, f"{type(exc).__name__}: {exc}", ""
+    if not success:
+        store.count_failed_release()
+        say(f"{qid}: NOT released, kept in quarantine: {reply}")
+        return False
+    try:
+        store.mark_released(qid, reply, downstream)
+    except (OSError, QuarantineError) as exc:
+        say(f"{qid}: DELIVERED via {downstream} ({reply}) but not marked released: {exc}; "
+            f"do not release it again (delete it once the quarantine can be written)")
+        return False
+    say(f"{qid}: released via {downstream}: {reply}")
+    return True
 
 
 def _transaction(e: Entry) -> Transaction:

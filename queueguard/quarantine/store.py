@@ -33,6 +33,7 @@ import contextlib
 import email.parser
 import email.policy
 import errno
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -444,7 +445,12 @@ class QuarantineStore:
         return _entry(meta)
 
     def raw(self, qid: str) -> bytes:
-        return self.paths(qid)[0].read_bytes()
+        """The message as stored; QuarantineError when it cannot be read (deleted meanwhile)."""
+        path = self.paths(qid)[0]
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise QuarantineError(f"{path}: {e.strerror or e}") from e
 
     def list(self, flt: Filter | None = None) -> list[Entry]:
         """Entries from the index, oldest first."""
@@ -467,8 +473,32 @@ class QuarantineStore:
 
     # --- changing ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def claimed(self, qid: str) -> Iterator[bool]:
+        """An exclusive claim on an entry while it is released: two release commands at once (two
+        admins, a cron job) each delivered every message they both selected. An flock of a lock
+        file beside the entry (gone with the process that held it); False when another process
+        holds it. The holder re-reads the entry (get) before delivering: the metadata file, not
+        the index, says whether it was released meanwhile."""
+        lock = self.paths(qid)[0].with_name(f".{qid}.lock")
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:  # unlinked while still held: a later claimer opens a new file and re-reads the entry
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+        finally:
+            os.close(fd)
+
     def mark_released(self, qid: str, reply: str, downstream: str) -> None:
-        """Record a successful release in the metadata file (atomically) and the index."""
+        """Record a successful release in the metadata file (atomically) and the index; the file is
+        what counts (a stale index row is re-synced by recover())."""
         entry = self.get(qid)
         if entry is None:
             raise QuarantineError(f"no quarantine entry {qid}")
@@ -498,8 +528,9 @@ class QuarantineStore:
             meta_path.unlink()
         except FileNotFoundError:
             existed = False
-        with contextlib.suppress(FileNotFoundError):
-            eml.unlink()
+        for path in (eml, eml.with_name(f".{qid}.lock")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         with self._db() as db:
             cur = db.execute("DELETE FROM entries WHERE id = ?", (qid,))
             existed = existed or cur.rowcount > 0
@@ -509,12 +540,15 @@ class QuarantineStore:
 
     def recover(self) -> dict[str, int]:
         """Remove temporary files and orphans of crashed writes; index entries the index lacks;
-        drop index rows whose entry is gone. Returns what it did, by kind."""
+        re-sync rows that say held where the metadata file says released (a release whose index
+        update failed, e.g. on a full disk); drop index rows whose entry is gone. Returns what it
+        did, by kind."""
         self._ensure()
         done = {"indexed": 0, "dropped": 0, "removed": 0}
         now = time.time()
         with self._db() as db:
             known = {qid for (qid,) in db.execute("SELECT id FROM entries")}
+            held = {qid for (qid,) in db.execute("SELECT id FROM entries WHERE released IS NULL")}
         on_disk: set[str] = set()
         for shard in self.msg_dir.iterdir() if self.msg_dir.is_dir() else ():
             for f in shard.iterdir():
@@ -530,6 +564,11 @@ class QuarantineStore:
             for qid in on_disk - known:
                 entry = self.get(qid)
                 if entry is not None and self.paths(qid)[0].exists():
+                    self._index(db, entry.meta)
+                    done["indexed"] += 1
+            for qid in held & on_disk:
+                entry = self.get(qid)
+                if entry is not None and entry.released is not None:
                     self._index(db, entry.meta)
                     done["indexed"] += 1
             for qid in known - on_disk:

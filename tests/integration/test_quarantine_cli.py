@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -81,7 +83,7 @@ async def test_list_show_and_json(tmp_path: Path) -> None:
 
 async def test_bad_input_answers(tmp_path: Path) -> None:
     qdir = tmp_path / "q"
-    await fill(qdir)
+    ids = await fill(qdir)
     for args, needle in (
         (("show", "../../../etc/passwd"), "invalid quarantine id"),
         (("show", "0123456789abcdef"), "no quarantined message"),
@@ -93,6 +95,10 @@ async def test_bad_input_answers(tmp_path: Path) -> None:
         assert out.returncode == 2 and needle in out.stderr, (args, out.stderr)
     out = cli("list", qdir=tmp_path / "missing")
     assert out.returncode == 2 and "does not exist" in out.stderr
+    QuarantineStore(qdir).paths(ids[0])[0].unlink()  # the message file went (a purge racing `show`)
+    for args in (("show", ids[0]), ("show", "--raw", ids[0])):
+        out = cli(*args, qdir=qdir)
+        assert out.returncode == 1 and "No such file or directory" in out.stderr and "Traceback" not in out.stderr
 
 
 async def test_release_delivers_with_original_envelope_once(tmp_path: Path) -> None:
@@ -111,6 +117,66 @@ async def test_release_delivers_with_original_envelope_once(tmp_path: Path) -> N
         assert "already released" in again.stdout and len(sink.messages) == 1
         listed = cli("list", qdir=qdir).stdout
         assert f"{ids[0]}" in listed and "released" in listed
+
+
+def test_two_release_commands_at_once_deliver_each_message_once(tmp_path: Path) -> None:
+    """Two admins (or a cron job and an admin) releasing the same wave at once: each entry is
+    claimed by one command, which delivers it; the other skips it. Before, both delivered all."""
+    qdir = tmp_path / "q"
+    ids = asyncio.run(fill(qdir))
+    with RecordingSink() as sink:
+        sink.behaviour.data_delay = 0.5  # both commands select the same three before either marks one
+        settings = settings_for(tmp_path, sink.port)
+        argv = [sys.executable, "-m", "queueguard.cli", "quarantine", "release", "--quarantine", str(qdir),
+                "--settings", str(settings), "--rule", "mini-cooper-wave"]
+        runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                for _ in range(2)]
+        outs = [r.communicate(timeout=60)[0] for r in runs]
+        assert sorted(m.data.split(b"body ")[1][:1] for m in sink.messages) == [b"0", b"1", b"2"], outs
+        assert sum(o.count(": released via") for o in outs) == 3, outs
+        assert all(r.returncode == 0 for r in runs), outs
+    assert {e.id for e in QuarantineStore(qdir).list() if e.released is not None} == set(ids[:3])
+
+
+async def test_a_release_the_index_missed_is_not_delivered_again(tmp_path: Path) -> None:
+    """The metadata file says released but the index still says held (its update failed: a full
+    disk): a release by filter must not deliver it a second time, and the index is re-synced."""
+    qdir = tmp_path / "q"
+    ids = await fill(qdir)
+    store = QuarantineStore(qdir)
+    store.mark_released(ids[0], "250 2.0.0 OK queued", "127.0.0.1:25")
+    with store._db() as db:  # what the failed index update left behind
+        db.execute("UPDATE entries SET released = NULL, meta = ? WHERE id = ?",
+                   (json.dumps({**store.get(ids[0]).meta, "released": None}), ids[0]))  # type: ignore[union-attr]
+    with RecordingSink() as sink:
+        out = cli("release", "--rule", "mini-cooper-wave", settings=settings_for(tmp_path, sink.port), qdir=qdir)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "released 2 of 2" in out.stdout, out.stdout
+        assert sorted(m.data.split(b"body ")[1][:1] for m in sink.messages) == [b"1", b"2"]
+    held = [e.id for e in QuarantineStore(qdir).list() if e.released is None]
+    assert held == [ids[3]]
+
+
+def test_an_entry_deleted_during_its_release_does_not_stop_the_others(tmp_path: Path) -> None:
+    """An admin deletes the entry being delivered: it is said plainly (delivered, not marked), and
+    the command goes on with the rest (before: it stopped with a bare error, the rest untried)."""
+    qdir = tmp_path / "q"
+    ids = asyncio.run(fill(qdir))
+    with RecordingSink() as sink:
+        sink.behaviour.data_delay = 1.0
+        argv = [sys.executable, "-m", "queueguard.cli", "quarantine", "release", "--quarantine", str(qdir),
+                "--settings", str(settings_for(tmp_path, sink.port)), "--rule", "mini-cooper-wave"]
+        run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while sink.in_data == 0:  # the first message is in DATA at the sink
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.01)
+        assert QuarantineStore(qdir).delete(ids[0])
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 1, out + err
+        assert f"{ids[0]}: DELIVERED via" in out and "not marked released" in out, out
+        assert f"{ids[1]}: released via" in out and f"{ids[2]}: released via" in out, out
+        assert "released 2 of 3" in out and len(sink.messages) == 3
 
 
 async def test_release_never_smuggles_a_second_transaction(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from queueguard.harness.exim import LOCAL_DOMAIN, Exim
+from queueguard.quarantine.protocol import QuarantineError
 from queueguard.quarantine.store import QuarantineStore
 from queueguard.replay.alerts import AlertOutcome, evaluate
 from queueguard.replay.report import Summary, percentile
@@ -85,7 +86,7 @@ def quarantined_ids(directory: Path) -> tuple[list[str], list[str]]:
     for entry in store.list():
         try:
             raw = store.raw(entry.id)
-        except OSError:
+        except QuarantineError:
             broken.append(entry.id)
             continue
         mid = replay_id(raw)
