@@ -351,9 +351,11 @@ async def serve(settings: Settings) -> int:
         """Off the loop (YAML, validation, RE2 compiles), then the parts that derive state from it."""
         sdnotify.reloading()
         problems = await asyncio.to_thread(app.policies.reload)
-        if not problems:
-            app.policy_changed(app.policies.current())
-        sdnotify.ready("reload failed, running last good policy" if problems else "policy reloaded")
+        try:
+            if not problems:
+                app.policy_changed(app.policies.current())
+        finally:  # systemd waits for READY after RELOADING, whatever happened
+            sdnotify.ready("reload failed, running last good policy" if problems else "policy reloaded")
 
     loop.add_signal_handler(signal.SIGHUP, lambda: app.tasks.append(loop.create_task(reload())))
     loop.add_signal_handler(signal.SIGTERM, stopping.set)

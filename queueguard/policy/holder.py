@@ -69,6 +69,12 @@ class PolicyHolder:
                 self._signature = signature
                 self._report(e.issues)
                 return e.issues
+            except Exception as e:  # a loader bug or MemoryError must not end the watcher or a SIGHUP
+                log.exception("policy in %s could not be loaded", self.path)
+                self._signature = signature
+                issues = [PolicyIssue(str(self.path), 0, f"could not be loaded: {type(e).__name__}: {e}")]
+                self._report(issues)
+                return issues
             self._policy, self._signature = policy, signature
             self._loaded_at = self.clock()
             self._last_issues = []
@@ -110,7 +116,10 @@ class PolicyHolder:
             if dir_signature(self.path) != self._signature:
                 problems = await asyncio.to_thread(self.reload)
                 if not problems and on_change is not None:
-                    on_change(self.current())
+                    try:
+                        on_change(self.current())
+                    except Exception:  # the watcher must outlive it: the next save is reloaded too
+                        log.exception("applying the policy reloaded from %s failed", self.path)
 
 
 def describe(policy: Policy) -> str:

@@ -97,3 +97,36 @@ async def test_watch_reloads_when_a_file_changes(tmp_path: Path) -> None:
         assert holder.summary()["errors"] and holder.current().patterns
     finally:
         task.cancel()
+
+
+async def test_a_file_nested_too_deep_is_an_error_and_the_watcher_lives_on(tmp_path: Path) -> None:
+    """Thousands of `[` escaped the loader as RecursionError: the watcher task died silently, so
+    no later save was ever loaded, and the status page showed no error. Now it is a policy error
+    (the last good policy kept) and the next good save is loaded."""
+    (tmp_path / "a.yaml").write_text(GOOD)
+    holder = PolicyHolder(tmp_path)
+    holder.reload()
+    task = asyncio.create_task(holder.watch(interval=0.02))
+    try:
+        for deep in ("lists: {a: " + "[" * 3000 + "]" * 3000 + "}\n",
+                     "lists:\n  a:\n" + "".join("  " * (i + 2) + "-\n" for i in range(60)) + "  " * 62 + "- x\n"):
+            (tmp_path / "b.yaml").write_text(deep)
+            for _ in range(500):
+                if holder.summary()["errors"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert "nested deeper than 32 levels" in str(holder.summary()["errors"]), holder.summary()
+            assert not task.done()
+            (tmp_path / "b.yaml").write_text("patterns:\n  - name: p\n    subject: x\n")
+            for _ in range(500):
+                if holder.current().patterns:
+                    break
+                await asyncio.sleep(0.01)
+            assert [p.name for p in holder.current().patterns] == ["p"] and not holder.summary()["errors"]
+            (tmp_path / "b.yaml").unlink()
+            for _ in range(500):
+                if not holder.current().patterns:
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()

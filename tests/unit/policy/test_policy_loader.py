@@ -137,6 +137,17 @@ def test_regex_that_re2_refuses(tmp_path: Path) -> None:
     assert issue.line == 4 and "patterns[0].body: regex does not compile under RE2" in issue.message
 
 
+def test_a_regex_too_costly_for_every_message_is_refused(tmp_path: Path) -> None:
+    """RE2 is linear, but `.{0,1000}X.{0,1000}Y` outgrows its DFA memory: 4.5 s for one 200 KB
+    message any sender can write, with every session waiting. Refused, saying what to write."""
+    write(tmp_path, a_yaml="patterns:\n  - name: p\n    body: '.{0,1000}X.{0,1000}Y'\n")
+    issue = one_issue(tmp_path)
+    assert issue.line == 3 and "patterns[0].body: regex too costly" in issue.message
+    assert "program size 18006" in issue.message
+    write(tmp_path, a_yaml="patterns:\n  - name: p\n    body: '(?i)\\b(free|win)\\b.{0,200}\\bprize'\n")
+    assert load_policy_dir(tmp_path).patterns[0].name == "p"
+
+
 def test_catastrophic_backtracking_pattern_loads_and_matches_in_linear_time(tmp_path: Path) -> None:
     write(tmp_path, a_yaml="patterns:\n  - name: p\n    subject: '(a+)+$'\n")
     policy = load_policy_dir(tmp_path)
@@ -377,3 +388,31 @@ def test_a_bad_address_delimiter_is_refused_with_its_line(tmp_path: Path) -> Non
     write(tmp_path, a_yaml="addresses:\n  recipient_delimiter: 'a+'\n")
     issue = one_issue(tmp_path)
     assert issue.line == 2 and "punctuation characters only" in issue.message
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    """Nine lists of nine aliases, eight deep, in 500 bytes: as text it is 9**8 entries (writing
+    them out took 46 s and 3 GiB before MemoryError). It is a validation error, at once."""
+    levels = ["l0: &l0 [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"l{n}: &l{n} [" + ", ".join([f"*l{n - 1}"] * 9) + "]" for n in range(1, 9)]
+    text = "x:\n" + "".join(f"  {line}\n" for line in levels)
+    text += "lists:\n  bomb: *l8\nratelimits:\n  - name: r\n    key: recipient\n    rate: 1/1m\n"
+    text += "    only: {sender_in: bomb}\n"
+    write(tmp_path, a_yaml=text)
+    import time
+    started = time.monotonic()
+    found = issues_of(tmp_path)
+    assert time.monotonic() - started < 5
+    assert any("lists.bomb" in str(i) for i in found), [str(i) for i in found]
+
+
+def test_a_policy_file_link_that_leads_nowhere_is_an_error(tmp_path: Path) -> None:
+    """A deployment that links 20-rules.yaml to a file it has not rolled out yet (or a link loop)
+    loaded as a policy without those rules, silently."""
+    write(tmp_path, a_yaml=RULE)
+    (tmp_path / "20-rules.yaml").symlink_to(tmp_path / "missing" / "rules.yaml")
+    issue = one_issue(tmp_path)
+    assert issue.file.endswith("20-rules.yaml") and "No such file or directory" in issue.message
+    (tmp_path / "20-rules.yaml").unlink()
+    (tmp_path / "30-loop.yaml").symlink_to(tmp_path / "30-loop.yaml")
+    assert "Too many levels of symbolic links" in one_issue(tmp_path).message
