@@ -217,6 +217,7 @@ async def start(app: App, worker: WorkerId | None = None) -> tuple[list[Frontend
     """Open every listener and background task; returns the front ends and the web server. A
     worker other than 0 runs only what every worker needs (see queueguard/workers.py)."""
     from queueguard.web import start_web
+    from queueguard.webauth import from_settings
 
     s = app.settings
     started: list[Frontend] = []
@@ -224,7 +225,10 @@ async def start(app: App, worker: WorkerId | None = None) -> tuple[list[Frontend
         await frontend.start()
         started.append(frontend)
     host, port = split_hostport(s.metrics, 9925)
-    web = await start_web(host, port, app.status, s.status, reuse_port=worker is not None)
+    run_dir = os.environ.get(ENV_RUN_DIR) if worker is not None else None
+    access = from_settings(s.status, session_dir=Path(run_dir) / "sessions" if run_dir else None,
+                           processes=worker.count if worker is not None else 1)
+    web = await start_web(host, port, app.status, access, reuse_port=worker is not None)
     loop = asyncio.get_running_loop()
     app.tasks.append(loop.create_task(app.policies.watch(on_change=app.policy_changed)))
     app.tasks.append(loop.create_task(app.admission.governor.watch(lambda: app.policies.current().pressure,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import os
@@ -21,6 +22,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -114,40 +116,89 @@ class LoginBusy(Exception):
 
 @dataclass
 class Sessions:
-    """Random session ids kept by their SHA-256 (the table never holds a usable cookie), with expiry."""
+    """Random session ids kept by their SHA-256 (the table never holds a usable cookie), with expiry.
+
+    With `directory` (the workers' run directory) the table is a file per session there: the
+    kernel spreads an admin's requests over every worker, and a session one worker alone knew
+    was a 401 from the others (the page then sent the admin back to the login form)."""
 
     lifetime: float
     clock: Callable[[], float] = time.monotonic
+    """time.monotonic: one clock for every process of the host."""
+    directory: Path | None = None
     _expiry: dict[bytes, float] = field(default_factory=dict)
 
     def new(self) -> str:
         now = self.clock()
-        for k in [k for k, t in self._expiry.items() if t <= now]:
-            del self._expiry[k]
-        while len(self._expiry) >= MAX_SESSIONS:
-            del self._expiry[min(self._expiry, key=self._expiry.__getitem__)]
+        table = self._load()
+        for k in [k for k, t in table.items() if t <= now]:
+            self._forget(k)
+            del table[k]
+        while len(table) >= MAX_SESSIONS:
+            oldest = min(table, key=table.__getitem__)
+            self._forget(oldest)
+            del table[oldest]
         sid = secrets.token_urlsafe(32)
-        self._expiry[_digest(sid)] = now + self.lifetime
+        self._remember(_digest(sid), now + self.lifetime)
         return sid
 
     def valid(self, sid: str) -> bool:
-        expiry = self._expiry.get(_digest(sid))
+        expiry = self._expiry_of(_digest(sid))
         return expiry is not None and expiry > self.clock()
 
     def drop(self, sid: str) -> None:
-        self._expiry.pop(_digest(sid), None)
+        self._forget(_digest(sid))
+
+    def _load(self) -> dict[bytes, float]:
+        if self.directory is None:
+            return dict(self._expiry)
+        table = {}
+        for path in self.directory.glob("*.session"):
+            with contextlib.suppress(ValueError, OSError):
+                table[bytes.fromhex(path.stem)] = float(path.read_text())
+        return table
+
+    def _expiry_of(self, key: bytes) -> float | None:
+        if self.directory is None:
+            return self._expiry.get(key)
+        try:
+            return float((self.directory / f"{key.hex()}.session").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _remember(self, key: bytes, expiry: float) -> None:
+        if self.directory is None:
+            self._expiry[key] = expiry
+            return
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        tmp = self.directory / f".{key.hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(repr(expiry))
+        os.rename(tmp, self.directory / f"{key.hex()}.session")
+
+    def _forget(self, key: bytes) -> None:
+        if self.directory is None:
+            self._expiry.pop(key, None)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / f"{key.hex()}.session").unlink()
 
 
 class StatusAuth:
     """The credentials of one web listener, its sessions and its login gate."""
 
-    def __init__(self, password_hash: str = "", token: str | None = None, session_lifetime: float = 8 * 3600.0
-                 ) -> None:
+    def __init__(self, password_hash: str = "", token: str | None = None, session_lifetime: float = 8 * 3600.0,
+                 *, session_dir: Path | None = None, processes: int = 1) -> None:
+        """`session_dir` and `processes`: the workers' shared sessions, and how many processes
+        serve logins (each one's wrong guesses are slowed by that many, so the host together
+        still allows about one a second)."""
         self.password = parse_password_hash(password_hash) if password_hash else None
         self._token = _digest(token) if token else None
         if self.password is None and self._token is None:
             raise ValueError("StatusAuth needs a password hash or a token")
-        self.sessions = Sessions(session_lifetime)
+        self.sessions = Sessions(session_lifetime, directory=session_dir)
+        self.processes = max(1, processes)
         self.lifetime = session_lifetime
         self._gate = asyncio.Lock()
         self._waiting: dict[str, int] = {}
@@ -171,8 +222,9 @@ class StatusAuth:
         """A new session id for the right password or token, None for a wrong one.
 
         One check at a time, off the event loop (scrypt takes ~0.1 s and 32 MiB), and a wrong
-        one holds the gate for LOGIN_FAIL_DELAY: guessing runs at about one try a second
-        however many connections try, and cannot take the CPU from the mail. The queue is
+        one holds the gate for LOGIN_FAIL_DELAY times the processes serving logins: guessing runs
+        at about one try a second however many connections try, and cannot take the CPU from
+        the mail. The queue is
         bounded, and so is each client address's share of it: a guesser from one address
         cannot keep it full and lock the admin out with 429s (the gate is first come, first
         served, so the admin waits about a second per address guessing).
@@ -184,7 +236,7 @@ class StatusAuth:
             async with self._gate:
                 if await asyncio.to_thread(self._secret_ok, secret):
                     return self.sessions.new()
-                await asyncio.sleep(LOGIN_FAIL_DELAY)
+                await asyncio.sleep(LOGIN_FAIL_DELAY * self.processes)
                 return None
         finally:
             if (left := self._waiting[client] - 1) > 0:
@@ -203,9 +255,11 @@ def session_ids(cookie_header: str) -> list[str]:
     return found
 
 
-def from_settings(status: StatusSettings) -> StatusAuth | None:
+def from_settings(status: StatusSettings, *, session_dir: Path | None = None, processes: int = 1
+                  ) -> StatusAuth | None:
     """The listener's credentials; None when the settings give none (allowed on loopback only)."""
     token = read_token(status.token_file) if status.token_file is not None else None
     if not status.password_hash and token is None:
         return None
-    return StatusAuth(status.password_hash, token, status.session_lifetime)
+    return StatusAuth(status.password_hash, token, status.session_lifetime, session_dir=session_dir,
+                      processes=processes)

@@ -342,3 +342,39 @@ def test_the_connection_rate_is_one_for_the_host(redis: RedisServer) -> None:
                 lines.append(s.makefile("rb").readline())
         assert sum(line.startswith(b"220 ") for line in lines) == 4, lines
         assert sum(line.startswith(b"421 4.7.0 Too many new connections") for line in lines) == 20, lines
+
+
+def test_a_status_page_login_holds_on_every_worker(redis: RedisServer) -> None:
+    """The kernel spreads an admin's requests over the workers: a session only the worker that
+    took the login knew was a 401 from the others (19 of 30 requests), and the page sent the admin
+    back to the login form. Sessions are the host's: every request passes, a logout ends it on all."""
+    import http.client
+    from urllib.parse import urlencode
+
+    from queueguard.webauth import hash_password
+
+    with RecordingSink() as sink, Guard({"workers": 2, "state": redis.url,
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}"}],
+                                         "status": {"password_hash": hash_password("right horse")}}) as guard:
+        assert guard.proc is not None
+        wait_for("two workers", lambda: len(children(guard.proc.pid)) == 2)
+
+        def call(method: str, path: str, cookie: str = "", body: str = "") -> tuple[int, str, bytes]:
+            c = http.client.HTTPConnection("127.0.0.1", guard.metrics_port, timeout=10)
+            headers = {"Cookie": cookie} if cookie else {}
+            if body:
+                headers["Content-Type"] = "application/x-www-form-urlencoded"
+            c.request(method, path, body=body or None, headers=headers)
+            response = c.getresponse()
+            answer = (response.status, response.headers.get("Set-Cookie", ""), response.read())
+            c.close()
+            return answer
+
+        code, set_cookie, _ = call("POST", "/login", body=urlencode({"password": "right horse"}))
+        assert code == 303
+        cookie = set_cookie.split(";")[0]
+        answers = [call("GET", "/status.json", cookie) for _ in range(30)]
+        assert [code for code, _, _ in answers] == [200] * 30
+        assert {json.loads(body)["worker"] for _, _, body in answers} == {"0/2", "1/2"}  # both answered
+        assert call("POST", "/logout", cookie)[0] == 303
+        assert [call("GET", "/status.json", cookie)[0] for _ in range(10)] == [401] * 10
