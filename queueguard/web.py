@@ -67,6 +67,12 @@ log = logging.getLogger("queueguard.web")
 
 LINE_LIMIT = 8192
 MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024
+"""All header lines of a request together: 100 lines of 8 KiB each held 800 KB per connection."""
+MAX_CONNECTIONS = 256
+MAX_PER_CLIENT = 16
+"""Requests being read or answered at once, in all and from one client address: the page may be
+public (with a password), and connections holding memory must not grow without bound."""
 MAX_BODY = 4096  # a login form; nothing else has a body
 READ_DEADLINE = 10.0
 REASONS = {
@@ -135,7 +141,15 @@ async def start_web(host: str, port: int, status: StatusFn, access: StatusSettin
     if auth is not None:
         page = page.replace(LOGOUT_HIDDEN, LOGOUT_HIDDEN.replace(b" hidden", b""))
 
+    open_now: dict[str, int] = {}
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if peer else ""
+        if sum(open_now.values()) >= MAX_CONNECTIONS or open_now.get(client, 0) >= MAX_PER_CLIENT:
+            writer.transport.abort()
+            return
+        open_now[client] = open_now.get(client, 0) + 1
         try:
             await _serve_one(reader, writer, status, page, auth)
         except (ConnectionError, TimeoutError):
@@ -143,6 +157,10 @@ async def start_web(host: str, port: int, status: StatusFn, access: StatusSettin
         except Exception:
             log.exception("web: request failed")
         finally:
+            if (left := open_now[client] - 1) > 0:
+                open_now[client] = left
+            else:
+                del open_now[client]
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
@@ -164,10 +182,14 @@ async def read_request(reader: asyncio.StreamReader) -> Request:
         raise BadRequest(505, "only HTTP/1.0 and HTTP/1.1")
     request = Request(method, target.split("?", 1)[0])
     headers = request.headers
+    total = 0
     for _ in range(MAX_HEADERS + 1):
         line = await _read_line(reader, 431)
         if not line:
             break
+        total += len(line)
+        if total > MAX_HEADER_BYTES:
+            raise BadRequest(431, f"header lines larger than {MAX_HEADER_BYTES} bytes together")
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
             raise BadRequest(400, "malformed header line")

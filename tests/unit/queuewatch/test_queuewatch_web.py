@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from queueguard.web import LINE_LIMIT, MAX_HEADERS, start_web
+from queueguard.web import LINE_LIMIT, MAX_HEADER_BYTES, MAX_HEADERS, MAX_PER_CLIENT, start_web
 
 Status = Callable[[], dict[str, object]]
 
@@ -106,6 +106,9 @@ async def test_head_has_no_body(port: int) -> None:
         (b"GET /" + b"a" * LINE_LIMIT + b" HTTP/1.1\r\n\r\n", 414),
         (b"GET / HTTP/1.1\r\nX: " + b"a" * LINE_LIMIT + b"\r\n\r\n", 431),
         (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * (MAX_HEADERS + 1) + b"\r\n", 431),
+        # 99 cookie lines of 8 KB: 800 KB held per connection, before the total was bounded
+        (b"GET / HTTP/1.1\r\n" + (b"Cookie: " + b"a" * 8000 + b"\r\n") * (MAX_HEADER_BYTES // 8000 + 1)
+         + b"\r\n", 431),
         (b"GET / HTTP/1.1\r\nHost: x\r\n", 400),  # client gave up mid-headers (half-close below)
     ],
 )
@@ -140,3 +143,22 @@ async def test_readyz_names_what_keeps_it_from_taking_mail(port: int, status_val
     status_value["explode"] = True
     code, _, body = await request(port, get("/readyz"))
     assert code == 503 and body == b"not ready: status unavailable: RuntimeError\n"
+
+
+async def test_one_client_cannot_hold_every_connection(port: int) -> None:
+    """Connections sending nothing hold a request slot each until the read deadline: one address
+    may hold MAX_PER_CLIENT of them; past that it is cut off at once, and others are still served."""
+    held = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.6.1", 0))
+            for _ in range(MAX_PER_CLIENT)]
+    try:
+        await asyncio.sleep(0.1)  # the server has taken them all (the next one is judged against them)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.6.1", 0))
+        writer.write(get("/metrics"))
+        with pytest.raises(ConnectionResetError):  # aborted: no answer, no lingering
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        code, _, _ = await request(port, get("/metrics"), source="127.0.6.2")
+        assert code == 200
+    finally:
+        for _, w in held:
+            w.close()
