@@ -613,14 +613,20 @@ class Relay:
                 ds.idle.clear()
 
     async def deliver(self, client: Connection, sender: str, recipients: list[str], raw: bytes,
-                      route: str | None = None) -> DeliveryResult:
-        """Send one whole message (quarantine release, replay): all recipients or nothing."""
-        rtx, reply = await self.group(route).begin(client, sender, ())
+                      route: str | None = None, mail_params: tuple[str, ...] = (),
+                      rcpt_params: dict[str, tuple[str, ...]] | None = None) -> DeliveryResult:
+        """Send one whole message (quarantine release, replay): all recipients or nothing. The
+        sender's MAIL and RCPT parameters go on as far as the downstream offers them: a UTF-8
+        address without SMTPUTF8 is refused, and a DSN request dropped is a request ignored."""
+        rtx, reply = await self.group(route).begin(client, sender, mail_params)
         if rtx is None:
             return DeliveryResult(False, str(reply))
+        dsn = "DSN" in rtx.conn.features
         try:
             for rcpt in recipients:
-                r = await rtx.rcpt(rcpt)
+                options = tuple(o for o in (rcpt_params or {}).get(rcpt, ()) if dsn
+                                and o.split("=", 1)[0].upper() in ("NOTIFY", "ORCPT"))
+                r = await rtx.rcpt(rcpt, options)
                 if not r.positive:
                     await rtx.abort()
                     return DeliveryResult(False, f"RCPT {rcpt}: {r}", rtx.downstream.name)

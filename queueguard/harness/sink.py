@@ -162,6 +162,8 @@ class Received:
     #: (source address, source port) from a PROXY header, when proxy_protocol is on.
     proxy_source: tuple[str, int] | None
     """The client address of the PROXY header (None without one, or for PROXY UNKNOWN / v2 LOCAL)."""
+    mail_options: list[str] = field(default_factory=list)
+    """The MAIL FROM parameters the client sent (SMTPUTF8, BODY=, SIZE=)."""
 
 
 DropStage = Literal["MAIL", "RCPT", "DATA"]
@@ -260,6 +262,7 @@ class _Handler:
             peer=tuple(session.peer[:2]),
             helo=session.host_name,
             proxy_source=(str(proxy.src_addr), int(proxy.src_port)) if proxy and proxy.src_addr else None,
+            mail_options=list(envelope.mail_options),
         )
         with self.sink.lock:
             self.sink.messages.append(msg)

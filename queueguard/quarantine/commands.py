@@ -332,7 +332,8 @@ async def _deliver_one(relay: Relay, store: QuarantineStore, qid: str) -> bool |
         return None
     txn = _transaction(entry)
     try:
-        result = await relay.deliver(txn.connection, txn.sender, txn.recipients, store.raw(qid), txn.route)
+        result = await relay.deliver(txn.connection, txn.sender, txn.recipients, store.raw(qid), txn.route,
+                                     txn.mail_options, txn.rcpt_options)
         success, reply, downstream = result.ok, result.reply, result.downstream
     except Exception as exc:  # any failure keeps the message; say why
         success, reply, downstream = False, f"{type(exc).__name__}: {exc}", ""
@@ -357,7 +358,10 @@ def _transaction(e: Entry) -> Transaction:
     conn = Connection(parse_ip(client.get("ip")), client_port=int(client.get("port") or 0),
                       client_name=client.get("name") or "", helo=m.get("helo") or "",
                       tls=bool(client.get("tls")), authenticated=client.get("authenticated"))
-    txn = Transaction(conn, m["envelope"]["sender"], recipients=list(m["envelope"]["recipients"]))
+    env = m["envelope"]
+    txn = Transaction(conn, env["sender"], recipients=list(env["recipients"]),
+                      mail_options=tuple(env.get("mail_options", ())),
+                      rcpt_options={r: tuple(o) for r, o in env.get("rcpt_options", {}).items()})
     txn.route = m.get("route")
     return txn
 

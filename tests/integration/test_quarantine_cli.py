@@ -179,6 +179,24 @@ def test_an_entry_deleted_during_its_release_does_not_stop_the_others(tmp_path: 
         assert "released 2 of 3" in out and len(sink.messages) == 3
 
 
+async def test_release_keeps_the_senders_smtputf8_and_body_parameters(tmp_path: Path) -> None:
+    """A message from a UTF-8 address (SMTPUTF8 at MAIL) released without SMTPUTF8 is refused by a
+    downstream that insists (RFC 6531): it could never leave the quarantine."""
+    qdir = tmp_path / "q"
+    conn = Connection(parse_ip("198.51.100.7"), helo="mx.example")
+    txn = Transaction(conn, "jöe@exämple.org", recipients=["info@example.org"],
+                      mail_options=("SMTPUTF8", "BODY=8BITMIME"), rcpt_options={"info@example.org": ()})
+    qid = await QuarantineStore(qdir).put(txn, "Subject: grüße\r\n\r\nbody\r\n".encode(),
+                                          quarantine("Ok", reason="pattern", rule="r"),
+                                          [RuleHit("r", "pattern", "quarantine")], {})
+    with RecordingSink() as sink:
+        out = cli("release", qid, settings=settings_for(tmp_path, sink.port), qdir=qdir)
+        assert "released 1 of 1" in out.stdout, out.stdout + out.stderr
+        (got,) = sink.messages
+        assert got.mail_from == "jöe@exämple.org" and got.rcpt_tos == ["info@example.org"]
+        assert "SMTPUTF8" in got.mail_options and "BODY=8BITMIME" in got.mail_options, got.mail_options
+
+
 async def test_release_never_smuggles_a_second_transaction(tmp_path: Path) -> None:
     """A milter's MTA may pass bare CRs, LFs and NULs that the proxy refuses; a message held from
     there and released must not end DATA early at a lenient downstream (the rest would run as a
