@@ -92,20 +92,27 @@ def _network(ip: IPAddress | None) -> str:
 def proxy_header(version: str, client_ip: IPAddress | None, client_port: int, local: tuple[str, int]) -> bytes:
     """A PROXY protocol v1 or v2 header naming the original client.
 
-    Unknown client (a milter-less release, a local test) → v1 UNKNOWN / v2 LOCAL,
-    which Exim accepts and then uses the socket's own address.
+    Always an address header: Exim 4.96 takes a transaction after v1 UNKNOWN or v2 LOCAL and then
+    crashes at the end of DATA (a 451 for every retry). An unknown client (a release of mail
+    whose client was not recorded) is named as ourselves; a client of the other family than our
+    socket to the downstream (an IPv6 client, an IPv4 downstream) goes as TCP6 with the IPv4
+    address written `::ffff:a.b.c.d`, which Exim logs as the IPv4 address it is.
     """
-    dst_ip = ipaddress.ip_address(local[0])
-    if client_ip is None or client_ip.version != dst_ip.version:
-        if version == "v1":
-            return b"PROXY UNKNOWN\r\n"
-        return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00]) + struct.pack("!H", 0)
+    dst_ip: IPAddress = ipaddress.ip_address(local[0])
+    if client_ip is None:
+        client_ip = dst_ip
+    if client_ip.version != dst_ip.version:
+        client_ip, dst_ip = _as_v6(client_ip), _as_v6(dst_ip)
     if version == "v1":
         fam = "TCP4" if client_ip.version == 4 else "TCP6"
         return f"PROXY {fam} {client_ip} {dst_ip} {client_port} {local[1]}\r\n".encode()
     fam_byte = 0x11 if client_ip.version == 4 else 0x21
     addrs = client_ip.packed + dst_ip.packed + struct.pack("!HH", client_port, local[1])
     return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, fam_byte]) + struct.pack("!H", len(addrs)) + addrs
+
+
+def _as_v6(ip: IPAddress) -> ipaddress.IPv6Address:
+    return ip if isinstance(ip, ipaddress.IPv6Address) else ipaddress.IPv6Address(f"::ffff:{ip}")
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")

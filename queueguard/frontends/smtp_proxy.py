@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from aiosmtpd.proxy_protocol import V2_CMD
 from aiosmtpd.smtp import SMTP, Envelope
 from aiosmtpd.smtp import Session as AioSession
 
@@ -313,14 +314,19 @@ class ProxyHandler:
         return server.qg
 
     async def handle_PROXY(self, server: SMTP, session: AioSession, envelope: Envelope, proxy_data: Any) -> bool:
-        """Inbound PROXY header from a load balancer: the real client is in it."""
+        """Inbound PROXY header from a load balancer: the real client is in it. A header without
+        one (v1 UNKNOWN, v2 LOCAL as health checks send it, a unix-socket source) means, by the
+        spec, the connection's own endpoints: the balancer stays the client, so limits still
+        count it and the downstream is told an address (not LOCAL, which crashes Exim 4.96)."""
         if not proxy_data or not getattr(proxy_data, "valid", False):
             return False
         assert isinstance(server, QueueguardSMTP)
         server._proxied = True
         conn = self._state(server).conn
-        conn.client_ip = parse_ip(str(proxy_data.src_addr)) if proxy_data.src_addr else None
-        conn.client_port = int(proxy_data.src_port or 0)
+        local = proxy_data.version == 2 and proxy_data.command == V2_CMD.LOCAL
+        ip = None if local or not proxy_data.src_addr else parse_ip(str(proxy_data.src_addr))
+        if ip is not None:
+            conn.client_ip, conn.client_port = ip, int(proxy_data.src_port or 0)
         return True
 
     async def handle_HELO(self, server: SMTP, session: AioSession, envelope: Envelope, hostname: str) -> str:

@@ -59,8 +59,10 @@ def swaks(port: int, *args: str, proxy_source: str | None = None) -> subprocess.
     assert exe, "swaks is not installed: run ./setup.sh"
     cmd = [exe, "--server", "127.0.0.1", "--port", str(port), "--helo", "client.example", *args]
     if proxy_source:
-        cmd += ["--proxy-version", "2", "--proxy-family", "AF_INET", "--proxy-source", proxy_source,
-                "--proxy-source-port", "40000", "--proxy-dest", "127.0.0.1", "--proxy-dest-port", str(port)]
+        v6 = ":" in proxy_source
+        cmd += ["--proxy-version", "2", "--proxy-family", "AF_INET6" if v6 else "AF_INET",
+                "--proxy-source", proxy_source, "--proxy-source-port", "40000",
+                "--proxy-dest", "::1" if v6 else "127.0.0.1", "--proxy-dest-port", str(port)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
@@ -75,6 +77,36 @@ def test_delivers_to_exim_maildir_with_real_client_address(exim: Exim, guard_lb:
     # Exim saw the client's own address through PROXY v2, not the proxy's.
     exim.wait_log(r"<= alice@client\.example H=.*\[198\.51\.100\.9\].*PRX=127\.0\.0\.1")
     assert guard_lb.metric("queueguard_verdicts_total", stage="final", action="accept") >= 1
+
+
+def test_an_ipv6_client_reaches_an_ipv4_exim_under_its_own_address(exim: Exim, guard_lb: Guard) -> None:
+    """An IPv6 client behind the balancer, Exim on 127.0.0.1: the header toward Exim was a v2 LOCAL,
+    after which Exim 4.96 took the whole transaction and crashed at the end of DATA: 451 on every
+    retry. Now it is TCP6 with Exim's side written ::ffff:127.0.0.1, delivered, the client logged."""
+    r = swaks(guard_lb.port, "--from", "six@client.example", "--to", "bob@test.example", "--body", "over v6",
+              proxy_source="2001:db8::66")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert b"over v6" in exim.wait_maildir("bob", 1)[0]
+    exim.wait_log(r"<= six@client\.example H=.*\[2001:db8::66\]")
+
+
+@pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"])
+def test_a_balancer_header_without_a_client_means_the_balancer_itself(exim: Exim, header: bytes) -> None:
+    """PROXY UNKNOWN and v2 LOCAL (health checks) say: use the real connection's endpoints. The
+    client was None: no connection limits, and a LOCAL header on to Exim, which crashed at DATA.
+    Now the balancer (here 127.0.0.7) is the client, and Exim is told so."""
+    with Guard({"smtp": {"proxy_protocol_from": ["127.0.0.0/8"]},
+                "downstreams": [{"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2"}]}) as g, \
+            socket.create_connection(("127.0.0.1", g.port), timeout=30, source_address=("127.0.0.7", 0)) as s:
+        s.sendall(header)
+        replies = [_read_reply(s)]
+        for line in (b"EHLO lb.example\r\n", b"MAIL FROM:<lb@client.example>\r\n",
+                     b"RCPT TO:<bob@test.example>\r\n", b"DATA\r\n", MSG + b".\r\n", b"QUIT\r\n"):
+            s.sendall(line)
+            replies.append(_read_reply(s))
+    assert replies[0].startswith(b"220 ") and replies[5].startswith(b"250 "), replies
+    assert len(exim.wait_maildir("bob", 1)) == 1
+    exim.wait_log(r"<= lb@client\.example H=.*\[127\.0\.0\.7\]")
 
 
 def test_unknown_user_550_comes_back_per_recipient(exim: Exim, guard_exim: Guard) -> None:

@@ -32,9 +32,15 @@ def test_proxy_v2_ipv4_layout() -> None:
 
 
 def test_proxy_unknown_client_or_family_mismatch() -> None:
-    assert proxy_header("v1", None, 0, ("127.0.0.1", 25)) == b"PROXY UNKNOWN\r\n"
-    local = proxy_header("v2", ipaddress.ip_address("2001:db8::1"), 1, ("127.0.0.1", 25))
-    assert local == V2_SIG + b"\x20\x00\x00\x00"
+    """Never UNKNOWN or LOCAL (Exim 4.96 crashes at the end of DATA after them): an unknown client
+    is ourselves, and mixed families go as TCP6 with the IPv4 side mapped."""
+    assert proxy_header("v1", None, 0, ("127.0.0.1", 25)) == b"PROXY TCP4 127.0.0.1 127.0.0.1 0 25\r\n"
+    v1 = proxy_header("v1", ipaddress.ip_address("2001:db8::66"), 40000, ("127.0.0.1", 25))
+    assert v1 == b"PROXY TCP6 2001:db8::66 ::ffff:7f00:1 40000 25\r\n"
+    assert proxy_header("v1", ipaddress.ip_address("198.51.100.9"), 1, ("::1", 25)) == \
+        b"PROXY TCP6 ::ffff:c633:6409 ::1 1 25\r\n"
+    v2 = proxy_header("v2", ipaddress.ip_address("2001:db8::1"), 1, ("127.0.0.1", 25))
+    assert v2[:14] == V2_SIG + b"\x21\x21" and v2[16 + 16:16 + 32] == ipaddress.ip_address("::ffff:127.0.0.1").packed
 
 
 @pytest.mark.parametrize(("raw", "wire"), [
