@@ -12,6 +12,7 @@ is in and checked.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import ipaddress
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiosmtpd.proxy_protocol import V2_CMD
-from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import SMTP, Envelope, syntax
 from aiosmtpd.smtp import Session as AioSession
 
 from queueguard import metrics
@@ -44,6 +45,13 @@ _ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+(\.[^\s<>()\[\]\\,;:@\"]+)*@[^\s<
 
 BAD_HELO = "501 5.5.2 Syntax error in HELO/EHLO hostname"
 READ_LIMIT = 16 * 1024
+COMMAND_LIMIT = 16 * 1024 - 1
+"""Octets in a command line, CRLF included. Exim takes up to ~16 KB (its command buffer): long
+AUTH= values and SRS/VERP senders with parameters pass there, so they must pass here too
+(RFC 5321 sets 512 as the least a server must take, not the most)."""
+IGNORED_PARAMS = ("RET", "ENVID")
+"""MAIL parameters of DSN (RFC 3461) that Exim accepts and ignores when it does not offer DSN; so do we."""
+TLS_ALREADY = "503 5.5.1 STARTTLS command used when not advertised"
 PROXY_TIMEOUT = 5.0
 """Seconds a configured load balancer has to send its PROXY header."""
 PROXY_FORGED = "554 5.7.0 PROXY header not accepted from this address"
@@ -72,6 +80,16 @@ _PLAIN_PATH = re.compile(
 """A path whose local part is a plain dot-atom and whose domain is a plain host name."""
 
 
+def ignored_param(param: str) -> bool:
+    """A MAIL parameter taken and dropped: DSN's RET/ENVID, a SIZE that says no number."""
+    name, _, value = param.partition("=")
+    name = name.upper()
+    return name in IGNORED_PARAMS or (name == "SIZE" and _DIGITS.fullmatch(value) is None)
+
+
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
 def _names(cls: type, *prefixes: str) -> list[str]:
     return sorted(n for n in dir(cls) if n.startswith(prefixes))
 
@@ -98,10 +116,15 @@ class QueueguardSMTP(SMTP):
 
     def __init__(self, handler: ProxyHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        # aiosmtpd keeps the per-command limits in a dict of its class, cleared by every new
+        # connection and raised by every EHLO: a session's limit hung on other clients. Ours.
+        self.command_size_limit = COMMAND_LIMIT
+        self.command_size_limits = collections.defaultdict(lambda: COMMAND_LIMIT)
         self.qg_handler = handler
         self.qg: Session | None = None
         self._greeted = False
         self._proxied = False
+        self._timeout_now: float = self._timeout_duration
         reader: asyncio.StreamReader | None = getattr(self, "_stream_reader", None)
         if reader is not None:
             # aiosmtpd sizes its reader by the 1001-octet line limit, and a reader pauses the
@@ -148,9 +171,26 @@ class QueueguardSMTP(SMTP):
 
     def data_received(self, data: bytes) -> None:
         """Any bytes from the client restart aiosmtpd's timer, which otherwise only commands do:
-        the timeout is then an idle timeout, and a large message still arriving is not cut off."""
+        the timeout is then an idle timeout, and a large message still arriving is not cut off.
+        The timer restarts with the time it was last given (the relay's budget while a message is
+        relayed); a load balancer's PROXY header has its own 5 s, which bytes do not extend."""
         super().data_received(data)
-        self._reset_timeout()
+        if self._proxy_timeout is None or self._proxied:
+            self._reset_timeout(self._timeout_now)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        self._timeout_now = duration or self._timeout_duration
+        super()._reset_timeout(duration)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """Once TLS is on, STARTTLS is not offered and is refused (RFC 3207 4.2), as Exim does: aiosmtpd
+        started a second TLS layer inside the first."""
+        if self._tls_protocol is not None:
+            metrics.protocol_errors.labels("starttls_in_tls").inc()
+            await self.push(TLS_ALREADY)
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
         """The proxy is an MX and authenticates nobody: AUTH is not advertised (handle_EHLO drops
@@ -159,9 +199,11 @@ class QueueguardSMTP(SMTP):
         await self.push(AUTH_NOT_OFFERED)
 
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
-        """MAIL's `AUTH=` (RFC 4954) is accepted and ignored, as Exim does without authenticators
-        (senders that saw AUTH offered elsewhere send it; aiosmtpd refused it with a 555)."""
-        result = super()._getparams(params)
+        """MAIL's `AUTH=` (RFC 4954), `RET=` and `ENVID=` (RFC 3461) are accepted and ignored, as Exim
+        does without authenticators or DSN (senders that saw them offered elsewhere send them;
+        aiosmtpd refused them with a 555), and so is a SIZE that is not a number of ASCII digits
+        (Exim takes `SIZE=` and `SIZE=²`; aiosmtpd answered 501, or 451 from int('²'))."""
+        result = super()._getparams([p for p in params if not ignored_param(p)])
         if result is not None:
             result.pop("AUTH", None)
         return result
@@ -353,6 +395,7 @@ class ProxyHandler:
         if not valid_address(address, allow_null=True):
             metrics.protocol_errors.labels("bad_address").inc()
             return "501 5.1.7 Bad sender address syntax"
+        mail_options = [o for o in mail_options if not ignored_param(o)]
         verdict = await self._state(server).mail(address, mail_options)
         if verdict.final:
             return verdict.reply()

@@ -109,6 +109,51 @@ def test_a_balancer_header_without_a_client_means_the_balancer_itself(exim: Exim
     exim.wait_log(r"<= lb@client\.example H=.*\[127\.0\.0\.7\]")
 
 
+def test_what_exim_takes_at_mail_passes_here_too(exim: Exim, guard_exim: Guard) -> None:
+    """Exim takes these MAIL commands; the proxy answered 555 (RET, ENVID), 501 (`SIZE=`), 451
+    (`SIZE=²`: int() of a digit that is not ASCII) and 500 (a 600-octet AUTH=), and whether a long
+    command passed depended on how many EHLOs other clients had sent (aiosmtpd's limits are a
+    class-wide dict). Each is answered as Exim answers it directly, and the message delivered."""
+    commands = ["MAIL FROM:<a@client.example> RET=HDRS ENVID=abc", "MAIL FROM:<a@client.example> SIZE=",
+                "MAIL FROM:<a@client.example> SIZE=\u00b2",
+                "MAIL FROM:<a@client.example> AUTH=" + "x" * 600 + "@client.example"]
+    for command in commands:
+        with smtplib.SMTP("127.0.0.1", exim.port, timeout=30, source_address=("127.0.0.2", 0)) as direct:
+            direct.ehlo("client.example")
+            direct.command_encoding = "utf-8"
+            assert direct.docmd(command)[0] == 250, command
+        with guard_exim.smtp() as c:
+            c.command_encoding = "utf-8"
+            assert c.docmd(command)[0] == 250, command
+            assert c.rcpt("bob@test.example")[0] == 250
+            assert c.data(MSG)[0] == 250
+    assert len(exim.wait_maildir("bob", len(commands))) == len(commands)
+    with guard_exim.smtp() as a:  # one session's limit does not move with another's EHLOs
+        long_mail = "MAIL FROM:<a@client.example> AUTH=" + "x" * 480 + "@c.example"
+        with guard_exim.smtp() as b:
+            for _ in range(3):
+                b.ehlo("other.example")
+        assert a.docmd(long_mail)[0] == 250
+
+
+def test_starttls_is_not_taken_twice(tmp_path: Path) -> None:
+    """Inside TLS, STARTTLS is neither offered nor taken (RFC 3207): aiosmtpd began a TLS layer
+    inside the first."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=mx.test.example", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with RecordingSink() as sink, Guard({"smtp": {"tls_cert": str(cert), "tls_key": str(key)},
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g, \
+            smtplib.SMTP("127.0.0.1", g.port, timeout=30) as c:
+        c.ehlo("client.example")
+        c.starttls(context=ssl._create_unverified_context())
+        c.ehlo("client.example")
+        assert not c.has_extn("starttls")
+        assert c.docmd("STARTTLS") == (503, b"5.5.1 STARTTLS command used when not advertised")
+        assert c.sendmail("a@client.example", ["bob@test.example"], MSG) == {}
+    assert len(sink.messages) == 1
+
+
 def test_unknown_user_550_comes_back_per_recipient(exim: Exim, guard_exim: Guard) -> None:
     with guard_exim.smtp() as c:
         assert c.mail("alice@client.example")[0] == 250
@@ -289,14 +334,15 @@ def test_ehlo_mid_transaction_resets_it() -> None:
 def test_long_lines_are_relayed_intact_and_long_commands_refused(exim: Exim, guard_exim: Guard) -> None:
     """Exim (and Postfix) accept DATA lines far over RFC 5321's 1000 octets (HTML newsletters send
     them), so we relay them byte for byte to a real Exim: below and beyond what one read buffers
-    (16 KiB), up to the message size limit. Commands keep their 512-octet limit (RFC 5321 4.5.3.1.4)."""
+    (16 KiB), up to the message size limit. Commands take up to 16 KiB with their CRLF, as Exim's do."""
     bodies = [b"z" * n + b"\r\n.starts with a dot " + b"y" * n + b"\r\n" for n in (1_500, 40_000, 300_000)]
     with guard_exim.smtp() as c:
         for i, body in enumerate(bodies):
             assert c.sendmail("a@client.example", ["bob@test.example"], b"Subject: long %d\r\n\r\n" % i + body) == {}
-        for length in (600, 20_000):
+        for length in (16_400, 20_000):
             assert c.docmd("NOOP", "n" * length) == (500, b"Command line too long")
         assert c.noop()[0] == 250
+        assert c.docmd("NOOP", "n" * 16_000)[0] == 250
     delivered = exim.wait_maildir("bob", 3)
     assert len(delivered) == 3
     for body in bodies:  # the maildir stores LF line ends; the content is otherwise byte-identical
