@@ -105,3 +105,29 @@ def test_a_second_proxy_header_from_the_balancer_is_the_clients_and_refused() ->
         assert f.readline() == b""  # closed
         assert "PROXY header from 198.51.100.9 refused (a second one on this connection)" in guard.log()
     assert sink.messages == []
+
+
+def test_a_balancer_trickling_its_header_is_cut_off_after_five_seconds() -> None:
+    """The balancer has PROXY_TIMEOUT (5 s) for its header. Every byte restarted the session's
+    300 s idle timer, so a header sent a byte every 3 s was taken after two minutes."""
+    with RecordingSink() as sink, Guard({
+        "smtp": {"proxy_protocol_from": ["127.0.0.1/32"]},
+        "downstreams": [{"address": f"127.0.0.1:{sink.port}"}],
+    }) as guard, socket.create_connection(("127.0.0.1", guard.port), timeout=30) as s:
+        started = time.monotonic()
+        closed_at = None
+        for byte in b"PROXY TCP4 198.51.100.9 127.0.0.1 40000 25\r\n":
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                closed_at = time.monotonic()
+                break
+            s.settimeout(1.0)
+            try:
+                if s.recv(100) == b"":  # closed by the guard
+                    closed_at = time.monotonic()
+                    break
+            except TimeoutError:
+                continue
+        assert closed_at is not None, "the header was taken"
+        assert 4.5 <= closed_at - started <= 8, closed_at - started
