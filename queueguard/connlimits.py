@@ -107,7 +107,10 @@ class ConnectionLimits:
             limit = Limit(limits.rate_per_ip.period / limits.rate_per_ip.count, limits.rate_per_ip.count)
             now = self.clock()
             if self.host is not None:
-                return None if self.host.take(f"rate:{address}", now, limit) else "rate"
+                def step(tat: float | None) -> float | None:
+                    return advance(tat, now, limit) if decide(tat, now, limit).allowed else None
+
+                return None if self.host.take(f"rate:{address}", step) else "rate"
             self._expire(now)
             tat = self._tats.get(address)
             if not decide(tat, now, limit).allowed:

@@ -28,9 +28,8 @@ import hashlib
 import mmap
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-
-from queueguard.ratelimit.gcra import Limit, advance, decide
 
 DEPTH = 2
 WIDTH = 1 << 16
@@ -83,17 +82,16 @@ class HostCounts:
         step = DEPTH * WIDTH
         return min(sum(self._counts[row * step + slot] for row in range(self._rows)) for slot in self._slots(key))
 
-    def take(self, key: str, now: float, limit: Limit) -> bool:
-        """One event for `key` if `limit` allows it now, for the whole host: decided and recorded
-        under the file's lock, so two workers cannot both take the last place. `now` is
-        time.monotonic(), one clock for every process of the host."""
+    def take(self, key: str, step: Callable[[float | None], float | None]) -> bool:
+        """One event for `key` if `step` allows it, for the whole host: `step` gets the key's
+        time (None: never seen) and returns its new one, or None to refuse; read, decided and
+        written under the file's lock, so two workers cannot both take the last place."""
         slots = self._slots(key)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            tat = min(self._tats[slot] for slot in slots) or None
-            if not decide(tat, now, limit).allowed:
+            new = step(min(self._tats[slot] for slot in slots) or None)
+            if new is None:
                 return False
-            new = advance(tat, now, limit)
             for slot in slots:
                 self._tats[slot] = max(self._tats[slot], new)
             return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,17 +62,21 @@ def test_the_supervisor_clears_a_dead_workers_row(tmp_path: Path) -> None:
 def test_the_connection_rate_is_one_for_the_host_not_one_per_worker(tmp_path: Path) -> None:
     """rate_per_ip 3/1m with two workers: the third connection from a client takes the last
     place wherever it lands, the fourth is refused by either worker; another client is not."""
-    from queueguard.ratelimit.gcra import Limit
+    from queueguard.ratelimit.gcra import Limit, advance, decide
 
     path = HostCounts.create(tmp_path / "connections", 2)
     w0, w1 = HostCounts(path, 0), HostCounts(path, 1)
-    limit, now = Limit(20.0, 3), 1000.0
-    assert [w0.take("rate:192.0.2.7", now, limit), w1.take("rate:192.0.2.7", now, limit),
-            w0.take("rate:192.0.2.7", now, limit)] == [True, True, True]
-    assert not w1.take("rate:192.0.2.7", now, limit) and not w0.take("rate:192.0.2.7", now + 1, limit)
-    assert w1.take("rate:192.0.2.8", now, limit)
-    assert w1.take("rate:192.0.2.7", now + 20, limit)  # one interval later, one place again
+    limit = Limit(20.0, 3)
+
+    def at(now: float) -> Callable[[float | None], float | None]:
+        return lambda tat: advance(tat, now, limit) if decide(tat, now, limit).allowed else None
+
+    assert [w0.take("rate:192.0.2.7", at(1000)), w1.take("rate:192.0.2.7", at(1000)),
+            w0.take("rate:192.0.2.7", at(1000))] == [True, True, True]
+    assert not w1.take("rate:192.0.2.7", at(1000)) and not w0.take("rate:192.0.2.7", at(1001))
+    assert w1.take("rate:192.0.2.8", at(1000))
+    assert w1.take("rate:192.0.2.7", at(1020))  # one interval later, one place again
     HostCounts.clear(path, 1)  # a dead worker's row goes; the host's rate stays
-    assert not w0.take("rate:192.0.2.7", now + 20, limit)
+    assert not w0.take("rate:192.0.2.7", at(1020))
     w0.close()
     w1.close()
