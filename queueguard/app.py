@@ -167,7 +167,7 @@ def build(settings: Settings, processes: int = 1) -> App:
         raise StartupError("policy errors, not starting:\n" + "\n".join(str(p) for p in problems))
     _writable(settings.quarantine.directory)
     clamd = settings.clamd
-    governor = Governor(default_sensors(clamd.pid_file if clamd.enabled else None, clamd.memory_cgroup),
+    governor = Governor(default_sensors(clamd.pid_file, clamd.memory_cgroup, clamd=clamd.enabled),
                         clock=time.monotonic)
     scan = ScanCheck(clamd, governor, processes=processes) if clamd.enabled else None
     if scan is not None:

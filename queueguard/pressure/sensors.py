@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -28,8 +30,10 @@ class Sensor(Protocol):
 
 
 def _read(path: Path) -> str | None:
+    """Text of a kernel file, None if unreadable. Bytes that are not UTF-8 (a process may
+    name itself anything) are replaced rather than raising: a sensor must not crash."""
     try:
-        return path.read_text()
+        return path.read_bytes().decode(errors="replace")
     except OSError:
         return None
 
@@ -146,25 +150,51 @@ class CgroupMemorySensor:
 
 
 class ClamdRssSensor:
-    """clamd's resident memory in bytes, found by pid file, else by process name in /proc."""
+    """clamd's resident memory in bytes, found by pid file, else by process name in /proc.
+
+    Every pid is checked to be clamd (/proc/<pid>/comm) before its RSS counts: a stale
+    pid file can name any process, and its memory read as clamd's would soften or shed
+    mail for nothing. The name search walks all of /proc, so the pid it finds is kept
+    while it stays clamd, and a search that finds nothing is not repeated for
+    `search_every` seconds (clamd may be on another host).
+    """
 
     kind = "clamd_rss_above"
 
     def __init__(self, pid_file: Path | None = Path("/run/clamav/clamd.pid"), *, proc: Path = Path("/proc"),
-                 process_name: str = "clamd", name: str = "clamd_rss") -> None:
+                 process_name: str = "clamd", name: str = "clamd_rss", search_every: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.pid_file, self.proc, self.process_name, self.name = pid_file, proc, process_name, name
+        self.search_every, self.clock = search_every, clock
+        self._found: int | None = None
+        self._searched_at: float | None = None
 
     def pid(self) -> int | None:
         if self.pid_file is not None:
-            text = _read(self.pid_file)
-            if text and text.strip().isdigit() and (self.proc / text.strip()).is_dir():
-                return int(text.strip())
+            text = (_read(self.pid_file) or "").strip()
+            if text.isdigit() and self.is_clamd(int(text)):
+                return int(text)
+        if self._found is not None:
+            if self.is_clamd(self._found):
+                return self._found
+            self._found = self._searched_at = None  # clamd restarted: look for the new one now
+        now = self.clock()
+        if self._searched_at is not None and now - self._searched_at < self.search_every:
+            return None
+        self._searched_at = now
+        self._found = self._search()
+        return self._found
+
+    def is_clamd(self, pid: int) -> bool:
+        return (_read(self.proc / str(pid) / "comm") or "").strip() == self.process_name
+
+    def _search(self) -> int | None:
         try:
             entries = list(self.proc.iterdir())
         except OSError:
             return None
         for entry in entries:
-            if entry.name.isdigit() and (_read(entry / "comm") or "").strip() == self.process_name:
+            if entry.name.isdigit() and self.is_clamd(int(entry.name)):
                 return int(entry.name)
         return None
 
@@ -197,9 +227,10 @@ def own_cgroup(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> Pat
     return v2
 
 
-def default_sensors(pid_file: Path | None, cgroup: Path | None = None) -> list[Sensor]:
+def default_sensors(pid_file: Path | None, cgroup: Path | None = None, *, clamd: bool) -> list[Sensor]:
     """Every sensor this host can feed: system PSI, MemAvailable, a cgroup's usage and PSI
-    (default: our own group; pass clamd's or the mail host's slice to watch that), clamd RSS."""
+    (default: our own group; pass clamd's or the mail host's slice to watch that), and clamd's
+    RSS only when `clamd` (scanning enabled): otherwise its /proc search is pure cost."""
     sensors: list[Sensor] = [PsiSensor(), MemAvailableSensor()]
     group = cgroup or own_cgroup()
     if group is not None:
@@ -207,7 +238,8 @@ def default_sensors(pid_file: Path | None, cgroup: Path | None = None) -> list[S
     psi_group = group if group is not None and (group / "memory.pressure").exists() else own_v2_group()
     if psi_group is not None and (psi_group / "memory.pressure").exists():
         sensors.append(PsiSensor(psi_group / "memory.pressure", name="cgroup_psi_memory"))
-    sensors.append(ClamdRssSensor(pid_file))
+    if clamd:
+        sensors.append(ClamdRssSensor(pid_file))
     return sensors
 
 

@@ -5,7 +5,10 @@ spool takes tens of milliseconds to list, which the event loop that answers
 SMTP must not wait for); probes are async. A watcher that fails (missing
 directory, no permission) reports `queueguard_queuewatch_up{watcher} 0` with
 the error in the snapshot, and its queue series are removed rather than left
-showing stale numbers.
+showing stale numbers. The worker is a daemon thread of its own, not the
+loop's executor, which is joined at exit: a scan stuck in a hung filesystem
+must not keep the daemon from stopping. While a scan is stuck, no second one
+starts and after `scan_timeout` every spool watcher reports down.
 
 How "stuck" is judged (see flow.py): Exim and Postfix are judged as a whole
 (hold excluded), reported as queue "all", since Postfix moves a message
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -81,8 +86,12 @@ class QueueWatch:
         clock: Callable[[], float] = time.time,
         proc_root: Path = Path("/proc"),
         frozen_limit: int = FROZEN_SCAN_LIMIT,
+        scan_timeout: float | None = None,
     ) -> None:
         self.settings = settings
+        self.scan_timeout = scan_timeout if scan_timeout is not None else max(10.0, settings.interval)
+        self._scan: asyncio.Future[_Spools] | None = None
+        self._scan_started = 0.0
         self.clamd = clamd
         self.downstreams = list(downstreams)
         self.clock = clock
@@ -129,7 +138,7 @@ class QueueWatch:
         probes = [probe_smtp(d.address, d.proxy_protocol) for d in self.downstreams]
         if self.clamd is not None:
             probes.append(probe_clamd(self.clamd))
-        spools, results = await asyncio.gather(asyncio.to_thread(self._scan_spools), asyncio.gather(*probes))
+        spools, results = await asyncio.gather(self._scan_round(), asyncio.gather(*probes))
         now = self.clock()
         self._apply_spools(spools, now)
         for d, result in zip(self.downstreams, results, strict=False):
@@ -138,6 +147,38 @@ class QueueWatch:
         if self.clamd is not None:
             self._apply_clamd(results[-1])
         self._collected_at = now
+
+    async def _scan_round(self) -> _Spools:
+        """This round's spool pass, or (still running after `scan_timeout`) every spool watcher down.
+
+        A pass still running from an earlier round is waited for again, never doubled:
+        a spool that hangs costs one thread, not one per round.
+        """
+        if self._scan is not None and self._scan.get_loop() is not asyncio.get_running_loop():
+            self._scan = None  # left pending by an earlier asyncio.run; it cannot be awaited here
+        if self._scan is None:
+            self._scan = _in_daemon_thread(self._scan_spools)
+            self._scan_started = time.monotonic()
+        scan = self._scan
+        try:
+            return await asyncio.wait_for(asyncio.shield(scan), self.scan_timeout)
+        except TimeoutError:
+            stalled = time.monotonic() - self._scan_started
+            error = f"scan still running after {stalled:.0f}s (hung filesystem?)"
+            return _Spools(watchers={n: WatcherState(False, error, stalled) for n in self._watcher_names()})
+        finally:
+            if scan.done():
+                self._scan = None
+
+    def _watcher_names(self) -> list[str]:
+        s = self.settings
+        names = [n for n, p in (("exim", s.exim_spool), ("postfix", s.postfix_queue),
+                                ("mailman", s.mailman_queue)) if p is not None]
+        if self.fs_paths:
+            names.append("filesystems")
+        if self.expected_runners or s.processes:
+            names.append("processes")
+        return names
 
     # -- worker thread ---------------------------------------------------------
 
@@ -327,6 +368,32 @@ def _watch(out: _Spools, name: str, work: Callable[[], T]) -> T | None:
     state.seconds = time.monotonic() - start
     out.watchers[name] = state
     return result
+
+
+def _in_daemon_thread(work: Callable[[], T]) -> asyncio.Future[T]:
+    """Run `work` on a new daemon thread. asyncio.run joins the default executor's threads
+    on exit, so a scan blocked there (hung NFS, a FIFO) would hang shutdown; this one is abandoned."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def succeed(result: T) -> None:
+        if not future.done():
+            future.set_result(result)
+
+    def fail(error: BaseException) -> None:
+        if not future.done():
+            future.set_exception(error)
+
+    def target() -> None:
+        try:
+            settle = functools.partial(succeed, work())
+        except BaseException as e:  # handed to the awaiting task, which re-raises it
+            settle = functools.partial(fail, e)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=target, name="queuewatch-scan", daemon=True).start()
+    return future
 
 
 def _known_arrivals(scans: Sequence[QueueScan]) -> dict[str, float]:

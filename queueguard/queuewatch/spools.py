@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,7 @@ def scan_exim(spool: Path, frozen_limit: int = FROZEN_SCAN_LIMIT) -> QueueScan:
     headers: list[str] = []
     for directory, entry in _exim_entries(spool / "input"):
         name = entry.name
-        if not EXIM_HEADER_RE.match(name):
+        if not EXIM_HEADER_RE.match(name) or not _is_file(entry):
             continue
         message_id = name[:-2]
         when = exim_id_time(message_id)
@@ -141,26 +142,48 @@ def _exim_entries(input_dir: Path) -> Iterator[tuple[str, os.DirEntry[str]]]:
             else:
                 yield top, entry
     for sub in subdirs:
-        with os.scandir(sub) as it:
-            for entry in it:
-                yield sub, entry
+        try:
+            it = os.scandir(sub)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed (or replaced) since the listing above: it holds no messages now
+        with it:
+            yield from ((sub, entry) for entry in it)
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """Only a regular file can be a message; anything else named like one is noise, not an error."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def count_exim_frozen(header_paths: list[str]) -> int:
     """Frozen messages: their -H file has a `-frozen <time>` flag line near the top.
 
-    Files that vanish meanwhile (delivered) are skipped.
+    A path that is gone (delivered), unreadable, or not a regular file by now is
+    skipped: a plain open() of a FIFO would block the scan thread for good.
     """
     frozen = 0
     for path in header_paths:
         try:
-            with open(path, "rb") as f:
-                head = f.read(FROZEN_READ_BYTES)
-        except FileNotFoundError:
+            head = _read_regular(path, FROZEN_READ_BYTES)
+        except OSError:
             continue
-        if b"\n-frozen " in head:
+        if head is not None and b"\n-frozen " in head:
             frozen += 1
     return frozen
+
+
+def _read_regular(path: str, limit: int) -> bytes | None:
+    """Up to `limit` bytes of a regular file; None for anything else (never blocks, never follows a link)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
 
 
 def scan_postfix(queue_dir: Path, known: Mapping[str, float], now: float) -> list[QueueScan]:
@@ -194,13 +217,23 @@ def _postfix_estimate(entry: os.DirEntry[str], now: float) -> float | None:
 
 
 def scan_mailman(queue_dir: Path) -> list[QueueScan]:
-    """Every subdirectory of Mailman's var/queue is a queue; .pck waiting, .bak in a runner, .psv kept."""
+    """Every subdirectory of Mailman's var/queue is a queue; .pck waiting, .bak in a runner, .psv kept.
+
+    The directory name is the `queue` label, made encodable by `label_safe`.
+    """
     scans = []
     with os.scandir(queue_dir) as it:
-        queues = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
-    for queue in queues:
+        names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    labels: dict[str, str] = {}
+    for name in names:
+        labels.setdefault(label_safe(name), name)
+    for queue, directory in sorted(labels.items()):
         arrivals: dict[str, float] = {}
-        with os.scandir(queue_dir / queue) as it:
+        try:
+            it = os.scandir(queue_dir / directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed since the listing above
+        with it:
             for entry in it:
                 name = entry.name
                 if not name.endswith(MAILMAN_SUFFIXES):
@@ -214,6 +247,13 @@ def scan_mailman(queue_dir: Path) -> list[QueueScan]:
                 arrivals[name[:-4]] = when
         scans.append(QueueScan("mailman", queue, arrivals))
     return scans
+
+
+def label_safe(name: str) -> str:
+    """A file name fit to be a metric label: undecodable bytes (kept by Python as lone
+    surrogates, which cannot be encoded) become `\\xff` escapes. One such label made
+    every /metrics scrape fail."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _walk_files(top: Path, depth: int) -> Iterator[os.DirEntry[str]]:

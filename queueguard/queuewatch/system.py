@@ -42,7 +42,9 @@ def list_processes(proc_root: Path = Path("/proc")) -> list[Proc]:
     for pid in pids:
         base = proc_root / pid
         try:
-            comm = (base / "comm").read_text().rstrip("\n")
+            # bytes, not read_text(): a process can name itself anything, and one name that
+            # is not UTF-8 must not fail the whole round
+            comm = (base / "comm").read_bytes().decode(errors="replace").rstrip("\n")
             raw = (base / "cmdline").read_bytes()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue

@@ -21,6 +21,7 @@ from queueguard.pressure.sensors import (
     parse_limit,
     parse_psi,
 )
+from tests.components.processes import process_named
 
 PSI = "some avg10=12.50 avg60=3.00 avg300=1.00 total=123456\nfull avg10=4.25 avg60=1.00 avg300=0.10 total=999\n"
 
@@ -88,6 +89,54 @@ def test_clamd_rss(tmp_path: Path) -> None:
     assert ClamdRssSensor(None, proc=proc, process_name="nothing").read() is None
 
 
+def test_clamd_rss_ignores_a_stale_pid_file_naming_another_process(tmp_path: Path) -> None:
+    """The pid file names a recycled pid now used by a big process: its RSS is not clamd's."""
+    proc = tmp_path / "proc"
+    write(proc / "100", comm="java\n", status="Name:\tjava\nVmRSS:\t 9999999 kB\n")
+    write(proc / "200", comm="clamd\n", status="Name:\tclamd\nVmRSS:\t  2048 kB\n")
+    pid_file = tmp_path / "clamd.pid"
+    pid_file.write_text("100\n")
+    sensor = ClamdRssSensor(pid_file, proc=proc)
+    assert sensor.pid() == 200
+    assert sensor.read() == 2048 * 1024
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_clamd_rss_keeps_the_pid_it_searched_for(tmp_path: Path) -> None:
+    """The /proc walk runs once, not every second: the pid found is kept while it is clamd,
+    and a search that found nothing waits `search_every` before walking /proc again."""
+    proc = tmp_path / "proc"
+    write(proc / "100", comm="bash\n", status="VmRSS:\t 10 kB\n")
+    clock = Ticks()
+    sensor = ClamdRssSensor(None, proc=proc, search_every=30.0, clock=clock)
+    assert sensor.read() is None
+    write(proc / "200", comm="clamd\n", status="VmRSS:\t 2048 kB\n")
+    clock.now = 29.0
+    assert sensor.read() is None  # searched 29 s ago: not yet again
+    clock.now = 30.0
+    assert sensor.read() == 2048 * 1024
+    # another clamd appears earlier in /proc: the kept pid is used, no new walk
+    write(proc / "150", comm="clamd\n", status="VmRSS:\t 4096 kB\n")
+    assert sensor.read() == 2048 * 1024
+    # the kept pid is recycled by another program: searched again at once
+    (proc / "200" / "comm").write_text("java\n")
+    assert sensor.read() == 4096 * 1024
+
+
+def test_clamd_search_survives_a_process_name_that_is_not_utf8(tmp_path: Path) -> None:
+    """A real process whose name is not UTF-8 (a program file named b'sl\\xff') once made
+    every read raise UnicodeDecodeError, logged by the governor every second."""
+    with process_named(tmp_path, b"sl\xff"):
+        assert ClamdRssSensor(None, process_name="no-such-clamd").read() is None
+
+
 def test_own_cgroup_layouts(tmp_path: Path) -> None:
     root = tmp_path / "cg"
     pc = tmp_path / "cgroup"
@@ -103,10 +152,19 @@ def test_own_cgroup_layouts(tmp_path: Path) -> None:
 
 def test_default_sensors_for_a_given_group(tmp_path: Path) -> None:
     g = write(tmp_path / "g", memory__current="5\n", memory__max="10\n", memory__pressure=PSI)
-    sensors = {s.name: s for s in default_sensors(None, g)}
+    sensors = {s.name: s for s in default_sensors(None, g, clamd=True)}
     assert sensors["cgroup_usage"].read() == 0.5
     assert sensors["cgroup_psi_memory"].read() == 12.5
     assert {"psi_memory", "mem_available", "clamd_rss"} <= set(sensors)
+
+
+def test_no_clamd_sensor_without_clamd(tmp_path: Path) -> None:
+    """Scanning off (the quick start): no sensor walking /proc every second for a clamd
+    that is not there."""
+    g = write(tmp_path / "g", memory__current="5\n", memory__max="10\n")
+    names = {s.name for s in default_sensors(Path("/run/clamav/clamd.pid"), g, clamd=False)}
+    assert "clamd_rss" not in names
+    assert {"psi_memory", "mem_available", "cgroup_usage"} <= names
 
 
 async def test_priority_waiter_wakes_on_pri_only() -> None:

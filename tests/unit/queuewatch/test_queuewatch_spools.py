@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 
 from queueguard.queuewatch.spools import (
+    QueueScan,
+    _exim_entries,
+    count_exim_frozen,
     exim_id_for_time,
     exim_id_time,
     mailman_file_time,
@@ -130,3 +136,89 @@ def test_mailman_queues(tmp_path: Path) -> None:
     assert scans["out"].oldest_arrival() == pytest.approx(NOW - 5000)
     assert scans["bad"].messages == 1
     assert scans["in"].messages == 0
+
+
+def test_mailman_queue_name_that_is_not_utf8_becomes_an_escaped_label(tmp_path: Path) -> None:
+    """A label holding a lone surrogate cannot be encoded, and failed every /metrics scrape."""
+    mailman_message(tmp_path, "in", NOW - 10, 1)
+    bad = os.fsencode(tmp_path) + b"/bad\xff"
+    os.mkdir(bad)
+    open(bad + b"/" + f"{NOW - 20}.5+{2:040x}.pck".encode(), "wb").close()
+    scans = {s.queue: s for s in scan_mailman(tmp_path)}
+    assert sorted(scans) == ["bad\\xff", "in"]
+    assert scans["bad\\xff"].messages == 1
+    for queue in scans:
+        queue.encode("utf-8")  # raised UnicodeEncodeError
+
+
+def scan_with_deadline(spool: Path, fifos: list[Path]) -> QueueScan:
+    """scan_exim in a thread bounded to 5 s; on a hang, open the FIFOs for writing (which
+    releases the blocked reader) and fail."""
+    out: list[QueueScan] = []
+    worker = threading.Thread(target=lambda: out.append(scan_exim(spool)), daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():
+        for fifo in fifos:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+        pytest.fail("scan_exim blocked on a FIFO named like a -H file")
+    return out[0]
+
+
+def test_exim_fifo_named_like_a_header_neither_blocks_nor_counts(tmp_path: Path) -> None:
+    ids = [exim_message(tmp_path, NOW - 60, 1, frozen=True), exim_message(tmp_path, NOW - 50, 2, split=True)]
+    fifos = [tmp_path / "input" / f"{exim_id_for_time(NOW - 30, 3)}-H",
+             tmp_path / "input" / ids[1][5] / f"{exim_id_for_time(NOW - 20, 4)}-H"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    scan = scan_with_deadline(tmp_path, fifos)
+    assert set(scan.arrivals) == set(ids)
+    assert scan.frozen == 1
+
+
+def test_exim_odd_entries_named_like_headers_are_skipped(tmp_path: Path) -> None:
+    """A directory, a symlink (even to a real frozen header) and a socket named <id>-H are
+    not messages; each once failed the whole Exim watcher or was counted."""
+    ids = [exim_message(tmp_path, NOW - 60, 1), exim_message(tmp_path, NOW - 40, 2, frozen=True)]
+    inp = tmp_path / "input"
+    (inp / f"{exim_id_for_time(NOW - 30, 3)}-H").mkdir()
+    (inp / f"{exim_id_for_time(NOW - 25, 4)}-H").symlink_to(inp / f"{ids[1]}-H")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(inp / f"{exim_id_for_time(NOW - 20, 5)}-H"))
+    try:
+        scan = scan_exim(tmp_path)
+    finally:
+        sock.close()
+    assert set(scan.arrivals) == set(ids)
+    assert scan.frozen == 1
+
+
+def test_exim_frozen_count_skips_what_is_no_longer_a_readable_file(tmp_path: Path) -> None:
+    """Between the listing and the read a -H path may become anything: each is skipped alone."""
+    frozen = tmp_path / "input" / f"{exim_message(tmp_path, NOW - 60, 1, frozen=True)}-H"
+    odd = {"dir": tmp_path / "d-H", "link": tmp_path / "l-H", "fifo": tmp_path / "f-H", "gone": tmp_path / "g-H"}
+    odd["dir"].mkdir()
+    odd["link"].symlink_to(frozen)  # O_NOFOLLOW: ELOOP
+    os.mkfifo(odd["fifo"])
+    paths = [str(p) for p in odd.values()]
+    out: list[int] = []
+    worker = threading.Thread(target=lambda: out.append(count_exim_frozen([*paths, str(frozen)])), daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():
+        os.close(os.open(odd["fifo"], os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+        pytest.fail("count_exim_frozen blocked on a FIFO")
+    assert out == [1]
+
+
+def test_exim_split_directory_removed_mid_scan(tmp_path: Path) -> None:
+    """Listed, then gone before it is read: no messages there, not a failed watcher."""
+    flat = exim_message(tmp_path, NOW - 60, 1)
+    split = exim_message(tmp_path, NOW - 50, 2, split=True)
+    entries = _exim_entries(tmp_path / "input")
+    first = next(entries)  # input/ is listed, subdirectory included; subdirectories are read last
+    shutil.rmtree(tmp_path / "input" / split[5])
+    names = {first[1].name, *(e.name for _, e in entries)}
+    assert names == {f"{flat}-H", f"{flat}-D"}

@@ -20,6 +20,7 @@ from queueguard.queuewatch.system import (
     mailman_runner_name,
     process_matches,
 )
+from tests.components.processes import process_named
 
 
 @pytest.mark.parametrize(
@@ -81,3 +82,11 @@ def test_fs_usage_matches_statvfs(tmp_path: Path) -> None:
     assert 0 <= u.free_inodes <= u.inodes or u.inodes == 0
     with pytest.raises(FileNotFoundError):
         fs_usage(tmp_path / "missing")
+
+
+def test_process_name_that_is_not_utf8(tmp_path: Path) -> None:
+    """A real process named b'sl\\xff' (its program file's name) made list_processes raise
+    UnicodeDecodeError, which is no OSError: every queue watch round failed."""
+    with process_named(tmp_path, b"sl\xff") as pid:
+        procs = {p.pid: p for p in list_processes()}
+        assert procs[pid].comm == "sl\N{REPLACEMENT CHARACTER}"
