@@ -170,7 +170,8 @@ pressure_level = Gauge(P + "pressure_level", "Memory pressure level: 0 normal, 1
                        multiprocess_mode="max")
 pressure_sensor = Gauge(P + "pressure_sensor", "Last value read from each pressure sensor", ["sensor"])
 pressure_level_changes = Counter(P + "pressure_level_changes_total", "Pressure level changes", ["level"])
-clamd_up = Gauge(P + "clamd_up", "1 when clamd answered its last PING or scan")
+clamd_up = Gauge(P + "clamd_up", "1 when clamd answers PING and scans (0 after clamd.breaker_failures failed scans "
+                 "in a row, until a scan works)")
 clamd_breaker_open = Gauge(P + "clamd_breaker_open", "1 while the clamd breaker answers 451 unconnected",
                            multiprocess_mode="max")
 clamd_threads = Gauge(P + "clamd_threads", "clamd threads from STATS", ["state"])

@@ -16,6 +16,7 @@ detail = the reason).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -46,6 +47,16 @@ ROUTE_TEXTS = {
     "rate": "route {route} is at its limit of {limit}",
 }
 """Keyed by the reason a route hit's detail starts with (`reason` or `reason: limit`)."""
+WORDS_MAX = 200
+"""Most characters of someone else's words (clamd's virus name or error) in one of our replies."""
+_UNPRINTABLE = re.compile(r"[^ -~]")
+
+
+def printable(text: str, limit: int = WORDS_MAX) -> str:
+    """Printable ASCII only, at most `limit` characters: text from clamd goes into SMTP replies and
+    log lines, where a CR or LF would end the line (and a 100 KB name made a 100 KB reply)."""
+    text = _UNPRINTABLE.sub("?", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def verdict_for(hit: RuleHit) -> Verdict | None:
@@ -77,12 +88,12 @@ def verdict_for(hit: RuleHit) -> Verdict | None:
 
 def _scan(hit: RuleHit) -> Verdict:
     if hit.rule == "clamav":
-        text = f"virus found: {hit.detail}"
+        text = f"virus found: {printable(hit.detail)}"
         if hit.action == "quarantine":
             return quarantine(text, reason="virus", rule="clamav")
         return reject("5.7.1", f"{text} (scan:clamav)", reason="virus", rule="clamav")
     if hit.action == "reject":  # too large for clamd's StreamMaxLength: it will never scan
-        return reject("5.3.4", f"Message too large to scan ({hit.detail}) (scan:clamd)",
+        return reject("5.3.4", f"Message too large to scan ({printable(hit.detail)}) (scan:clamd)",
                       reason="too_large_to_scan", rule="scan", code=552)
     text = SCAN_TEXTS[hit.rule.partition("_")[0]]
     return tempfail("4.3.2", f"{text} (scan:{hit.rule})", reason=hit.rule, rule="scan")

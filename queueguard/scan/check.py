@@ -77,6 +77,7 @@ class ScanCheck:
         self.health = ClamdHealth(self.scanner, self.breaker, interval=settings.ping_interval)
         self.policy = ScanPolicy()
         self.gate = AdmissionGate(gate_config(self.policy, processes))
+        self._warned_stream_limit = False
 
     def set_policy(self, policy: Policy) -> None:
         """Take a (re)loaded policy's scan section: the gate's bounds."""
@@ -121,8 +122,12 @@ class ScanCheck:
             ctx.txn.timings["scan"] = elapsed
             metrics.scans.labels("error").inc()
             metrics.scan_seconds.labels("error").observe(elapsed)
-            if e.permanent:
+            if e.permanent:  # our own size check passed: it is clamd's StreamMaxLength that is lower
                 self.breaker.release()
+                if not self._warned_stream_limit:
+                    self._warned_stream_limit = True
+                    log.warning("clamd refused a stream as too large (%s): its StreamMaxLength is below "
+                                "clamd.stream_max_length (%d); such mail gets 552", e, self.settings.stream_max_length)
             else:
                 self.health.scan_failed(e)
                 if e.reason == "timeout":

@@ -11,19 +11,26 @@ chunks ended by a zero length, and one NUL-terminated answer.
 Every failure, whatever its cause (refused, reset, broken pipe, timeout, an
 answer we do not understand, a stream over clamd's limit), is a `ScanError`,
 so the caller has exactly one thing to turn into a verdict.
+
+Plain non-blocking sockets (loop.sock_*), not asyncio streams: clamd answers a
+stream over its StreamMaxLength and hangs up while we are still sending, and a
+stream transport drops whatever the socket still holds once a send fails, so
+that answer (a permanent 552) became a reset (a 451 retried for days). A socket
+also closes at once on a timeout, where a transport with unsent data lingers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import struct
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from queueguard.resolve import printable
 from queueguard.settings import ClamdSettings, split_hostport
 
 ANSWER_LIMIT = 1 << 20
@@ -78,36 +85,42 @@ class Scanner(Protocol):
     async def stats(self) -> ClamdStats: ...
 
 
-_ANSWER = re.compile(r"^stream: (?:(?P<ok>OK)|(?P<sig>.+) FOUND|(?P<err>.*) ERROR)$")
+_ANSWER = re.compile(r"^(?:stream: (?:(?P<ok>OK)|(?P<sig>.+) FOUND)|(?:stream: )?(?P<err>.*) ERROR)$", re.DOTALL)
+"""clamd 1.x sends some errors without `stream: ` (`INSTREAM size limit exceeded. ERROR`). Any
+character may stand in a name (DOTALL): it is made printable, not refused as a protocol error."""
 _THREADS = re.compile(r"THREADS: live (\d+)\s+idle (\d+)\s+max (\d+)")
 _QUEUE = re.compile(r"QUEUE: (\d+) items")
 _MEM = re.compile(r"(heap|mmap|used|free|releasable|pools_used|pools_total) ([0-9.]+)M")
 
 
 def parse_scan_answer(answer: str, elapsed: float = 0.0) -> ScanResult:
-    """'stream: OK' / 'stream: NAME FOUND'; clamd's ERROR answers and anything else raise."""
+    """'stream: OK' / 'stream: NAME FOUND'; clamd's ERROR answers and anything else raise.
+    clamd's words end up in SMTP replies and logs, so they are kept printable and short."""
     m = _ANSWER.match(answer.strip())
     if m is None:
         raise ScanError("protocol", f"clamd answered something we do not understand: {answer[:200]!r}")
     if m.group("err") is not None:
-        text = m.group("err")
+        text = printable(m.group("err"))
         if "size limit exceeded" in text:
             raise ScanError("too_large", f"clamd refused the stream: {text}", permanent=True)
         raise ScanError("clamd_error", f"clamd error: {text}")
     if m.group("ok"):
         return ScanResult(False, None, elapsed)
-    return ScanResult(True, m.group("sig"), elapsed)
+    return ScanResult(True, printable(m.group("sig")), elapsed)
 
 
 def parse_stats(text: str) -> ClamdStats:
     """Pick threads, queue length and memory (MiB figures, as bytes) out of a STATS answer."""
     threads = _THREADS.search(text)
     queue = _QUEUE.search(text)
-    memory = {k: float(v) * 1024 * 1024 for k, v in _MEM.findall(text)}
     if threads is None and queue is None:
         raise ScanError("protocol", f"clamd STATS answer has no THREADS or QUEUE line: {text[:200]!r}")
-    live, idle, top = (int(g) for g in threads.groups()) if threads else (None, None, None)
-    return ClamdStats(live, idle, top, int(queue.group(1)) if queue else None, memory)
+    try:  # `[0-9.]+` also matches "1.2.3": a ValueError here would end the health loop
+        memory = {k: float(v) * 1024 * 1024 for k, v in _MEM.findall(text)}
+        live, idle, top = (int(g) for g in threads.groups()) if threads else (None, None, None)
+        return ClamdStats(live, idle, top, int(queue.group(1)) if queue else None, memory)
+    except ValueError as e:
+        raise ScanError("protocol", f"clamd STATS answer has a malformed number: {e}") from e
 
 
 def instream_writes(data: bytes, chunk_size: int) -> Iterator[list[bytes | memoryview]]:
@@ -166,7 +179,12 @@ class ClamdClient:
             )
         start = time.monotonic()
         answer = await self._command(instream_writes(data, self.chunk_size))
-        return parse_scan_answer(answer, time.monotonic() - start)
+        try:
+            return parse_scan_answer(answer, time.monotonic() - start)
+        except ScanError as e:
+            if e.reason == "too_large":  # clamd's own StreamMaxLength is below ours
+                raise ScanError("too_large", f"{len(data)} bytes, {e}", permanent=True) from e
+            raise
 
     async def ping(self) -> None:
         answer = await self._command([[b"zPING\0"]])
@@ -182,46 +200,83 @@ class ClamdClient:
     async def stats(self) -> ClamdStats:
         return parse_stats(await self._command([[b"zSTATS\0"]]))
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self.hostport is None:
-                    return await asyncio.open_unix_connection(self.address, limit=ANSWER_LIMIT)
-                return await asyncio.open_connection(*self.hostport, limit=ANSWER_LIMIT)
+                    return await _open(loop, socket.AF_UNIX, self.address)
+                error = OSError(f"no address for {self.address}")
+                for family, _, proto, _, sockaddr in await loop.getaddrinfo(*self.hostport, type=socket.SOCK_STREAM):
+                    try:
+                        sock = await _open(loop, family, sockaddr, proto)
+                    except OSError as e:
+                        error = e
+                        continue
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    return sock
+                raise error
         except TimeoutError as e:
             raise ScanError("timeout", f"connect to clamd at {self.address} timed out") from e
         except OSError as e:
             raise ScanError("connect", f"cannot connect to clamd at {self.address}: {e}") from e
 
     async def _command(self, writes: Iterable[list[bytes | memoryview]]) -> str:
-        """Send each write (a list of pieces, one send) and wait for the transport to drain
-        between them; then read the NUL-terminated answer."""
-        writer: asyncio.StreamWriter | None = None
+        """Send each write (a list of pieces, one send); then read the NUL-terminated answer.
+        A send that fails (broken pipe, reset) may still have an answer behind it: clamd refuses a
+        stream over its StreamMaxLength by answering and hanging up, so we read once before
+        calling it a reset."""
+        loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await self._connect()
-                for pieces in writes:
-                    writer.writelines(pieces)
-                    await writer.drain()
-                raw = await reader.readuntil(b"\0")
+                sock = await self._connect()
+                try:
+                    for pieces in writes:
+                        await loop.sock_sendall(sock, b"".join(pieces))
+                except OSError as sent:
+                    try:
+                        raw = await self._answer(loop, sock)
+                    except (OSError, ScanError):
+                        raise ScanError("reset", f"connection to clamd at {self.address} failed: {sent}") from sent
+                else:
+                    raw = await self._answer(loop, sock)
         except ScanError:
             raise
         except TimeoutError as e:
             raise ScanError("timeout", f"clamd at {self.address}: no answer within {self.timeout:g}s") from e
-        except asyncio.IncompleteReadError as e:
-            raise ScanError("reset", f"clamd at {self.address} closed the connection unanswered") from e
-        except asyncio.LimitOverrunError as e:
-            raise ScanError("protocol", f"clamd at {self.address} sent an over-long answer") from e
         except OSError as e:
             raise ScanError("reset", f"connection to clamd at {self.address} failed: {e}") from e
         finally:
-            if writer is not None:
-                writer.close()
-                with suppress(OSError, TimeoutError):
-                    async with asyncio.timeout(1):
-                        await writer.wait_closed()
+            if sock is not None:
+                sock.close()  # at once, unsent data or not: the timeout is the timeout
         try:
-            return raw[:-1].decode()
+            return raw.decode()
         except UnicodeDecodeError as e:
             raise ScanError("protocol", f"clamd at {self.address} answered with non-UTF-8 bytes") from e
 
+    async def _answer(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+        """Everything up to the answer's NUL; what follows it, if anything, is ignored."""
+        answer = bytearray()
+        while True:
+            part = await loop.sock_recv(sock, 65536)
+            if not part:
+                raise ScanError("reset", f"clamd at {self.address} closed the connection unanswered")
+            end = part.find(b"\0")
+            answer += part if end < 0 else part[:end]
+            if len(answer) > ANSWER_LIMIT:
+                raise ScanError("protocol", f"clamd at {self.address} sent an over-long answer")
+            if end >= 0:
+                return bytes(answer)
+
+
+async def _open(loop: asyncio.AbstractEventLoop, family: int, address: Any, proto: int = 0) -> socket.socket:
+    """A connected non-blocking socket; closed again if connecting fails or is cancelled."""
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -6,6 +6,13 @@ consecutive failures the breaker opens: messages get 451 at once without
 touching the socket. After `reset` seconds one probe (a PING from the health
 loop or the next scan, whichever comes first) may try; success closes the
 breaker, failure re-opens it for another `reset`.
+
+A PING that answers proves clamd alive, not that scans work (a clamd out of
+memory, or too slow for `clamd.timeout`, still answers PONG). So it may close a
+half-open breaker but never resets the count of failures: only a scan that
+worked does. If scans still fail, the first one re-opens the breaker; and
+`clamd_up` stays 0 until a scan works (the health loop then scans a few bytes
+itself), so the alert sees scans failing too.
 """
 
 from __future__ import annotations
@@ -69,13 +76,27 @@ class CircuitBreaker:
             self.state, self._opened_at = BreakerState.OPEN, self.clock()
             metrics.clamd_breaker_open.set(1)
 
+    def ping_ok(self) -> None:
+        """clamd answered PING: closes a half-open breaker (clamd is back), keeps the count."""
+        if self.state is BreakerState.HALF_OPEN:
+            log.warning("clamd answers PING again: breaker closed (re-opens on the next failed scan)")
+            self.state, self._probing = BreakerState.CLOSED, False
+            metrics.clamd_breaker_open.set(0)
+
     def release(self) -> None:
         """A probe that ended without telling us anything (message refused before scanning)."""
         self._probing = False
 
 
+PROBE = b"queueguard health check: a scan of a few harmless bytes\r\n"
+
+
 class ClamdHealth:
-    """Owns the breaker and the `clamd_up` gauge; pings on a schedule and right after a failure."""
+    """Owns the breaker and the `clamd_up` gauge; pings on a schedule and right after a failure.
+
+    `clamd_up` is 0 while PING fails, and from the scan failure that reaches the breaker's count
+    until a scan works again, whatever PING says meanwhile (`scans_failing`).
+    """
 
     def __init__(self, scanner: Scanner, breaker: CircuitBreaker, *, interval: float) -> None:
         self.scanner = scanner
@@ -83,15 +104,21 @@ class ClamdHealth:
         self.interval = interval
         self.up: bool | None = None
         self.stats: ClamdStats | None = None
+        self.scans_failing = False
         self._kick = asyncio.Event()
 
     def scan_ok(self) -> None:
         self.breaker.success()
+        self.scans_failing = False
         self._set_up(True)
 
     def scan_failed(self, err: ScanError) -> None:
+        """One failure is for the breaker's count (and the PING it kicks) to judge; enough in a
+        row mark clamd down until a scan works, even while it answers PING."""
         self.breaker.failure()
-        self._set_up(False, str(err))
+        if self.breaker.failures >= self.breaker.failures_to_open:
+            self.scans_failing = True
+            self._set_up(False, f"{self.breaker.failures} failures in a row, the last: {err}")
         self._kick.set()
 
     def _set_up(self, up: bool, why: str = "") -> None:
@@ -113,9 +140,28 @@ class ClamdHealth:
             self.breaker.failure()
             self._set_up(False, str(e))
             return False
-        self.scan_ok()
+        except BaseException:  # cancelled, or a bug: never leave the half-open probe slot taken
+            self.breaker.release()
+            raise
+        self.breaker.ping_ok()
+        if self.scans_failing:
+            await self._probe_scan()
+        else:
+            self._set_up(True)
         await self.read_stats()
         return True
+
+    async def _probe_scan(self) -> None:
+        """While scans were failing, a PING says too little: scan a few bytes. A scan that works
+        marks clamd up without waiting for mail (a quiet host would keep the alert on); one that
+        fails re-opens the breaker."""
+        try:
+            await self.scanner.instream(PROBE)
+        except ScanError as e:
+            self.breaker.failure()
+            self._set_up(False, f"clamd answers PING but scans fail: {e}")
+            return
+        self.scan_ok()
 
     async def read_stats(self) -> None:
         try:
@@ -132,9 +178,13 @@ class ClamdHealth:
             metrics.clamd_memory.labels(kind).set(value_b)
 
     async def run(self) -> None:
-        """PING every `interval`, sooner after a failure (then no faster than the breaker's reset)."""
+        """PING every `interval`, sooner after a failure (then no faster than the breaker's reset).
+        Survives any exception (logged): without this loop an open breaker is probed only by mail."""
         while True:
-            await self.ping()
+            try:
+                await self.ping()
+            except Exception:
+                log.exception("clamd health check failed unexpectedly; trying again")
             wait = self.interval
             if self.breaker.state is not BreakerState.CLOSED:
                 wait = min(wait, max(self.breaker.reset, 0.05))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -123,13 +124,82 @@ async def test_client_commands(clamd: Clamd) -> None:
     assert (await client.instream(eicar())).signature == FOUND
 
 
-async def test_clamd_stream_limit_is_a_scan_error(tmp_path: Path) -> None:
-    """Our limit set higher than clamd's StreamMaxLength: clamd cuts the stream; still one ScanError."""
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+@pytest.mark.parametrize("size", [1_048_577, 20_000_000])
+async def test_over_clamds_stream_limit_is_permanent(tmp_path: Path, transport: str, size: int) -> None:
+    """Our limit (25 MB) above clamd's StreamMaxLength (1M). clamd 1.x answers `INSTREAM size limit
+    exceeded. ERROR`, without `stream: `; a stream well past the limit finds clamd gone while we still
+    send (broken pipe), and the answer is read after that. Either way a permanent 552, not a 451 the
+    sender retries for days, and no breaker failure."""
     with Clamd(tmp_path / "small", stream_max_length="1M") as c:
-        client = ClamdClient(str(c.socket), stream_max_length=25_000_000)
+        check = check_for(str(c.socket) if transport == "unix" else c.tcp_address, breaker_failures=1)
+        p = policy()
+        r = await check.on_message(ctx(os.urandom(size), p))
+        assert r.verdict is not None and r.verdict.reply().startswith(
+            f"552 5.3.4 Message too large to scan ({size} bytes, clamd refused the stream: INSTREAM size limit"
+        ), r.verdict
+        assert check.breaker.state is BreakerState.CLOSED and check.breaker.failures == 0
+        ok = await check.on_message(ctx(mail(b"small"), p))
+        assert ok.verdict is None and ok.hits == []
+
+
+async def test_breaker_opens_when_scans_fail_but_ping_answers(clamd: Clamd) -> None:
+    """clamd answers PING but every scan fails: here real scans slower than `clamd.timeout`. The health
+    loop's PING after each failure used to reset the breaker's count, so it never opened (every message
+    held its sender for the full timeout) and `clamd_up` went back to 1 (the alert never fired)."""
+    settings = ClamdSettings(enabled=True, address=str(clamd.socket), timeout=0.2, breaker_failures=3,
+                             breaker_reset=0.5, ping_interval=0.05)
+    check = ScanCheck(settings, Governor([], clock=time.monotonic))
+    health = asyncio.create_task(check.run())
+    p = policy(adaptive=False)
+    try:
+        await asyncio.sleep(0.1)
+        assert check.health.up is True
+        for _ in range(3):
+            r = await check.on_message(ctx(big(10_000_000), p))
+            assert r.verdict is not None and r.verdict.reason == "clamd_timeout", r.verdict
+            await asyncio.sleep(0.1)  # the PING the failure kicked has answered
+        assert check.breaker.state is BreakerState.OPEN
+        assert check.health.up is False and metrics.clamd_up._value.get() == 0
+        message = ctx(big(10_000_000), p)
+        start = time.monotonic()
+        r = await check.on_message(message)
+        assert r.verdict is not None and r.verdict.reason == "clamd_down" and time.monotonic() - start < 0.05
+
+        await asyncio.sleep(0.6)  # past breaker_reset: the loop's PING, then its scan of a few bytes,
+        # which clamd finishes in time: clamd is up (small mail scans), the count starts again
+        assert check.breaker.state is BreakerState.CLOSED and check.breaker.failures == 0
+        assert check.health.up is True and metrics.clamd_up._value.get() == 1
+        ok = await check.on_message(ctx(mail(b"hello"), p))
+        assert ok.verdict is None
+    finally:
+        health.cancel()
+
+
+async def test_scan_timeout_is_kept(clamd: Clamd) -> None:
+    """clamd stopped (SIGSTOP) while we send a stream: the scan gives up at `clamd.timeout`, not a
+    second later draining data clamd will never read."""
+    client = ClamdClient(str(clamd.socket), timeout=0.3)
+    os.kill(clamd.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
         with pytest.raises(ScanError) as e:
-            await client.instream(big(2_000_000))
-        assert e.value.reason in ("too_large", "reset")
+            await client.instream(os.urandom(5_000_000))
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(clamd.pid, signal.SIGCONT)
+    assert e.value.reason == "timeout" and elapsed < 0.3 + 0.2, elapsed
+
+
+async def test_long_virus_name_is_capped_in_the_reply(tmp_path: Path) -> None:
+    """A signature name is whatever the database says (clamd answers a 5000-character one as is):
+    the reply carries at most ~200 characters of it."""
+    c = Clamd(tmp_path / "long")
+    (c.dir / "db" / "long.ndb").write_text(f"{'Q' * 5000}:0:*:{b'QG-LONG-NAME-MARKER'.hex()}\n")
+    with c:
+        r = await check_for(str(c.socket)).on_message(ctx(mail(b"x QG-LONG-NAME-MARKER x"), policy()))
+    assert r.verdict is not None and r.verdict.reply().startswith("550 5.7.1 virus found: QQQQ")
+    assert len(r.verdict.reply()) < 300 and r.verdict.reply().endswith(" (scan:clamav)")
 
 
 class Recording:

@@ -109,3 +109,16 @@ def test_workers_split_the_hosts_scan_bounds() -> None:
     assert (eight.max_concurrent, eight.min_concurrent, eight.max_waiting) == (1, 1, 4)  # never below one
     assert threads_cap(10) == 9 and threads_cap(10, 3) == 3 and threads_cap(4, 2) == 1 and threads_cap(None, 2) is None
     assert share_of(3, 2) == 1 and share_of(1, 4) == 1
+
+
+def test_clamd_words_in_replies_are_one_short_printable_line() -> None:
+    """A hit's detail may come from clamd (virus name, refusal text): the reply keeps printable
+    ASCII only, so no CR/LF can end the SMTP reply early, and at most ~200 characters of it."""
+    evil = "Evil\r\n250 2.0.0 Ok\x1b[0m" + "X" * 100_000
+    for action in ("reject", "quarantine"):
+        v = resolve([RuleHit("clamav", "scan", action, detail=evil)]).verdict
+        assert v is not None and v.reply().isprintable() and v.reply().isascii() and len(v.reply()) < 300, action
+        assert "Evil??250 2.0.0 Ok?[0mXXX" in v.reply()
+    big = resolve([RuleHit("too_large", "scan", "reject", detail="clamd said\r\n" + "Y" * 100_000)]).verdict
+    assert big is not None and big.reply().startswith("552 5.3.4 Message too large to scan (clamd said??YYY")
+    assert big.reply().isprintable() and len(big.reply()) < 300

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from queueguard.scan.clamd import ClamdClient, ScanError, instream_writes, parse_scan_answer, parse_stats
+from tests.unit.scan.conftest import Handler
 
 STATS_146 = (
     "POOLS: 1\n\nSTATE: VALID PRIMARY\nTHREADS: live 3  idle 1 max 4 idle-timeout 30\nQUEUE: 2 items\n"
@@ -22,34 +23,17 @@ STATS_146 = (
     "pools_used 5.882M pools_total 5.964M\nEND"
 )
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
-    servers: list[asyncio.Server] = []
-
-    async def start(handler: Handler) -> str:
-        path = str(tmp_path / f"fake{len(servers)}.sock")
-        servers.append(await asyncio.start_unix_server(handler, path))
-        return path
-
-    yield start
-    for s in servers:
-        s.close()
-        await s.wait_closed()
-
-
 def test_parse_answers() -> None:
     assert parse_scan_answer("stream: OK") .infected is False
     found = parse_scan_answer("stream: Win.Test.EICAR_HDB-1 FOUND\n")
     assert found.infected and found.signature == "Win.Test.EICAR_HDB-1"
+    for over in ("INSTREAM size limit exceeded. ERROR", "stream: INSTREAM size limit exceeded. ERROR"):
+        with pytest.raises(ScanError) as e:  # clamd 1.x sends the first (no `stream: `), 0.x the second
+            parse_scan_answer(over)
+        assert e.value.reason == "too_large" and e.value.permanent
     with pytest.raises(ScanError) as e:
-        parse_scan_answer("INSTREAM size limit exceeded. ERROR")
-    assert e.value.reason == "protocol"
-    with pytest.raises(ScanError) as e:
-        parse_scan_answer("stream: INSTREAM size limit exceeded. ERROR")
-    assert e.value.reason == "too_large" and e.value.permanent
+        parse_scan_answer("COMMAND READ TIMED OUT ERROR")
+    assert e.value.reason == "clamd_error" and not e.value.permanent
     with pytest.raises(ScanError) as e:
         parse_scan_answer("stream: Can't allocate memory ERROR")
     assert e.value.reason == "clamd_error" and not e.value.permanent
@@ -65,6 +49,26 @@ def test_parse_stats() -> None:
     assert "heap" not in s.memory
     with pytest.raises(ScanError):
         parse_stats("UNKNOWN COMMAND")
+
+
+@pytest.mark.parametrize("memstats", ["heap 1.2.3M", "used .M", "pools_used ...M"])
+def test_parse_stats_bad_number_is_a_scan_error(memstats: str) -> None:
+    """`[0-9.]+` lets `1.2.3` through to float(): a ValueError there killed the health loop."""
+    with pytest.raises(ScanError) as e:
+        parse_stats(f"THREADS: live 1  idle 0 max 8\nQUEUE: 0 items\nMEMSTATS: {memstats}\nEND")
+    assert e.value.reason == "protocol"
+
+
+def test_virus_name_is_printable_and_short() -> None:
+    """The name goes into the SMTP reply: a CR or LF in it would end the reply line (and let clamd's
+    answer write SMTP), and a 100 KB name made a 100 KB reply line."""
+    found = parse_scan_answer("stream: Evil\r\n250 Ok\x00\x7f\u00e9 FOUND")
+    assert found.infected and found.signature == "Evil??250 Ok???"
+    long = parse_scan_answer("stream: " + "A" * 100_000 + " FOUND").signature
+    assert long is not None and len(long) <= 200 and long.startswith("AAAA")
+    with pytest.raises(ScanError) as e:
+        parse_scan_answer("stream: " + "\r\nB" * 50_000 + " ERROR")
+    assert "\r" not in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 300
 
 
 def test_address_forms() -> None:
