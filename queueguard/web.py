@@ -262,7 +262,12 @@ async def _serve_one(
                            head_only=head_only)
         return
     if path == "/metrics":
-        await _respond(writer, 200, CONTENT_TYPE_LATEST, metrics.exposition(), head_only=head_only)
+        try:  # a scrape that fails says why (a 500 alerts as the target down), not a closed socket
+            body, code, kind = metrics.exposition(), 200, CONTENT_TYPE_LATEST
+        except Exception as e:
+            log.exception("web: metrics exposition failed")
+            body, code, kind = f"{type(e).__name__}: {e}\n".encode(), 500, TEXT
+        await _respond(writer, code, kind, body, head_only=head_only)
     elif path == "/status.json":
         try:
             body = json.dumps(_finite(status()), default=str, allow_nan=False).encode()

@@ -162,3 +162,19 @@ async def test_one_client_cannot_hold_every_connection(port: int) -> None:
     finally:
         for _, w in held:
             w.close()
+
+
+async def test_a_scrape_that_cannot_be_rendered_is_a_500_with_the_reason(port: int) -> None:
+    """A label value with a lone surrogate (an undecodable file name) cannot be encoded: every
+    scrape closed the connection without a word. Now it is a 500 that says why."""
+    import prometheus_client
+
+    broken = prometheus_client.Gauge("queueguard_test_broken_label", "a label that cannot be encoded", ["name"])
+    try:
+        broken.labels("bad\udcff").set(1)
+        code, _, body = await request(port, get("/metrics"))
+        assert code == 500 and b"UnicodeEncodeError" in body
+    finally:
+        prometheus_client.REGISTRY.unregister(broken)
+    code, _, _ = await request(port, get("/metrics"))
+    assert code == 200
