@@ -86,6 +86,9 @@ class PolicyHolder:
         log.info("policy loaded from %s: %s", self.path, describe(policy))
         for warning in warnings:
             log.warning("policy %s", warning)
+        if not (policy.ratelimits or policy.bursts or policy.patterns):
+            log.warning("policy in %s has no ratelimits, bursts or patterns: nothing is limited or held "
+                        "(an empty file, or one saved half-way?)", self.path)
         return []
 
     def _report(self, issues: list[PolicyIssue]) -> None:
@@ -109,11 +112,16 @@ class PolicyHolder:
         }
 
     async def watch(self, interval: float = 2.0, on_change: Callable[[Policy], None] | None = None) -> None:
-        """Poll the directory and reload when a file is added, removed or saved; `on_change`
-        runs on the event loop after a good policy was swapped in."""
+        """Poll the directory and reload when a file is added, removed or saved, and has stayed
+        so for one more interval: an editor that truncates a file and then writes it must not
+        get its empty moment loaded (a policy without those rules). `on_change` runs on the
+        event loop after a good policy was swapped in."""
+        seen = self._signature
         while True:
             await asyncio.sleep(interval)
-            if dir_signature(self.path) != self._signature:
+            now = dir_signature(self.path)
+            settled, seen = now == seen, now
+            if now != self._signature and settled:
                 problems = await asyncio.to_thread(self.reload)
                 if not problems and on_change is not None:
                     try:

@@ -130,3 +130,42 @@ async def test_a_file_nested_too_deep_is_an_error_and_the_watcher_lives_on(tmp_p
                 await asyncio.sleep(0.01)
     finally:
         task.cancel()
+
+
+async def test_a_file_saved_in_two_steps_is_loaded_once_it_settles(tmp_path: Path) -> None:
+    """Editors that truncate a file and then write it leave it empty for a moment: loaded then,
+    the policy ran without the file's rules until the next poll. The watcher waits for the
+    directory to stay unchanged for one interval before it loads (polls at 0.2 s steps here: the
+    empty moment spans the one at 0.4 s, the new text those from 0.6 s)."""
+    (tmp_path / "a.yaml").write_text(GOOD)
+    holder = PolicyHolder(tmp_path)
+    holder.reload()
+    loaded: list[int] = []
+    task = asyncio.create_task(holder.watch(interval=0.2, on_change=lambda p: loaded.append(len(p.ratelimits))))
+    try:
+        await asyncio.sleep(0.3)
+        (tmp_path / "a.yaml").write_text("")
+        await asyncio.sleep(0.2)
+        (tmp_path / "a.yaml").write_text(GOOD + "  - name: r2\n    key: recipient\n    rate: 5/1m\n")
+        for _ in range(300):
+            if loaded:
+                break
+            await asyncio.sleep(0.01)
+        assert loaded == [2], loaded
+    finally:
+        task.cancel()
+
+
+def test_a_policy_without_rules_is_loaded_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An empty file, or only lists: valid, but nothing is limited or held. Said, not silent."""
+    (tmp_path / "a.yaml").write_text("# nothing yet\n")
+    (tmp_path / "b.yaml").write_text("lists:\n  ours: [example.org]\n")
+    holder = PolicyHolder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="queueguard.policy"):
+        assert holder.reload() == []
+    assert "has no ratelimits, bursts or patterns" in caplog.text
+    caplog.clear()
+    (tmp_path / "c.yaml").write_text(GOOD)
+    with caplog.at_level(logging.WARNING, logger="queueguard.policy"):
+        assert holder.reload() == []
+    assert "no ratelimits" not in caplog.text
