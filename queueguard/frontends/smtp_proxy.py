@@ -40,7 +40,9 @@ SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 SIZE_EXCEEDED = "552 5.3.4 Message size exceeds fixed maximum message size"
 
 
-_ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+(\.[^\s<>()\[\]\\,;:@\"]+)*@[^\s<>@]+$|^\"[^\"\r\n]*\"@[^\s<>@]+$")
+_ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+(\.[^\s<>()\[\]\\,;:@\"]+)*@[^\s<>@]+$"
+                      r"|^\"(?:[^\"\\\r\n]|\\[^\r\n])*\"@[^\s<>@]+$")
+"""Dot-atom or quoted local part (with quoted pairs: `"a\\"b"@`, which Exim takes) at a domain."""
 
 
 BAD_HELO = "501 5.5.2 Syntax error in HELO/EHLO hostname"

@@ -110,12 +110,13 @@ def test_a_balancer_header_without_a_client_means_the_balancer_itself(exim: Exim
 
 
 def test_what_exim_takes_at_mail_passes_here_too(exim: Exim, guard_exim: Guard) -> None:
-    """Exim takes these MAIL commands; the proxy answered 555 (RET, ENVID), 501 (`SIZE=`), 451
-    (`SIZE=²`: int() of a digit that is not ASCII) and 500 (a 600-octet AUTH=), and whether a long
+    """Exim takes these MAIL commands; the proxy answered 555 (RET, ENVID), 501 (`SIZE=`, a quoted
+    pair in a quoted local part), 451 (`SIZE=²`: int() of a digit that is not ASCII) and 500 (a
+    600-octet AUTH=), and whether a long
     command passed depended on how many EHLOs other clients had sent (aiosmtpd's limits are a
     class-wide dict). Each is answered as Exim answers it directly, and the message delivered."""
     commands = ["MAIL FROM:<a@client.example> RET=HDRS ENVID=abc", "MAIL FROM:<a@client.example> SIZE=",
-                "MAIL FROM:<a@client.example> SIZE=\u00b2",
+                "MAIL FROM:<a@client.example> SIZE=\u00b2", 'MAIL FROM:<"a\\"b"@client.example>',
                 "MAIL FROM:<a@client.example> AUTH=" + "x" * 600 + "@client.example"]
     for command in commands:
         with smtplib.SMTP("127.0.0.1", exim.port, timeout=30, source_address=("127.0.0.2", 0)) as direct:
