@@ -8,11 +8,11 @@ loop or the next scan, whichever comes first) may try; success closes the
 breaker, failure re-opens it for another `reset`.
 
 A PING that answers proves clamd alive, not that scans work (a clamd out of
-memory, or too slow for `clamd.timeout`, still answers PONG). So it may close a
-half-open breaker but never resets the count of failures: only a scan that
-worked does. If scans still fail, the first one re-opens the breaker; and
-`clamd_up` stays 0 until a scan works (the health loop then scans a few bytes
-itself), so the alert sees scans failing too.
+memory, or too slow for `clamd.timeout`, still answers PONG), so it never resets
+the count of failures: only a scan that worked does. After failed scans, the
+health loop's probe is a PING and a scan of a few bytes, the breaker half-open
+until that scan works; `clamd_up` stays 0 until then, so the alert sees scans
+failing too. After failed PINGs, a PING that answers closes the breaker.
 """
 
 from __future__ import annotations
@@ -143,24 +143,28 @@ class ClamdHealth:
         except BaseException:  # cancelled, or a bug: never leave the half-open probe slot taken
             self.breaker.release()
             raise
-        self.breaker.ping_ok()
         if self.scans_failing:
             await self._probe_scan()
         else:
+            self.breaker.ping_ok()
             self._set_up(True)
         await self.read_stats()
         return True
 
     async def _probe_scan(self) -> None:
-        """While scans were failing, a PING says too little: scan a few bytes. A scan that works
-        marks clamd up without waiting for mail (a quiet host would keep the alert on); one that
-        fails re-opens the breaker."""
+        """While scans were failing, a PING says too little: scan a few bytes, with the breaker
+        still half-open (mail gets its fast 451 meanwhile, not a wait for a clamd that may hang).
+        A scan that works closes it and marks clamd up without waiting for mail (a quiet host
+        would keep the alert on); one that fails re-opens it."""
         try:
             await self.scanner.instream(PROBE)
         except ScanError as e:
             self.breaker.failure()
             self._set_up(False, f"clamd answers PING but scans fail: {e}")
             return
+        except BaseException:
+            self.breaker.release()
+            raise
         self.scan_ok()
 
     async def read_stats(self) -> None:

@@ -123,6 +123,7 @@ async def test_after_failed_scans_a_ping_is_not_enough_to_call_clamd_up(
         else:
             while (n := int.from_bytes(await r.readexactly(4), "big")) != 0:
                 await r.readexactly(n)
+            await asyncio.sleep(0.3)  # a slow scan: mail must not wait on it meanwhile
             w.write(scan_answer)
         await w.drain()
         w.close()
@@ -136,7 +137,10 @@ async def test_after_failed_scans_a_ping_is_not_enough_to_call_clamd_up(
         health.scan_failed(ScanError("clamd_error", "clamd error: Can't allocate memory"))
     assert breaker.state is BreakerState.OPEN and health.up is False
     clock.now += 5
-    assert await health.ping()
+    probe = asyncio.create_task(health.ping())
+    await asyncio.sleep(0.15)  # PING answered, the probe scan under way: the breaker stays half-open
+    assert breaker.state is BreakerState.HALF_OPEN and not breaker.allow()
+    assert await probe
     assert health.up is up
     assert breaker.state is (BreakerState.CLOSED if up else BreakerState.OPEN)
     assert breaker.failures == (0 if up else 4)
