@@ -259,6 +259,8 @@ class QuarantineStore:
         self.dir = Path(directory)
         self.msg_dir = self.dir / "msg"
         self.index_path = self.dir / "index.sqlite"
+        self.stale_path = self.dir / "index.stale"
+        """Present while the index may say held where a metadata file says released."""
         self.open_timeout = open_timeout
         self.min_free_bytes = min_free_bytes
         self.min_free_inodes = min_free_inodes
@@ -479,20 +481,18 @@ class QuarantineStore:
         admins, a cron job) each delivered every message they both selected. An flock of a lock
         file beside the entry (gone with the process that held it); False when another process
         holds it. The holder re-reads the entry (get) before delivering: the metadata file, not
-        the index, says whether it was released meanwhile."""
+        the index, says whether it was released meanwhile. The lock file stays until the entry is
+        deleted: unlinked after use, a waiter could lock the old file while a newcomer locked a
+        new one, and both deliver."""
         lock = self.paths(qid)[0].with_name(f".{qid}.lock")
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 yield False
                 return
-            try:
-                yield True
-            finally:  # unlinked while still held: a later claimer opens a new file and re-reads the entry
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
+            yield True
         finally:
             os.close(fd)
 
@@ -511,9 +511,14 @@ class QuarantineStore:
         _write_file(tmp, json.dumps(meta, indent=1).encode())
         os.rename(tmp, meta_path)
         _fsync_dir(meta_path.parent)
-        with self._db() as db:
-            self._index(db, meta)
-            self._bump(db, "released")
+        try:
+            with self._db() as db:
+                self._index(db, meta)
+                self._bump(db, "released")
+        except QuarantineError:
+            with contextlib.suppress(OSError):  # recover() re-syncs the held rows while this exists
+                self.stale_path.touch()
+            raise
 
     def count_failed_release(self) -> None:
         with self._db() as db:
@@ -540,15 +545,17 @@ class QuarantineStore:
 
     def recover(self) -> dict[str, int]:
         """Remove temporary files and orphans of crashed writes; index entries the index lacks;
-        re-sync rows that say held where the metadata file says released (a release whose index
-        update failed, e.g. on a full disk); drop index rows whose entry is gone. Returns what it
-        did, by kind."""
+        re-sync rows that say held where the metadata file says released (only after a release
+        whose index update failed, e.g. on a full disk, left `stale_path`: reading every held
+        entry's file each time would slow every CLI call on a large quarantine); drop index rows
+        whose entry is gone. Returns what it did, by kind."""
         self._ensure()
         done = {"indexed": 0, "dropped": 0, "removed": 0}
         now = time.time()
+        stale = self.stale_path.exists()
         with self._db() as db:
             known = {qid for (qid,) in db.execute("SELECT id FROM entries")}
-            held = {qid for (qid,) in db.execute("SELECT id FROM entries WHERE released IS NULL")}
+            held = {qid for (qid,) in db.execute("SELECT id FROM entries WHERE released IS NULL")} if stale else set()
         on_disk: set[str] = set()
         for shard in self.msg_dir.iterdir() if self.msg_dir.is_dir() else ():
             for f in shard.iterdir():
@@ -562,19 +569,30 @@ class QuarantineStore:
                     on_disk.add(name[:-5])
         with self._db() as db:
             for qid in on_disk - known:
-                entry = self.get(qid)
+                entry = self._readable(qid)
                 if entry is not None and self.paths(qid)[0].exists():
                     self._index(db, entry.meta)
                     done["indexed"] += 1
             for qid in held & on_disk:
-                entry = self.get(qid)
+                entry = self._readable(qid)
                 if entry is not None and entry.released is not None:
                     self._index(db, entry.meta)
                     done["indexed"] += 1
             for qid in known - on_disk:
                 db.execute("DELETE FROM entries WHERE id = ?", (qid,))
                 done["dropped"] += 1
+        if stale:
+            self.stale_path.unlink(missing_ok=True)
         return done
+
+    def _readable(self, qid: str) -> Entry | None:
+        """get(), with an unreadable metadata file logged and skipped: one must not stop recover()
+        (and with it every CLI command that selects)."""
+        try:
+            return self.get(qid)
+        except QuarantineError as e:
+            log.warning("quarantine %s: skipped: %s", self.dir, e)
+            return None
 
     # --- numbers ---------------------------------------------------------------------------------
 

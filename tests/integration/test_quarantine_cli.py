@@ -145,16 +145,17 @@ async def test_a_release_the_index_missed_is_not_delivered_again(tmp_path: Path)
     ids = await fill(qdir)
     store = QuarantineStore(qdir)
     store.mark_released(ids[0], "250 2.0.0 OK queued", "127.0.0.1:25")
-    with store._db() as db:  # what the failed index update left behind
+    with store._db() as db:  # what the failed index update left behind (a full disk is not made here)
         db.execute("UPDATE entries SET released = NULL, meta = ? WHERE id = ?",
                    (json.dumps({**store.get(ids[0]).meta, "released": None}), ids[0]))  # type: ignore[union-attr]
+    store.stale_path.touch()
     with RecordingSink() as sink:
         out = cli("release", "--rule", "mini-cooper-wave", settings=settings_for(tmp_path, sink.port), qdir=qdir)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "released 2 of 2" in out.stdout, out.stdout
         assert sorted(m.data.split(b"body ")[1][:1] for m in sink.messages) == [b"1", b"2"]
     held = [e.id for e in QuarantineStore(qdir).list() if e.released is None]
-    assert held == [ids[3]]
+    assert held == [ids[3]] and not store.stale_path.exists()
 
 
 def test_an_entry_deleted_during_its_release_does_not_stop_the_others(tmp_path: Path) -> None:

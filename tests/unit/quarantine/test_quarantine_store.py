@@ -216,3 +216,36 @@ async def test_an_8bit_envelope_is_stored_indexed_and_recovered(tmp_path: Path) 
     store.index_path.unlink()
     QuarantineStore(tmp_path / "q", clock=Clock()).recover()
     assert [e.id for e in QuarantineStore(tmp_path / "q").list()] == [qid]
+
+
+async def test_a_release_claim_is_one_file_for_everyone_who_waits(tmp_path: Path) -> None:
+    """A second release that opened the lock file while the first held it locks that same file
+    afterwards; a third must not get a claim of its own. Before, the first unlinked the file on
+    its way out, so the third made a new one and both delivered."""
+    import fcntl
+
+    store = QuarantineStore(tmp_path)
+    qid = await put(store)
+    lock = store.paths(qid)[0].with_name(f".{qid}.lock")
+    with store.claimed(qid) as first:
+        assert first
+        waiter = os.open(lock, os.O_RDWR)
+        with store.claimed(qid) as meanwhile:
+            assert not meanwhile
+    try:
+        fcntl.flock(waiter, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with store.claimed(qid) as third:
+            assert not third
+    finally:
+        os.close(waiter)
+    assert store.delete(qid) and not lock.exists()
+
+
+async def test_a_lock_file_planted_as_a_link_is_not_followed(tmp_path: Path) -> None:
+    store = QuarantineStore(tmp_path / "q")
+    qid = await put(store)
+    target = tmp_path / "elsewhere"
+    store.paths(qid)[0].with_name(f".{qid}.lock").symlink_to(target)
+    with pytest.raises(OSError), store.claimed(qid):
+        pass
+    assert not target.exists()
