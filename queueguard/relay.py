@@ -89,30 +89,42 @@ def _network(ip: IPAddress | None) -> str:
     return str(ipaddress.ip_network((ip, 24 if ip.version == 4 else 64), strict=False))
 
 
-def proxy_header(version: str, client_ip: IPAddress | None, client_port: int, local: tuple[str, int]) -> bytes:
-    """A PROXY protocol v1 or v2 header naming the original client.
+def proxy_header(version: str, client_ip: IPAddress | None, client_port: int, server: tuple[str, int],
+                 own: tuple[str, int] | None = None) -> bytes:
+    """A PROXY protocol v1 or v2 header naming the original client to `server` (the downstream's
+    address, which the client reached through us).
 
     Always an address header: Exim 4.96 takes a transaction after v1 UNKNOWN or v2 LOCAL and then
     crashes at the end of DATA (a 451 for every retry). An unknown client (a release of mail
-    whose client was not recorded) is named as ourselves; a client of the other family than our
-    socket to the downstream (an IPv6 client, an IPv4 downstream) goes as TCP6 with the IPv4
-    address written `::ffff:a.b.c.d`, which Exim logs as the IPv4 address it is.
+    whose client was not recorded) is named as ourselves, `own` (our end of the connection), as
+    Exim would see us without PROXY. The header is of the client's family, whatever the
+    connection's (Exim takes a TCP4 header over IPv6, and logs a `::ffff:` client as IPv6, which
+    its IPv4 host lists and DNS lists then miss): the downstream's address goes along as the
+    IPv4 address it maps, or 0.0.0.0, for an IPv4 client, and as `::ffff:a.b.c.d` for an IPv6 one.
     """
-    dst_ip: IPAddress = ipaddress.ip_address(local[0])
+    dst_ip: IPAddress = ipaddress.ip_address(server[0])
     if client_ip is None:
-        client_ip = dst_ip
-    if client_ip.version != dst_ip.version:
-        client_ip, dst_ip = _as_v6(client_ip), _as_v6(dst_ip)
+        client_ip, client_port = ipaddress.ip_address((own or server)[0]), 0
+    if isinstance(client_ip, ipaddress.IPv6Address) and isinstance(dst_ip, ipaddress.IPv4Address):
+        dst_ip = _as_v6(dst_ip)
+    elif isinstance(client_ip, ipaddress.IPv4Address) and isinstance(dst_ip, ipaddress.IPv6Address):
+        dst_ip = dst_ip.ipv4_mapped or ipaddress.IPv4Address(0)
     if version == "v1":
         fam = "TCP4" if client_ip.version == 4 else "TCP6"
-        return f"PROXY {fam} {client_ip} {dst_ip} {client_port} {local[1]}\r\n".encode()
+        return f"PROXY {fam} {_text(client_ip)} {_text(dst_ip)} {client_port} {server[1]}\r\n".encode()
     fam_byte = 0x11 if client_ip.version == 4 else 0x21
-    addrs = client_ip.packed + dst_ip.packed + struct.pack("!HH", client_port, local[1])
+    addrs = client_ip.packed + dst_ip.packed + struct.pack("!HH", client_port, server[1])
     return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, fam_byte]) + struct.pack("!H", len(addrs)) + addrs
 
 
 def _as_v6(ip: IPAddress) -> ipaddress.IPv6Address:
     return ip if isinstance(ip, ipaddress.IPv6Address) else ipaddress.IPv6Address(f"::ffff:{ip}")
+
+
+def _text(ip: IPAddress) -> str:
+    """An address as v1 writes it; an IPv4-mapped one as `::ffff:a.b.c.d` (Python says ::ffff:7f00:1)."""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return f"::ffff:{mapped}" if mapped is not None else str(ip)
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -388,8 +400,8 @@ class Downstream:
         metrics.downstream_connections.labels(self.name).set(self.open_count)
         try:
             if self.spec.proxy_protocol != "none":
-                local = writer.get_extra_info("peername")[:2]
-                writer.write(proxy_header(self.spec.proxy_protocol, client.client_ip, client.client_port, local))
+                server, own = writer.get_extra_info("peername")[:2], writer.get_extra_info("sockname")[:2]
+                writer.write(proxy_header(self.spec.proxy_protocol, client.client_ip, client.client_port, server, own))
             banner = await conn.read_reply(CONNECT_TIMEOUT + 5)
             if banner.code != 220:
                 raise DownstreamError(f"banner {banner}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from queueguard.harness.exim import Exim
+from queueguard.harness.exim import Exim, _has_ipv6_loopback
 from queueguard.harness.guard import Guard, _read_reply, raw_dialogue
 from queueguard.harness.ports import free_port
 from queueguard.harness.sink import RecordingSink
@@ -88,6 +88,20 @@ def test_an_ipv6_client_reaches_an_ipv4_exim_under_its_own_address(exim: Exim, g
     assert r.returncode == 0, r.stdout + r.stderr
     assert b"over v6" in exim.wait_maildir("bob", 1)[0]
     exim.wait_log(r"<= six@client\.example H=.*\[2001:db8::66\]")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_an_ipv4_client_reaches_an_ipv6_exim_as_ipv4(exim: Exim, version: str) -> None:
+    """Exim on ::1, an IPv4 client: a TCP6 header with the client as ::ffff:198.51.100.9 made Exim
+    log (and match its host lists and DNS lists against) an IPv6 address. The header is TCP4."""
+    if not _has_ipv6_loopback():
+        pytest.skip("no ::1 on this host: the Exim harness listens on 127.0.0.1 only")
+    with Guard({"smtp": {"proxy_protocol_from": ["127.0.0.1/32"]},
+                "downstreams": [{"address": f"[::1]:{exim.port}", "proxy_protocol": version}]}) as g:
+        r = swaks(g.port, "--from", f"four{version}@client.example", "--to", "bob@test.example",
+                  proxy_source="198.51.100.9")
+        assert r.returncode == 0, r.stdout + r.stderr
+    exim.wait_log(rf"<= four{version}@client\.example H=.*\[198\.51\.100\.9\]:40000 .*PRX=::1")
 
 
 @pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"])

@@ -33,12 +33,15 @@ def test_proxy_v2_ipv4_layout() -> None:
 
 def test_proxy_unknown_client_or_family_mismatch() -> None:
     """Never UNKNOWN or LOCAL (Exim 4.96 crashes at the end of DATA after them): an unknown client
-    is ourselves, and mixed families go as TCP6 with the IPv4 side mapped."""
-    assert proxy_header("v1", None, 0, ("127.0.0.1", 25)) == b"PROXY TCP4 127.0.0.1 127.0.0.1 0 25\r\n"
+    is ourselves, and the header has the client's family whatever the connection's."""
+    assert proxy_header("v1", None, 0, ("192.0.2.25", 25), ("192.0.2.9", 41000)) == \
+        b"PROXY TCP4 192.0.2.9 192.0.2.25 0 25\r\n"  # ourselves, not the downstream
     v1 = proxy_header("v1", ipaddress.ip_address("2001:db8::66"), 40000, ("127.0.0.1", 25))
-    assert v1 == b"PROXY TCP6 2001:db8::66 ::ffff:7f00:1 40000 25\r\n"
+    assert v1 == b"PROXY TCP6 2001:db8::66 ::ffff:127.0.0.1 40000 25\r\n"
     assert proxy_header("v1", ipaddress.ip_address("198.51.100.9"), 1, ("::1", 25)) == \
-        b"PROXY TCP6 ::ffff:c633:6409 ::1 1 25\r\n"
+        b"PROXY TCP4 198.51.100.9 0.0.0.0 1 25\r\n"  # Exim logs a ::ffff: client as IPv6
+    assert proxy_header("v1", ipaddress.ip_address("198.51.100.9"), 1, ("::ffff:192.0.2.25", 25)) == \
+        b"PROXY TCP4 198.51.100.9 192.0.2.25 1 25\r\n"
     v2 = proxy_header("v2", ipaddress.ip_address("2001:db8::1"), 1, ("127.0.0.1", 25))
     assert v2[:14] == V2_SIG + b"\x21\x21" and v2[16 + 16:16 + 32] == ipaddress.ip_address("::ffff:127.0.0.1").packed
 
