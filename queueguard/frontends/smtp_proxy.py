@@ -46,6 +46,7 @@ _ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+(\.[^\s<>()\[\]\\,;:@\"]+)*@[^\s<
 
 
 BAD_HELO = "501 5.5.2 Syntax error in HELO/EHLO hostname"
+HELO_MAX = 1024
 READ_LIMIT = 16 * 1024
 COMMAND_LIMIT = 16 * 1024 - 1
 """Octets in a command line, CRLF included. Exim takes up to ~16 KB (its command buffer): long
@@ -53,7 +54,7 @@ AUTH= values and SRS/VERP senders with parameters pass there, so they must pass 
 (RFC 5321 sets 512 as the least a server must take, not the most)."""
 IGNORED_PARAMS = ("RET", "ENVID")
 """MAIL parameters of DSN (RFC 3461) that Exim accepts and ignores when it does not offer DSN; so do we."""
-TLS_ALREADY = "503 5.5.1 STARTTLS command used when not advertised"
+TLS_NOT_OFFERED = "503 5.5.1 STARTTLS command used when not advertised"
 PROXY_TIMEOUT = 5.0
 """Seconds a configured load balancer has to send its PROXY header."""
 PROXY_FORGED = "554 5.7.0 PROXY header not accepted from this address"
@@ -62,8 +63,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def valid_helo(hostname: str) -> bool:
-    """No control characters (a NUL would reach logs and the downstream's Received line)."""
-    return len(hostname) <= 255 and _CONTROL.search(hostname) is None
+    """No control characters (a NUL would reach logs and the downstream's Received line). Longer
+    than a domain may be is taken, as Exim takes it, up to HELO_MAX."""
+    return len(hostname) <= HELO_MAX and _CONTROL.search(hostname) is None
 
 
 def valid_address(address: str, *, allow_null: bool) -> bool:
@@ -80,6 +82,9 @@ _PLAIN_PATH = re.compile(
     r"<((?!\.)((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|\.(?!\.))+)(?<!\.)@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z",
     re.DOTALL)
 """A path whose local part is a plain dot-atom and whose domain is a plain host name."""
+_QUOTED_PATH = re.compile(r'<("(?:[^"\\\r\n]|\\[^\r\n])*"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z', re.DOTALL)
+"""A path whose local part is a quoted string: kept as the client wrote it (aiosmtpd's parser
+rewrote `".a"@` to `.a@`, which is no address)."""
 
 
 def ignored_param(param: str) -> bool:
@@ -186,11 +191,12 @@ class QueueguardSMTP(SMTP):
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
-        """Once TLS is on, STARTTLS is not offered and is refused (RFC 3207 4.2), as Exim does: aiosmtpd
-        started a second TLS layer inside the first."""
-        if self._tls_protocol is not None:
-            metrics.protocol_errors.labels("starttls_in_tls").inc()
-            await self.push(TLS_ALREADY)
+        """STARTTLS where it is not offered is refused, as Exim does: once TLS is on (RFC 3207 4.2;
+        aiosmtpd started a second TLS layer inside the first), and without a certificate (aiosmtpd
+        answered 454, a temporary failure, where Exim's 503 says do not retry)."""
+        if self._tls_protocol is not None or not self.tls_context:
+            metrics.protocol_errors.labels("starttls_not_offered").inc()
+            await self.push(TLS_NOT_OFFERED)
             return
         await super().smtp_STARTTLS(arg)
 
@@ -212,11 +218,16 @@ class QueueguardSMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The everyday `<local@domain>` without going through the email package's RFC 5322
-        parser (8 % of the proxy's CPU); anything else is left to aiosmtpd."""
+        parser (8 % of the proxy's CPU), and a quoted local part as written; anything else is
+        left to aiosmtpd."""
         m = _PLAIN_PATH.match(arg)
-        if m is None or "(" in m.group(3) or (self.local_part_limit and len(m.group(2)) > self.local_part_limit):
-            return super()._getaddr(arg)
-        return m.group(1), m.group(3).lstrip(" \t")
+        if m is not None and "(" not in m.group(3) and not (
+                self.local_part_limit and len(m.group(2)) > self.local_part_limit):
+            return m.group(1), m.group(3).lstrip(" \t")
+        q = _QUOTED_PATH.match(arg)
+        if q is not None and "(" not in q.group(2):
+            return q.group(1), q.group(2).lstrip(" \t")
+        return super()._getaddr(arg)
 
     async def push(self, status: Any) -> None:
         """The greeting is where the connect stage answers (a refusal: 421 and close); aiosmtpd's

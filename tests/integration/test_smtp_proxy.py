@@ -151,6 +151,23 @@ def test_what_exim_takes_at_mail_passes_here_too(exim: Exim, guard_exim: Guard) 
         assert a.docmd(long_mail)[0] == 250
 
 
+def test_a_quoted_local_part_reaches_exim_as_written(exim: Exim, guard_exim: Guard) -> None:
+    """aiosmtpd's parser rewrote quoted local parts before we relayed them: `".a"@` went on as
+    `.a@`, which is no address (a strict MTA refuses it). Exim gets what the client wrote, and
+    records the same envelope as when the client talks to it directly."""
+    for sender in ('".a"@client.example', '"a..b"@client.example', '"john\\ doe"@client.example'):
+        for port, source in ((exim.port, "127.0.0.2"), (guard_exim.port, "127.0.0.1")):
+            with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0)) as c:
+                c.ehlo("client.example")
+                assert c.docmd(f"MAIL FROM:<{sender}>")[0] == 250
+                assert c.rcpt("bob@test.example")[0] == 250
+                assert c.data(MSG)[0] == 250
+    delivered = exim.wait_maildir("bob", 6)
+    paths = sorted(m.split(b"\n", 1)[0].decode() for m in delivered)
+    assert paths == sorted(2 * ['Return-path: <".a"@client.example>', 'Return-path: <"a..b"@client.example>',
+                                'Return-path: <"john\\ doe"@client.example>']), paths
+
+
 def test_starttls_is_not_taken_twice(tmp_path: Path) -> None:
     """Inside TLS, STARTTLS is neither offered nor taken (RFC 3207): aiosmtpd began a TLS layer
     inside the first."""
@@ -167,6 +184,16 @@ def test_starttls_is_not_taken_twice(tmp_path: Path) -> None:
         assert c.docmd("STARTTLS") == (503, b"5.5.1 STARTTLS command used when not advertised")
         assert c.sendmail("a@client.example", ["bob@test.example"], MSG) == {}
     assert len(sink.messages) == 1
+
+
+def test_what_exim_answers_at_helo_and_starttls_we_answer(exim: Exim, guard_exim: Guard) -> None:
+    """Without a certificate STARTTLS got 454 (try again) where Exim says 503 (not offered); a
+    HELO name of 258 characters got 501 where Exim says 250."""
+    long_name = "a" * 250 + ".example"
+    for port, source in ((exim.port, "127.0.0.2"), (guard_exim.port, "127.0.0.1")):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0)) as c:
+            assert c.ehlo(long_name)[0] == 250
+            assert c.docmd("STARTTLS")[0] == 503
 
 
 def test_unknown_user_550_comes_back_per_recipient(exim: Exim, guard_exim: Guard) -> None:
