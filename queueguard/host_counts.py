@@ -42,11 +42,16 @@ class HostCounts:
     """This worker's view of the host's counts: `add` to its own row, `get` over all rows."""
 
     def __init__(self, path: Path, index: int) -> None:
-        self._fd = os.open(path, os.O_RDWR)
-        self._map = mmap.mmap(self._fd, 0)
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._map = mmap.mmap(self._fd, 0)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._salt = bytes(self._map[:SALT])
         self._rows = (len(self._map) - SALT - TATS) // ROW
         if not 0 <= index < self._rows:
+            self._map.close()
             os.close(self._fd)
             raise ValueError(f"worker {index} has no row in {path} ({self._rows} rows)")
         self._counts = memoryview(self._map)[SALT:SALT + self._rows * ROW].cast("i")

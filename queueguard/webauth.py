@@ -227,7 +227,7 @@ class StatusAuth:
         the mail. The queue is
         bounded, and so is each client address's share of it: a guesser from one address
         cannot keep it full and lock the admin out with 429s (the gate is first come, first
-        served, so the admin waits about a second per address guessing).
+        served, so the admin waits that delay per address guessing).
         """
         if sum(self._waiting.values()) >= LOGIN_MAX_WAITING or self._waiting.get(client, 0) >= LOGIN_PER_CLIENT:
             raise LoginBusy

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from queueguard import metrics
 from queueguard.queuewatch.flow import PARKING_QUEUES, STUCK_WINDOW, FlowPoint, History, diff_scans
@@ -158,6 +158,7 @@ class QueueWatch:
             self._scan = None  # left pending by an earlier asyncio.run; it cannot be awaited here
         if self._scan is None:
             self._scan = _in_daemon_thread(self._scan_spools)
+            self._scan.add_done_callback(_retrieved)  # it may end after its round gave up on it
             self._scan_started = time.monotonic()
         scan = self._scan
         try:
@@ -368,6 +369,13 @@ def _watch(out: _Spools, name: str, work: Callable[[], T]) -> T | None:
     state.seconds = time.monotonic() - start
     out.watchers[name] = state
     return result
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Take a late scan's error (its round already reported the watchers down), so asyncio does
+    not log it as never retrieved; the next round runs a new scan."""
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("queue watch: a scan that outlived its round failed: %r", future.exception())
 
 
 def _in_daemon_thread(work: Callable[[], T]) -> asyncio.Future[T]:
