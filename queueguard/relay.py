@@ -161,6 +161,11 @@ def data_parts(raw: bytes) -> tuple[bytes, bytes]:
     return dot_stuff(raw), b""
 
 
+SYNTAX_ERRORS = ("500", "501", "502", "504")
+"""Replies a downstream counts as the client's syntax errors. Not 503: the RCPT pipelined behind a
+refused MAIL draws one by design, and Exim does not count it."""
+
+
 class SmtpConnection:
     """One open connection to a downstream, after banner and EHLO."""
 
@@ -171,6 +176,10 @@ class SmtpConnection:
         self.features: dict[str, str] = {}
         self.last_used = time.monotonic()
         self.broken = False
+        self.refused = False
+        """A command drew a syntax error (SYNTAX_ERRORS): the downstream counts those per connection
+        (Exim drops it after smtp_max_synprot_errors, 3), so one client's errors must not ride on
+        into another client's session."""
         self.uses = 0
         self.holder: tuple[str, asyncio.Semaphore] | None = None
         """The client network whose transaction holds this connection now, and its share (Downstream.share)."""
@@ -195,6 +204,7 @@ class SmtpConnection:
                         code = text[:3]
                         lines.append(text[4:])
                         if len(text) == 3 or text[3] != "-":
+                            self.refused = self.refused or code in SYNTAX_ERRORS
                             return Reply(int(code), tuple(lines))
             except (OSError, TimeoutError) as e:
                 raise DownstreamError(f"reading reply: {e or type(e).__name__}") from e
@@ -358,7 +368,7 @@ class Downstream:
             self._give_back(*conn.holder)
             conn.holder = None
         conn.uses += 1
-        if not reusable or conn.broken:
+        if not reusable or conn.broken or conn.refused:
             self._discard(conn)
             return
         conn.last_used = time.monotonic()

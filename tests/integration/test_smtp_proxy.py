@@ -168,6 +168,24 @@ def test_a_quoted_local_part_reaches_exim_as_written(exim: Exim, guard_exim: Gua
                                 'Return-path: <"john\\ doe"@client.example>']), paths
 
 
+def test_one_sessions_refused_commands_do_not_count_against_the_next(exim: Exim, guard_exim: Guard) -> None:
+    """Exim counts syntax errors per connection and drops it after three (smtp_max_synprot_errors).
+    A downstream connection kept for the next session carried them on: after three sessions with
+    a sender Exim refuses, one refused recipient in the next session made Exim drop the
+    connection, and that session's message to its good recipient got 451 instead of delivery (as
+    Exim answers directly: one error, 250). A connection that drew a 500-504 is not reused."""
+    for _ in range(3):
+        with guard_exim.smtp() as c:
+            assert c.mail("x@[1086695621]")[0] == 250  # relayed with the first RCPT
+            assert c.rcpt("bob@test.example")[0] == 501
+    with guard_exim.smtp() as c:
+        assert c.mail("good@client.example")[0] == 250
+        assert c.rcpt("bob@test.example")[0] == 250
+        assert c.rcpt("x@[192.0.2.1]")[0] == 501
+        assert c.data(MSG)[0] == 250
+    assert len(exim.wait_maildir("bob", 1)) == 1
+
+
 def test_starttls_is_not_taken_twice(tmp_path: Path) -> None:
     """Inside TLS, STARTTLS is neither offered nor taken (RFC 3207): aiosmtpd began a TLS layer
     inside the first."""
