@@ -176,10 +176,11 @@ class SmtpConnection:
         self.features: dict[str, str] = {}
         self.last_used = time.monotonic()
         self.broken = False
-        self.refused = False
-        """A command drew a syntax error (SYNTAX_ERRORS): the downstream counts those per connection
-        (Exim drops it after smtp_max_synprot_errors, 3), so one client's errors must not ride on
-        into another client's session."""
+        self.stateful = False
+        """The downstream now keeps something of a client on this connection that must not ride on
+        into another client's session, so it is not reused: a syntax error (SYNTAX_ERRORS; Exim
+        counts them per connection and drops it after smtp_max_synprot_errors, 3), or SMTPUTF8
+        (Exim marks every later message on the connection utf8esmtp)."""
         self.uses = 0
         self.holder: tuple[str, asyncio.Semaphore] | None = None
         """The client network whose transaction holds this connection now, and its share (Downstream.share)."""
@@ -204,7 +205,7 @@ class SmtpConnection:
                         code = text[:3]
                         lines.append(text[4:])
                         if len(text) == 3 or text[3] != "-":
-                            self.refused = self.refused or code in SYNTAX_ERRORS
+                            self.stateful = self.stateful or code in SYNTAX_ERRORS
                             return Reply(int(code), tuple(lines))
             except (OSError, TimeoutError) as e:
                 raise DownstreamError(f"reading reply: {e or type(e).__name__}") from e
@@ -368,7 +369,7 @@ class Downstream:
             self._give_back(*conn.holder)
             conn.holder = None
         conn.uses += 1
-        if not reusable or conn.broken or conn.refused:
+        if not reusable or conn.broken or conn.stateful:
             self._discard(conn)
             return
         conn.last_used = time.monotonic()
@@ -577,6 +578,7 @@ class DownstreamGroup:
             conn = await ds.acquire(client)
             params = [p for p in mail_params if _supported(p, conn.features)]
             mail = f"MAIL FROM:<{sender}>" + "".join(" " + p for p in params)
+            conn.stateful = conn.stateful or any(p.upper() == "SMTPUTF8" for p in params)
             try:
                 if first_rcpt is None:
                     return conn, await conn.command(mail), None

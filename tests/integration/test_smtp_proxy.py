@@ -186,6 +186,17 @@ def test_one_sessions_refused_commands_do_not_count_against_the_next(exim: Exim,
     assert len(exim.wait_maildir("bob", 1)) == 1
 
 
+def test_one_sessions_smtputf8_does_not_mark_the_next_sessions_mail(exim: Exim, guard_exim: Guard) -> None:
+    """Exim marks every later message on a connection utf8esmtp once one used SMTPUTF8; a reused
+    downstream connection carried that to another session's plain ASCII message."""
+    with guard_exim.smtp() as c:
+        assert c.sendmail("jörg@client.example", ["bob@test.example"], MSG, mail_options=["SMTPUTF8"]) == {}
+    with guard_exim.smtp() as c:
+        assert c.sendmail("plain@client.example", ["bob@test.example"], MSG) == {}
+    assert len(exim.wait_maildir("bob", 2)) == 2
+    exim.wait_log(r"<= plain@client\.example H=.* P=esmtp ")
+
+
 def test_starttls_is_not_taken_twice(tmp_path: Path) -> None:
     """Inside TLS, STARTTLS is neither offered nor taken (RFC 3207): aiosmtpd began a TLS layer
     inside the first."""
