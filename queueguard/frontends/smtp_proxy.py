@@ -46,7 +46,6 @@ _ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:@\"]+(\.[^\s<>()\[\]\\,;:@\"]+)*@[^\s<
 
 
 BAD_HELO = "501 5.5.2 Syntax error in HELO/EHLO hostname"
-HELO_MAX = 1024
 READ_LIMIT = 16 * 1024
 COMMAND_LIMIT = 16 * 1024 - 1
 """Octets in a command line, CRLF included. Exim takes up to ~16 KB (its command buffer): long
@@ -63,9 +62,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def valid_helo(hostname: str) -> bool:
-    """No control characters (a NUL would reach logs and the downstream's Received line). Longer
-    than a domain may be is taken, as Exim takes it, up to HELO_MAX."""
-    return len(hostname) <= HELO_MAX and _CONTROL.search(hostname) is None
+    """No control characters (a NUL would reach logs and the downstream's Received line). Any
+    length the command line allows is taken, as Exim takes it (5,000 characters and more)."""
+    return _CONTROL.search(hostname) is None
 
 
 def valid_address(address: str, *, allow_null: bool) -> bool:
