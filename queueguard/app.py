@@ -243,9 +243,6 @@ async def start(app: App, worker: WorkerId | None = None) -> tuple[list[Frontend
         app.tasks.append(loop.create_task(app.queuewatch.run()))
         app.tasks.append(loop.create_task(_recover_quarantine(app.quarantine)))
         app.tasks.append(loop.create_task(_expire_quarantine(app.quarantine, s.quarantine.retention)))
-    run_dir = os.environ.get(ENV_RUN_DIR)
-    if worker is not None and run_dir:
-        app.tasks.append(loop.create_task(beat(Path(run_dir), worker.index)))
     return started, web
 
 
@@ -364,6 +361,9 @@ async def serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: app.tasks.append(loop.create_task(reload())))
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
+    run_dir = os.environ.get(ENV_RUN_DIR)
+    if worker is not None and run_dir:  # ready only now: the supervisor forwards SIGHUP to ready workers
+        app.tasks.append(loop.create_task(beat(Path(run_dir), worker.index)))
     watchdog = sdnotify.Watchdog()
     app.tasks.append(loop.create_task(watchdog.run()))
     app.tasks.append(loop.create_task(sdnotify.status_loop(lambda: _status_line(app), 10.0)))

@@ -465,8 +465,11 @@ class RelayTransaction:
         except BaseException:
             self.close(reusable=False)
             raise
-        metrics.downstream_latency.labels(self.downstream.name).observe(time.monotonic() - started)
-        metrics.downstream_replies.labels(self.downstream.name, f"{reply.code // 100}xx").inc()
+        try:  # the downstream has answered: nothing here may change what the client is told
+            metrics.downstream_latency.labels(self.downstream.name).observe(time.monotonic() - started)
+            metrics.downstream_replies.labels(self.downstream.name, f"{reply.code // 100}xx").inc()
+        except Exception:
+            log.exception("recording the downstream's reply failed (the reply stands)")
         self.close(reusable=True)
         return reply
 

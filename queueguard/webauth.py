@@ -170,7 +170,7 @@ class Sessions:
         if self.directory is None:
             self._expiry[key] = expiry
             return
-        self.directory.mkdir(mode=0o700, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.directory / f".{key.hex()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

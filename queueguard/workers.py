@@ -39,6 +39,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ log = logging.getLogger("queueguard.workers")
 ENV_WORKER = "QUEUEGUARD_WORKER"
 ENV_RUN_DIR = "QUEUEGUARD_RUN_DIR"
 ENV_INHERIT = "QUEUEGUARD_INHERIT"
+ENV_COUNTS_FD = "QUEUEGUARD_COUNTS_FD"
 ENV_SUPERVISOR = "QUEUEGUARD_SUPERVISOR"
 HEARTBEAT = 1.0
 """Seconds between a worker's heartbeats (touching its file from its event loop)."""
@@ -92,8 +94,11 @@ def inherited_socket(name: str, environ: dict[str, str] | None = None) -> socket
 
 
 def host_counts_file(run_dir: Path) -> Path:
-    """The connection counts every worker maps (host_counts.py)."""
-    return run_dir / "connections"
+    """The connection counts every worker maps (host_counts.py): through the descriptor the
+    supervisor holds open (ENV_COUNTS_FD), so a cleaner deleting the file can neither keep a new
+    worker from starting nor split the host's counts; the file in the run directory without one."""
+    fd = os.environ.get(ENV_COUNTS_FD, "")
+    return Path(f"/proc/self/fd/{fd}") if fd.isdigit() else run_dir / "connections"
 
 
 def ready_file(run_dir: Path, index: int) -> Path:
@@ -116,40 +121,70 @@ async def beat(run_dir: Path, index: int) -> None:
             log.warning("worker %d: the supervisor (pid %d) is gone; draining and exiting", index, supervisor)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        path.touch()
+        try:
+            path.touch()
+        except OSError as e:  # the run directory was cleaned away: keep checking the supervisor
+            log.error("worker %d: cannot touch its heartbeat %s: %s", index, path, e)
         await asyncio.sleep(HEARTBEAT)
 
 
-def stale(heartbeat_mtime: float | None, now: float) -> bool:
-    return heartbeat_mtime is not None and now - heartbeat_mtime > HEARTBEAT_STALE
+def run_directory() -> Path:
+    """The workers' shared directory: under systemd's RuntimeDirectory (/run/queueguard, which no
+    tmp cleaner ages) when there is one, else a new one in the temporary directory. A cleaner
+    that deletes files written once (the settings, the metrics files) broke workers' restarts,
+    metrics and the host-wide counts after its ten days."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(tempfile.mkdtemp(prefix="queueguard-workers-", dir=runtime or None))
 
 
 class Worker:
     def __init__(self, index: int, count: int, argv: list[str], env: dict[str, str], run_dir: Path,
-                 fds: tuple[int, ...] = ()) -> None:
+                 fds: tuple[int, ...] = (), prepare: Callable[[], None] = lambda: None) -> None:
+        """`prepare` runs before every start: it writes the files a worker reads (they may have
+        been cleaned away since the last one)."""
         self.index = index
         self.argv = argv
         self.env = {**env, ENV_WORKER: f"{index}/{count}"}
         self.run_dir = run_dir
         self.fds = fds
+        self.prepare = prepare
         self.proc: asyncio.subprocess.Process | None = None
         self.failures = 0
         self.started_at = 0.0
         self.restart_at: float | None = None
+        self.was_ready = False
+        self._beat: float | None = None
+        self._beat_seen = 0.0
 
     async def start(self) -> None:
         for path in (ready_file(self.run_dir, self.index), heartbeat_file(self.run_dir, self.index)):
             path.unlink(missing_ok=True)
+        self.prepare()
         self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env, pass_fds=self.fds)
         self.started_at, self.restart_at = time.monotonic(), None
+        self.was_ready, self._beat, self._beat_seen = False, None, self.started_at
         log.info("worker %d started (pid %d)", self.index, self.proc.pid)
+
+    def hung(self, now: float) -> bool:
+        """No new heartbeat for HEARTBEAT_STALE by our monotonic clock, once it was ready (or for
+        READY_TIMEOUT since its start). Judged by when we saw the file change, not by its mtime
+        against the wall clock, which a clock step moves for every worker at once; a heartbeat
+        file that is gone is a heartbeat that stopped."""
+        beat = self.heartbeat()
+        if beat != self._beat:
+            self._beat, self._beat_seen = beat, now
+        limit = HEARTBEAT_STALE if self.was_ready or self.ready else READY_TIMEOUT
+        return now - self._beat_seen > limit
 
     @property
     def ready(self) -> bool:
+        """Its ready file names it (remembered in `was_ready`: the file may be cleaned away)."""
         try:
-            return self.proc is not None and ready_file(self.run_dir, self.index).read_text() == str(self.proc.pid)
+            ready = self.proc is not None and ready_file(self.run_dir, self.index).read_text() == str(self.proc.pid)
         except OSError:
             return False
+        self.was_ready = self.was_ready or ready
+        return ready
 
     def heartbeat(self) -> float | None:
         try:
@@ -181,20 +216,27 @@ async def supervise(settings: Settings, count: int, shared: dict[str, socket.soc
     sockets by name that every worker inherits (`inherited_socket`)."""
     from prometheus_client import multiprocess
 
-    run_dir = Path(tempfile.mkdtemp(prefix="queueguard-workers-"))
+    run_dir = run_directory()
     (run_dir / "metrics").mkdir()
-    HostCounts.create(host_counts_file(run_dir), count)
+    counts_fd = os.open(HostCounts.create(run_dir / "connections", count), os.O_RDWR)
+    counts = Path(f"/proc/self/fd/{counts_fd}")
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env.update({"PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"), ENV_RUN_DIR: str(run_dir),
+                ENV_COUNTS_FD: str(counts_fd),
                 ENV_SUPERVISOR: str(os.getpid()),
                 # workers import what this process imports, however it was launched
                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     shared = shared or {}
     if shared:
         env[ENV_INHERIT] = ",".join(f"{name}={sock.fileno()}" for name, sock in shared.items())
-    fds = tuple(sock.fileno() for sock in shared.values())
+    fds = (*(sock.fileno() for sock in shared.values()), counts_fd)
     argv = [sys.executable, "-m", "queueguard.cli", "serve", "--settings", str(worker_settings(settings, run_dir))]
-    workers = [Worker(i, count, argv, env, run_dir, fds) for i in range(count)]
+
+    def prepare() -> None:
+        (run_dir / "metrics").mkdir(exist_ok=True)
+        worker_settings(settings, run_dir)
+
+    workers = [Worker(i, count, argv, env, run_dir, fds, prepare) for i in range(count)]
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -214,7 +256,7 @@ async def supervise(settings: Settings, count: int, shared: dict[str, socket.soc
                 await asyncio.wait_for(stopping.wait(), 1.0)
             if not stopping.is_set():
                 try:
-                    await _tend(workers, multiprocess)
+                    await _tend(workers, multiprocess, counts)
                 except Exception:  # a bug here must not take every worker down with the supervisor
                     log.exception("tending the workers failed; trying again")
         sdnotify.stopping("draining")
@@ -225,6 +267,7 @@ async def supervise(settings: Settings, count: int, shared: dict[str, socket.soc
         watchdog.cancel()
         for w in workers:
             w.signal(signal.SIGKILL)
+        os.close(counts_fd)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -240,8 +283,11 @@ async def _wait_ready(workers: list[Worker], stopping: asyncio.Event) -> None:
 
 
 def _forward(workers: list[Worker], sig: int) -> None:
+    """To the workers that are ready: one still starting has no handler yet (SIGHUP's default
+    would kill it), and it loads the current policy as it starts anyway."""
     for w in workers:
-        w.signal(sig)
+        if w.was_ready or w.ready:
+            w.signal(sig)
 
 
 def restart_delay(failures: int) -> float:
@@ -249,7 +295,7 @@ def restart_delay(failures: int) -> float:
     return float(min(MAX_BACKOFF, 2 ** failures - 1))
 
 
-async def _tend(workers: list[Worker], multiprocess: object) -> None:
+async def _tend(workers: list[Worker], multiprocess: object, counts: Path) -> None:
     """Kill the hung, restart the dead (after restart_delay), forget old failures of the steady."""
     now = time.monotonic()
     for w in workers:
@@ -257,18 +303,21 @@ async def _tend(workers: list[Worker], multiprocess: object) -> None:
         if proc is None:
             continue
         if proc.returncode is None:
-            if not stale(w.heartbeat(), time.time()):
+            if not w.hung(now):
                 if w.failures and now - w.started_at > MAX_BACKOFF:
                     w.failures = 0
                 continue
-            log.error("worker %d (pid %d) stopped beating for %.0fs: killing it", w.index, proc.pid, HEARTBEAT_STALE)
+            log.error("worker %d (pid %d) stopped beating: killing it", w.index, proc.pid)
             w.signal(signal.SIGKILL)
             await proc.wait()
         if w.restart_at is None:
             # its live gauges (connections open, scans in flight) must not count any more, nor
-            # its connections towards the limits (they closed with it)
-            multiprocess.mark_process_dead(proc.pid, str(w.run_dir / "metrics"))  # type: ignore[attr-defined]
-            HostCounts.clear(host_counts_file(w.run_dir), w.index)
+            # its connections towards the limits (they closed with it); neither may keep it down
+            try:
+                multiprocess.mark_process_dead(proc.pid, str(w.run_dir / "metrics"))  # type: ignore[attr-defined]
+                HostCounts.clear(counts, w.index)
+            except OSError as e:
+                log.error("worker %d: clearing what it left failed (%s); restarting it anyway", w.index, e)
             w.restart_at = now + restart_delay(w.failures)
             w.failures += 1
             log.error("worker %d (pid %d) exited with code %s; restarting in %.0fs", w.index, proc.pid,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import logging
 import time
@@ -183,7 +184,8 @@ class Session:
         finally:
             self.in_data = False
         added = time.monotonic() - started - txn.timings.get("relay", 0.0)
-        metrics.added_latency.labels(self.pipeline.frontend).observe(max(added, 0.0))
+        with contextlib.suppress(Exception):  # the verdict stands (_finish logs a broken metrics store)
+            metrics.added_latency.labels(self.pipeline.frontend).observe(max(added, 0.0))
         headers = self.headers(txn)
         if self.txn is txn:
             self.txn = None
@@ -325,7 +327,12 @@ class Session:
         finally:
             txn.timings["relay"] = time.monotonic() - started
         txn.downstream = rtx.downstream.name
-        return self._count("data", from_downstream(reply, "data"))
+        verdict = from_downstream(reply, "data")
+        try:  # delivered (or refused) downstream: counting it failing must not turn that into our 451
+            return self._count("data", verdict)
+        except Exception:
+            log.exception("id=%s counting the downstream's answer failed (the answer stands)", txn.id)
+            return verdict
 
     async def _reset_downstream(self) -> None:
         """No partial transaction is left downstream."""
@@ -348,8 +355,11 @@ class Session:
                 metrics.internal_errors.labels("end").inc()
                 log.exception("id=%s ending the transaction in %s failed", txn.id, check.name)
         reason = (verdict.reason if verdict is not None else outcome) or "ok"
-        metrics.verdicts.labels(self.pipeline.frontend, "final", outcome if verdict is None else
-                                verdict.action.value, reason).inc()
+        try:  # the verdict is given (the message may be delivered): a metrics failure must not change it
+            metrics.verdicts.labels(self.pipeline.frontend, "final", outcome if verdict is None else
+                                    verdict.action.value, reason).inc()
+        except Exception:
+            log.exception("id=%s counting the final verdict failed", txn.id)
         conn = txn.connection
         log_event(
             msglog, "message", id=txn.id, client=f"{conn.client_name or 'unknown'}[{conn.client_ip}]",

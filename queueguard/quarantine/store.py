@@ -360,8 +360,11 @@ class QuarantineStore:
         except QuarantineError:
             metrics.quarantine_refused.labels("error").inc()
             raise
-        metrics.quarantined.labels(verdict.rule or verdict.reason or "").inc()
-        self._count_put(verdict.rule or "", len(raw))
+        try:  # stored durably: a metrics failure must not turn that into a 451 (and a second copy)
+            metrics.quarantined.labels(verdict.rule or verdict.reason or "").inc()
+            self._count_put(verdict.rule or "", len(raw))
+        except Exception:
+            log.exception("quarantine %s: counting stored %s failed (it is stored)", self.dir, qid)
         return qid
 
     def _count_put(self, rule: str, size: int) -> None:

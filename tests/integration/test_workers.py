@@ -378,3 +378,73 @@ def test_a_status_page_login_holds_on_every_worker(redis: RedisServer) -> None:
         assert {json.loads(body)["worker"] for _, _, body in answers} == {"0/2", "1/2"}  # both answered
         assert call("POST", "/logout", cookie)[0] == 303
         assert [call("GET", "/status.json", cookie)[0] for _ in range(10)] == [401] * 10
+
+
+def _run_dir(guard: Guard) -> Path:
+    """The workers' run directory, as the supervisor gave it to them."""
+    assert guard.proc is not None
+    child = min(children(guard.proc.pid))
+    env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+    (value,) = [e.split(b"=", 1)[1] for e in env if e.startswith(b"QUEUEGUARD_RUN_DIR=")]
+    return Path(value.decode())
+
+
+def test_a_cleaned_run_directory_loses_no_mail_and_no_worker(redis: RedisServer) -> None:
+    """A tmp cleaner deletes the files of the workers' run directory (systemd-tmpfiles ages /tmp,
+    a private one too). Before: a message the downstream took got 451 (the metrics file could not
+    be created after its 250: the sender retried, and it was delivered again and again); a hung
+    worker without a heartbeat file was never replaced, and one that died was never restarted
+    (its settings and the host counts file were gone). Now the answer stands and workers recover."""
+    with RecordingSink() as sink, Guard({"workers": 2, "state": redis.url,
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as guard:
+        assert guard.proc is not None
+        wait_for("two workers ready", lambda: "queueguard ready: 2 workers" in guard.log())
+        run_dir = _run_dir(guard)
+        for path in sorted(run_dir.rglob("*"), reverse=True):  # everything, as `rm -r run_dir/*`
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
+        for i in range(6):
+            with smtplib.SMTP("127.0.0.1", guard.port, timeout=30) as c:
+                assert c.sendmail("a@client.example", ["bob@test.example"], b"Subject: m%d\r\n\r\nx\r\n" % i) == {}
+        assert len(sink.messages) == 6
+        hung, dead = sorted(children(guard.proc.pid))
+        os.kill(hung, signal.SIGSTOP)  # its heartbeat file is gone: no beat is a stopped beat
+        os.kill(dead, signal.SIGKILL)
+        wait_for("both workers replaced", lambda: not {hung, dead} & children(guard.proc.pid)
+                 and len(children(guard.proc.pid)) == 2, timeout=HEARTBEAT_STALE + 30)
+        wait_for("the new workers ready", lambda: guard.log().count("queueguard ready: smtp=") >= 4, timeout=30)
+        assert f"(pid {hung}) stopped beating" in guard.log()
+        with smtplib.SMTP("127.0.0.1", guard.port, timeout=30) as c:
+            assert c.sendmail("a@client.example", ["bob@test.example"], b"Subject: after\r\n\r\nx\r\n") == {}
+
+
+def test_reloads_while_workers_start_kill_none(redis: RedisServer) -> None:
+    """SIGHUP is forwarded to the workers; one still starting had no handler yet, and SIGHUP's
+    default action killed it: at start-up the guard failed, later a replacement worker died and
+    its restart was delayed. Reloads during start-up (and during a restart) now kill nobody."""
+    guard = Guard({"workers": 2, "state": redis.url, "downstreams": [{"address": "127.0.0.1:9"}]})
+    done = threading.Event()
+
+    def reload_storm() -> None:  # from the moment the supervisor starts workers (its handler is in)
+        while not done.is_set():
+            if guard.proc is not None and guard.proc.poll() is None and "worker 0 started" in guard.log():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(guard.proc.pid, signal.SIGHUP)
+            time.sleep(0.01)
+
+    storm = threading.Thread(target=reload_storm)
+    storm.start()
+    try:
+        guard.start(timeout=60)
+        assert guard.proc is not None
+        wait_for("two workers ready", lambda: "queueguard ready: 2 workers" in guard.log())
+        os.kill(min(children(guard.proc.pid)), signal.SIGKILL)  # its replacement starts under the storm
+        wait_for("the replacement ready", lambda: guard.log().count("queueguard ready: smtp=") >= 3)
+    finally:
+        done.set()
+        storm.join()
+        log = guard.log()
+        guard.stop(timeout=60)
+    assert "exited with code -1" not in log and "before it was ready" not in log, log[-2000:]
