@@ -181,7 +181,7 @@ def build(settings: Settings, processes: int = 1) -> App:
     q = settings.queuewatch
     if publisher is not None and (q.exim_spool or q.postfix_queue or q.mailman_queue):
         publisher.queue = lambda: queue_total(queuewatch.snapshot())
-    ratelimit = RateLimitCheck.from_settings(settings)
+    ratelimit = RateLimitCheck.from_settings(settings, processes)
     return App(
         settings=settings, policies=policies, relay=Relay.from_settings(settings), router=router,
         quarantine=QuarantineStore(

@@ -121,18 +121,20 @@ class Membership:
     Each process is one member, `node:pid` (a worker process enforces alone when Redis fails, so
     it takes its own share), renewed every `every` seconds in one sorted set whose score is the
     member's expiry: a process that stops renewing drops out after `ttl`. One small key rather
-    than a key per member, so counting needs no SCAN over millions of rate-limit keys. Until the
-    first count (Redis down from the start) `hosts` is 1: no count, no share.
+    than a key per member, so counting needs no SCAN over millions of rate-limit keys. The count
+    is never below `processes`, this host's own workers: before their first renewals (or with
+    Redis down from the start) a worker that counted only itself took the whole limit, each of them.
     """
 
     def __init__(self, client: Redis, node: str, *, ttl: float = 15.0, every: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, processes: int = 1) -> None:
         self.client = client
         self.node = node
         self.ttl = ttl
         self.every = every
         self.clock = clock
-        self.hosts = 1
+        self.processes = max(1, processes)
+        self.hosts = self.processes
 
     @property
     def member(self) -> str:
@@ -148,7 +150,7 @@ class Membership:
         pipe.zcard(MEMBERS_KEY)
         pipe.pexpire(MEMBERS_KEY, int(self.ttl * 1000))
         _, _, count, _ = await pipe.execute()
-        self.hosts = live_count(int(count))
+        self.hosts = max(live_count(int(count)), self.processes)
         metrics.state_members.set(self.hosts)
         return self.hosts
 

@@ -145,14 +145,16 @@ class RateLimitCheck:
         self._top_since = clock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RateLimitCheck:
+    def from_settings(cls, settings: Settings, processes: int = 1) -> RateLimitCheck:
         """`state: memory`: this process only. A Redis URL: shared, with the mirror sized like the
-        memory store and this process counted as a member."""
+        memory store and this process counted as a member (of at least `processes`, the workers
+        of this host)."""
         if settings.state == "memory":
             return cls(MemoryStore(settings.state_max_keys))
         from queueguard.ratelimit.redis_store import RedisStore
 
-        members = Membership(connect(settings.state, BACKGROUND), settings.node or socket.gethostname())
+        members = Membership(connect(settings.state, BACKGROUND), settings.node or socket.gethostname(),
+                             processes=processes)
         return cls(RedisStore(settings.state), fallback=MemoryStore(settings.state_max_keys), members=members)
 
     def background(self) -> list[Coroutine[Any, Any, None]]:

@@ -236,3 +236,19 @@ async def test_a_key_spent_before_redis_restarted_empty_stays_spent(redis_server
     assert await message(check, "info@example.org", sender="after@x.example") == [451]
     assert await store.client.get("qg:rl:flood:info@example.org") is None  # refused: nothing stored
     await check.close()
+
+
+async def test_a_worker_counts_its_hosts_other_workers_before_they_register(redis_server: RedisServer) -> None:
+    """Two workers, the first renewal of one of them not yet done (or Redis failing from the
+    start): counting only itself, each took the whole limit in an outage. The count is never
+    below this host's workers."""
+    clock = Clock()
+    a = Membership(connect(redis_server.url), "mx1", ttl=15.0, clock=clock, processes=2)
+    assert a.hosts == 2  # before any count
+    assert await a.beat() == 2  # Redis knows only a so far
+    b = Membership(connect(redis_server.url), "mx2", ttl=15.0, clock=clock)
+    await b.beat()
+    c = Membership(connect(redis_server.url), "mx3", ttl=15.0, clock=clock)
+    assert await c.beat() == 3 and await a.beat() == 3  # more than our own: the real count
+    for m in (a, b, c):
+        await m.close()
