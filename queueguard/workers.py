@@ -129,12 +129,18 @@ async def beat(run_dir: Path, index: int) -> None:
 
 
 def run_directory() -> Path:
-    """The workers' shared directory: under systemd's RuntimeDirectory (/run/queueguard, which no
-    tmp cleaner ages) when there is one, else a new one in the temporary directory. A cleaner
-    that deletes files written once (the settings, the metrics files) broke workers' restarts,
-    metrics and the host-wide counts after its ten days."""
+    """The workers' shared directory: `workers/` under systemd's RuntimeDirectory (/run/queueguard,
+    which no tmp cleaner ages; one service, one supervisor), emptied first, since a supervisor
+    killed with -9 leaves its own behind and /run is memory; else a new one in the temporary
+    directory. A cleaner that deletes files written once (the settings, the metrics files)
+    broke workers' restarts, metrics and the host-wide counts after its ten days."""
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return Path(tempfile.mkdtemp(prefix="queueguard-workers-", dir=runtime or None))
+    if not runtime:
+        return Path(tempfile.mkdtemp(prefix="queueguard-workers-"))
+    path = Path(runtime) / "workers"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700)
+    return path
 
 
 class Worker:
@@ -207,7 +213,9 @@ def worker_settings(settings: Settings, run_dir: Path) -> Path:
     doc = settings.model_dump(mode="json")
     doc["workers"] = 1
     path = run_dir / "settings.yaml"
-    path.write_text(yaml.safe_dump(doc))
+    tmp = path.with_name(".settings.yaml.tmp")  # written whole, then renamed: a worker starting may read it now
+    tmp.write_text(yaml.safe_dump(doc))
+    os.replace(tmp, path)
     return path
 
 
@@ -233,7 +241,7 @@ async def supervise(settings: Settings, count: int, shared: dict[str, socket.soc
     argv = [sys.executable, "-m", "queueguard.cli", "serve", "--settings", str(worker_settings(settings, run_dir))]
 
     def prepare() -> None:
-        (run_dir / "metrics").mkdir(exist_ok=True)
+        (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
         worker_settings(settings, run_dir)
 
     workers = [Worker(i, count, argv, env, run_dir, fds, prepare) for i in range(count)]
@@ -296,34 +304,46 @@ def restart_delay(failures: int) -> float:
 
 
 async def _tend(workers: list[Worker], multiprocess: object, counts: Path) -> None:
-    """Kill the hung, restart the dead (after restart_delay), forget old failures of the steady."""
+    """Kill the hung, restart the dead (after restart_delay), forget old failures of the steady.
+    Each worker on its own: one that cannot be restarted now (no memory for a process, a full
+    /run) must not leave the others after it untended."""
     now = time.monotonic()
     for w in workers:
-        proc = w.proc
-        if proc is None:
-            continue
-        if proc.returncode is None:
-            if not w.hung(now):
-                if w.failures and now - w.started_at > MAX_BACKOFF:
-                    w.failures = 0
-                continue
-            log.error("worker %d (pid %d) stopped beating: killing it", w.index, proc.pid)
-            w.signal(signal.SIGKILL)
-            await proc.wait()
-        if w.restart_at is None:
-            # its live gauges (connections open, scans in flight) must not count any more, nor
-            # its connections towards the limits (they closed with it); neither may keep it down
-            try:
-                multiprocess.mark_process_dead(proc.pid, str(w.run_dir / "metrics"))  # type: ignore[attr-defined]
-                HostCounts.clear(counts, w.index)
-            except OSError as e:
-                log.error("worker %d: clearing what it left failed (%s); restarting it anyway", w.index, e)
-            w.restart_at = now + restart_delay(w.failures)
-            w.failures += 1
-            log.error("worker %d (pid %d) exited with code %s; restarting in %.0fs", w.index, proc.pid,
-                      proc.returncode, w.restart_at - now)
-        if now >= w.restart_at:
-            await w.start()
+        try:
+            await _tend_one(w, now, multiprocess, counts)
+        except Exception:
+            if w.restart_at is not None:  # its start failed: the next try after the back-off
+                w.restart_at = now + restart_delay(w.failures)
+                w.failures += 1
+            log.exception("worker %d: tending it failed; trying again", w.index)
+
+
+async def _tend_one(w: Worker, now: float, multiprocess: object, counts: Path) -> None:
+    proc = w.proc
+    if proc is None:
+        return
+    if proc.returncode is None:
+        if not w.hung(now):
+            if w.failures and now - w.started_at > MAX_BACKOFF:
+                w.failures = 0
+            return
+        log.error("worker %d (pid %d) stopped beating: killing it", w.index, proc.pid)
+        w.signal(signal.SIGKILL)
+        await proc.wait()
+    if w.restart_at is None:
+        # its live gauges (connections open, scans in flight) must not count any more, nor
+        # its connections towards the limits (they closed with it); neither may keep it down
+        try:
+            multiprocess.mark_process_dead(proc.pid, str(w.run_dir / "metrics"))  # type: ignore[attr-defined]
+            HostCounts.clear(counts, w.index)
+        except OSError as e:
+            log.error("worker %d: clearing what it left failed (%s); restarting it anyway", w.index, e)
+        w.restart_at = now + restart_delay(w.failures)
+        w.failures += 1
+        log.error("worker %d (pid %d) exited with code %s; restarting in %.0fs", w.index, proc.pid,
+                  proc.returncode, w.restart_at - now)
+    if now >= w.restart_at:
+        await w.start()
 
 
 async def _stop(workers: list[Worker], grace: float) -> None:

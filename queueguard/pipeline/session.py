@@ -257,7 +257,10 @@ class Session:
         if verdict.action is Action.QUARANTINE and not pipeline.hold_in_mta:
             verdict = await self._store(txn, raw, verdict, ctx)
         if verdict.final:
-            self._count("message", verdict)
+            try:  # it may be stored durably by now: counting it must not turn that into a 451 and a copy
+                self._count("message", verdict)
+            except Exception:
+                log.exception("id=%s counting the message's verdict failed (the verdict stands)", txn.id)
         return verdict, raw
 
     async def _store(self, txn: Transaction, raw: bytes, verdict: Verdict, ctx: MessageContext) -> Verdict:
@@ -352,8 +355,9 @@ class Session:
             try:
                 await check.on_end(txn, passed and bool(txn.recipients))
             except Exception:
-                metrics.internal_errors.labels("end").inc()
                 log.exception("id=%s ending the transaction in %s failed", txn.id, check.name)
+                with contextlib.suppress(Exception):
+                    metrics.internal_errors.labels("end").inc()
         reason = (verdict.reason if verdict is not None else outcome) or "ok"
         try:  # the verdict is given (the message may be delivered): a metrics failure must not change it
             metrics.verdicts.labels(self.pipeline.frontend, "final", outcome if verdict is None else
