@@ -22,6 +22,7 @@ also closes at once on a timeout, where a transport with unsent data lingers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import struct
@@ -34,6 +35,8 @@ from queueguard.resolve import printable
 from queueguard.settings import ClamdSettings, split_hostport
 
 ANSWER_LIMIT = 1 << 20
+CLOSE_WAIT = 0.1
+"""Seconds we wait for clamd to close its end after its answer (it closes at once)."""
 """Longest answer we read; STATS on a busy clamd is a few KB."""
 
 
@@ -241,6 +244,7 @@ class ClamdClient:
                         raise ScanError("reset", f"connection to clamd at {self.address} failed: {sent}") from sent
                 else:
                     raw = await self._answer(loop, sock)
+                    await self._closed_by_clamd(loop, sock)
         except ScanError:
             raise
         except TimeoutError as e:
@@ -254,6 +258,15 @@ class ClamdClient:
             return raw.decode()
         except UnicodeDecodeError as e:
             raise ScanError("protocol", f"clamd at {self.address} answered with non-UTF-8 bytes") from e
+
+    async def _closed_by_clamd(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        """Wait (briefly) for clamd to close its end, as it does once its thread is done with the
+        command: closing first, we freed our scan slot while clamd's thread still tidied up, and
+        the next scan made clamd run more at once than our bound (4 for a bound of 2)."""
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(CLOSE_WAIT):
+                while await loop.sock_recv(sock, 4096):
+                    pass
 
     async def _answer(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
         """Everything up to the answer's NUL; what follows it, if anything, is ignored."""
