@@ -257,10 +257,7 @@ class Session:
         if verdict.action is Action.QUARANTINE and not pipeline.hold_in_mta:
             verdict = await self._store(txn, raw, verdict, ctx)
         if verdict.final:
-            try:  # it may be stored durably by now: counting it must not turn that into a 451 and a copy
-                self._count("message", verdict)
-            except Exception:
-                log.exception("id=%s counting the message's verdict failed (the verdict stands)", txn.id)
+            self._count("message", verdict)
         return verdict, raw
 
     async def _store(self, txn: Transaction, raw: bytes, verdict: Verdict, ctx: MessageContext) -> Verdict:
@@ -330,12 +327,7 @@ class Session:
         finally:
             txn.timings["relay"] = time.monotonic() - started
         txn.downstream = rtx.downstream.name
-        verdict = from_downstream(reply, "data")
-        try:  # delivered (or refused) downstream: counting it failing must not turn that into our 451
-            return self._count("data", verdict)
-        except Exception:
-            log.exception("id=%s counting the downstream's answer failed (the answer stands)", txn.id)
-            return verdict
+        return self._count("data", from_downstream(reply, "data"))
 
     async def _reset_downstream(self) -> None:
         """No partial transaction is left downstream."""
@@ -359,11 +351,7 @@ class Session:
                 with contextlib.suppress(Exception):
                     metrics.internal_errors.labels("end").inc()
         reason = (verdict.reason if verdict is not None else outcome) or "ok"
-        try:  # the verdict is given (the message may be delivered): a metrics failure must not change it
-            metrics.verdicts.labels(self.pipeline.frontend, "final", outcome if verdict is None else
-                                    verdict.action.value, reason).inc()
-        except Exception:
-            log.exception("id=%s counting the final verdict failed", txn.id)
+        self._tally("final", outcome if verdict is None else verdict.action.value, reason)
         conn = txn.connection
         log_event(
             msglog, "message", id=txn.id, client=f"{conn.client_name or 'unknown'}[{conn.client_ip}]",
@@ -402,8 +390,17 @@ class Session:
         return resolve(result.hits, self.pipeline.header_prefix).verdict or ACCEPT
 
     def _count(self, stage: str, verdict: Verdict) -> Verdict:
-        metrics.verdicts.labels(self.pipeline.frontend, stage, verdict.action.value, verdict.reason or "ok").inc()
+        self._tally(stage, verdict.action.value, verdict.reason or "ok")
         return verdict
+
+    def _tally(self, stage: str, action: str, reason: str) -> None:
+        """Count a verdict. Counting never changes one: after a downstream's 250 or a durable
+        quarantine, a metrics store that fails (its files cleaned away) turned the answer into a
+        451, and the sender delivered again."""
+        try:
+            metrics.verdicts.labels(self.pipeline.frontend, stage, action, reason).inc()
+        except Exception:
+            log.exception("counting a %s verdict failed (the verdict stands)", stage)
 
 
 def with_headers(headers: list[tuple[str, str]], raw: bytes) -> bytes:
