@@ -249,9 +249,11 @@ def test_workers_share_the_hosts_scan_bound(redis: RedisServer, tmp_path: Path) 
             sampler.join(5)
             guard.stop(timeout=60)
     assert replies == [250] * 12
-    # clamd's own count of our scans; its thread may still be tidying up a scan whose answer a
-    # worker already read (the slot is free, the next scan starts): one over the bound, briefly.
-    assert 2 <= max(sampler.busy) <= 3, sampler.busy
+    # clamd's own count of our scans; its threads may still be tidying up scans whose answers the
+    # workers already read (their slots are free, the next scans start): over the bound in a rare
+    # sample (one per worker at most), never for long. Each worker allowed the whole bound before:
+    # 4 in most samples.
+    assert 2 <= max(sampler.busy) <= 4, sampler.busy
     assert sum(1 for b in sampler.busy if b > 2) <= max(1, len(sampler.busy) // 20), sampler.busy
 
 
