@@ -157,6 +157,8 @@ scan_seconds = Histogram(
     P + "scan_seconds", "Time clamd took for one INSTREAM scan", ["result"], buckets=LATENCY_BUCKETS
 )
 scans = Counter(P + "scans_total", "Scans by result (clean, infected, error)", ["result"])
+scan_cache = Counter(P + "scan_cache_total", "Messages whose scan answer was looked up in the cache of recent "
+                     "scans (hit: clamd not asked), by result", ["result"])
 scan_in_flight = Gauge(P + "scan_in_flight", "Scans running in clamd now", multiprocess_mode="livesum")
 scan_waiting = Gauge(P + "scan_waiting", "Messages waiting for a scan slot", multiprocess_mode="livesum")
 scan_limit = Gauge(P + "scan_concurrency_limit", "Current (adaptive, pressure-capped) scan concurrency limit",

@@ -180,6 +180,9 @@ class ClamdSettings(Strict):
     stream_max_length: Size = 26_214_400
     chunk_size: Size = 65536
     pid_file: Path | None = Path("/run/clamav/clamd.pid")
+    database_directory: Path | None = Field(
+        Path("/var/lib/clamav"), description="clamd's DatabaseDirectory: a change in its files, like a new "
+        "clamd VERSION, empties the cache of scan answers (scan.cache in the policy)")
     ping_interval: Duration = 10.0
     breaker_failures: int = Field(3, ge=1)
     breaker_reset: Duration = 5.0

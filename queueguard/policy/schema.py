@@ -181,8 +181,17 @@ class PressurePolicy(Strict):
     soften: SoftenPolicy = SoftenPolicy()
 
 
+class ScanCachePolicy(Strict):
+    """Answers of recent scans, by the message's content without its per-copy fields
+    (queueguard/scan/cache.py): a wave's copies after the first are not sent to clamd."""
+
+    ttl: Duration = Field(default=600.0, description="how long an answer is reused; 0 turns the cache off")
+    max_entries: int = Field(default=20_000, ge=0, description="answers kept per worker (about 200 bytes each)")
+
+
 class ScanPolicy(Strict):
     clamav: ClamavPolicy = ClamavPolicy()
+    cache: ScanCachePolicy = ScanCachePolicy()
     max_concurrent: int = Field(default=4, ge=1)
     min_concurrent: int = Field(default=1, ge=1)
     adaptive: bool = True

@@ -1,6 +1,7 @@
 """The scan stage: ClamAV under backpressure.
 
-At end of DATA it asks the breaker, then the admission gate (bounded
+At end of DATA it looks for the answer of an earlier scan of the same content
+(queueguard/scan/cache.py), then asks the breaker, then the admission gate (bounded
 concurrency, lowered to `pressure.soften.scan_concurrency` while the pressure
 governor says soften), then clamd. Memory-pressure deferrals themselves are
 the admission check's (queueguard/pressure/admission.py), which runs whether
@@ -19,7 +20,8 @@ from queueguard import metrics
 from queueguard.model import RuleHit
 from queueguard.policy.schema import Policy, ScanPolicy
 from queueguard.pressure.governor import Governor, Level
-from queueguard.scan.clamd import ClamdClient, ScanError, Scanner
+from queueguard.scan.cache import ScanCache, content_key
+from queueguard.scan.clamd import ClamdClient, ScanError, Scanner, ScanResult
 from queueguard.scan.gate import AdmissionGate, GateBusy, GateConfig
 from queueguard.scan.health import CircuitBreaker, ClamdHealth
 from queueguard.settings import ClamdSettings
@@ -74,15 +76,18 @@ class ScanCheck:
         self.scanner: Scanner = scanner or ClamdClient.from_settings(settings)
         self.governor = governor
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset, clock=clock)
-        self.health = ClamdHealth(self.scanner, self.breaker, interval=settings.ping_interval)
+        self.health = ClamdHealth(self.scanner, self.breaker, interval=settings.ping_interval,
+                                  database=settings.database_directory)
         self.policy = ScanPolicy()
         self.gate = AdmissionGate(gate_config(self.policy, processes))
+        self.cache = ScanCache(self.policy.cache.ttl, self.policy.cache.max_entries, clock=clock)
         self._warned_stream_limit = False
 
     def set_policy(self, policy: Policy) -> None:
-        """Take a (re)loaded policy's scan section: the gate's bounds."""
+        """Take a (re)loaded policy's scan section: the gate's bounds, the cache's size."""
         self.policy = policy.scan
         self.gate.configure(gate_config(policy.scan, self.processes))
+        self.cache.configure(policy.scan.cache.ttl, policy.scan.cache.max_entries)
 
     def _enabled(self, policy: Policy) -> bool:
         if policy.scan is not self.policy:
@@ -103,15 +108,28 @@ class ScanCheck:
             err = ScanError("too_large", f"{size} bytes, clamd's StreamMaxLength is "
                             f"{self.settings.stream_max_length}", permanent=True)
             return self._on_error(scan, err)
+        version = self.health.version
+        key = content_key(ctx.raw) if self.cache.usable(version) else None
+        if key is not None:
+            cached = self.cache.get(key, version)
+            metrics.scan_cache.labels("miss" if cached is None else "hit").inc()
+            if cached is not None:
+                return self._answer(scan, cached)
         if self.breaker.rejecting():
             return self._down(scan)
         try:
             async with self.gate.slot():
-                return await self._scan(ctx, scan, size)
+                result = await self._scan(ctx, scan, size)
         except GateBusy as e:
             return _defer("busy_" + e.reason, str(e))
+        if isinstance(result, StageResult):
+            return result
+        if key is not None and self.health.version == version:  # not if clamd's signatures changed meanwhile
+            self.cache.put(key, version, result)
+        return self._answer(scan, result)
 
-    async def _scan(self, ctx: MessageContext, scan: ScanPolicy, size: int) -> StageResult:
+    async def _scan(self, ctx: MessageContext, scan: ScanPolicy, size: int) -> ScanResult | StageResult:
+        """clamd's answer, or the failure's result."""
         if not self.breaker.allow():
             return self._down(scan)
         start = time.monotonic()
@@ -142,6 +160,11 @@ class ScanCheck:
         label = "infected" if result.infected else "clean"
         metrics.scans.labels(label).inc()
         metrics.scan_seconds.labels(label).observe(result.elapsed)
+        return result
+
+    @staticmethod
+    def _answer(scan: ScanPolicy, result: ScanResult) -> StageResult:
+        """clamd's answer (fresh or cached) as the stage's result: a hit only for a virus."""
         if not result.infected:
             return NOTHING
         signature = result.signature or "unknown"
@@ -180,6 +203,8 @@ class ScanCheck:
             "gate": self.gate.status(),
             "clamd_up": self.health.up,
             "breaker": self.breaker.state.value,
+            "clamd_version": self.health.version,
+            "cache_entries": len(self.cache),
             "clamd_stats": None if stats is None else {
                 "threads_live": stats.threads_live, "threads_idle": stats.threads_idle,
                 "threads_max": stats.threads_max, "queue": stats.queue,

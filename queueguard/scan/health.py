@@ -1,4 +1,4 @@
-"""clamd health: a circuit breaker and a PING/STATS loop.
+"""clamd health: a circuit breaker and a PING/VERSION/STATS loop.
 
 When clamd is dead every scan would wait for a connect error or, worse, a
 timeout while the sender holds a connection open. After `failures`
@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from queueguard import metrics
 from queueguard.scan.clamd import ClamdStats, ScanError, Scanner
@@ -91,6 +94,19 @@ class CircuitBreaker:
 PROBE = b"queueguard health check: a scan of a few harmless bytes\r\n"
 
 
+def database_stamp(directory: Path | None) -> str | None:
+    """A digest of the names, sizes and modification times of the files in clamd's database
+    directory; None where there is none to read (clamd on another host)."""
+    if directory is None:
+        return None
+    try:
+        with os.scandir(directory) as it:
+            files = sorted((e.name, st.st_size, st.st_mtime_ns) for e in it if e.is_file() for st in (e.stat(),))
+    except OSError:
+        return None
+    return hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+
+
 class ClamdHealth:
     """Owns the breaker and the `clamd_up` gauge; pings on a schedule and right after a failure.
 
@@ -98,12 +114,18 @@ class ClamdHealth:
     until a scan works again, whatever PING says meanwhile (`scans_failing`).
     """
 
-    def __init__(self, scanner: Scanner, breaker: CircuitBreaker, *, interval: float) -> None:
+    def __init__(self, scanner: Scanner, breaker: CircuitBreaker, *, interval: float,
+                 database: Path | None = None) -> None:
+        """`database`: clamd's DatabaseDirectory, if this host can read it (part of `version`)."""
         self.scanner = scanner
+        self.database = database
         self.breaker = breaker
         self.interval = interval
         self.up: bool | None = None
         self.stats: ClamdStats | None = None
+        self.version: str | None = None
+        """clamd's VERSION (engine/signature version/date) and a stamp of its database files;
+        None until read, or if VERSION fails."""
         self.scans_failing = False
         self._kick = asyncio.Event()
 
@@ -148,8 +170,22 @@ class ClamdHealth:
         else:
             self.breaker.ping_ok()
             self._set_up(True)
+        await self.read_version()
         await self.read_stats()
         return True
+
+    async def read_version(self) -> None:
+        """The version cached scan answers belong to (queueguard/scan/cache.py): it changes when
+        clamd loads new official signatures (VERSION names the daily database) or any signature
+        file changes (third-party and local ones, which VERSION does not show). Unknown after a
+        failure, so nothing is reused meanwhile."""
+        try:
+            version = await self.scanner.version()
+        except ScanError:
+            self.version = None
+            return
+        stamp = database_stamp(self.database)
+        self.version = version if stamp is None else f"{version} files {stamp}"
 
     async def _probe_scan(self) -> None:
         """While scans were failing, a PING says too little: scan a few bytes, with the breaker

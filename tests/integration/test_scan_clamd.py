@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
+import smtplib
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ import pytest
 
 from queueguard import metrics
 from queueguard.harness.clamd import FOUND, Clamd, eicar
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import SmtpSink
 from queueguard.mime import parse_message
 from queueguard.model import Connection, Transaction, parse_ip
 from queueguard.pipeline import Pipeline
@@ -31,6 +36,7 @@ from queueguard.scan.health import BreakerState
 from queueguard.settings import ClamdSettings
 from queueguard.stage import MessageContext, StageResult
 from queueguard.verdict import Action, Verdict
+from tests.components.flood import wait_for
 from tests.unit.pressure.test_governor import FakeSensor
 
 pytestmark = pytest.mark.integration
@@ -218,6 +224,9 @@ class Recording:
     async def ping(self) -> None:
         await self.inner.ping()
 
+    async def version(self) -> str:
+        return await self.inner.version()
+
     async def stats(self) -> ClamdStats:
         return await self.inner.stats()
 
@@ -324,3 +333,110 @@ async def test_in_pipeline(clamd: Clamd) -> None:
     await session.rcpt("b@rcpt.example")
     v = (await session.data(mail(b"hello again"))).verdict
     assert v.reply().startswith("451 4.3.2"), v
+
+
+class Counting(ClamdClient):
+    """The real client, counting the streams it sends to clamd."""
+
+    scans = 0
+
+    async def instream(self, data: bytes) -> ScanResult:
+        self.scans += 1
+        return await super().instream(data)
+
+
+def copy_of(raw: bytes, n: int) -> bytes:
+    """The same message as the n-th copy of a wave: its own trace, recipient, id and date."""
+    return (f"Received: from bot{n}.example ([198.51.100.{n}])\r\n\tby mx.test; Mon, 7 Dec 2026 11:00:{n:02} +0000"
+            f"\r\nMessage-ID: <{n}@bot.example>\r\nDate: Mon, 7 Dec 2026 11:00:{n:02} +0000\r\n").encode() + \
+        raw.replace(b"To: b@rcpt.example", f"To: user{n}@rcpt.example".encode())
+
+
+def counting_check(clamd: Clamd, *, database: Path | None) -> tuple[ScanCheck, Counting]:
+    settings = ClamdSettings(enabled=True, address=str(clamd.socket), database_directory=database)
+    client = Counting.from_settings(settings)
+    assert isinstance(client, Counting)
+    return ScanCheck(settings, Governor([], clock=time.monotonic), scanner=client), client
+
+
+async def test_a_waves_copies_are_scanned_once(clamd: Clamd) -> None:
+    """Copies that differ only in per-copy fields get the first copy's answer without clamd,
+    infected and clean alike, counted on /metrics; other content is scanned. With clamd gone,
+    cached answers still stand and new content gets 451."""
+    check, client = counting_check(clamd, database=clamd.dir / "db")
+    await check.health.ping()
+    assert check.health.version is not None and check.health.version.startswith("ClamAV ")
+    p = policy()
+    hits = metrics.scan_cache.labels("hit")._value.get()
+    virus, clean = mail(eicar(), subject="invoice"), mail(b"quarterly figures attached", subject="figures")
+    for n in range(10):
+        r = await check.on_message(ctx(copy_of(virus, n), p))
+        assert r.verdict is not None and r.verdict.reply().startswith(f"550 5.7.1 virus found: {FOUND}"), n
+        assert (await check.on_message(ctx(copy_of(clean, n), p))).verdict is None
+    assert client.scans == 2 and metrics.scan_cache.labels("hit")._value.get() - hits == 18
+    for other in (mail(eicar(), subject="invoice 2"), mail(b"quarterly figures attached!", subject="figures")):
+        await check.on_message(ctx(other, p))
+    assert client.scans == 4
+    clamd.kill9()
+    assert (await check.on_message(ctx(copy_of(clean, 11), p))).verdict is None
+    down = await check.on_message(ctx(mail(b"new content"), p))
+    assert down.verdict is not None and down.verdict.reply().startswith("451 4.3.2")
+    assert client.scans == 5
+
+
+@pytest.mark.parametrize("database", [True, False])
+async def test_new_signatures_are_used_for_content_seen_before(clamd: Clamd, database: bool) -> None:
+    """A local signature (which changes no clamd VERSION) loaded after a clean answer was cached:
+    the next copy is scanned again and found, because the database files changed. Without the
+    database directory to look at, the cached clean answer is reused until its ttl."""
+    check, client = counting_check(clamd, database=clamd.dir / "db" if database else None)
+    await check.health.ping()
+    version = check.health.version
+    p = policy()
+    raw = mail(b"harmless until today QG-NEW-SIGNATURE-MARKER")
+    assert (await check.on_message(ctx(copy_of(raw, 1), p))).verdict is None
+    (clamd.dir / "db" / "new.ndb").write_text(f"QG.New:0:*:{b'QG-NEW-SIGNATURE-MARKER'.hex()}\n")
+    assert clamd.command(b"zRELOAD\0") == "RELOADING"
+    async with asyncio.timeout(30):  # clamd loads the new database in the background
+        while not (await client.instream(raw)).infected:
+            await asyncio.sleep(0.1)
+    await check.health.ping()
+    scans = client.scans
+    again = await check.on_message(ctx(copy_of(raw, 2), p))
+    if database:
+        assert check.health.version != version and client.scans == scans + 1
+        assert again.verdict is not None and "QG.New.UNOFFICIAL" in again.verdict.reply()
+    else:
+        assert check.health.version == version and client.scans == scans and again.verdict is None
+
+
+def status(guard: Guard) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{guard.metrics_port}/status.json", timeout=5) as r:
+        doc: dict[str, Any] = json.loads(r.read())
+    return doc
+
+
+def test_a_guard_scans_a_wave_once(tmp_path: Path) -> None:
+    """`queueguard serve` with clamd: its health loop learns clamd's version, and a wave of ten
+    copies through the SMTP proxy costs clamd one scan; every copy gets its answer (250 and
+    delivered, or 550 for the EICAR wave)."""
+    with Clamd(tmp_path / "clamd") as c, SmtpSink() as sink, Guard(
+            {"downstreams": [{"address": f"127.0.0.1:{sink.port}"}],
+             "clamd": {"enabled": True, "address": str(c.socket), "pid_file": str(c.pid_file),
+                       "database_directory": str(c.dir / "db")}}) as guard:
+        wait_for("clamd's version", lambda: "ClamAV" in str(status(guard)["scan"]["clamd_version"]))
+        refused = 0
+        with guard.smtp() as client:
+            for n in range(10):
+                client.sendmail("a@sender.example", [f"user{n}@rcpt.example"],
+                                copy_of(mail(b"figures", subject="figures"), n))
+                try:
+                    client.sendmail("a@sender.example", [f"user{n}@rcpt.example"],
+                                    copy_of(mail(eicar(), subject="invoice"), n))
+                except smtplib.SMTPDataError as e:
+                    assert e.smtp_code == 550 and FOUND.encode() in e.smtp_error
+                    refused += 1
+        assert refused == 10 and sink.wait_count(10) == 10
+        assert guard.metric("queueguard_scans_total") == 2
+        assert guard.metric("queueguard_scan_cache_total", result="hit") == 18
+        assert guard.metric("queueguard_scan_cache_total", result="miss") == 2

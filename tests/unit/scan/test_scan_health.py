@@ -83,6 +83,9 @@ class Buggy:
         if self.pings == 1:
             raise RuntimeError("bug in ping")
 
+    async def version(self) -> str:
+        return "ClamAV 1.0.0/1/Thu Jan  1 00:00:00 2026"
+
     async def stats(self) -> ClamdStats:
         raise KeyError("bug in stats")
 
