@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import re
 import time
 from collections.abc import Callable
 
@@ -32,9 +33,21 @@ too, by prefix)."""
 _VOLATILE_PREFIXES = (b"resent-", b"arc-")
 
 
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+"""A field's first line: a name of printable ASCII without colon (RFC 5322 ftext), then a colon."""
+_FOLDED = re.compile(rb"[ \t]+[^ \t\r\n]")
+"""A folded line: white space, then something (a line of white space only ends the header to
+some parsers and not to others)."""
+
+
 def content_key(raw: bytes) -> bytes:
     """SHA-256 over the body and every header field but the volatile ones (each field with its
-    folded lines, length-prefixed, so no bytes can move between fields or into the body)."""
+    folded lines, length-prefixed, so no bytes can move between fields or into the body).
+
+    Fields are left out only from a header every parser reads alike: a line that is neither a
+    field nor a folded line, a bare CR or a NUL in the header, and the whole message is the key,
+    so no one can hide content from clamd in a line we took for a per-copy field's and clamd
+    for something else."""
     digest = hashlib.sha256()
     pos, keep = 0, True
     while pos < len(raw):
@@ -43,15 +56,23 @@ def content_key(raw: bytes) -> bytes:
         line = raw[pos:end]
         if line in (b"\r\n", b"\n"):  # the blank line: the body follows
             break
-        if line[:1] not in (b" ", b"\t"):  # a new field; a folded line belongs to the one before
-            name = line.split(b":", 1)[0].strip().lower()
+        if _FIELD.match(line):
+            name = line.split(b":", 1)[0].rstrip(b" \t").lower()
             keep = name not in VOLATILE and not name.startswith(_VOLATILE_PREFIXES)
+        elif pos == 0 or not _FOLDED.match(line):
+            return _whole(raw)
+        if b"\0" in line or b"\r" in line.rstrip(b"\r\n") or line.endswith(b"\r\r\n"):
+            return _whole(raw)
         if keep:
             digest.update(len(line).to_bytes(4, "big") + line)
         pos = end
     digest.update(b"\0body\0")
     digest.update(memoryview(raw)[pos:])
     return digest.digest()
+
+
+def _whole(raw: bytes) -> bytes:
+    return hashlib.sha256(b"\0whole\0" + raw).digest()
 
 
 class ScanCache:

@@ -64,6 +64,23 @@ def test_folded_lines_belong_to_their_field() -> None:
     assert content_key(b"A: 12\r\n\r\nx") != content_key(b"A: 1\r\n2\r\n\r\nx")
 
 
+@pytest.mark.parametrize("odd", [
+    b"To: a@rcpt.example\r\n \r\n",  # a line of white space: the end of the header to some parsers
+    b"To: a@rcpt.example\r\n\t\r\n",
+    b"To: a@rcpt.example\rContent-Type: text/html\r\n",  # a bare CR: a line end to some parsers
+    b"To: a@rcpt.example\x00\r\n",
+    b"To: a@rcpt.example\r\r\n",
+    b"Content-Type text/plain\r\n",  # no colon
+    b"To is: a@rcpt.example\r\n",  # a name with a space
+])
+def test_a_header_parsers_may_read_differently_keeps_every_field(odd: bytes) -> None:
+    """Where another parser (clamd's) might see the header's lines otherwise, nothing is left out:
+    content hidden in what we would take for a per-copy field must reach clamd."""
+    first, second = copy("a@rcpt.example", "1@x", extra=odd), copy("b@rcpt.example", "2@x", extra=odd)
+    assert content_key(first) != content_key(second)
+    assert content_key(b" folded first\r\nTo: a\r\n\r\nx") != content_key(b" folded first\r\nTo: b\r\n\r\nx")
+
+
 def test_odd_messages_have_keys() -> None:
     """No body, no header, bare LF line ends, a line without a colon: a key, never an exception."""
     keys = {content_key(m) for m in (b"", b"\r\n", b"Subject: x", b"Subject: x\n\nbody\n", b"no colon\r\n\r\nx",
