@@ -13,11 +13,15 @@ a shared condition any worker may see (pressure, breaker, Redis down), and
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import prometheus_client
 from prometheus_client import multiprocess
+from prometheus_client.core import CounterMetricFamily
 
 P = "queueguard_"
 _M = TypeVar("_M", bound="_FastLabels")
@@ -67,12 +71,36 @@ class Gauge(_FastLabels, prometheus_client.Gauge):
 
 
 def exposition() -> bytes:
-    """The text a scrape gets: this process's registry, or every worker's values combined."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    """The text a scrape gets: this process's registry, or every worker's values combined, with
+    the supervisor's count of worker restarts."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
         registry = prometheus_client.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(WorkerRestarts(Path(directory) / "restarts.json"))
         return prometheus_client.generate_latest(registry)
     return prometheus_client.generate_latest(prometheus_client.REGISTRY)
+
+
+class WorkerRestarts(prometheus_client.registry.Collector):
+    """`queueguard_worker_restarts_total{reason}` from the file the supervisor keeps (workers.py
+    count_restart): the supervisor itself serves no scrape."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[prometheus_client.Metric]:
+        family = CounterMetricFamily(P + "worker_restarts", "Worker processes restarted by the supervisor, by "
+                                     "why (exited: the process ended; hung: it stopped beating and was killed)",
+                                     labels=["reason"])
+        try:
+            counts = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            counts = {}
+        for reason in ("exited", "hung"):
+            value = counts.get(reason, 0) if isinstance(counts, dict) else 0
+            family.add_metric([reason], float(value) if isinstance(value, int) else 0.0)
+        yield family
 
 
 class Histogram(_FastLabels, prometheus_client.Histogram):

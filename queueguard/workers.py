@@ -13,7 +13,10 @@ otherwise). The main process does no mail itself:
   watchdog while it supervises: the watchdog covers the whole set, because a
   worker whose event loop hangs stops beating and is killed and restarted;
 - restarts a worker that exits or stops beating (logged, with a backoff for one
-  that keeps dying);
+  that keeps dying, and counted in `restarts.json` beside the metrics, which every
+  worker's /metrics reports as `queueguard_worker_restarts_total{reason}`: the
+  supervisor serves no scrape itself, and a worker that dies as it starts could not
+  count its own restarts);
 - forwards SIGHUP (each worker reloads its policy, the last good one stays on
   errors) and SIGTERM/SIGINT (each drains its in-flight mail), and waits.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -158,6 +162,8 @@ class Worker:
         self.failures = 0
         self.started_at = 0.0
         self.restart_at: float | None = None
+        self.why: str | None = None
+        """Why it is being restarted (`exited` or `hung`), until it is."""
         self.was_ready = False
         self._beat: float | None = None
         self._beat_seen = 0.0
@@ -303,6 +309,24 @@ def restart_delay(failures: int) -> float:
     return float(min(MAX_BACKOFF, 2 ** failures - 1))
 
 
+def count_restart(run_dir: Path, why: str) -> None:
+    """One more restart in `restarts.json` (written whole, then renamed: workers read it at every
+    scrape; see metrics.exposition)."""
+    path = restarts_file(run_dir)
+    try:
+        counts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        counts = {}
+    counts[why] = int(counts.get(why, 0)) + 1
+    tmp = path.with_name(".restarts.json.tmp")
+    tmp.write_text(json.dumps(counts))
+    os.replace(tmp, path)
+
+
+def restarts_file(run_dir: Path) -> Path:
+    return run_dir / "metrics" / "restarts.json"
+
+
 async def _tend(workers: list[Worker], multiprocess: object, counts: Path) -> None:
     """Kill the hung, restart the dead (after restart_delay), forget old failures of the steady.
     Each worker on its own: one that cannot be restarted now (no memory for a process, a full
@@ -328,6 +352,7 @@ async def _tend_one(w: Worker, now: float, multiprocess: object, counts: Path) -
                 w.failures = 0
             return
         log.error("worker %d (pid %d) stopped beating: killing it", w.index, proc.pid)
+        w.why = "hung"
         w.signal(signal.SIGKILL)
         await proc.wait()
     if w.restart_at is None:
@@ -340,10 +365,17 @@ async def _tend_one(w: Worker, now: float, multiprocess: object, counts: Path) -
             log.error("worker %d: clearing what it left failed (%s); restarting it anyway", w.index, e)
         w.restart_at = now + restart_delay(w.failures)
         w.failures += 1
+        w.why = w.why or "exited"
         log.error("worker %d (pid %d) exited with code %s; restarting in %.0fs", w.index, proc.pid,
                   proc.returncode, w.restart_at - now)
     if now >= w.restart_at:
         await w.start()
+        if w.why is not None:
+            try:
+                count_restart(w.run_dir, w.why)
+            except OSError as e:
+                log.error("worker %d: counting its restart failed: %s", w.index, e)
+            w.why = None
 
 
 async def _stop(workers: list[Worker], grace: float) -> None:

@@ -95,6 +95,8 @@ def test_two_workers_share_the_port_survive_a_kill_reload_and_drain(redis: Redis
             wait_for("the killed worker replaced",
                      lambda: len(children(guard.proc.pid)) == 2 and victim not in children(guard.proc.pid))
             assert "exited with code -9; restarting" in guard.log()
+            wait_for("the restart counted", lambda: guard.metric("queueguard_worker_restarts_total") == 1)
+            assert guard.metric("queueguard_worker_restarts_total", reason="exited") == 1
             assert guard.metric("queueguard_transactions_total", frontend="smtp") >= 300  # one scrape, all workers
 
             (guard.policy_dir / "extra.yaml").write_text("lists: {extra: [a@b.example]}\n")
@@ -107,6 +109,8 @@ def test_two_workers_share_the_port_survive_a_kill_reload_and_drain(redis: Redis
             wait_for("the hung worker replaced", lambda: hung not in children(guard.proc.pid)
                      and len(children(guard.proc.pid)) == 2, timeout=HEARTBEAT_STALE + 30)
             assert f"(pid {hung}) stopped beating" in guard.log()
+            wait_for("the restart counted", lambda: guard.metric("queueguard_worker_restarts_total") == 2)
+            assert guard.metric("queueguard_worker_restarts_total", reason="hung") == 1
             with smtplib.SMTP("127.0.0.1", guard.port, timeout=20) as c:
                 assert c.sendmail("a@client.example", ["bob@test.example"], b"Subject: after\r\n\r\nx\r\n") == {}
         finally:

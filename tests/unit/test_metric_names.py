@@ -1,6 +1,7 @@
 """Every metric the dashboard and alert rules use is one queueguard exports, with labels it has.
 
-Names come from the default registry after importing the modules that define metrics (counters are
+Names come from the default registry after importing the modules that define metrics, and from the
+collector of the supervisor's worker restarts (counters are
 exposed as <name>_total, histograms as <name>_bucket/_sum/_count). `up` is Prometheus's own.
 """
 
@@ -36,12 +37,14 @@ def exported() -> dict[str, set[str]]:
             if isinstance(obj, MetricWrapperBase):
                 labels[obj._name] = set(obj._labelnames)
     names: dict[str, set[str]] = {}
-    for family in REGISTRY.collect():
+    supervisor = importlib.import_module("queueguard.metrics").WorkerRestarts(Path("/nonexistent"))
+    for family in [*REGISTRY.collect(), *supervisor.collect()]:
         if not family.name.startswith("queueguard_"):
             continue
         base = family.name
         for suffix in SUFFIXES.get(family.type, ("",)):
-            names[base + suffix] = labels.get(base, set()) | ({"le"} if suffix == "_bucket" else set())
+            own = {label for sample in family.samples for label in sample.labels}
+            names[base + suffix] = labels.get(base, own) | ({"le"} if suffix == "_bucket" else set())
     return names
 
 
