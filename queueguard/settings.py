@@ -183,6 +183,9 @@ class ClamdSettings(Strict):
     database_directory: Path | None = Field(
         Path("/var/lib/clamav"), description="clamd's DatabaseDirectory: a change in its files, like a new "
         "clamd VERSION, empties the cache of scan answers (scan.cache in the policy)")
+    reload_grace: Duration = Field(
+        600.0, description="how long clamd may take to load signature files that changed (its SelfCheck): "
+        "no scan answer is cached meanwhile, unless clamd's VERSION shows it reloaded")
     ping_interval: Duration = 10.0
     breaker_failures: int = Field(3, ge=1)
     breaker_reset: Duration = 5.0

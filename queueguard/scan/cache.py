@@ -7,10 +7,12 @@ the same reason, and rspamd its antivirus results by content digest (`cache_expi
 
 The key leaves out only the fields that differ per copy (`VOLATILE`) and keeps the rest of the
 header, so what decides how clamd parses the message (Content-Type and its boundary, the
-transfer encoding) and any field a signature might match stay in it. An entry is good for
-`ttl` seconds and for the signature version clamd reported when it was scanned: a database
-update (clamd's VERSION changes) empties the cache, and nothing is cached until clamd has told
-us its version. Only answers are cached (clean, or infected with a name), never a failure.
+transfer encoding) stays in it; and it leaves them out only of a header that every parser reads
+alike and that gives clamd no reason to stop reading (`fields`). An entry is good for `ttl`
+seconds and for the signature version clamd reported when it was scanned: a database update
+(clamd's VERSION, or a stamp of its files) empties the cache, and nothing is cached until clamd
+has told us its version. Only answers are cached (clean, or infected with a name), never a
+failure; which answers hold for every copy is the scan stage's call (check.py `_reusable`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from queueguard.scan.clamd import ScanResult
 
@@ -38,41 +41,89 @@ _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 _FOLDED = re.compile(rb"[ \t]+[^ \t\r\n]")
 """A folded line: white space, then something (a line of white space only ends the header to
 some parsers and not to others)."""
+HEADER_LIMIT = 64 * 1024
+"""Octets of header past which nothing is left out (Postfix's header_size_limit is 100 KB)."""
+FIELD_LIMIT = 2048
+"""Octets of one per-copy field, folded lines included, past which nothing is left out: ClamAV
+stops reading a message's MIME structure after 262,144 folded lines of one field, or 256 KB
+glued onto a Content-Type ending in `;` (and then answers OK), so a copy must not be able to
+carry what makes clamd give up in a field the key does not see."""
+LINE_LIMIT = 998
+"""RFC 5322's longest line, CRLF apart."""
+HASH_IN_THREAD = 512 * 1024
+"""Messages larger than this are hashed off the event loop (hashlib lets go of the GIL)."""
 
 
-def content_key(raw: bytes) -> bytes:
-    """SHA-256 over the body and every header field but the volatile ones (each field with its
-    folded lines, length-prefixed, so no bytes can move between fields or into the body).
+@dataclass(frozen=True)
+class Fields:
+    """A header read the way every parser reads it: the lines of the fields that are not per-copy,
+    and where the blank line before the body starts."""
 
-    Fields are left out only from a header every parser reads alike: a line that is neither a
-    field nor a folded line, a bare CR or a NUL in the header, and the whole message is the key,
-    so no one can hide content from clamd in a line we took for a per-copy field's and clamd
-    for something else."""
-    digest = hashlib.sha256()
-    pos, keep = 0, True
+    kept: list[bytes]
+    blank: int
+
+
+def fields(raw: bytes) -> Fields | None:
+    """The header's kept lines, or None where something might be left out that matters: a line
+    that is neither a field nor a folded line (a line of white space only, a name with a space),
+    a bare CR or a NUL, a line over 998 octets, a header over HEADER_LIMIT or a per-copy field
+    over FIELD_LIMIT, and a per-copy field right after a kept one that a parser could continue
+    into it (ending in `;`, or with an open quote)."""
+    kept: list[bytes] = []
+    pos, keep, size, quotes, open_end = 0, True, 0, 0, False
     while pos < len(raw):
-        nl = raw.find(b"\n", pos)
+        if pos > HEADER_LIMIT:
+            return None
+        nl = raw.find(b"\n", pos, pos + LINE_LIMIT + 2)
+        if nl < 0 and len(raw) - pos > LINE_LIMIT + 2:
+            return None
         end = len(raw) if nl < 0 else nl + 1
         line = raw[pos:end]
         if line in (b"\r\n", b"\n"):  # the blank line: the body follows
-            break
+            return Fields(kept, pos)
+        if b"\0" in line or b"\r" in line.rstrip(b"\r\n") or line.endswith(b"\r\r\n"):
+            return None
         if _FIELD.match(line):
             name = line.split(b":", 1)[0].rstrip(b" \t").lower()
+            was_kept = keep
             keep = name not in VOLATILE and not name.startswith(_VOLATILE_PREFIXES)
+            if was_kept and open_end and not keep:
+                return None
+            size, quotes = 0, 0
         elif pos == 0 or not _FOLDED.match(line):
-            return _whole(raw)
-        if b"\0" in line or b"\r" in line.rstrip(b"\r\n") or line.endswith(b"\r\r\n"):
-            return _whole(raw)
+            return None
+        size += len(line)
         if keep:
-            digest.update(len(line).to_bytes(4, "big") + line)
+            kept.append(line)
+            quotes += line.count(b'"')
+            open_end = quotes % 2 == 1 or line.rstrip().endswith(b";")
+        elif size > FIELD_LIMIT:
+            return None
         pos = end
+    return Fields(kept, len(raw))
+
+
+def content_key(raw: bytes) -> bytes:
+    """SHA-256 over the body and every header field but the per-copy ones (each line
+    length-prefixed, so no bytes can move between fields or into the body); over the whole
+    message where `fields` finds the header one to leave nothing out of."""
+    found = fields(raw)
+    if found is None:
+        return hashlib.sha256(b"\0whole\0" + raw).digest()
+    digest = hashlib.sha256()
+    for line in found.kept:
+        digest.update(len(line).to_bytes(4, "big") + line)
     digest.update(b"\0body\0")
-    digest.update(memoryview(raw)[pos:])
+    digest.update(memoryview(raw)[found.blank:])
     return digest.digest()
 
 
-def _whole(raw: bytes) -> bytes:
-    return hashlib.sha256(b"\0whole\0" + raw).digest()
+def without_per_copy_fields(raw: bytes) -> bytes | None:
+    """The message as the key sees it (the per-copy fields taken out); None if nothing is left out."""
+    found = fields(raw)
+    if found is None:
+        return None
+    return b"".join(found.kept) + raw[found.blank:]
 
 
 class ScanCache:

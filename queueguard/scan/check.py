@@ -12,6 +12,7 @@ default, an unscanned accept only when the policy says `on_error: accept`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from queueguard import metrics
 from queueguard.model import RuleHit
 from queueguard.policy.schema import Policy, ScanPolicy
 from queueguard.pressure.governor import Governor, Level
-from queueguard.scan.cache import ScanCache, content_key
+from queueguard.scan.cache import HASH_IN_THREAD, ScanCache, content_key, without_per_copy_fields
 from queueguard.scan.clamd import ClamdClient, ScanError, Scanner, ScanResult
 from queueguard.scan.gate import AdmissionGate, GateBusy, GateConfig
 from queueguard.scan.health import CircuitBreaker, ClamdHealth
@@ -77,7 +78,8 @@ class ScanCheck:
         self.governor = governor
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset, clock=clock)
         self.health = ClamdHealth(self.scanner, self.breaker, interval=settings.ping_interval,
-                                  database=settings.database_directory)
+                                  database=settings.database_directory, reload_grace=settings.reload_grace,
+                                  clock=clock)
         self.policy = ScanPolicy()
         self.gate = AdmissionGate(gate_config(self.policy, processes))
         self.cache = ScanCache(self.policy.cache.ttl, self.policy.cache.max_entries, clock=clock)
@@ -109,8 +111,9 @@ class ScanCheck:
                             f"{self.settings.stream_max_length}", permanent=True)
             return self._on_error(scan, err)
         version = self.health.version
-        key = content_key(ctx.raw) if self.cache.usable(version) else None
-        if key is not None:
+        key = None
+        if self.cache.usable(version):
+            key = await asyncio.to_thread(content_key, ctx.raw) if size > HASH_IN_THREAD else content_key(ctx.raw)
             cached = self.cache.get(key, version)
             metrics.scan_cache.labels("miss" if cached is None else "hit").inc()
             if cached is not None:
@@ -120,13 +123,33 @@ class ScanCheck:
         try:
             async with self.gate.slot():
                 result = await self._scan(ctx, scan, size)
+                if isinstance(result, StageResult):
+                    return result
+                # not if clamd's signatures changed meanwhile, or may not be loaded yet
+                current = self.health.version == version and not self.health.settling()
+                if key is not None and current and await self._reusable(ctx.raw, result, scan):
+                    self.cache.put(key, version, result)
         except GateBusy as e:
             return _defer("busy_" + e.reason, str(e))
-        if isinstance(result, StageResult):
-            return result
-        if key is not None and self.health.version == version:  # not if clamd's signatures changed meanwhile
-            self.cache.put(key, version, result)
         return self._answer(scan, result)
+
+    async def _reusable(self, raw: bytes, result: ScanResult, scan: ScanPolicy) -> bool:
+        """Whether this answer holds for every copy, i.e. comes from what the key covers.
+
+        A clean answer only from a scan quicker than `cache.slowest` (clamd says OK for a scan that
+        ran past its MaxScanTime). A virus only if clamd finds one in the message without its
+        per-copy fields too: else the signature matched something in them, and one copy with a
+        test string in its Cc would get every genuine copy refused (one more scan, for the first
+        infected copy only)."""
+        if not result.infected:
+            return result.elapsed < scan.cache.slowest
+        reduced = without_per_copy_fields(raw)
+        if reduced is None:  # the key is the whole message
+            return True
+        try:
+            return (await self.scanner.instream(reduced)).infected
+        except ScanError:
+            return False
 
     async def _scan(self, ctx: MessageContext, scan: ScanPolicy, size: int) -> ScanResult | StageResult:
         """clamd's answer, or the failure's result."""

@@ -22,6 +22,7 @@ import enum
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,10 +116,17 @@ class ClamdHealth:
     """
 
     def __init__(self, scanner: Scanner, breaker: CircuitBreaker, *, interval: float,
-                 database: Path | None = None) -> None:
-        """`database`: clamd's DatabaseDirectory, if this host can read it (part of `version`)."""
+                 database: Path | None = None, reload_grace: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`database`: clamd's DatabaseDirectory, if this host can read it (part of `version`);
+        `reload_grace`: how long clamd may take to load files that changed there."""
         self.scanner = scanner
         self.database = database
+        self.reload_grace = reload_grace
+        self.clock = clock
+        self._engine: str | None = None
+        self._stamp: str | None = None
+        self._settled_at = 0.0
         self.breaker = breaker
         self.interval = interval
         self.up: bool | None = None
@@ -185,7 +193,18 @@ class ClamdHealth:
             self.version = None
             return
         stamp = database_stamp(self.database)
+        if self._engine is not None:  # the first reading is taken as loaded
+            if version != self._engine:  # clamd reloaded: every file is loaded
+                self._settled_at = 0.0
+            elif stamp != self._stamp:  # changed files that clamd may not have loaded yet
+                self._settled_at = self.clock() + self.reload_grace
+        self._engine, self._stamp = version, stamp
         self.version = version if stamp is None else f"{version} files {stamp}"
+
+    def settling(self) -> bool:
+        """Signature files changed and clamd may still scan with the old ones (it loads them at
+        its next SelfCheck): answers are not to be reused until it reloads or `reload_grace` ends."""
+        return self.clock() < self._settled_at
 
     async def _probe_scan(self) -> None:
         """While scans were failing, a PING says too little: scan a few bytes, with the breaker

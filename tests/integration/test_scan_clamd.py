@@ -373,15 +373,16 @@ async def test_a_waves_copies_are_scanned_once(clamd: Clamd) -> None:
         r = await check.on_message(ctx(copy_of(virus, n), p))
         assert r.verdict is not None and r.verdict.reply().startswith(f"550 5.7.1 virus found: {FOUND}"), n
         assert (await check.on_message(ctx(copy_of(clean, n), p))).verdict is None
-    assert client.scans == 2 and metrics.scan_cache.labels("hit")._value.get() - hits == 18
+    # the virus twice: as sent, and without its per-copy fields (the answer holds for every copy)
+    assert client.scans == 3 and metrics.scan_cache.labels("hit")._value.get() - hits == 18
     for other in (mail(eicar(), subject="invoice 2"), mail(b"quarterly figures attached!", subject="figures")):
         await check.on_message(ctx(other, p))
-    assert client.scans == 4
+    assert client.scans == 6
     clamd.kill9()
     assert (await check.on_message(ctx(copy_of(clean, 11), p))).verdict is None
     down = await check.on_message(ctx(mail(b"new content"), p))
     assert down.verdict is not None and down.verdict.reply().startswith("451 4.3.2")
-    assert client.scans == 5
+    assert client.scans == 7
 
 
 @pytest.mark.parametrize("database", [True, False])
@@ -440,3 +441,54 @@ def test_a_guard_scans_a_wave_once(tmp_path: Path) -> None:
         assert guard.metric("queueguard_scans_total") == 2
         assert guard.metric("queueguard_scan_cache_total", result="hit") == 18
         assert guard.metric("queueguard_scan_cache_total", result="miss") == 2
+
+
+async def test_a_virus_in_a_per_copy_field_is_not_every_copys_answer(clamd: Clamd) -> None:
+    """Anyone can send one copy of someone else's mail with a test string in its Cc: that copy is
+    refused, and the genuine copies are still scanned and delivered (the answer came from a field
+    the key leaves out, so it is not reused)."""
+    check, client = counting_check(clamd, database=clamd.dir / "db")
+    await check.health.ping()
+    p = policy()
+    genuine = mail(b"newsletter of the month", subject="news")
+    poisoned = genuine.replace(b"To: b@rcpt.example", b"To: b@rcpt.example\r\nCc: " + eicar())
+    r = await check.on_message(ctx(copy_of(poisoned, 1), p))
+    assert r.verdict is not None and r.verdict.reply().startswith("550 5.7.1")
+    for n in range(2, 5):
+        assert (await check.on_message(ctx(copy_of(genuine, n), p))).verdict is None
+    assert client.scans == 2 + 1  # the poisoned copy and its check, then one genuine copy; the rest cached
+
+
+async def test_slow_clean_answers_are_not_reused(clamd: Clamd) -> None:
+    """clamd answers OK for a scan that ran past its MaxScanTime: a clean answer that took longer
+    than `cache.slowest` speaks for its own copy only."""
+    check, client = counting_check(clamd, database=clamd.dir / "db")
+    await check.health.ping()
+    raw = big(3_000_000)
+    fast, slow = policy(), policy(cache={"slowest": "1ms"})
+    for n in range(3):
+        assert (await check.on_message(ctx(copy_of(raw, n), slow))).verdict is None
+    assert client.scans == 3
+    for n in range(3):
+        assert (await check.on_message(ctx(copy_of(raw, n), fast))).verdict is None
+    assert client.scans == 4
+
+
+async def test_changed_signature_files_are_not_cached_until_clamd_loads_them(clamd: Clamd) -> None:
+    """Files change first; clamd loads them at its next SelfCheck (or RELOAD). Answers given in
+    between come from the old signatures: none of them is kept, so once clamd has loaded the new
+    ones the next copy is scanned with them."""
+    check, client = counting_check(clamd, database=clamd.dir / "db")
+    await check.health.ping()
+    p = policy()
+    raw = mail(b"harmless until today QG-RACE-MARKER")
+    (clamd.dir / "db" / "race.ndb").write_text(f"QG.Race:0:*:{b'QG-RACE-MARKER'.hex()}\n")
+    await check.health.ping()  # the files changed; clamd has not reloaded
+    assert check.health.settling()
+    assert (await check.on_message(ctx(copy_of(raw, 1), p))).verdict is None  # the old signatures
+    assert clamd.command(b"zRELOAD\0") == "RELOADING"
+    async with asyncio.timeout(30):
+        while not (await client.instream(raw)).infected:
+            await asyncio.sleep(0.1)
+    again = await check.on_message(ctx(copy_of(raw, 2), p))
+    assert again.verdict is not None and "QG.Race.UNOFFICIAL" in again.verdict.reply()

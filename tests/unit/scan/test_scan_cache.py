@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import spamassassin as sa
-from queueguard.scan.cache import VOLATILE, ScanCache, content_key
+from queueguard.scan.cache import VOLATILE, ScanCache, content_key, fields, without_per_copy_fields
 from queueguard.scan.clamd import ScanResult
 from queueguard.scan.health import database_stamp
 from tests.unit.pressure.test_governor import Clock
@@ -81,6 +81,29 @@ def test_a_header_parsers_may_read_differently_keeps_every_field(odd: bytes) -> 
     assert content_key(b" folded first\r\nTo: a\r\n\r\nx") != content_key(b" folded first\r\nTo: b\r\n\r\nx")
 
 
+@pytest.mark.parametrize("extra", [
+    b"To: a@rcpt.example" + b",\r\n x@rcpt.example" * 200 + b"\r\n",  # ClamAV gives up after 262,144 folds
+    b"Received: from " + b"x" * 1200 + b"\r\n",  # a line over 998 octets
+    b"Subject: offer;\r\nCc: c@rcpt.example\r\n",  # a kept field a parser may continue into the next (per-copy) one
+    b'Subject: "offer\r\nCc: c@rcpt.example\r\n',  # an open quote, likewise
+    b"X-Pad: " + b"p" * 900 + b"\r\n" + b"X-Pad: " + b"p" * 900 + b"\r\n" * 1 + (b"X-Pad: y\r\n" * 8000),
+])
+def test_headers_that_could_make_clamd_give_up_keep_every_field(extra: bytes) -> None:
+    """What a copy could use to make clamd stop reading its MIME structure (and answer OK) must
+    not hide in a field the key leaves out: such a header keys the whole message."""
+    first, second = copy("a@rcpt.example", "1@x", extra=extra), copy("b@rcpt.example", "2@x", extra=extra)
+    assert fields(first) is None and content_key(first) != content_key(second)
+
+
+def test_without_per_copy_fields_is_what_the_key_sees() -> None:
+    reduced = without_per_copy_fields(copy())
+    assert reduced is not None and b"Received:" not in reduced and b"Message-ID" not in reduced
+    assert reduced.endswith(b"\r\n\r\n" + BODY) and b"Subject: offer\r\n" in reduced
+    assert content_key(reduced) == content_key(copy())
+    assert without_per_copy_fields(copy(extra=b"Subject: offer;\r\nCc: c@rcpt.example\r\n")) is None
+    assert without_per_copy_fields(copy(extra=b"Subject: offer;\r\n")) is not None  # From follows: kept too
+
+
 def test_odd_messages_have_keys() -> None:
     """No body, no header, bare LF line ends, a line without a colon: a key, never an exception."""
     keys = {content_key(m) for m in (b"", b"\r\n", b"Subject: x", b"Subject: x\n\nbody\n", b"no colon\r\n\r\nx",
@@ -105,13 +128,18 @@ def test_real_mail_copies_share_a_key_and_distinct_mail_does_not() -> None:
     mails = sa.load(directory, "spam")[::3] + sa.load(directory, "ham")[::3]
     rng = random.Random(7)
     by_key: dict[bytes, list[bytes]] = collections.defaultdict(list)
+    whole = 0
     for m in mails:
         n = rng.randrange(1_000_000)
         resent = (f"Received: from relay{n}.example ([198.51.100.{n % 250}])\r\n\tby mx.example; "
                   f"Mon, 7 Dec 2026 11:00:00 +0000\r\nDelivered-To: user{n}@example.org\r\n").encode() + m.raw
-        assert content_key(resent) == content_key(m.raw), m.name
+        if fields(m.raw) is None:  # a To of 14,000 octets, a Resent-To of 2,209: the whole message is the key
+            whole += 1
+            assert content_key(resent) != content_key(m.raw), m.name
+        else:
+            assert content_key(resent) == content_key(m.raw), m.name
         by_key[content_key(m.raw)].append(m.raw)
-    assert len(mails) > 1000 and len(by_key) > 1000
+    assert len(mails) > 1000 and len(by_key) > 1000 and whole <= len(mails) // 100
     for same in by_key.values():
         assert all(_kept(raw) == _kept(same[0]) for raw in same[1:])
 
