@@ -95,11 +95,11 @@ class WorkerRestarts(prometheus_client.registry.Collector):
                                      labels=["reason"])
         try:
             counts = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except Exception:  # missing, garbled, absurdly nested: no count rather than no /metrics
             counts = {}
         for reason in ("exited", "hung"):
             value = counts.get(reason, 0) if isinstance(counts, dict) else 0
-            family.add_metric([reason], float(value) if isinstance(value, int) else 0.0)
+            family.add_metric([reason], float(value) if type(value) is int and 0 <= value < 2**53 else 0.0)
         yield family
 
 

@@ -184,8 +184,12 @@ class ClamdSettings(Strict):
         Path("/var/lib/clamav"), description="clamd's DatabaseDirectory: a change in its files, like a new "
         "clamd VERSION, empties the cache of scan answers (scan.cache in the policy)")
     reload_grace: Duration = Field(
-        600.0, description="how long clamd may take to load signature files that changed (its SelfCheck): "
-        "no scan answer is cached meanwhile, unless clamd's VERSION shows it reloaded")
+        900.0, description="how long clamd may take to load signature files that changed (its SelfCheck, "
+        "600 s by default, and the load itself): no scan answer is cached meanwhile, unless clamd's VERSION "
+        "shows it reloaded")
+    max_scan_time: Duration = Field(
+        120.0, description="clamd's MaxScanTime: it answers OK for a scan that ran this long (unless "
+        "AlertExceedsMax), so a clean answer that took this long is not reused")
     ping_interval: Duration = 10.0
     breaker_failures: int = Field(3, ge=1)
     breaker_reset: Duration = 5.0

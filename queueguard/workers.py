@@ -313,14 +313,23 @@ def count_restart(run_dir: Path, why: str) -> None:
     """One more restart in `restarts.json` (written whole, then renamed: workers read it at every
     scrape; see metrics.exposition)."""
     path = restarts_file(run_dir)
-    try:
-        counts = json.loads(path.read_text())
-    except (OSError, ValueError):
-        counts = {}
-    counts[why] = int(counts.get(why, 0)) + 1
+    counts = read_restarts(path)
+    counts[why] = counts.get(why, 0) + 1
     tmp = path.with_name(".restarts.json.tmp")
     tmp.write_text(json.dumps(counts))
     os.replace(tmp, path)
+
+
+def read_restarts(path: Path) -> dict[str, int]:
+    """The counts in `path`; none from a file that is missing or not what we write (a dict of
+    counts), so a garbled file is written anew rather than stopping the count."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {k: v for k, v in doc.items() if type(v) is int and 0 <= v < 2**53}
 
 
 def restarts_file(run_dir: Path) -> Path:
@@ -370,12 +379,12 @@ async def _tend_one(w: Worker, now: float, multiprocess: object, counts: Path) -
                   proc.returncode, w.restart_at - now)
     if now >= w.restart_at:
         await w.start()
-        if w.why is not None:
+        why, w.why = w.why, None
+        if why is not None:
             try:
-                count_restart(w.run_dir, w.why)
+                count_restart(w.run_dir, why)
             except OSError as e:
                 log.error("worker %d: counting its restart failed: %s", w.index, e)
-            w.why = None
 
 
 async def _stop(workers: list[Worker], grace: float) -> None:

@@ -187,9 +187,6 @@ class ScanCachePolicy(Strict):
 
     ttl: Duration = Field(default=600.0, description="how long an answer is reused; 0 turns the cache off")
     max_entries: int = Field(default=20_000, ge=0, description="answers kept per worker (about 400 bytes each)")
-    slowest: Duration = Field(
-        default=2.0, description="a clean answer from a scan that took longer is not reused: clamd answers OK for "
-        "a scan that ran past its MaxScanTime (unless AlertExceedsMax), and a busy moment must not speak for the wave")
 
 
 class ScanPolicy(Strict):

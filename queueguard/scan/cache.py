@@ -56,10 +56,12 @@ HASH_IN_THREAD = 512 * 1024
 
 @dataclass(frozen=True)
 class Fields:
-    """A header read the way every parser reads it: the lines of the fields that are not per-copy,
-    and where the blank line before the body starts."""
+    """A header read the way every parser reads it: the name of its first field (clamd tells mail
+    from text by the first bytes), the lines of the fields that are not per-copy, and where the
+    blank line before the body starts."""
 
-    kept: list[bytes]
+    first: bytes
+    kept: tuple[bytes, ...]
     blank: int
 
 
@@ -67,50 +69,57 @@ def fields(raw: bytes) -> Fields | None:
     """The header's kept lines, or None where something might be left out that matters: a line
     that is neither a field nor a folded line (a line of white space only, a name with a space),
     a bare CR or a NUL, a line over 998 octets, a header over HEADER_LIMIT or a per-copy field
-    over FIELD_LIMIT, and a per-copy field right after a kept one that a parser could continue
-    into it (ending in `;`, or with an open quote)."""
+    over FIELD_LIMIT, and a field a parser could continue into the lines after it (a kept one
+    ending in `;` before a per-copy field, any with an open quote: ClamAV joins lines until its
+    quotes balance)."""
     kept: list[bytes] = []
+    first = b""
     pos, keep, size, quotes, open_end = 0, True, 0, 0, False
     while pos < len(raw):
         if pos > HEADER_LIMIT:
             return None
         nl = raw.find(b"\n", pos, pos + LINE_LIMIT + 2)
-        if nl < 0 and len(raw) - pos > LINE_LIMIT + 2:
-            return None
         end = len(raw) if nl < 0 else nl + 1
         line = raw[pos:end]
         if line in (b"\r\n", b"\n"):  # the blank line: the body follows
-            return Fields(kept, pos)
-        if b"\0" in line or b"\r" in line.rstrip(b"\r\n") or line.endswith(b"\r\r\n"):
+            return None if quotes % 2 else Fields(first, tuple(kept), pos)
+        content = line.rstrip(b"\r\n")
+        if len(content) > LINE_LIMIT or b"\0" in line or b"\r" in content or line.endswith(b"\r\r\n"):
             return None
         if _FIELD.match(line):
+            if quotes % 2:
+                return None
             name = line.split(b":", 1)[0].rstrip(b" \t").lower()
             was_kept = keep
             keep = name not in VOLATILE and not name.startswith(_VOLATILE_PREFIXES)
             if was_kept and open_end and not keep:
                 return None
+            first = first or line.split(b":", 1)[0]
             size, quotes = 0, 0
         elif pos == 0 or not _FOLDED.match(line):
             return None
         size += len(line)
+        quotes += line.count(b'"')
         if keep:
             kept.append(line)
-            quotes += line.count(b'"')
-            open_end = quotes % 2 == 1 or line.rstrip().endswith(b";")
+            open_end = content.rstrip().endswith(b";")
         elif size > FIELD_LIMIT:
             return None
         pos = end
-    return Fields(kept, len(raw))
+    return None if quotes % 2 else Fields(first, tuple(kept), len(raw))
 
 
 def content_key(raw: bytes) -> bytes:
-    """SHA-256 over the body and every header field but the per-copy ones (each line
-    length-prefixed, so no bytes can move between fields or into the body); over the whole
-    message where `fields` finds the header one to leave nothing out of."""
+    """SHA-256 over the body, the first field's name and every header field but the per-copy
+    ones (each line length-prefixed, so no bytes can move between fields or into the body); over
+    the whole message where `fields` finds the header one to leave nothing out of."""
     found = fields(raw)
-    if found is None:
-        return hashlib.sha256(b"\0whole\0" + raw).digest()
     digest = hashlib.sha256()
+    if found is None:
+        digest.update(b"\0whole\0")
+        digest.update(raw)
+        return digest.digest()
+    digest.update(len(found.first).to_bytes(4, "big") + found.first)
     for line in found.kept:
         digest.update(len(line).to_bytes(4, "big") + line)
     digest.update(b"\0body\0")
@@ -119,15 +128,18 @@ def content_key(raw: bytes) -> bytes:
 
 
 def without_per_copy_fields(raw: bytes) -> bytes | None:
-    """The message as the key sees it (the per-copy fields taken out); None if nothing is left out."""
+    """The message as the key sees it (the per-copy fields taken out), behind a trace field as a
+    copy would begin; None if nothing is left out."""
     found = fields(raw)
     if found is None:
         return None
-    return b"".join(found.kept) + raw[found.blank:]
+    return b"Received: from queueguard (the scan cache)\r\n" + b"".join(found.kept) + raw[found.blank:]
 
 
 class ScanCache:
-    """Least recently used first out, at most `max_entries`; `ttl` 0 turns it off."""
+    """Least recently used first out, at most `max_entries`; `ttl` 0 turns it off. The answers
+    belong to one signature version (`switch`): looked up or stored under another, they are a
+    miss and not kept."""
 
     def __init__(self, ttl: float, max_entries: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
@@ -138,18 +150,21 @@ class ScanCache:
 
     def configure(self, ttl: float, max_entries: int) -> None:
         self.ttl, self.max_entries = ttl, max_entries
+        if ttl <= 0:
+            self._entries.clear()
         while len(self._entries) > max(0, max_entries):
             self._entries.popitem(last=False)
 
-    def usable(self, version: str | None) -> bool:
-        """Cached answers belong to one signature version; another one empties the cache."""
+    def switch(self, version: str | None) -> bool:
+        """Answers for clamd's current signature `version` from now on (another one empties the
+        cache); whether the cache is in use."""
         if version != self.version:
             self._entries.clear()
             self.version = version
         return version is not None and self.ttl > 0 and self.max_entries > 0
 
     def get(self, key: bytes, version: str | None) -> ScanResult | None:
-        if not self.usable(version):
+        if version is None or version != self.version or self.ttl <= 0:
             return None
         entry = self._entries.get(key)
         if entry is None:
@@ -161,7 +176,7 @@ class ScanCache:
         return entry[1]
 
     def put(self, key: bytes, version: str | None, result: ScanResult) -> None:
-        if not self.usable(version):
+        if version is None or version != self.version or self.ttl <= 0 or self.max_entries <= 0:
             return
         self._entries[key] = (self.clock(), result)
         self._entries.move_to_end(key)

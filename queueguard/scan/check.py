@@ -112,7 +112,7 @@ class ScanCheck:
             return self._on_error(scan, err)
         version = self.health.version
         key = None
-        if self.cache.usable(version):
+        if self.cache.switch(version):
             key = await asyncio.to_thread(content_key, ctx.raw) if size > HASH_IN_THREAD else content_key(ctx.raw)
             cached = self.cache.get(key, version)
             metrics.scan_cache.labels("miss" if cached is None else "hit").inc()
@@ -127,29 +127,33 @@ class ScanCheck:
                     return result
                 # not if clamd's signatures changed meanwhile, or may not be loaded yet
                 current = self.health.version == version and not self.health.settling()
-                if key is not None and current and await self._reusable(ctx.raw, result, scan):
+                if key is not None and current and await self._reusable(ctx.raw, result):
                     self.cache.put(key, version, result)
         except GateBusy as e:
             return _defer("busy_" + e.reason, str(e))
         return self._answer(scan, result)
 
-    async def _reusable(self, raw: bytes, result: ScanResult, scan: ScanPolicy) -> bool:
+    async def _reusable(self, raw: bytes, result: ScanResult) -> bool:
         """Whether this answer holds for every copy, i.e. comes from what the key covers.
 
-        A clean answer only from a scan quicker than `cache.slowest` (clamd says OK for a scan that
-        ran past its MaxScanTime). A virus only if clamd finds one in the message without its
-        per-copy fields too: else the signature matched something in them, and one copy with a
-        test string in its Cc would get every genuine copy refused (one more scan, for the first
-        infected copy only)."""
+        A clean answer only from a scan quicker than clamd's MaxScanTime (it says OK for a scan
+        that ran that long). A virus only if clamd finds one in the message without its per-copy
+        fields too: else the signature matched something in them, and one copy with a test
+        string in its Cc would get every genuine copy refused (one more scan, for the first
+        infected copy of a content only)."""
         if not result.infected:
-            return result.elapsed < scan.cache.slowest
+            return result.elapsed < self.settings.max_scan_time
         reduced = without_per_copy_fields(raw)
         if reduced is None:  # the key is the whole message
             return True
         try:
-            return (await self.scanner.instream(reduced)).infected
+            again = await self.scanner.instream(reduced)
         except ScanError:
             return False
+        label = "infected" if again.infected else "clean"
+        metrics.scans.labels(label).inc()
+        metrics.scan_seconds.labels(label).observe(again.elapsed)
+        return again.infected
 
     async def _scan(self, ctx: MessageContext, scan: ScanPolicy, size: int) -> ScanResult | StageResult:
         """clamd's answer, or the failure's result."""

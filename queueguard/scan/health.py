@@ -18,6 +18,7 @@ failing too. After failed PINGs, a PING that answers closes the breaker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
@@ -97,15 +98,21 @@ PROBE = b"queueguard health check: a scan of a few harmless bytes\r\n"
 
 def database_stamp(directory: Path | None) -> str | None:
     """A digest of the names, sizes and modification times of the files in clamd's database
-    directory; None where there is none to read (clamd on another host)."""
+    directory; None where there is none to read (clamd on another host). A file that goes while
+    we look (freshclam renames its downloads) is left out."""
     if directory is None:
         return None
+    files = []
     try:
         with os.scandir(directory) as it:
-            files = sorted((e.name, st.st_size, st.st_mtime_ns) for e in it if e.is_file() for st in (e.stat(),))
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    if entry.is_file():
+                        st = entry.stat()
+                        files.append((entry.name, st.st_size, st.st_mtime_ns))
     except OSError:
         return None
-    return hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr(sorted(files)).encode()).hexdigest()[:16]
 
 
 class ClamdHealth:
@@ -116,7 +123,7 @@ class ClamdHealth:
     """
 
     def __init__(self, scanner: Scanner, breaker: CircuitBreaker, *, interval: float,
-                 database: Path | None = None, reload_grace: float = 600.0,
+                 database: Path | None = None, reload_grace: float = 900.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """`database`: clamd's DatabaseDirectory, if this host can read it (part of `version`);
         `reload_grace`: how long clamd may take to load files that changed there."""
@@ -193,13 +200,19 @@ class ClamdHealth:
             self.version = None
             return
         stamp = database_stamp(self.database)
-        if self._engine is not None:  # the first reading is taken as loaded
-            if version != self._engine:  # clamd reloaded: every file is loaded
-                self._settled_at = 0.0
-            elif stamp != self._stamp:  # changed files that clamd may not have loaded yet
-                self._settled_at = self.clock() + self.reload_grace
+        if version != self._engine:  # clamd reloaded, or the first reading: every file is loaded
+            self._settled_at = 0.0
+        elif stamp != self._stamp:  # changed files that clamd may not have loaded yet
+            self._settled_at = self.clock() + self.reload_grace
         self._engine, self._stamp = version, stamp
         self.version = version if stamp is None else f"{version} files {stamp}"
+
+    def files_changed(self) -> None:
+        """Checked on every pass of the loop, clamd up or not: signature files that changed while
+        clamd is down (a reload that ran out of memory) end the reuse of earlier answers until
+        VERSION is read again."""
+        if self._engine is not None and database_stamp(self.database) != self._stamp:
+            self.version = None
 
     def settling(self) -> bool:
         """Signature files changed and clamd may still scan with the old ones (it loads them at
@@ -241,6 +254,7 @@ class ClamdHealth:
         Survives any exception (logged): without this loop an open breaker is probed only by mail."""
         while True:
             try:
+                self.files_changed()
                 await self.ping()
             except Exception:
                 log.exception("clamd health check failed unexpectedly; trying again")

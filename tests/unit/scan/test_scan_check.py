@@ -15,6 +15,7 @@ from queueguard.policy.schema import Policy
 from queueguard.pressure.governor import Governor
 from queueguard.resolve import resolve
 from queueguard.scan.check import ScanCheck, gate_config, share_of, threads_cap
+from queueguard.scan.clamd import ClamdStats, ScanError, ScanResult
 from queueguard.scan.health import BreakerState
 from queueguard.settings import ClamdSettings
 from queueguard.stage import MessageContext, StageResult
@@ -122,3 +123,62 @@ def test_clamd_words_in_replies_are_one_short_printable_line() -> None:
     big = resolve([RuleHit("too_large", "scan", "reject", detail="clamd said\r\n" + "Y" * 100_000)]).verdict
     assert big is not None and big.reply().startswith("552 5.3.4 Message too large to scan (clamd said??YYY")
     assert big.reply().isprintable() and len(big.reply()) < 300
+
+
+class Scripted:
+    """A scanner that answers from a script and can act as it does (a fake: the moment clamd's
+    signatures change during a scan, or a failure of exactly the confirming scan, cannot be
+    timed with a real clamd)."""
+
+    def __init__(self, answers: list[ScanResult | ScanError], during: Any = None) -> None:
+        self.answers, self.during, self.calls = answers, during, 0
+
+    async def instream(self, data: bytes) -> ScanResult:
+        self.calls += 1
+        if self.during is not None:
+            self.during()
+        answer = self.answers.pop(0)
+        if isinstance(answer, ScanError):
+            raise answer
+        return answer
+
+    async def ping(self) -> None:
+        pass
+
+    async def version(self) -> str:
+        return "ClamAV 1.4.6/27480"
+
+    async def stats(self) -> ClamdStats:
+        return ClamdStats()
+
+
+def wave_copy(n: int) -> bytes:
+    return f"Received: from bot{n}.example\r\nTo: u{n}@rcpt.example\r\nSubject: x\r\n\r\nsame body\r\n".encode()
+
+
+async def test_an_answer_given_while_the_signatures_changed_is_not_kept(tmp_path: Path) -> None:
+    checks: list[ScanCheck] = []
+    scanner = Scripted([ScanResult(False)] * 3, during=lambda: setattr(checks[0].health, "version", "other"))
+    check = ScanCheck(ClamdSettings(enabled=True, address=str(tmp_path / "x.sock")), Governor([], clock=Clock()),
+                      clock=Clock(), scanner=scanner)
+    checks.append(check)
+    await check.health.read_version()
+    assert (await check.on_message(msg(txn(), wave_copy(1), policy()))).verdict is None
+    assert len(check.cache) == 0
+    scanner.during = None
+    await check.health.read_version()
+    for n in (2, 3):
+        assert (await check.on_message(msg(txn(), wave_copy(n), policy()))).verdict is None
+    assert scanner.calls == 2 and len(check.cache) == 1
+
+
+async def test_a_virus_answer_the_confirming_scan_could_not_check_is_not_kept(tmp_path: Path) -> None:
+    virus = ScanResult(True, "Test.Virus")
+    scanner = Scripted([virus, ScanError("reset", "gone"), virus, virus])
+    check = ScanCheck(ClamdSettings(enabled=True, address=str(tmp_path / "x.sock")), Governor([], clock=Clock()),
+                      clock=Clock(), scanner=scanner)
+    await check.health.read_version()
+    for n in (1, 2, 3):
+        r = await check.on_message(msg(txn(), wave_copy(n), policy()))
+        assert r.verdict is not None and r.verdict.code == 550
+    assert scanner.calls == 4  # copy 1 and its failed check, copy 2 and its check; copy 3 from the cache

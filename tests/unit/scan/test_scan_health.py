@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
-from queueguard.scan.clamd import ClamdClient, ClamdStats, ScanResult
+from queueguard.scan.clamd import ClamdClient, ClamdStats, ScanError, ScanResult
 from queueguard.scan.health import BreakerState, CircuitBreaker, ClamdHealth
 from tests.unit.pressure.test_governor import Clock
 from tests.unit.scan.conftest import Handler
@@ -147,3 +148,62 @@ async def test_after_failed_scans_a_ping_is_not_enough_to_call_clamd_up(
     assert health.up is up
     assert breaker.state is (BreakerState.CLOSED if up else BreakerState.OPEN)
     assert breaker.failures == (0 if up else 4)
+
+
+class Versioned:
+    """A scanner whose VERSION the test sets (None: VERSION fails); the rest answers."""
+
+    def __init__(self) -> None:
+        self.answer: str | None = "ClamAV 1.4.6/27480/Mon Dec  7 08:00:00 2026"
+
+    async def instream(self, data: bytes) -> ScanResult:
+        return ScanResult(False)
+
+    async def ping(self) -> None:
+        pass
+
+    async def version(self) -> str:
+        if self.answer is None:
+            raise ScanError("protocol", "no VERSION")
+        return self.answer
+
+    async def stats(self) -> ClamdStats:
+        return ClamdStats()
+
+
+async def test_changed_signature_files_settle_until_clamd_reloads(tmp_path: Path) -> None:
+    """The version cached answers belong to: clamd's VERSION and its files. Files changing first
+    start a grace (clamd loads them at its SelfCheck); a new VERSION (clamd reloaded) ends it;
+    a failing VERSION reuses nothing; files changing while clamd is down end the reuse too."""
+    clock, scanner = Clock(), Versioned()
+    (tmp_path / "daily.cld").write_bytes(b"1")
+    health = ClamdHealth(scanner, CircuitBreaker(3, 5.0, clock=clock), interval=10, database=tmp_path,
+                         reload_grace=900, clock=clock)
+    await health.ping()
+    first = health.version
+    assert first is not None and first.startswith("ClamAV 1.4.6/27480/") and " files " in first
+    assert not health.settling()
+    (tmp_path / "local.ndb").write_text("Sig:0:*:41414141\n")
+    await health.ping()
+    assert health.version not in (None, first) and health.settling()
+    clock.now += 899
+    assert health.settling()
+    clock.now += 1
+    assert not health.settling()  # clamd's SelfCheck and load have had their time
+    (tmp_path / "local.ndb").write_text("Sig:0:*:4242424242\n")
+    await health.ping()
+    assert health.settling()
+    scanner.answer = "ClamAV 1.4.6/27481/Mon Dec  7 09:00:00 2026"
+    await health.ping()
+    assert not health.settling() and "27481" in str(health.version)  # reloaded: every file is in
+    scanner.answer = None
+    await health.ping()
+    assert health.version is None
+    scanner.answer = "ClamAV 1.4.6/27481/Mon Dec  7 09:00:00 2026"
+    await health.ping()
+    known = health.version
+    health.files_changed()
+    assert health.version == known
+    (tmp_path / "third.ndb").write_text("Sig:0:*:43434343\n")
+    health.files_changed()  # clamd down: no PING, no VERSION, but the files are watched
+    assert health.version is None
