@@ -182,7 +182,7 @@ class PressurePolicy(Strict):
 
 
 class ScanCachePolicy(Strict):
-    """Answers of recent scans, by the message's content without its per-copy fields
+    """Clean answers of recent scans, by the message's content without its per-copy fields
     (queueguard/scan/cache.py): a wave's copies after the first are not sent to clamd."""
 
     ttl: Duration = Field(default=600.0, description="how long an answer is reused; 0 turns the cache off")

@@ -1,4 +1,4 @@
-"""Verdicts of recent scans, by content: a wave's copies after the first skip clamd.
+"""Clean answers of recent scans, by content: a wave's copies after the first skip clamd.
 
 A spam or malware wave is the same message to many recipients; only its trace and addressing
 fields differ from copy to copy. Scanning every copy is what took clamd's memory in the
@@ -11,8 +11,8 @@ transfer encoding) stays in it; and it leaves them out only of a header that eve
 alike and that gives clamd no reason to stop reading (`fields`). An entry is good for `ttl`
 seconds and for the signature version clamd reported when it was scanned: a database update
 (clamd's VERSION, or a stamp of its files) empties the cache, and nothing is cached until clamd
-has told us its version. Only answers are cached (clean, or infected with a name), never a
-failure; which answers hold for every copy is the scan stage's call (check.py `_reusable`).
+has told us its version. Which answers hold for every copy is the scan stage's call (check.py
+`_reusable`: clean ones).
 """
 
 from __future__ import annotations
@@ -125,15 +125,6 @@ def content_key(raw: bytes) -> bytes:
     digest.update(b"\0body\0")
     digest.update(memoryview(raw)[found.blank:])
     return digest.digest()
-
-
-def without_per_copy_fields(raw: bytes) -> bytes | None:
-    """The message as the key sees it (the per-copy fields taken out), behind a trace field as a
-    copy would begin; None if nothing is left out."""
-    found = fields(raw)
-    if found is None:
-        return None
-    return b"Received: from queueguard (the scan cache)\r\n" + b"".join(found.kept) + raw[found.blank:]
 
 
 class ScanCache:

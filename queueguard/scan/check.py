@@ -21,7 +21,7 @@ from queueguard import metrics
 from queueguard.model import RuleHit
 from queueguard.policy.schema import Policy, ScanPolicy
 from queueguard.pressure.governor import Governor, Level
-from queueguard.scan.cache import HASH_IN_THREAD, ScanCache, content_key, without_per_copy_fields
+from queueguard.scan.cache import HASH_IN_THREAD, ScanCache, content_key
 from queueguard.scan.clamd import ClamdClient, ScanError, Scanner, ScanResult
 from queueguard.scan.gate import AdmissionGate, GateBusy, GateConfig
 from queueguard.scan.health import CircuitBreaker, ClamdHealth
@@ -127,33 +127,21 @@ class ScanCheck:
                     return result
                 # not if clamd's signatures changed meanwhile, or may not be loaded yet
                 current = self.health.version == version and not self.health.settling()
-                if key is not None and current and await self._reusable(ctx.raw, result):
+                if key is not None and current and self._reusable(result):
                     self.cache.put(key, version, result)
         except GateBusy as e:
             return _defer("busy_" + e.reason, str(e))
         return self._answer(scan, result)
 
-    async def _reusable(self, raw: bytes, result: ScanResult) -> bool:
-        """Whether this answer holds for every copy, i.e. comes from what the key covers.
+    def _reusable(self, result: ScanResult) -> bool:
+        """Whether this answer holds for every copy of the content.
 
-        A clean answer only from a scan quicker than clamd's MaxScanTime (it says OK for a scan
-        that ran that long). A virus only if clamd finds one in the message without its per-copy
-        fields too: else the signature matched something in them, and one copy with a test
-        string in its Cc would get every genuine copy refused (one more scan, for the first
-        infected copy of a content only)."""
-        if not result.infected:
-            return result.elapsed < self.settings.max_scan_time
-        reduced = without_per_copy_fields(raw)
-        if reduced is None:  # the key is the whole message
-            return True
-        try:
-            again = await self.scanner.instream(reduced)
-        except ScanError:
-            return False
-        label = "infected" if again.infected else "clean"
-        metrics.scans.labels(label).inc()
-        metrics.scan_seconds.labels(label).observe(again.elapsed)
-        return again.infected
+        Only a clean one, and only from a scan quicker than clamd's MaxScanTime (it says OK for a
+        scan that ran that long). A virus answer may come from a per-copy field the key leaves
+        out (one copy of someone else's newsletter with a test string in its Cc would get every
+        genuine copy refused), and checking that costs a second scan: an infected copy is
+        refused for good anyway, so each is scanned."""
+        return not result.infected and result.elapsed < self.settings.max_scan_time
 
     async def _scan(self, ctx: MessageContext, scan: ScanPolicy, size: int) -> ScanResult | StageResult:
         """clamd's answer, or the failure's result."""

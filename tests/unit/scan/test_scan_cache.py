@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import spamassassin as sa
-from queueguard.scan.cache import VOLATILE, ScanCache, content_key, fields, without_per_copy_fields
+from queueguard.scan.cache import VOLATILE, ScanCache, content_key, fields
 from queueguard.scan.clamd import ScanResult
 from queueguard.scan.health import database_stamp
 from tests.unit.pressure.test_governor import Clock
@@ -95,16 +95,6 @@ def test_headers_that_could_make_clamd_give_up_keep_every_field(extra: bytes) ->
     not hide in a field the key leaves out: such a header keys the whole message."""
     first, second = copy("a@rcpt.example", "1@x", extra=extra), copy("b@rcpt.example", "2@x", extra=extra)
     assert fields(first) is None and content_key(first) != content_key(second)
-
-
-def test_without_per_copy_fields_is_what_the_key_sees() -> None:
-    reduced = without_per_copy_fields(copy())
-    assert reduced is not None and b"mx.sender.example" not in reduced and b"Message-ID" not in reduced
-    assert reduced.startswith(b"Received: ")  # a copy begins with one (clamd tells mail by its first bytes)
-    assert reduced.endswith(b"\r\n\r\n" + BODY) and b"Subject: offer\r\n" in reduced
-    assert content_key(reduced) == content_key(copy())
-    assert without_per_copy_fields(copy(extra=b"Subject: offer;\r\nCc: c@rcpt.example\r\n")) is None
-    assert without_per_copy_fields(copy(extra=b"Subject: offer;\r\n")) is not None  # From follows: kept too
 
 
 def test_odd_messages_have_keys() -> None:
