@@ -235,6 +235,10 @@ class MilterSettings(Strict):
     socket_group: str | None = Field(
         None, description="group owning a unix socket (default: `postfix` where that group exists)")
     socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$", description="permissions of a unix socket, octal")
+    max_connections: int = Field(
+        512, ge=1, description="MTA connections open at once, in each worker (Postfix opens one per smtpd "
+        "process; its default_process_limit is 100): more are closed at once, and the MTA applies its "
+        "milter_default_action to them")
 
     @field_validator("listen")
     @classmethod

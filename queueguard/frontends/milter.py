@@ -30,6 +30,7 @@ import logging
 import os
 import pwd
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -63,6 +64,8 @@ PAUSE_AT = 1024 * 1024
 """Bytes read ahead of a running stage before we stop reading from the MTA."""
 SWEEP = 0.5
 """Seconds between checks for stages past their deadline (so a deadline may be up to this late)."""
+LOG_EVERY = 60.0
+"""Seconds between two log lines about connections closed over milter.max_connections."""
 MTA_GROUP = "postfix"
 """The unix socket's group when none is configured and this group exists (Postfix's smtpd runs in it)."""
 
@@ -176,6 +179,7 @@ class MilterServer:
         self.server: asyncio.Server | None = None
         self.connections: set[MilterConnection] = set()
         self.busy = 0
+        self._refused_logged = -LOG_EVERY
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -188,6 +192,14 @@ class MilterServer:
         self._sweeper = loop.create_task(self._sweep())
         log.info("milter listening on %s (quarantine: %s)%s", self.listen, "hold" if self.hold else "store",
                  ", shared with the other workers" if self.sock is not None else "")
+
+    def refused_connection(self) -> None:
+        """Logged at most once a minute: a flood of connections must not become a flood of lines."""
+        now = time.monotonic()
+        if now - self._refused_logged >= LOG_EVERY:
+            self._refused_logged = now
+            log.warning("milter: %d connections open (milter.max_connections); closing new ones",
+                        len(self.connections))
 
     @property
     def port(self) -> int:
@@ -285,6 +297,13 @@ class MilterConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        if len(self.server.connections) >= self.server.settings.max_connections:
+            # Whoever can reach the socket could otherwise hold any number of sessions open; the
+            # MTA takes a closed connection as a milter failure (milter_default_action: tempfail).
+            metrics.connection_limits.labels("milter_max_connections").inc()
+            self.server.refused_connection()
+            transport.close()
+            return
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from queueguard import metrics
 from queueguard.frontends import milter_protocol as mp
 from queueguard.frontends.milter import MACROS, MilterServer, client_from, header_line, reply_args
 from queueguard.model import RuleHit, Transaction
@@ -582,5 +583,28 @@ async def test_tcp_milter_sockets_have_nodelay_and_quick_acks(sock: str) -> None
         m = await mta(server)
         assert next(iter(server.connections)).quickack is None
         m.close()
+    finally:
+        await server.stop(1)
+
+
+async def test_connections_over_the_limit_are_closed_at_once(sock: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Whoever reaches the socket cannot hold more than milter.max_connections sessions open; the
+    ones held keep working, and a place freed is taken again."""
+    server = await serve(sock, max_connections=3)
+    refused = metrics.connection_limits.labels("milter_max_connections")._value.get()
+    try:
+        held = [await mta(server) for _ in range(3)]
+        reader, writer = await asyncio.open_unix_connection(sock.removeprefix("unix:"))
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed before any answer
+        writer.close()
+        assert metrics.connection_limits.labels("milter_max_connections")._value.get() == refused + 1
+        assert "connections open (milter.max_connections)" in caplog.text
+        assert await held[0].connect() == []
+        assert await held[0].envelope() == [[], ["c"]]
+        assert await held[0].content("still served") == ["a"]
+        held[1].close()
+        await until(lambda: len(server.connections) == 2)
+        again = await mta(server)
+        assert await again.connect() == [] and await again.envelope() == [[], ["c"]]
     finally:
         await server.stop(1)
