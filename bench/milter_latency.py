@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.milter_peers import at_rate, pct
 from bench.proxy_bench import shadow_default_policy
 from queueguard.frontends import milter_protocol as mp
 from queueguard.harness.guard import Guard
@@ -76,19 +77,7 @@ async def one_message(path: str) -> float:
 
 
 async def paced(path: str, rate: float, n: int) -> list[float]:
-    tasks = []
-    start = time.perf_counter()
-    for i in range(n):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one_message(path)))
-    return list(await asyncio.gather(*tasks))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return await at_rate(rate, n, lambda: one_message(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(paced(str(path), 50, 100))  # warm-up
         for r in range(args.rounds):
             waits = asyncio.run(paced(str(path), args.rate, args.messages))
-            row = {q: round(1000 * percentile(waits, p), 2) for q, p in (("p50", .5), ("p90", .9), ("p99", .99))}
+            row = {q: round(1000 * pct(waits, p), 2) for q, p in (("p50", .5), ("p90", .9), ("p99", .99))}
             row["max"] = round(1000 * max(waits), 2)
             rounds.append(row)
             print(f"round {r + 1} at {args.rate:g} msg/s: wait on the milter per message (ms) {row}", flush=True)

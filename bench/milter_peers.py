@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +312,11 @@ async def paced(port: int, rate: float, n: int) -> list[float]:
         w.close()
         return took
 
+    return await at_rate(rate, n, one)
+
+
+async def at_rate(rate: float, n: int, one: Callable[[], Awaitable[float]]) -> list[float]:
+    """`n` calls of `one`, started `rate` a second whether or not the earlier ones are done."""
     tasks = []
     start = time.perf_counter()
     for i in range(n):
