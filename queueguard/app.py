@@ -107,7 +107,7 @@ class App:
     def policy_changed(self, policy: Policy) -> None:
         """Parts that keep derived state (the scan gate's bounds, pressure thresholds) take the new policy."""
         if self.scan is not None:
-            self.scan.set_policy(policy)
+            self.scan.reload(policy)
 
     def status(self) -> dict[str, object]:
         """What the status page and `STATUS=` show: one dict, cheap to build."""

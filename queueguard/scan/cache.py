@@ -146,6 +146,9 @@ class ScanCache:
         while len(self._entries) > max(0, max_entries):
             self._entries.popitem(last=False)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def switch(self, version: str | None) -> bool:
         """Answers for clamd's current signature `version` from now on (another one empties the
         cache); whether the cache is in use."""

@@ -91,6 +91,12 @@ class ScanCheck:
         self.gate.configure(gate_config(policy.scan, self.processes))
         self.cache.configure(policy.scan.cache.ttl, policy.scan.cache.max_entries)
 
+    def reload(self, policy: Policy) -> None:
+        """A policy reload (SIGHUP, a changed file) also drops every cached answer: how an admin
+        empties the cache, e.g. after adding a signature to a clamd whose files we cannot see."""
+        self.set_policy(policy)
+        self.cache.clear()
+
     def _enabled(self, policy: Policy) -> bool:
         if policy.scan is not self.policy:
             self.set_policy(policy)

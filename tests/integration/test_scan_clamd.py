@@ -420,7 +420,7 @@ def status(guard: Guard) -> dict[str, Any]:
 def test_a_guard_scans_a_wave_once(tmp_path: Path) -> None:
     """`queueguard serve` with clamd: its health loop learns clamd's version, and a wave of ten
     clean copies through the SMTP proxy costs clamd one scan; every copy gets its answer (250 and
-    delivered, or 550 for each copy of the EICAR wave, each scanned)."""
+    delivered, or 550 for each copy of the EICAR wave, each scanned). A reload empties the cache."""
     with Clamd(tmp_path / "clamd") as c, SmtpSink() as sink, Guard(
             {"downstreams": [{"address": f"127.0.0.1:{sink.port}"}],
              "clamd": {"enabled": True, "address": str(c.socket), "pid_file": str(c.pid_file),
@@ -441,6 +441,13 @@ def test_a_guard_scans_a_wave_once(tmp_path: Path) -> None:
         assert guard.metric("queueguard_scans_total") == 11  # the first clean copy, and every infected one
         assert guard.metric("queueguard_scan_cache_total", result="hit") == 9
         assert guard.metric("queueguard_scan_cache_total", result="miss") == 11
+        loaded = guard.log().count("policy loaded from")
+        guard.signal(signal.SIGHUP)  # a reload drops every answer
+        wait_for("the reload", lambda: guard.log().count("policy loaded from") > loaded)
+        with guard.smtp() as client:
+            again = copy_of(mail(b"figures", subject="figures"), 11)
+            client.sendmail("a@sender.example", ["user11@rcpt.example"], again)
+        assert guard.metric("queueguard_scans_total") == 12 and sink.wait_count(11) == 11
 
 
 async def test_a_virus_in_a_per_copy_field_is_not_every_copys_answer(clamd: Clamd) -> None:
