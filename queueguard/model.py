@@ -111,7 +111,7 @@ class RuleHit:
 
 
 _ROUTE = re.compile(r"@(?:\[[^\]]*\]|[^,:\[\]])*(?:,@(?:\[[^\]]*\]|[^,:\[\]])*)*:")
-_PLAIN = frozenset('"()\\ \t%!')
+_PLAIN = frozenset('"()\\ \t%![')
 
 
 def _unquote(text: str) -> str | None:
@@ -153,8 +153,10 @@ def canonical_address(address: str) -> str:
     `@any.relay:info@` to one mailbox (Postfix hands a milter the address as the client wrote
     it): a rate-limit key or a list entry that told them apart would give a flood as many budgets
     as its sender can spell the address. Postfix, by default, also routes `info%example.org@mx`
-    and `example.org!info@mx` to info@example.org (Exim refuses both). A trailing dot in the
-    domain is stripped as Postfix does.
+    and `example.org!info@mx` to info@example.org (Exim refuses both), and `"info@example.org"@mx`
+    (nested as deep as the line allows: each level would be a new budget) to info@example.org
+    once mx is its own domain (Exim refuses `@` in a local part). A trailing dot in the domain is
+    stripped as Postfix does.
     """
     a = address.strip().strip("<>").strip()
     if _PLAIN.isdisjoint(a) and a[:1] != "@" and a[-1:] != "." and a.isascii():
@@ -166,11 +168,34 @@ def canonical_address(address: str) -> str:
     local, at, domain = a.rpartition("@")
     if not at:
         return a.lower()
+    while "@" in local:  # `"info@example.org"@mx`: Postfix strips its own domain and resolves again
+        inner, _, inner_domain = local.rpartition("@")
+        if not inner or not inner_domain:
+            break
+        local, domain = inner, inner_domain
     if "!" in local:  # UUCP bang path, host!user: Postfix's swap_bangpath (on by default)
         *_, domain, local = local.split("!")
     if "%" in local:  # user%domain: Postfix's allow_percent_hack (on by default)
         local, domain = local.split("%")[:2]
-    return f"{local.lower()}@{ascii_domain(domain)}"
+    return f"{local.lower()}@{address_literal(domain) or ascii_domain(domain)}"
+
+
+def address_literal(domain: str) -> str | None:
+    """A domain literal spelled one way: `[127.000.000.001]` -> `[127.0.0.1]` (Postfix takes the
+    leading zeros, 27 spellings of one address), `[IPv6:0:0::1]` -> `[IPv6:::1]`; None if the
+    domain is no address literal we can read."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1].strip()
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+        octets = inner.split(".")
+        if len(octets) == 4 and all(o.isdigit() and o.isascii() and int(o) < 256 for o in octets):
+            return "[" + ".".join(str(int(o)) for o in octets) + "]"
+    except ValueError:
+        return None
+    return None
 
 
 _DOTS = str.maketrans({"\u3002": ".", "\uff61": "."})

@@ -120,12 +120,14 @@ def test_flood_is_deferred_per_recipient(postfix: Postfix, sink: SmtpSink) -> No
 
 def test_one_mailbox_spelled_many_ways_is_one_budget(postfix: Postfix) -> None:
     """Postfix hands the milter the address as the client spelled it (quoted, escaped, commented,
-    source-routed), but delivers every spelling to one mailbox: one budget for all of them."""
+    source-routed, an address quoted inside the local part: Postfix resolves it again), but
+    delivers every spelling to one mailbox: one budget for all of them."""
     spellings = ['"spelled"@test.example', '"sp\\elled"@test.example', "SPELLED@test.example",
                  "@relay.example:spelled@test.example", "spelled(1)@test.example", "spel\\led@test.example",
-                 "spelled@(x)test.example", "spelled@test.example"]
+                 "spelled@(x)test.example", "spelled@test.example", '"spelled@test.example"@test.example',
+                 '"spelled' + "@test.example" * 20 + '"@test.example']
     codes = [rcpt_as_written(postfix.port, rcpt, i) for i, rcpt in enumerate(spellings)]
-    assert codes == [250] * 3 + [451] * 5, list(zip(spellings, codes, strict=True))
+    assert codes == [250] * 3 + [451] * 7, list(zip(spellings, codes, strict=True))
 
 
 def test_address_extensions_are_one_budget_where_the_mta_splits_them(postfix: Postfix) -> None:

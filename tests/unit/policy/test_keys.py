@@ -66,10 +66,13 @@ def test_missing_facts_skip_the_rule() -> None:
     "info(1)@example.org", "(x)info@example.org", "info@(x)example.org", "info@example.org(x)", "in\\fo@example.org",
     "info((nested)x)@example.org", "info @ example.org", "info%example.org@mx.example.net",
     "example.org!info@mx.example.net", "info%example.org%mx.example.net@mx.example.net",
+    '"info@example.org"@example.org', '"info@example.org@example.org"@example.org.',
+    '"info' + "@example.org" * 40 + '"@example.org', '"info@example.org"@mx.example.net',
 ])
 def test_one_mailbox_is_one_key_however_it_is_spelled(spelling: str) -> None:
     """Exim and Postfix deliver every one of these to info@ (checked against the real ones; the
-    percent hack and the bang path are Postfix's defaults, which Exim refuses): each
+    percent hack, the bang path and an `@` in a quoted local part resolved again are Postfix's
+    defaults, which Exim refuses): each
     spelling its own key would give a flood to one address a budget per spelling, and a sender can
     spell it in endless ways (backslashes, comments, source routes)."""
     assert key_value("recipient", txn(), spelling) == "info@example.org"
@@ -114,3 +117,13 @@ def test_address_extensions_are_cut_where_the_policy_says_the_mta_splits_them() 
     assert key_value("recipient", txn(), "<info+tag@example.org>") == "info+tag@example.org"  # no delimiter set
     assert without_extension("+info@example.org", "+") == "+info@example.org"  # nothing before it
     assert without_extension("postmaster+x", "+") == "postmaster"
+
+
+@pytest.mark.parametrize(("spellings", "key"), [
+    (["info@[127.0.0.1]", "info@[127.000.000.001]", "<INFO@[127.0.00.1]>", '"info"@[127.0.0.01]'], "info@[127.0.0.1]"),
+    (["info@[IPv6:::1]", "info@[ipv6:0:0:0:0:0:0:0:1]", "info@[IPV6:0::0:1]"], "info@[IPv6:::1]"),
+])
+def test_one_address_literal_is_one_key(spellings: list[str], key: str) -> None:
+    """Postfix delivers `info@[127.000.000.001]` to the same mailbox as `info@[127.0.0.1]` (it
+    reads the leading zeros): 27 spellings of one literal must not be 27 budgets."""
+    assert {key_value("recipient", txn(), s) for s in spellings} == {key}
