@@ -287,9 +287,11 @@ async def test_concurrency_bound_and_waiting_count(clamd: Clamd) -> None:
     assert len(busy) == 14 and all(v.reason == "busy_waiting_full" and v.code == 451 for v in busy)
     assert all("scanner busy" in v.text for v in busy)
     assert check.gate.peak_in_flight == 2 and check.gate.refused["waiting_full"] == 14
-    # clamd's own count of our scans. Its thread may still be tidying up a scan whose answer we
-    # already read (our slot is free, the next scan starts): one over the bound, briefly.
-    assert 1 <= max(sampler.busy) <= 3, sampler.busy
+    # clamd's own count of our scans. A thread may still be tidying up a scan whose answer we
+    # read (our slot is free, the next scan starts; the client waits up to CLOSE_WAIT for clamd
+    # to hang up, which a loaded box can exceed): in a rare sample each slot shows two, so the
+    # bound is judged by how often a sample is over it (before the client waited: most were).
+    assert 1 <= max(sampler.busy) <= 4, sampler.busy
     over = sum(1 for b in sampler.busy if b > 2)
     assert over <= max(1, len(sampler.busy) // 20), sampler.busy
 
