@@ -309,9 +309,6 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads policies (the last good one stays on errors).
     With `workers` over 1 this process supervises that many workers (queueguard/workers.py)."""
     configure(settings.log_format, settings.log_level)
-    # aiosmtpd logs every command at INFO and every junk command a client sends at WARNING;
-    # our one line per message (and protocol_errors_total) say what matters.
-    logging.getLogger("mail.log").setLevel(logging.ERROR)
     worker = current_worker()
     if worker is None and settings.worker_count() > 1:
         build(settings)  # refuse here, once, with the same one-line errors as a single process

@@ -155,7 +155,7 @@ class Session:
         """The end of DATA: everything from the message bytes to the transaction's end.
 
         When we relay (the proxy), it runs to its end even when the front end's wait is
-        cancelled (the client closed the connection right after its final dot, and aiosmtpd
+        cancelled (the client closed the connection right after its final dot, and the front end
         cancels the session): the downstream may have the message already, so the transaction is
         settled as what it became (budgets charged, the real outcome logged), never ended as if
         nothing was sent. (A client that left without our 250 retries, as after any lost reply:

@@ -1,7 +1,7 @@
-"""The SMTP proxy front end only translates: SMTP events -> Session calls, verdicts -> replies.
+"""The SMTP proxy front end only translates: bytes in -> Session calls, verdicts -> replies.
 
-Driven without a network: aiosmtpd's hooks are called the way aiosmtpd calls them, DATA is fed
-through a StreamReader, and replies are recorded from `push`. The checks are stand-ins written
+Driven without a network: the protocol object gets bytes as a socket would deliver them, split
+anywhere, and its replies are read from a recording transport. The checks are stand-ins written
 for the test (a refusing rate limit, a shedding door), the Session is the real one.
 """
 
@@ -11,11 +11,9 @@ import asyncio
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import Envelope
-from aiosmtpd.smtp import Session as AioSession
 
-from queueguard.frontends.smtp_proxy import READ_LIMIT, ProxyHandler, QueueguardSMTP
-from queueguard.model import Connection, RuleHit, Transaction, parse_ip
+from queueguard.frontends.smtp_proxy import READ_LIMIT, SmtpConnection, SmtpProxy
+from queueguard.model import Connection, RuleHit, Transaction
 from queueguard.pipeline import Pipeline
 from queueguard.policy.schema import Policy
 from queueguard.settings import SmtpSettings
@@ -57,113 +55,202 @@ class Store:
         return "q1"
 
 
-class Recorder(QueueguardSMTP):
-    """aiosmtpd's protocol object without a socket: `push` records instead of writing."""
+class Wire(asyncio.Transport):
+    """A socket's transport without a socket: writes are recorded, one entry per write."""
 
-    def __init__(self, handler: ProxyHandler) -> None:
-        super().__init__(handler, loop=asyncio.get_running_loop(), data_size_limit=200_000)
-        self.pushed: list[str] = []
-        self.qg = handler.opened(self, Connection(parse_ip("192.0.2.9"), 4000))
-        self._reader = asyncio.StreamReader(limit=READ_LIMIT)
-        self.envelope = self._create_envelope()
-        self.session = AioSession(asyncio.get_running_loop())
-        self.session.host_name = "client.example"
-        self.transport = asyncio.Transport()  # present (DATA reads while there is one), never written to
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self.protocol, self.closing, self.paused = protocol, False, False
+        self.writes: list[bytes] = []
 
-    async def push(self, status: Any) -> None:
-        if isinstance(status, str) and status.startswith("220 ") and not self._greeted:
-            self._greeted = True
-            refusal = await self.qg_handler.connect(self)
-            self.pushed.append(refusal or status)
-            return
-        self.pushed.append(status)
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.9", 4000) if name == "peername" else default
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
 
 
-def handler(**kw: Any) -> tuple[ProxyHandler, Seen]:
+class Client:
+    """One connection to the front end, bytes in and replies out."""
+
+    def __init__(self, proxy: SmtpProxy) -> None:
+        self.conn = SmtpConnection(proxy)
+        self.wire = Wire(self.conn)
+        self.conn.connection_made(self.wire)
+        self.read = 0
+
+    async def send(self, *chunks: bytes) -> list[str]:
+        """Feed the chunks as separate reads; the replies written since the last call."""
+        for chunk in chunks:
+            self.conn.data_received(chunk)
+            await self.settled()
+        await self.settled()
+        text = b"".join(self.wire.writes[self.read:]).decode()
+        self.read = len(self.wire.writes)
+        return text.splitlines()
+
+    async def settled(self) -> None:
+        for _ in range(1000):
+            if self.conn.task is None:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError("a command never finished")
+
+    @property
+    def txn(self) -> Transaction | None:
+        assert self.conn.session is not None
+        return self.conn.session.txn
+
+
+def proxy(**kw: Any) -> tuple[SmtpProxy, Seen]:
     seen = Seen()
     kw.setdefault("quarantine", Store())
     pipeline = Pipeline(frontend="smtp", policy=Policy, rcpt_checks=[Refuse()], message_checks=[seen], **kw)
-    return ProxyHandler(pipeline, SmtpSettings(max_recipients=3)), seen
+    return SmtpProxy(pipeline, SmtpSettings(max_recipients=3, hostname="guard.test", max_message_size=200_000)), seen
 
 
-async def mail_to(h: ProxyHandler, proto: Recorder, *rcpts: str) -> list[str]:
-    env, sess = Envelope(), AioSession(asyncio.get_running_loop())
-    replies = [await h.handle_MAIL(proto, sess, env, "a@example.net", [])]
-    for r in rcpts:
-        replies.append(await h.handle_RCPT(proto, sess, env, r, []))
-    return replies
+async def greeted(p: SmtpProxy) -> Client:
+    c = Client(p)
+    assert await c.send() == ["220 guard.test queueguard ESMTP"]
+    assert (await c.send(b"EHLO client.example\r\n"))[-1] == "250 HELP"
+    return c
 
 
 async def test_mail_and_rcpt_become_session_calls_and_verdicts_become_replies() -> None:
-    h, _ = handler()
-    proto = Recorder(h)
-    replies = await mail_to(h, proto, "ok@example.org", "flood@example.org", "not an address")
+    p, _ = proxy()
+    c = await greeted(p)
+    replies = await c.send(b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:<ok@example.org>\r\n",
+                           b"RCPT TO:<flood@example.org>\r\n", b"RCPT TO:<not an address>\r\n")
     assert replies == ["250 2.1.0 Ok", "250 2.1.5 Ok", "451 4.7.1 Rate limit exceeded (rule flood), try again in 12s",
                        "501 5.1.3 Bad recipient address syntax"]
-    assert proto.qg is not None and proto.qg.txn is not None and proto.qg.txn.recipients == ["ok@example.org"]
-    assert await h.handle_RSET(proto, AioSession(asyncio.get_running_loop()), Envelope()) == "250 2.0.0 Ok"
-    assert proto.qg.txn is None
+    assert c.txn is not None and c.txn.recipients == ["ok@example.org"]
+    assert await c.send(b"RSET\r\n") == ["250 2.0.0 Ok"]
+    assert c.txn is None
 
 
 async def test_rcpt_without_mail_and_too_many_recipients() -> None:
-    h, _ = handler()
-    proto = Recorder(h)
-    sess = AioSession(asyncio.get_running_loop())
-    assert await h.handle_RCPT(proto, sess, Envelope(), "b@example.org", []) == "503 5.5.1 Error: need MAIL command"
-    replies = await mail_to(h, proto, "a@x.example", "b@x.example", "c@x.example", "d@x.example")
-    assert replies[-1] == "452 4.5.3 Too many recipients"
+    p, _ = proxy()
+    c = await greeted(p)
+    assert await c.send(b"RCPT TO:<b@example.org>\r\n") == ["503 Error: need MAIL command"]
+    rcpts = [b"RCPT TO:<%s@x.example>\r\n" % n for n in (b"b", b"c", b"d", b"e")]
+    replies = await c.send(b"MAIL FROM:<a@x.example>\r\n", *rcpts)
+    assert replies[-2:] == ["250 2.1.5 Ok", "452 4.5.3 Too many recipients"]
 
 
 async def test_greeting_is_the_connect_stage() -> None:
-    h, _ = handler(connect_checks=[Shed()])
-    proto = Recorder(h)
-    await proto.push("220 guard.test queueguard ESMTP")
-    assert proto.pushed[0].startswith("421 4.3.2 Temporarily deferred: this host is under memory pressure")
+    p, _ = proxy(connect_checks=[Shed()])
+    c = Client(p)
+    replies = await c.send()
+    assert replies[0].startswith("421 4.3.2 Temporarily deferred: this host is under memory pressure")
+    assert c.wire.closing
+    assert await c.send(b"EHLO client.example\r\n") == []  # nothing after the refusal is read
+
+
+async def test_pipelined_commands_are_answered_in_order_in_one_write() -> None:
+    """RFC 2920: a client that sends its whole envelope at once gets every reply, in order; they
+    leave in one write per group, not one per reply."""
+    p, seen = proxy(quarantine=None)
+    c = await greeted(p)
+    writes = len(c.wire.writes)
+    replies = await c.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nRCPT TO:<c@x.example>\r\n"
+                           b"DATA\r\nSubject: hi\r\n\r\nhello\r\n.\r\nNOOP\r\nQUIT\r\n")
+    assert replies == ["250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>",
+                       "250 2.0.0 Ok", "250 OK", "221 Bye"]
+    assert seen.raw == [b"Subject: hi\r\n\r\nhello\r\n"] and c.wire.closing
+    assert len(c.wire.writes) - writes <= 5  # one per Session call's answer, the rest batched
 
 
 @pytest.mark.parametrize("line_length", [998, 1500, 40_000])
 async def test_data_lines_of_any_length_reach_the_session_intact(line_length: int) -> None:
     """Exim and Postfix take newsletters with long lines; so must we (RFC 5321 limits are SHOULDs
-    for senders, and a 5xx here would bounce mail the MTA behind us accepts)."""
-    h, seen = handler(quarantine=None)
-    proto = Recorder(h)
-    await mail_to(h, proto, "ok@example.org")
-    assert proto.envelope is not None
-    proto.envelope.rcpt_tos.append("ok@example.org")
+    for senders, and a 5xx here would bounce mail the MTA behind us accepts). The end of DATA is
+    found wherever the reads split it."""
     body = b"Subject: news\r\n\r\n" + b"x" * line_length + b"\r\n..dot-stuffed\r\n"
-    proto._reader.feed_data(body + b".\r\n")
-    await proto.smtp_DATA("")
-    assert seen.raw == [b"Subject: news\r\n\r\n" + b"x" * line_length + b"\r\n.dot-stuffed\r\n"]
-    assert proto.pushed[-1] == "250 2.0.0 Ok"  # no relay in this pipeline: the checks' verdict
+    wire = body + b".\r\n"
+    for cut in (1, 2, 3, len(wire) - 4, len(wire) - 3, len(wire) - 2, len(wire) - 1):
+        p, seen = proxy(quarantine=None)
+        c = await greeted(p)
+        await c.send(b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:<ok@example.org>\r\n", b"DATA\r\n")
+        assert await c.send(wire[:cut], wire[cut:]) == ["250 2.0.0 Ok"], cut  # no relay: the checks' verdict
+        assert seen.raw == [b"Subject: news\r\n\r\n" + b"x" * line_length + b"\r\n.dot-stuffed\r\n"], cut
+
+
+async def test_only_crlf_dot_crlf_ends_data() -> None:
+    """A bare-LF dot line is content (for the pipeline's hygiene to judge; there is none in this
+    pipeline), never the end of the message: a downstream that read it otherwise would see a
+    second, smuggled transaction."""
+    p, seen = proxy(quarantine=None)
+    c = await greeted(p)
+    await c.send(b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:<ok@example.org>\r\n", b"DATA\r\n")
+    assert await c.send(b"Subject: a\r\n\r\nx\n.\nMAIL FROM:<s@x>\r\n") == []
+    assert await c.send(b".\r\n") == ["250 2.0.0 Ok"]
+    assert seen.raw == [b"Subject: a\r\n\r\nx\n.\nMAIL FROM:<s@x>\r\n"]  # one message, not two
 
 
 async def test_oversize_data_ends_the_transaction_with_552() -> None:
-    h, seen = handler()
-    proto = Recorder(h)
-    await mail_to(h, proto, "ok@example.org")
-    assert proto.envelope is not None
-    proto.envelope.rcpt_tos.append("ok@example.org")
-    proto._reader.feed_data(b"Subject: big\r\n\r\n" + (b"y" * 999 + b"\r\n") * 300 + b".\r\n")
-    await proto.smtp_DATA("")
-    assert proto.pushed[-1] == "552 5.3.4 Message size exceeds fixed maximum message size"
-    assert seen.raw == [] and proto.qg is not None and proto.qg.txn is None
+    p, seen = proxy()
+    c = await greeted(p)
+    await c.send(b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:<ok@example.org>\r\n", b"DATA\r\n")
+    replies = await c.send(b"Subject: big\r\n\r\n", *[(b"y" * 999 + b"\r\n") * 30] * 10, b".\r\n")
+    assert replies == ["552 5.3.4 Message size exceeds fixed maximum message size"]
+    assert seen.raw == [] and c.txn is None
+    assert await c.send(b"NOOP\r\n") == ["250 OK"]  # the session goes on
 
 
 async def test_quarantine_verdict_is_the_reply_and_session_ends() -> None:
-    h, _ = handler()
-    proto = Recorder(h)
-    await mail_to(h, proto, "ok@example.org")
-    env = Envelope()
-    env.original_content = b"Subject: wave\r\n\r\nwave\r\n"
-    reply = await h.handle_DATA(proto, AioSession(asyncio.get_running_loop()), env)
-    assert reply == "250 2.0.0 Ok: quarantined as q1" and proto.qg is not None and proto.qg.txn is None
+    p, _ = proxy()
+    c = await greeted(p)
+    await c.send(b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:<ok@example.org>\r\n", b"DATA\r\n")
+    assert await c.send(b"Subject: wave\r\n\r\nwave\r\n.\r\n") == ["250 2.0.0 Ok: quarantined as q1"]
+    assert c.txn is None
 
 
 async def test_vanished_client_ends_the_open_transaction() -> None:
-    h, _ = handler()
-    proto = Recorder(h)
-    await mail_to(h, proto, "ok@example.org")
-    refuse = h.pipeline.rcpt_checks[0]
-    h.closed(proto)
-    await asyncio.gather(*h._pending)
-    assert getattr(refuse, "ended", None) == (["ok@example.org"], False) and not h.sessions
+    p, _ = proxy()
+    c = await greeted(p)
+    await c.send(b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:<ok@example.org>\r\n")
+    c.conn.connection_lost(None)
+    await asyncio.gather(*p._pending)
+    assert getattr(p.pipeline.rcpt_checks[0], "ended", None) == (["ok@example.org"], False) and not p.sessions
+
+
+async def test_a_client_that_stops_sending_is_answered_then_closed() -> None:
+    """A client that half-closes after its last command hears every reply before the close."""
+    p, _ = proxy()
+    c = await greeted(p)
+    c.conn.data_received(b"MAIL FROM:<a@example.net>\r\nNOOP\r\n")
+    assert c.conn.eof_received() is True  # keep the socket open for the replies
+    assert await c.send() == ["250 2.1.0 Ok", "250 OK"] and c.wire.closing
+
+
+async def test_commands_piling_up_behind_a_slow_answer_pause_reading() -> None:
+    """A client cannot make us hold more than a bounded buffer of commands while the Session
+    works on one: reading pauses, and resumes once they are answered."""
+    p, _ = proxy()
+    c = await greeted(p)
+    c.conn.data_received(b"MAIL FROM:<a@example.net>\r\n" + b"NOOP\r\n" * (READ_LIMIT // 2))
+    assert c.conn.task is not None and c.wire.paused
+    replies = await c.send()
+    assert len(replies) == 1 + READ_LIMIT // 2 and not c.wire.paused
+
+
+async def test_overlong_command_lines_get_500_and_the_session_goes_on() -> None:
+    p, _ = proxy()
+    c = await greeted(p)
+    assert await c.send(b"NOOP " + b"x" * 20_000, b"x" * 20_000 + b"\r\n", b"NOOP\r\n") == [
+        "500 Command line too long", "250 OK"]
