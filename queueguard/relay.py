@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import re
@@ -82,8 +83,10 @@ class DownstreamBusy(DownstreamError):
     """Every connection slot toward this downstream stayed taken for SLOT_WAIT: not a failure of it."""
 
 
+@functools.lru_cache(maxsize=4096)
 def _network(ip: IPAddress | None) -> str:
-    """The client network a downstream share is counted by: /24 for IPv4, /64 for IPv6."""
+    """The client network a downstream share is counted by: /24 for IPv4, /64 for IPv6 (cached:
+    a wave comes from few addresses, and ip_network costs 2 % of a worker's CPU)."""
     if ip is None:
         return ""
     return str(ipaddress.ip_network((ip, 24 if ip.version == 4 else 64), strict=False))
@@ -330,14 +333,19 @@ class Downstream:
         if own is None and not client.trusted:
             own = self.held[holder] = asyncio.Semaphore(self.share)
         try:
-            async with asyncio.timeout(SLOT_WAIT):
-                if own is not None:
+            if (own is None or not own.locked()) and not self.slots.locked():
+                if own is not None:  # both free: taken at once, without a timer
                     await own.acquire()
-                try:
-                    await self.slots.acquire()
-                except BaseException:
-                    self._give_back(holder, own)
-                    raise
+                await self.slots.acquire()
+            else:
+                async with asyncio.timeout(SLOT_WAIT):
+                    if own is not None:
+                        await own.acquire()
+                    try:
+                        await self.slots.acquire()
+                    except BaseException:
+                        self._give_back(holder, own)
+                        raise
         except TimeoutError:
             which = "this client's share" if own is not None and own.locked() else f"all {self.spec.max_connections}"
             self._forget(holder, own)

@@ -24,7 +24,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from queueguard import metrics
 from queueguard.frontends.proxy_header import ProxyHeaderError, parse_proxy_header
@@ -90,9 +90,12 @@ class SmtpConnection(asyncio.Protocol):
         self.session: Session | None = None
         self.buffer = bytearray()
         self.out: list[bytes] = []
+        self.out_size = 0
         self.phase = Phase.COMMAND
         self.task: asyncio.Task[str | None] | None = None
         self.closed = False
+        """Nothing more is read or answered (QUIT, a refusal, the client gone)."""
+        self.lost = False
         self.eof = False
         self.write_paused = False
         self.read_paused = False
@@ -115,8 +118,7 @@ class SmtpConnection(asyncio.Protocol):
     # --- the connection --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # a socket's; uvloop's are no subclass
         peer = transport.get_extra_info("peername") or ("", 0)
         conn = Connection(parse_ip(str(peer[0])), int(peer[1]) if len(peer) > 1 else 0)
         self.session = self.proxy.opened(self, conn)
@@ -130,10 +132,17 @@ class SmtpConnection(asyncio.Protocol):
         self._start(self._greet())
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.closed = True
+        self._gone()
+
+    def _gone(self) -> None:
+        """The client is gone: once per connection, from connection_lost or from a failed TLS
+        handshake (asyncio tells no protocol of a socket lost mid-handshake)."""
+        if self.lost:
+            return
+        self.lost = self.closed = True
         if self.timer is not None:
             self.timer.cancel()
-        if self.task is not None:
+        if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()  # a message's settling is shielded from this (Session.data)
         if self.phase is Phase.PROXY and self.buffer:
             self._proxy_missing()  # a partial header; one closed before any byte is a TCP health check
@@ -168,6 +177,8 @@ class SmtpConnection(asyncio.Protocol):
     def _arm(self, seconds: float) -> None:
         """An idle timeout of `seconds` from now; any bytes from the client restart it (a large
         message still arriving is not cut off)."""
+        if self.closed:
+            return
         self.timeout = seconds
         self.last_activity = self.loop.time()
         if self.timer is not None:
@@ -181,14 +192,14 @@ class SmtpConnection(asyncio.Protocol):
             return
         self.timer = None
         log.info("connection from %s timed out", self.session.conn.client_ip if self.session else "?")
-        self._close()
+        self._abort()
 
     def _proxy_timed_out(self) -> None:
         """The balancer's 5 s for its header are not extended by the bytes it trickles."""
         self.timer = None
         if self.phase is Phase.PROXY:
             self._proxy_missing()
-            self._close()
+            self._abort()
 
     def _proxy_missing(self) -> None:
         """Counted and logged once per connection: a load balancer that sends no valid header is
@@ -202,11 +213,13 @@ class SmtpConnection(asyncio.Protocol):
 
     def _run(self) -> None:
         """Answer what the buffer holds, in order, until a command must wait for the Session."""
-        while self.task is None and not self.closed and not self.write_paused:
-            if self.phase is Phase.DATA:
+        while self.task is None and not self.closed:
+            if self.phase is Phase.DATA:  # even while our replies wait to be read: the size limit holds
                 if not self._data_end():
                     break
                 continue
+            if self.write_paused:
+                break
             if self.phase is Phase.PROXY:
                 if not self._proxy_header():
                     break
@@ -229,6 +242,8 @@ class SmtpConnection(asyncio.Protocol):
                 self._command(line)
             except Exception as error:  # a bug of ours: 451, never a dropped connection
                 self._internal_error(error)
+            if self.out_size >= READ_LIMIT:  # replies to a flood of pipelined junk: written, then paced
+                self._flush()
         self._flush()
         if self.closed or self.transport is None:
             return
@@ -246,13 +261,16 @@ class SmtpConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _reply(self, text: str) -> None:
-        self.out.append(text.encode("utf-8", "surrogateescape") + b"\r\n")
+        line = text.encode("utf-8", "surrogateescape") + b"\r\n"
+        self.out.append(line)
+        self.out_size += len(line)
 
     def _flush(self) -> None:
         if self.out:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(b"".join(self.out))
             self.out.clear()
+            self.out_size = 0
 
     def _close(self) -> None:
         """Write what is owed and hang up; nothing the client sent after this is read."""
@@ -260,6 +278,14 @@ class SmtpConnection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    def _abort(self) -> None:
+        """Hang up without writing what is pending: a client that does not read would otherwise
+        hold the connection (and its replies) forever."""
+        self.closed = True
+        self.out.clear()
+        if self.transport is not None:
+            self.transport.abort()
 
     def _start(self, work: Coroutine[Any, Any, str | None]) -> None:
         """Run a Session call; its reply is written, and the buffer read on, when it is done."""
@@ -269,21 +295,21 @@ class SmtpConnection(asyncio.Protocol):
 
     def _done(self, task: asyncio.Task[str | None]) -> None:
         self.task = None
-        if task.cancelled() or self.closed:
+        if task.cancelled():
             return
         error = task.exception()
         if error is not None:
-            self._internal_error(error)
-        else:
-            reply = task.result()
-            if reply is not None:
-                self._reply(reply)
-        self._run()
+            self._internal_error(error)  # logged even when the client has left
+        elif (reply := task.result()) is not None:
+            self._reply(reply)
+        if not self.closed:
+            self._run()
 
     def _internal_error(self, error: BaseException) -> None:
         metrics.internal_errors.labels("session").inc()
         log.error("internal error in SMTP session: %r", error, exc_info=error)
-        self._reply(INTERNAL_ERROR.reply())
+        if not self.closed:
+            self._reply(INTERNAL_ERROR.reply())
 
     def _command(self, line: bytes) -> None:
         line = line.rstrip(b"\r\n")
@@ -574,10 +600,10 @@ class SmtpConnection(asyncio.Protocol):
             transport = await self.loop.start_tls(self.transport, self, context, server_side=True)
         except (OSError, TimeoutError) as error:  # SSLError and ConnectionError are OSErrors
             log.info("TLS handshake with %s failed: %s", self.session.conn.client_ip, error)
-            self.closed = True
-            self.transport.close()
-            return None
+            transport = None
         if transport is None:
+            self.transport.abort()
+            self._gone()
             return None
         self.transport = transport
         self.tls = self.session.conn.tls = True

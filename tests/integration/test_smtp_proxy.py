@@ -12,6 +12,7 @@ import shutil
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 import time
 import urllib.error
@@ -560,6 +561,59 @@ def test_commands_pipelined_behind_starttls_are_discarded(tmp_path: Path) -> Non
             tls.sendall(b"RCPT TO:<bob@test.example>\r\n")
             assert _read_reply(tls).startswith(b"503")
         assert sink.messages == []
+
+
+def test_a_handshake_broken_off_gives_back_what_its_session_held(tmp_path: Path) -> None:
+    """A client that opens a transaction, says STARTTLS and resets the connection mid-handshake
+    is gone like any other: asyncio tells no protocol of a socket lost in its handshake, and the
+    open transaction held its downstream connection for good (two such clients took both of
+    this downstream's connections: every other sender got 451 after 10 s)."""
+    key, cert = certificate(tmp_path)
+    with RecordingSink() as sink, Guard({"smtp": {"tls_cert": str(cert), "tls_key": str(key)},
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}",
+                                                          "max_connections": 2}]}) as g:
+        for src in ("127.0.1.1", "127.0.2.1"):
+            with socket.create_connection(("127.0.0.1", g.port), timeout=10, source_address=(src, 0)) as s:
+                assert _read_reply(s).startswith(b"220")
+                for command in (b"EHLO c.example\r\n", b"MAIL FROM:<a@client.example>\r\n",
+                                b"RCPT TO:<bob@test.example>\r\n", b"STARTTLS\r\n"):
+                    s.sendall(command)
+                    reply = _read_reply(s)
+                assert reply.startswith(b"220")
+                s.sendall(b"\x16\x03\x01\x00\x05hel")  # the start of a ClientHello, then a reset
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        deadline = time.monotonic() + 10
+        while g.metric("queueguard_connections_active") or g.log().count("reason=client_disconnected") < 2:
+            assert time.monotonic() < deadline, "the broken-off sessions were never ended"
+            time.sleep(0.05)
+        started = time.monotonic()
+        with g.smtp() as c:
+            assert c.sendmail("a@client.example", ["bob@test.example"], MSG) == {}
+        assert time.monotonic() - started < 5 and len(sink.messages) == 1
+
+
+def test_a_client_that_never_reads_is_hung_up_on_by_the_idle_timeout() -> None:
+    """A client that pipelines junk and never reads the replies fills the socket both ways; when it
+    then falls silent, the idle timeout hangs up without waiting to write them (a polite close
+    waited for a reader that never came, and held the connection and its replies for good)."""
+    with RecordingSink() as sink, Guard({"smtp": {"data_timeout": 2},
+                                         "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g, \
+            socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", g.port))
+        s.setblocking(False)
+        payload, sent, stop = b"\n" * (1 << 20), 0, time.monotonic() + 5
+        while sent < len(payload) and time.monotonic() < stop:
+            try:
+                sent += s.send(payload[sent:sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert g.metric("queueguard_connections_active") == 1
+        deadline = time.monotonic() + 20
+        while g.metric("queueguard_connections_active"):
+            assert time.monotonic() < deadline, "the silent client's connection was never closed"
+            time.sleep(0.1)
+        assert "timed out" in g.log()
 
 
 def test_smtputf8_and_8bitmime_pass_through() -> None:

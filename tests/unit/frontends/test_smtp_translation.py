@@ -60,11 +60,15 @@ class Wire(asyncio.Transport):
 
     def __init__(self, protocol: asyncio.Protocol) -> None:
         super().__init__()
-        self.protocol, self.closing, self.paused = protocol, False, False
+        self.protocol, self.closing, self.paused, self.full = protocol, False, False, False
         self.writes: list[bytes] = []
 
     def write(self, data: Any) -> None:
+        """Past 64 KiB unread, the transport asks the protocol to stop writing, as asyncio's does."""
         self.writes.append(bytes(data))
+        if sum(map(len, self.writes)) > 65536 and not self.full:
+            self.full = True
+            self.protocol.pause_writing()
 
     def is_closing(self) -> bool:
         return self.closing
@@ -243,10 +247,11 @@ async def test_commands_piling_up_behind_a_slow_answer_pause_reading() -> None:
     works on one: reading pauses, and resumes once they are answered."""
     p, _ = proxy()
     c = await greeted(p)
-    c.conn.data_received(b"MAIL FROM:<a@example.net>\r\n" + b"NOOP\r\n" * (READ_LIMIT // 2))
+    noops = 2 * READ_LIMIT // 6 + 100  # past twice the limit, their replies short of the transport's
+    c.conn.data_received(b"MAIL FROM:<a@example.net>\r\n" + b"NOOP\r\n" * noops)
     assert c.conn.task is not None and c.wire.paused
     replies = await c.send()
-    assert len(replies) == 1 + READ_LIMIT // 2 and not c.wire.paused
+    assert len(replies) == 1 + noops and not c.wire.paused
 
 
 async def test_overlong_command_lines_get_500_and_the_session_goes_on() -> None:
@@ -254,3 +259,19 @@ async def test_overlong_command_lines_get_500_and_the_session_goes_on() -> None:
     c = await greeted(p)
     assert await c.send(b"NOOP " + b"x" * 20_000, b"x" * 20_000 + b"\r\n", b"NOOP\r\n") == [
         "500 Command line too long", "250 OK"]
+
+
+async def test_a_client_that_does_not_read_its_replies_is_not_answered_without_bound() -> None:
+    """One read of 256 KiB of empty lines asks for 6 MB of replies: they leave in bounded writes,
+    and once the transport says stop, neither replies nor reads go on until it says go."""
+    p, _ = proxy()
+    c = await greeted(p)
+    c.wire.writes.clear()
+    c.read = 0
+    c.conn.data_received(b"\r\n" * (128 * 1024))
+    assert c.conn.write_paused and c.wire.paused
+    assert max(map(len, c.wire.writes)) < 2 * READ_LIMIT
+    assert sum(map(len, c.wire.writes)) < 65536 + 2 * READ_LIMIT
+    c.wire.writes.clear()
+    c.conn.resume_writing()
+    assert c.wire.writes and max(map(len, c.wire.writes)) < 2 * READ_LIMIT
