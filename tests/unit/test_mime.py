@@ -268,3 +268,13 @@ def test_a_header_block_of_junk_fields_is_parsed_in_bounded_part() -> None:
     # parser has it, so what follows is body however long it is
     unseparated = b"Subject: s\r\nContent-Type: text/plain\r\n" + b"junk line\r\n" * 1500 + b"PAYLOAD\r\n"
     assert "PAYLOAD" in parse_message(unseparated).text
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_whitespace_runs_squeeze_as_the_regex_squeezes_them(seed: int) -> None:
+    """The quick look for a long whitespace run never skips one the regex would squeeze."""
+    rng = random.Random(seed)
+    data = bytes(rng.choice(b" \t\r\nx\x0b") for _ in range(rng.randrange(0, 200)))
+    assert mime.squeeze_bytes(data) == mime._LONG_SPACE_BYTES.sub(mime._squeeze_bytes, data)
+    assert mime.squeeze_bytes(data + b" \t\r\n" * 4) == mime._LONG_SPACE_BYTES.sub(mime._squeeze_bytes,
+                                                                                   data + b" \t\r\n" * 4)

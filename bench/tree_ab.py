@@ -1,0 +1,82 @@
+"""Two source trees of queueguard side by side in one run: a change's cost or gain, alternated.
+
+    git worktree add /tmp/before <commit>
+    .venv/bin/python -m bench.tree_ab /tmp/before . [--workers 2] [--state redis|memory]
+                                      [--messages 4000] [--sessions 20] [--rounds 3]
+
+Each round measures the bare aiosmtpd sink, then a guard started from each tree (its `queueguard
+serve` imports the tree first on PYTHONPATH), in alternating order, under the same smtp-source
+load as bench.workers_bench: the shipped policy with every rule in shadow, relaying to smtp-sink,
+new connection per message. A shared machine's noise moves a whole round; the per-round ratio
+to the bare sink and the CPU per message (the guard's processes) are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from redis import Redis
+
+from bench.proxy_bench import aiosmtpd_sink, shadow_default_policy, smtp_source
+from bench.workers_bench import cpu_seconds
+from queueguard.harness.guard import Guard
+from queueguard.harness.sink import SmtpSink
+from tests.components.redis import RedisServer
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("before", type=Path)
+    ap.add_argument("after", type=Path)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--state", choices=("redis", "memory"), default="redis")
+    ap.add_argument("--messages", type=int, default=4000)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    trees = {"before": str(args.before.resolve()), "after": str(args.after.resolve())}
+    got: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        sink = stack.enter_context(SmtpSink())
+        redis = stack.enter_context(RedisServer(Path(tmp) / "redis")) if args.state == "redis" else None
+        for r in range(args.rounds):
+            with aiosmtpd_sink() as port:
+                bare = smtp_source(port, args.messages, args.sessions)
+            print(f"round {r + 1}: bare aiosmtpd sink {bare:,.0f} msg/s", flush=True)
+            for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
+                settings: dict[str, object] = {"workers": args.workers,
+                                               "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}
+                if redis is not None:
+                    Redis.from_url(redis.url).flushall()
+                    settings["state"] = redis.url
+                os.environ["PYTHONPATH"] = trees[name]
+                guard = Guard(settings, {"default.yaml": shadow_default_policy()})
+                guard.start(timeout=60)
+                try:
+                    deadline = time.monotonic() + 30  # every worker listening before the clock starts
+                    while guard.log().count("queueguard ready: ") < 1 and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                    assert guard.proc is not None
+                    before = cpu_seconds(guard.proc.pid)
+                    rate = smtp_source(guard.port, args.messages, args.sessions)
+                    cpu = (cpu_seconds(guard.proc.pid) - before) / args.messages * 1000
+                finally:
+                    guard.stop(timeout=60)
+                got[name].append((rate, cpu, rate / bare))
+                print(f"  {name}: {rate:,.0f} msg/s, {cpu:.2f} ms CPU/msg, {rate / bare:.2f} x bare sink", flush=True)
+    for name, rows in got.items():
+        print(f"{name} ({trees[name]}): median {statistics.median(r for r, _, _ in rows):,.0f} msg/s, "
+              f"{statistics.median(c for _, c, _ in rows):.2f} ms CPU/msg, "
+              f"{statistics.median(x for _, _, x in rows):.2f} x bare sink")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
