@@ -2,13 +2,15 @@
 
     git worktree add /tmp/before <commit>
     .venv/bin/python -m bench.tree_ab /tmp/before . [--workers 2] [--state redis|memory]
-                                      [--messages 4000] [--sessions 20] [--rounds 3]
+                                      [--messages 4000] [--sessions 20] [--rounds 3] [--exim]
 
 Each round measures the bare aiosmtpd sink, then a guard started from each tree (its `queueguard
 serve` imports the tree first on PYTHONPATH), in alternating order, under the same smtp-source
 load as bench.workers_bench: the shipped policy with every rule in shadow, relaying to smtp-sink,
 new connection per message. A shared machine's noise moves a whole round; the per-round ratio
-to the bare sink and the CPU per message (the guard's processes) are what to compare.
+to the bare sink and the CPU per message (the guard's processes) are what to compare. With
+--exim the downstream is a real Exim (queue-only, PROXY v2, as in bench.proxy_bench) instead of
+smtp-sink, and the bare sink is not measured.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from pathlib import Path
 
 from redis import Redis
 
-from bench.proxy_bench import aiosmtpd_sink, shadow_default_policy, smtp_source
+from bench.proxy_bench import EXIM_BENCH, aiosmtpd_sink, shadow_default_policy, smtp_source
 from bench.workers_bench import cpu_seconds
+from queueguard.harness.exim import Exim
 from queueguard.harness.guard import Guard
 from queueguard.harness.sink import SmtpSink
 from tests.components.redis import RedisServer
@@ -39,20 +42,26 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=4000)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--exim", action="store_true", help="relay to a real Exim instead of smtp-sink")
     args = ap.parse_args()
     trees = {"before": str(args.before.resolve()), "after": str(args.after.resolve())}
     got: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        sink = stack.enter_context(SmtpSink())
+        if args.exim:
+            exim = stack.enter_context(Exim(proxy=True, queue_only=True, main_config=EXIM_BENCH))
+            downstream = {"address": f"127.0.0.1:{exim.port}", "proxy_protocol": "v2", "max_connections": 32}
+        else:
+            downstream = {"address": f"127.0.0.1:{stack.enter_context(SmtpSink()).port}"}
         redis = stack.enter_context(RedisServer(Path(tmp) / "redis")) if args.state == "redis" else None
         for r in range(args.rounds):
-            with aiosmtpd_sink() as port:
-                bare = smtp_source(port, args.messages, args.sessions)
-            print(f"round {r + 1}: bare aiosmtpd sink {bare:,.0f} msg/s", flush=True)
+            bare = float("nan")
+            if not args.exim:
+                with aiosmtpd_sink() as port:
+                    bare = smtp_source(port, args.messages, args.sessions)
+            print(f"round {r + 1}" + ("" if args.exim else f": bare aiosmtpd sink {bare:,.0f} msg/s"), flush=True)
             for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
-                settings: dict[str, object] = {"workers": args.workers,
-                                               "downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}
+                settings: dict[str, object] = {"workers": args.workers, "downstreams": [downstream]}
                 if redis is not None:
                     Redis.from_url(redis.url).flushall()
                     settings["state"] = redis.url
@@ -70,11 +79,12 @@ def main() -> int:
                 finally:
                     guard.stop(timeout=60)
                 got[name].append((rate, cpu, rate / bare))
-                print(f"  {name}: {rate:,.0f} msg/s, {cpu:.2f} ms CPU/msg, {rate / bare:.2f} x bare sink", flush=True)
+                ratio = "" if args.exim else f", {rate / bare:.2f} x bare sink"
+                print(f"  {name}: {rate:,.0f} msg/s, {cpu:.2f} ms CPU/msg{ratio}", flush=True)
     for name, rows in got.items():
+        ratio = "" if args.exim else f", {statistics.median(x for _, _, x in rows):.2f} x bare sink"
         print(f"{name} ({trees[name]}): median {statistics.median(r for r, _, _ in rows):,.0f} msg/s, "
-              f"{statistics.median(c for _, c, _ in rows):.2f} ms CPU/msg, "
-              f"{statistics.median(x for _, _, x in rows):.2f} x bare sink")
+              f"{statistics.median(c for _, c, _ in rows):.2f} ms CPU/msg{ratio}")
     return 0
 
 
