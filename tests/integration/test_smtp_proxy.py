@@ -616,6 +616,22 @@ def test_a_client_that_never_reads_is_hung_up_on_by_the_idle_timeout() -> None:
         assert "timed out" in g.log()
 
 
+def test_a_pipelining_sender_gets_every_answer_in_order() -> None:
+    """PIPELINING is offered (RFC 2920): swaks sends MAIL and its RCPTs in one group, and each
+    recipient gets its own answer, the downstream's, in order."""
+    with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
+        sink.behaviour.rcpt_replies["nobody@test.example"] = "550 5.1.1 no such user"
+        r = swaks(g.port, "--pipeline", "--from", "a@client.example",
+                  "--to", "bob@test.example,nobody@test.example,carol@test.example", "--body", "grouped")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "PIPELINING" in r.stdout
+        sent = r.stdout.split("-> MAIL FROM", 1)[1]
+        assert "-> RCPT TO:<carol@test.example>" in sent.split("<-", 1)[0], sent  # one group, one write
+        answers = [line for line in sent.splitlines() if line.startswith(("<-", "<**"))]
+        assert [a[:9] for a in answers[:4]] == ["<-  250 2", "<-  250 2", "<** 550 5", "<-  250 2"], answers
+    assert len(sink.messages) == 1 and sink.messages[0].rcpt_tos == ["bob@test.example", "carol@test.example"]
+
+
 def test_smtputf8_and_8bitmime_pass_through() -> None:
     with RecordingSink() as sink, Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}) as g:
         body = "Subject: Grüße\r\n\r\nÜmläute\r\n".encode()

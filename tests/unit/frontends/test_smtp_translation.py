@@ -131,7 +131,8 @@ def proxy(**kw: Any) -> tuple[SmtpProxy, Seen]:
 async def greeted(p: SmtpProxy) -> Client:
     c = Client(p)
     assert await c.send() == ["220 guard.test queueguard ESMTP"]
-    assert (await c.send(b"EHLO client.example\r\n"))[-1] == "250 HELP"
+    assert (await c.send(b"EHLO client.example\r\n")) == ["250-guard.test", "250-SIZE 200000", "250-8BITMIME",
+                                                           "250-SMTPUTF8", "250-PIPELINING", "250 HELP"]
     return c
 
 
