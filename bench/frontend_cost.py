@@ -2,12 +2,13 @@
 
     .venv/bin/python -m bench.frontend_cost [--messages 4000] [--sessions 20] [--rounds 3]
 
-The scale-out target (2 workers >= 1.1 x the bare aiosmtpd sink) is out of reach while every
-worker receives with aiosmtpd (docs/benchmarks.md, "Workers"). This measures how much a front end
-at the protocol level would leave: `protocol_sink` below is an asyncio.Protocol that answers the
-commands smtp-source sends and finds the end of DATA in its buffer (no coroutine or stream reader
-per command, no checks, not a server anyone should run), against bench/aiosmtpd_sink.py, each as
-its own process fed by smtp-source, alternated round by round. Reported: msg/s and the sink
+The scale-out target (2 workers >= 1.1 x the bare aiosmtpd sink) was out of reach while every
+worker received with aiosmtpd (docs/benchmarks.md, "Workers"); this measured how much a front end
+at the protocol level would leave, before the proxy got one: `protocol_sink` below is an
+asyncio.Protocol that answers the commands smtp-source sends and finds the end of DATA in its
+buffer (no coroutine or stream reader per command, no checks, not a server anyone should run),
+against bench/aiosmtpd_sink.py, each as its own process fed by smtp-source, alternated round by
+round. Reported: msg/s and the sink
 process's CPU per message (user + system from /proc).
 """
 

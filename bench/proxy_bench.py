@@ -4,10 +4,11 @@
 
 Rows (each the median of --repeat runs of Postfix's smtp-source, 4 KB messages):
 - smtp-sink direct: the loopback ceiling of the load generator;
-- bare aiosmtpd sink: the same Python SMTP server the proxy is built on, doing nothing;
+- bare aiosmtpd sink: a Python SMTP server doing nothing (the proxy received with aiosmtpd until
+  2026-12-07; it is the reference the targets are stated against);
 - queueguard → smtp-sink: the proxy with the shipped default policy (every rule in shadow mode, so
   all its work is done but a one-recipient load is not deferred), relaying every message;
-- queueguard with an empty policy: the transport alone (aiosmtpd in, our relay out);
+- queueguard with an empty policy: the transport alone (our front end in, our relay out);
 - queueguard + clamd: the default policy and a real clamd scan of every message (unix socket);
 - Exim direct vs queueguard → Exim (PROXY v2, queue-only), one session and many, new
   connection per message (Exim delays its 221 by 200 ms; the proxy pools downstream connections).

@@ -166,6 +166,14 @@ class SmtpSettings(Strict):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_tls: bool = False
+
+    @model_validator(mode="after")
+    def _tls_to_require(self) -> SmtpSettings:
+        if self.require_tls and not self.tls_cert:
+            raise ValueError("require_tls needs tls_cert: without a certificate STARTTLS is not offered, "
+                             "and every sender would be refused")
+        return self
+
     data_timeout: Duration = 300.0
     shutdown_grace: Duration = 30.0
     add_headers: bool = True

@@ -2,7 +2,8 @@
 
 Translates SMTP into the pipeline's Session calls and verdicts back into replies, nothing more:
 syntax (smtp_syntax), the PROXY header (proxy_header), the greeting, DATA's framing and sizes are
-SMTP's; every decision about a transaction is the Session's. The sender gets 250 for a message
+SMTP's; every decision about a transaction is the Session's, and whether one is open (MAIL given,
+a recipient taken) is read from the Session, never kept twice. The sender gets 250 for a message
 only after a downstream said 250 for it (or it was durably quarantined): the Session mirrors
 MAIL/RCPT onto the downstream as they arrive, and relays DATA once the whole message is in and
 checked.
@@ -10,7 +11,7 @@ checked.
 Why not aiosmtpd (the first front end): a coroutine, a stream reader and a timer per command cost
 0.7 ms of CPU per message (bench/frontend_cost.py), more than the checks themselves. Here one
 asyncio.Protocol reads commands from its buffer as they arrive; only a command that asks the
-Session something runs as a task, and pipelined replies leave in one write.
+Session something runs as a task, and the replies answered without one leave together.
 """
 
 from __future__ import annotations
@@ -105,8 +106,6 @@ class SmtpConnection(asyncio.Protocol):
         self.helo: str | None = None
         self.extended = False
         self.tls = False
-        self.mail = False
-        self.rcpts = 0
         self.data = bytearray()
         self.data_scanned = 0
         self.data_too_much = False
@@ -144,12 +143,15 @@ class SmtpConnection(asyncio.Protocol):
             self.timer.cancel()
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()  # a message's settling is shielded from this (Session.data)
-        if self.phase is Phase.PROXY and self.buffer:
-            self._proxy_missing()  # a partial header; one closed before any byte is a TCP health check
-        self.proxy.closed(self)
+        try:
+            if self.phase is Phase.PROXY and self.buffer:
+                self._proxy_missing()  # a partial header; one closed before any byte is a TCP health check
+        finally:
+            self.proxy.closed(self)  # the Session ends even if counting fails
 
     def eof_received(self) -> bool | None:
-        """The client is done sending: what it sent is still answered, then the connection closes."""
+        """The client is done sending: on a plain socket what it sent is still answered, then the
+        connection closes. A TLS connection cannot half-close: it closes now, as when it is lost."""
         self.eof = True
         self._run()
         return not self.tls  # True keeps a plain socket open for the replies; TLS cannot half-close
@@ -306,7 +308,8 @@ class SmtpConnection(asyncio.Protocol):
             self._run()
 
     def _internal_error(self, error: BaseException) -> None:
-        metrics.internal_errors.labels("session").inc()
+        with contextlib.suppress(Exception):  # a broken metrics store must not hide the 451
+            metrics.internal_errors.labels("session").inc()
         log.error("internal error in SMTP session: %r", error, exc_info=error)
         if not self.closed:
             self._reply(INTERNAL_ERROR.reply())
@@ -327,6 +330,7 @@ class SmtpConnection(asyncio.Protocol):
             self._reply("500 Command line too long")
             return
         if self.proxy.settings.require_tls and not self.tls and command not in ALLOWED_BEFORE_STARTTLS:
+            # settings refuse require_tls without tls_cert: STARTTLS is on offer here
             self._reply("530 Must issue a STARTTLS command first")
             return
         handler = COMMANDS.get(command)
@@ -342,9 +346,14 @@ class SmtpConnection(asyncio.Protocol):
 
     def _need_helo(self) -> bool:
         if self.helo is None:
-            self._reply("503 Error: send HELO first")
+            self._reply("503 5.5.1 Error: send HELO first")
             return True
         return False
+
+    @property
+    def _has_recipient(self) -> bool:
+        txn = self.session.txn if self.session is not None else None
+        return txn is not None and bool(txn.recipients)
 
     def _syntax_error(self, usage: str) -> str:
         return f"501 Syntax: {usage}" + (" [SP <mail-parameters>]" if self.extended else "")
@@ -361,10 +370,6 @@ class SmtpConnection(asyncio.Protocol):
             return address, rest
         return None
 
-    def _reset(self) -> None:
-        self.mail = False
-        self.rcpts = 0
-
     # --- commands --------------------------------------------------------------------------------
 
     def smtp_helo(self, arg: str | None) -> None:
@@ -377,9 +382,7 @@ class SmtpConnection(asyncio.Protocol):
         if not hostname:
             self._reply(f"501 Syntax: {'EHLO' if extended else 'HELO'} hostname")
             return
-        self._reset()
-        self.extended = extended
-        if not valid_helo(hostname):
+        if not valid_helo(hostname):  # refused: the session stays as it was (RFC 5321 4.1.4)
             metrics.protocol_errors.labels("bad_helo").inc()
             self._reply(BAD_HELO)
             return
@@ -388,7 +391,7 @@ class SmtpConnection(asyncio.Protocol):
     async def _helo(self, hostname: str, extended: bool) -> str:
         assert self.session is not None
         await self.session.helo(hostname)
-        self.helo = hostname
+        self.helo, self.extended = hostname, extended
         name = self.proxy.hostname
         if not extended:
             return f"250 {name}"
@@ -407,8 +410,8 @@ class SmtpConnection(asyncio.Protocol):
         if path is None:
             return
         address, rest = path
-        if self.mail:
-            self._reply("503 Error: nested MAIL command")
+        if self.session is not None and self.session.txn is not None:
+            self._reply("503 5.5.1 Error: nested MAIL command")
         else:
             params = mail_params(rest, self.proxy.settings.max_message_size, syntax_error)
             if params.error == SIZE_EXCEEDED:
@@ -426,16 +429,14 @@ class SmtpConnection(asyncio.Protocol):
     async def _mail(self, address: str, options: list[str]) -> str:
         assert self.session is not None
         verdict = await self.session.mail(address, options)
-        if verdict.final:
-            return verdict.reply()
-        self.mail = True
-        return "250 2.1.0 Ok"
+        return verdict.reply() if verdict.final else "250 2.1.0 Ok"
 
     def smtp_rcpt(self, arg: str | None) -> None:
         if self._need_helo():
             return
-        if not self.mail:
-            self._reply("503 Error: need MAIL command")
+        txn = self.session.txn if self.session is not None else None
+        if txn is None:
+            self._reply("503 5.5.1 Error: need MAIL command")
             return
         syntax_error = self._syntax_error("RCPT TO: <address>")
         path = self._path("TO:", arg, syntax_error)
@@ -447,9 +448,7 @@ class SmtpConnection(asyncio.Protocol):
         elif not valid_address(address, allow_null=False):
             metrics.protocol_errors.labels("bad_address").inc()
             self._reply("501 5.1.3 Bad recipient address syntax")
-        elif self.session is None or self.session.txn is None:
-            self._reply("503 5.5.1 Error: need MAIL command")
-        elif len(self.session.txn.recipients) >= self.proxy.settings.max_recipients:
+        elif len(txn.recipients) >= self.proxy.settings.max_recipients:
             self._reply("452 4.5.3 Too many recipients")
         else:
             self._start(self._rcpt(address))
@@ -457,16 +456,15 @@ class SmtpConnection(asyncio.Protocol):
     async def _rcpt(self, address: str) -> str:
         assert self.session is not None
         verdict = await self.session.rcpt(address, [])
-        if verdict.final:
+        if verdict.final or (verdict.code == 250 and verdict.text != "Ok"):
             return verdict.reply()
-        self.rcpts += 1
-        return verdict.reply() if verdict.code == 250 and verdict.text != "Ok" else "250 2.1.5 Ok"
+        return "250 2.1.5 Ok"
 
     def smtp_data(self, arg: str | None) -> None:
         if self._need_helo():
             return
-        if not self.rcpts:
-            self._reply("503 Error: need RCPT command")
+        if not self._has_recipient:
+            self._reply("503 5.5.1 Error: need RCPT command")
         elif arg:
             self._reply("501 Syntax: DATA")
         else:
@@ -512,7 +510,6 @@ class SmtpConnection(asyncio.Protocol):
 
     async def _refuse_data(self, why: End) -> str:
         assert self.session is not None
-        self._reset()
         verdict = await self.session.end(why)
         return verdict.reply() if verdict is not None else INTERNAL_ERROR.reply()
 
@@ -520,9 +517,6 @@ class SmtpConnection(asyncio.Protocol):
         """The Session's answer; the transaction stays open on it until then, so a client
         vanishing mid-way is ended by closed()."""
         assert self.session is not None
-        self._reset()
-        if self.session.txn is None:
-            return "503 5.5.1 Error: need MAIL command"
         # Checks and relay get the whole budget; the relay's own DATA timeout (data_timeout)
         # expires first, so the client always hears our 451 rather than a silent close.
         settings = self.proxy.settings
@@ -537,7 +531,6 @@ class SmtpConnection(asyncio.Protocol):
         if arg:
             self._reply("501 Syntax: RSET")
             return
-        self._reset()
         self._start(self._rset())
 
     async def _rset(self) -> str:
@@ -600,8 +593,8 @@ class SmtpConnection(asyncio.Protocol):
         assert self.transport is not None and self.session is not None
         try:
             transport = await self.loop.start_tls(self.transport, self, context, server_side=True)
-        except (OSError, TimeoutError) as error:  # SSLError and ConnectionError are OSErrors
-            log.info("TLS handshake with %s failed: %s", self.session.conn.client_ip, error)
+        except Exception as error:  # SSLError, a reset, asyncio's handshake timeout
+            log.info("TLS handshake with %s failed: %r", self.session.conn.client_ip, error)
             transport = None
         if transport is None:
             self.transport.abort()
@@ -609,11 +602,10 @@ class SmtpConnection(asyncio.Protocol):
             return None
         self.transport = transport
         self.tls = self.session.conn.tls = True
-        self.session.conn.helo = ""
         self.helo, self.extended = None, False
-        self._reset()
         self.phase = Phase.COMMAND
-        await self.session.end(End.ABANDONED)
+        await self.session.end(End.ABANDONED)  # logged with the HELO it was opened under
+        self.session.conn.helo = ""
         return None
 
     def smtp_proxy(self, arg: str | None) -> None:

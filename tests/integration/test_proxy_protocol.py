@@ -48,7 +48,7 @@ def test_haproxy_passes_the_client_address_and_forged_headers_are_refused() -> N
         assert guard.metric("queueguard_protocol_errors_total", kind="proxy_forged") == 1
         assert "PROXY header from 127.0.0.2 refused" in guard.log()
 
-        # The same with a binary v2 header: never believed (aiosmtpd reads it as junk and QUIT).
+        # The same with a binary v2 header: never believed (read as junk lines, then its QUIT).
         v2 = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + socket.inet_aton("127.0.0.1") * 2
               + (40000).to_bytes(2, "big") + (25).to_bytes(2, "big"))
         with socket.create_connection(("127.0.0.1", guard.port), source_address=("127.0.0.2", 0), timeout=10) as s:

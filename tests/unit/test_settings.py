@@ -83,6 +83,13 @@ def test_missing_tls_files_are_host_problems() -> None:
     assert host_problems(s) == ["smtp.tls_cert: /nonexistent/cert.pem: no such file"]
 
 
+def test_require_tls_without_a_certificate_is_refused() -> None:
+    """Without a certificate STARTTLS is not offered, so requiring it would refuse every sender."""
+    with pytest.raises(SettingsError, match="require_tls needs tls_cert"):
+        load_settings(None, {"smtp.require_tls": "true"})
+    assert load_settings(None, {"smtp.require_tls": "true", "smtp.tls_cert": "/c.pem"}).smtp.require_tls
+
+
 def test_yaml_syntax_error_has_file_and_line(tmp_path: Path) -> None:
     f = tmp_path / "q.yaml"
     f.write_text("smtp:\n\tlisten: 127.0.0.1:25\n")
