@@ -57,7 +57,13 @@ PROXY_TIMEOUT = 5.0
 PROXY_FORGED = "554 5.7.0 PROXY header not accepted from this address"
 AUTH_NOT_OFFERED = "503 5.5.1 AUTH command used when not advertised"
 BOGUS_LIMIT = 5
-"""Unknown commands a client may send before it is told goodbye."""
+"""Unknown commands and lines that are no command a client may send before it is told goodbye
+(Exim: 3 by smtp_max_unknown_commands and smtp_max_synprot_errors)."""
+JUNK_LIMIT = 100
+"""NOOP, RSET, VRFY, EXPN and HELP a client may send between messages before it is told goodbye
+(Postfix's smtpd_junk_command_limit): otherwise a client holds a connection slot, and has us
+answer, for ever without sending mail."""
+JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
 END_OF_DATA = b"\r\n.\r\n"
 
@@ -103,6 +109,8 @@ class SmtpConnection(asyncio.Protocol):
         self.skipping = False
         """Inside a command line that is too long: dropped up to its end, then 500."""
         self.bogus = BOGUS_LIMIT
+        self.junk = 0
+        """JUNK commands since the last message."""
         self.helo: str | None = None
         self.extended = False
         self.tls = False
@@ -316,14 +324,13 @@ class SmtpConnection(asyncio.Protocol):
 
     def _command(self, line: bytes) -> None:
         line = line.rstrip(b"\r\n")
-        if not line:
-            self._reply("500 Error: bad syntax")
-            return
         verb, _, arg_bytes = line.partition(b" ")
         try:
             command = verb.upper().decode("ascii")
         except UnicodeDecodeError:
-            self._reply("500 Error: bad syntax")
+            command = ""
+        if not command:
+            self._bogus("500 Error: bad syntax")
             return
         arg = arg_bytes.strip().decode("utf-8", "surrogateescape") if arg_bytes else None
         if len(line) > COMMAND_LIMIT:
@@ -335,14 +342,25 @@ class SmtpConnection(asyncio.Protocol):
             return
         handler = COMMANDS.get(command)
         if handler is None:
-            self.bogus -= 1
-            if self.bogus < 1:
-                self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
+            self._bogus(f'500 Error: command "{command}" not recognized')
+            return
+        if command in JUNK:
+            self.junk += 1
+            if self.junk > JUNK_LIMIT:
+                metrics.protocol_errors.labels("junk_commands").inc()
+                self._reply("421 4.7.0 Too many commands without mail, closing connection")
                 self._close()
                 return
-            self._reply(f'500 Error: command "{command}" not recognized')
-            return
         handler(self, arg)
+
+    def _bogus(self, reply: str) -> None:
+        self.bogus -= 1
+        if self.bogus < 1:
+            metrics.protocol_errors.labels("unknown_commands").inc()
+            self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
+            self._close()
+        else:
+            self._reply(reply)
 
     def _need_helo(self) -> bool:
         if self.helo is None:
@@ -521,6 +539,7 @@ class SmtpConnection(asyncio.Protocol):
         # expires first, so the client always hears our 451 rather than a silent close.
         settings = self.proxy.settings
         self._arm(settings.data_timeout + 60)
+        self.junk = 0
         try:
             outcome = await self.session.data(content)
         finally:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from queueguard.frontends.smtp_proxy import READ_LIMIT, SmtpConnection, SmtpProxy
+from queueguard.frontends.smtp_proxy import JUNK_LIMIT, READ_LIMIT, SmtpConnection, SmtpProxy
 from queueguard.model import Connection, RuleHit, Transaction
 from queueguard.pipeline import Pipeline
 from queueguard.policy.schema import Policy
@@ -249,11 +249,12 @@ async def test_commands_piling_up_behind_a_slow_answer_pause_reading() -> None:
     works on one: reading pauses, and resumes once they are answered."""
     p, _ = proxy()
     c = await greeted(p)
-    noops = 2 * READ_LIMIT // 6 + 100  # past twice the limit, their replies short of the transport's
-    c.conn.data_received(b"MAIL FROM:<a@example.net>\r\n" + b"NOOP\r\n" * noops)
+    mail = b"MAIL FROM:<a@example.net>\r\n"
+    more = 2 * READ_LIMIT // len(mail) + 10  # past twice the limit, their replies short of the transport's
+    c.conn.data_received(mail * (1 + more))
     assert c.conn.task is not None and c.wire.paused
     replies = await c.send()
-    assert len(replies) == 1 + noops and not c.wire.paused
+    assert replies == ["250 2.1.0 Ok"] + ["503 5.5.1 Error: nested MAIL command"] * more and not c.wire.paused
 
 
 async def test_overlong_command_lines_get_500_and_the_session_goes_on() -> None:
@@ -264,13 +265,14 @@ async def test_overlong_command_lines_get_500_and_the_session_goes_on() -> None:
 
 
 async def test_a_client_that_does_not_read_its_replies_is_not_answered_without_bound() -> None:
-    """One read of 256 KiB of empty lines asks for 6 MB of replies: they leave in bounded writes,
-    and once the transport says stop, neither replies nor reads go on until it says go."""
+    """One read of 256 KiB of out-of-order commands asks for 560 KB of replies: they leave in
+    bounded writes, and once the transport says stop, neither replies nor reads go on until it
+    says go."""
     p, _ = proxy()
     c = await greeted(p)
     c.wire.writes.clear()
     c.read = 0
-    c.conn.data_received(b"\r\n" * (128 * 1024))
+    c.conn.data_received(b"RCPT TO:<a@b.c>\r\n" * (16 * 1024))
     assert c.conn.write_paused and c.wire.paused
     assert max(map(len, c.wire.writes)) < 2 * READ_LIMIT
     assert sum(map(len, c.wire.writes)) < 65536 + 2 * READ_LIMIT
@@ -301,3 +303,25 @@ async def test_a_client_leaving_mid_data_ends_its_transaction_unanswered() -> No
     c.conn.connection_lost(None)
     await asyncio.gather(*p._pending)
     assert seen.raw == [] and getattr(p.pipeline.rcpt_checks[0], "ended", None) == (["ok@example.org"], False)
+
+
+async def test_lines_that_are_no_command_count_towards_goodbye() -> None:
+    p, _ = proxy()
+    c = await greeted(p)
+    replies = await c.send(b"\r\n\xff\r\nFOO\r\n\r\n\r\nNOOP\r\n")
+    assert replies == ["500 Error: bad syntax"] * 2 + ['500 Error: command "FOO" not recognized',
+                                                        "500 Error: bad syntax",
+                                                        "502 5.5.1 Too many unrecognized commands, goodbye."]
+    assert c.wire.closing
+
+
+async def test_commands_without_mail_are_bounded_and_a_message_resets_the_count() -> None:
+    """Postfix's smtpd_junk_command_limit: a client that only NOOPs holds a connection for nothing."""
+    p, _ = proxy(quarantine=None)
+    c = await greeted(p)
+    assert await c.send(b"NOOP\r\n" * JUNK_LIMIT) == ["250 OK"] * JUNK_LIMIT
+    await c.send(b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:<ok@example.org>\r\n", b"DATA\r\n")
+    assert await c.send(b"Subject: a\r\n\r\nb\r\n.\r\n") == ["250 2.0.0 Ok"]
+    replies = await c.send(b"RSET\r\n" * (JUNK_LIMIT + 1))
+    assert replies[-2:] == ["250 2.0.0 Ok", "421 4.7.0 Too many commands without mail, closing connection"]
+    assert len(replies) == JUNK_LIMIT + 1 and c.wire.closing
