@@ -111,7 +111,6 @@ class SmtpConnection(asyncio.Protocol):
         self.bogus = BOGUS_LIMIT
         self.junk = 0
         """JUNK commands since the last message."""
-        self.helo: str | None = None
         self.extended = False
         self.tls = False
         self.data = bytearray()
@@ -363,7 +362,7 @@ class SmtpConnection(asyncio.Protocol):
             self._reply(reply)
 
     def _need_helo(self) -> bool:
-        if self.helo is None:
+        if self.session is None or not self.session.conn.helo:  # set by Session.helo
             self._reply("503 5.5.1 Error: send HELO first")
             return True
         return False
@@ -409,7 +408,7 @@ class SmtpConnection(asyncio.Protocol):
     async def _helo(self, hostname: str, extended: bool) -> str:
         assert self.session is not None
         await self.session.helo(hostname)
-        self.helo, self.extended = hostname, extended
+        self.extended = extended
         name = self.proxy.hostname
         if not extended:
             return f"250 {name}"
@@ -621,7 +620,7 @@ class SmtpConnection(asyncio.Protocol):
             return None
         self.transport = transport
         self.tls = self.session.conn.tls = True
-        self.helo, self.extended = None, False
+        self.extended = False
         self.phase = Phase.COMMAND
         await self.session.end(End.ABANDONED)  # logged with the HELO it was opened under
         self.session.conn.helo = ""
