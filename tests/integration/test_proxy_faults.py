@@ -4,6 +4,7 @@ the no-mail-lost rule; each test failed before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import smtplib
 import socket
@@ -11,6 +12,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +136,22 @@ def test_client_address_from_proxy_header_survives_starttls(tmp_path: Path) -> N
         assert exim.relayed() == []
 
 
+def _serve_each(port: int, stop: threading.Event, serve: Callable[[socket.socket], None]) -> None:
+    """Accept on `port` until `stop`, each connection served by `serve` in its own thread."""
+    srv = socket.create_server(("127.0.0.1", port))
+    srv.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            conn, _ = srv.accept()
+        except TimeoutError:
+            continue
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    srv.close()
+
+
 def _scripted_downstream(port: int, stop: threading.Event) -> None:
     """A downstream that drops the connection on RSET (an MTA restarting mid-transaction).
     A scripted server is the only way to produce that at an exact command: fault injection."""
-    srv = socket.create_server(("127.0.0.1", port))
-    srv.settimeout(0.2)
 
     def serve(c: socket.socket) -> None:
         f = c.makefile("rb")
@@ -153,13 +166,7 @@ def _scripted_downstream(port: int, stop: threading.Event) -> None:
             else:
                 c.sendall(b"250 ok\r\n")
 
-    while not stop.is_set():
-        try:
-            conn, _ = srv.accept()
-        except TimeoutError:
-            continue
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-    srv.close()
+    _serve_each(port, stop, serve)
 
 
 def test_route_slot_is_released_when_the_downstream_breaks_on_reset() -> None:
@@ -232,3 +239,43 @@ def test_slow_clients_from_one_network_cannot_hold_every_downstream_connection()
         assert sink.wait_count(1) == 1
         for s in slow:
             s.close()
+
+
+def _downstream_that_stops_reading(port: int, stop: threading.Event) -> None:
+    """Answers 354 to DATA, then reads nothing more and holds the connection (a hung MTA, or a
+    full disk behind it): only a scripted server stops at exactly that point (fault injection)."""
+
+    def serve(c: socket.socket) -> None:
+        with c, contextlib.suppress(OSError):  # the guard aborts the connection when it gives up
+            f = c.makefile("rb")
+            c.sendall(b"220 ds ESMTP\r\n")
+            for line in f:
+                cmd = line[:4].upper()
+                c.sendall(b"250-ds\r\n250 PIPELINING\r\n" if cmd == b"EHLO" else
+                          b"354 go ahead\r\n" if cmd == b"DATA" else b"250 ok\r\n")
+                if cmd == b"DATA":
+                    stop.wait()
+                    return
+
+    _serve_each(port, stop, serve)
+
+
+def test_a_downstream_that_stops_reading_mid_message_gets_our_451_after_the_data_timeout() -> None:
+    """The guard's write of a large message waits for the downstream to read it. That wait had no
+    timeout (only reading the reply had one): a downstream that stopped reading held the sender,
+    its downstream connection and the slot for ever. Now it ends at smtp.data_timeout."""
+    port, stop = free_port(), threading.Event()
+    threading.Thread(target=_downstream_that_stops_reading, args=(port, stop), daemon=True).start()
+    body = b"Subject: big\r\n\r\n" + (b"y" * 78 + b"\r\n") * 200_000  # 16 MB: more than the sockets buffer
+    try:
+        with Guard({"smtp": {"data_timeout": 2}, "downstreams": [{"address": f"127.0.0.1:{port}"}]}) as g:
+            with g.smtp(timeout=60) as c:
+                c.mail("s@client.example")
+                assert c.rcpt("a@test.example")[0] == 250
+                started = time.monotonic()
+                code, text = c.data(body)
+                waited = time.monotonic() - started
+            assert code == 451, (code, text)
+            assert waited < 30, waited
+    finally:
+        stop.set()
