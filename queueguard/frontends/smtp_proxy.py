@@ -28,6 +28,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from queueguard import metrics
+from queueguard.frontends.eager import run_eagerly
 from queueguard.frontends.proxy_header import ProxyHeaderError, parse_proxy_header
 from queueguard.frontends.smtp_syntax import (
     BAD_HELO,
@@ -99,7 +100,7 @@ class SmtpConnection(asyncio.Protocol):
         self.out: list[bytes] = []
         self.out_size = 0
         self.phase = Phase.COMMAND
-        self.task: asyncio.Task[str | None] | None = None
+        self.task: asyncio.Future[str | None] | None = None
         self.closed = False
         """Nothing more is read or answered (QUIT, a refusal, the client gone)."""
         self.lost = False
@@ -135,7 +136,9 @@ class SmtpConnection(asyncio.Protocol):
             self.timer = self.loop.call_later(PROXY_TIMEOUT, self._proxy_timed_out)
             return
         self._arm(self.timeout)
-        self._start(self._greet())
+        self._start(self._greet(), eager=True)
+        if self.task is None:
+            self._run()  # the greeting is ready: written now
 
     def connection_lost(self, error: Exception | None) -> None:
         self._gone()
@@ -296,23 +299,37 @@ class SmtpConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _start(self, work: Coroutine[Any, Any, str | None]) -> None:
-        """Run a Session call; its reply is written, and the buffer read on, when it is done."""
+    def _start(self, work: Coroutine[Any, Any, str | None], *, eager: bool = False) -> None:
+        """Run a Session call; its reply is written, and the buffer read on, when it is done.
+        `eager` for calls that seldom wait and need no current task before they do (eager.py):
+        one that does not wait is answered here, in the loop that read its command."""
         self._flush()
-        self.task = self.loop.create_task(work)
-        self.task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[str | None]) -> None:
-        self.task = None
-        if task.cancelled():
+        if not eager:
+            self.task = self.loop.create_task(work)
+            self.task.add_done_callback(self._done)
             return
+        ran = run_eagerly(self.loop, work)
+        if ran.done():
+            self._answer(ran)
+        else:
+            self.task = ran
+            ran.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[str | None]) -> None:
+        self.task = None
+        if self._answer(task) and not self.closed:
+            self._run()
+
+    def _answer(self, task: asyncio.Future[str | None]) -> bool:
+        """The reply of a finished Session call; False if it was cancelled (the client is gone)."""
+        if task.cancelled():
+            return False
         error = task.exception()
         if error is not None:
             self._internal_error(error)  # logged even when the client has left
         elif (reply := task.result()) is not None:
             self._reply(reply)
-        if not self.closed:
-            self._run()
+        return True
 
     def _internal_error(self, error: BaseException) -> None:
         with contextlib.suppress(Exception):  # a broken metrics store must not hide the 451
@@ -403,7 +420,7 @@ class SmtpConnection(asyncio.Protocol):
             metrics.protocol_errors.labels("bad_helo").inc()
             self._reply(BAD_HELO)
             return
-        self._start(self._helo(hostname, extended))
+        self._start(self._helo(hostname, extended), eager=True)
 
     async def _helo(self, hostname: str, extended: bool) -> str:
         assert self.session is not None
@@ -441,7 +458,7 @@ class SmtpConnection(asyncio.Protocol):
                 metrics.protocol_errors.labels("bad_address").inc()
                 self._reply("501 5.1.7 Bad sender address syntax")
             else:
-                self._start(self._mail(address, params.options))
+                self._start(self._mail(address, params.options), eager=True)
 
     async def _mail(self, address: str, options: list[str]) -> str:
         assert self.session is not None
@@ -660,7 +677,7 @@ class SmtpConnection(asyncio.Protocol):
             self.session.conn.client_ip, self.session.conn.client_port = ip, header.source[1]
         self.phase = Phase.COMMAND
         self._arm(self.proxy.settings.data_timeout)
-        self._start(self._greet())
+        self._start(self._greet(), eager=True)
         return True
 
     async def _greet(self) -> str | None:
