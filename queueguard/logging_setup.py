@@ -47,7 +47,6 @@ _CONTROLS = ("\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u20
 sequences), line and paragraph separators, bidi overrides and isolates (they reorder what
 follows on screen), zero-width and other invisible format characters, lone surrogates."""
 _UNSAFE = re.compile(f"[{_CONTROLS}]")
-_LOGFMT_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 _LOGFMT_BARE = re.compile(f'[^\\s"=\\\\{_CONTROLS}]+')
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 _keys: dict[str, str] = {}
@@ -71,8 +70,27 @@ def _truncate(text: str) -> str:
     return f"{text[:MAX_VALUE_CHARS]}...(+{len(text) - MAX_VALUE_CHARS} chars)"
 
 
+def _plain_strs(items: list[object] | tuple[object, ...]) -> bool:
+    """True when `_scalar` keeps `items` as they are: exact strs (a subclass may override
+    `__str__`) that fit in MAX_VALUE_CHARS together, so none is truncated or dropped."""
+    used = 0
+    for item in items:
+        if type(item) is not str:
+            return False
+        used += len(item) + 1
+    return used <= MAX_VALUE_CHARS
+
+
 def _scalar(value: object) -> object:
     """JSON-ready form of one value: numbers stay numbers, sequences lists, rest text."""
+    if type(value) is str:  # the common types first, by exact type, short of the general path
+        return value if len(value) <= MAX_VALUE_CHARS else _truncate(value)
+    if type(value) is float:
+        return round(value, 6)
+    if type(value) is int:
+        return value
+    if (type(value) is list or type(value) is tuple) and _plain_strs(value):
+        return list(value)
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
@@ -95,21 +113,40 @@ def _scalar(value: object) -> object:
 
 
 def logfmt_value(value: object) -> str:
-    """One logfmt value: bare when safe, else double-quoted with \\\\, \\" and controls escaped."""
-    if type(value) is str and len(value) <= MAX_VALUE_CHARS and _LOGFMT_BARE.fullmatch(value):
-        return value  # the common case, one regex pass
-    plain = _scalar(value)
-    if plain is None:
-        text = ""
-    elif plain is True or plain is False:
-        text = "true" if plain else "false"
-    elif isinstance(plain, list):
-        text = ",".join("" if v is None else str(v) for v in plain)
+    """One logfmt value: bare when safe, else double-quoted with \\\\, \\" and controls escaped.
+
+    Exact str, list/tuple of short strs, float and int skip `_scalar`: what it would return
+    for them is known. Ints and floats print as digits, sign, '.', 'e', 'inf' or 'nan', all bare.
+    """
+    if type(value) is str:
+        text = value if len(value) <= MAX_VALUE_CHARS else _truncate(value)
+    elif (type(value) is list or type(value) is tuple) and _plain_strs(value):
+        text = ",".join(value)
+    elif type(value) is float:
+        return str(round(value, 6))
+    elif type(value) is int:
+        return str(value)
     else:
-        text = str(plain)
-    if text and not _LOGFMT_NEEDS_QUOTES.search(text) and not _UNSAFE.search(text):
+        plain = _scalar(value)
+        if plain is None:
+            text = ""
+        elif plain is True or plain is False:
+            text = "true" if plain else "false"
+        elif isinstance(plain, list):
+            text = ",".join("" if v is None else str(v) for v in plain)
+        else:
+            text = str(plain)
+    # The decision of `_LOGFMT_BARE.fullmatch(text)`, faster for ASCII (`isascii` reads a flag):
+    # there the pattern refuses exactly the non-printable characters, space, '"', '=' and '\\'.
+    if text.isascii():
+        if text and text.isprintable() and " " not in text and '"' not in text and "=" not in text \
+                and "\\" not in text:
+            return text
+    elif _LOGFMT_BARE.fullmatch(text):
         return text
     quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+    if quoted.isascii() and quoted.isprintable():  # no control to escape: ASCII ones are the unprintable
+        return f'"{quoted}"'
     return '"' + _UNSAFE.sub(_escape_char, quoted) + '"'
 
 
@@ -129,12 +166,27 @@ def format_fields(fmt: LogFormat = "logfmt", /, **fields: object) -> str:
 
 def _render(items: Iterable[tuple[str, object]], fmt: LogFormat) -> str:
     if fmt == "json":
-        text = json.dumps({_key(k): _scalar(v) for k, v in items}, ensure_ascii=False, separators=(",", ":"))
-        # json escapes C0 controls itself; these it leaves raw.
-        return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+        return _json_line({_key(k): _scalar(v) for k, v in items})
     if fmt == "logfmt":
         return " ".join(f"{_key(k)}={logfmt_value(v)}" for k, v in items)
     raise ValueError(f"unknown log format {fmt!r}: use 'logfmt' or 'json'")
+
+
+_json_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+"""What json.dumps(..., ensure_ascii=False, separators=(",", ":")) does, without building an
+encoder per line."""
+
+
+def _json_line(data: dict[str, object]) -> str:
+    """`data` as one JSON line, with the controls json leaves raw escaped as well.
+
+    json escapes C0 controls itself, so ASCII output (`isascii` reads a flag) can only hold
+    DEL; other text is searched for every control.
+    """
+    text = _json_encode(data)
+    if text.isascii() and "\x7f" not in text:
+        return text
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, /, **fields: object) -> None:

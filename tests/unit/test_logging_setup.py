@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from queueguard import logging_setup
 from queueguard.logging_setup import (
+    _LOGFMT_BARE,
+    _UNSAFE,
     MAX_VALUE_CHARS,
     MESSAGE_FIELDS,
+    LogFormat,
+    _escape_char,
+    _key,
+    _render,
+    _scalar,
+    _truncate,
     configure,
     format_fields,
     log_event,
@@ -256,3 +268,150 @@ def test_journal_lines_have_priority_prefix_and_no_timestamp(
         "<4>level=warning logger=queueguard.test msg=careful",
         "<3>level=error logger=queueguard.test msg=bad",
     ]
+
+
+# --- differential: the fast paths against the code they replaced --------------------------------------
+#
+# The reference below is logging_setup's `_scalar`, `logfmt_value` and `_render` as they were
+# before the fast paths (renamed, bodies verbatim).
+# The fast paths must give the same bytes for every input, however odd.
+
+_LOGFMT_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+
+
+def ref_scalar(value: object) -> object:
+    """JSON-ready form of one value: numbers stay numbers, sequences lists, rest text."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, bytes):
+        return _truncate(value.decode("utf-8", "backslashreplace"))
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        out: list[object] = []
+        used = 0
+        for n, item in enumerate(items):
+            plain = ref_scalar(item)
+            used += len(str(plain)) + 1
+            if used > MAX_VALUE_CHARS:
+                out.append(f"...(+{len(items) - n} more)")
+                break
+            out.append(plain)
+        return out
+    return _truncate(str(value))
+
+
+def ref_logfmt_value(value: object) -> str:
+    """One logfmt value: bare when safe, else double-quoted with \\\\, \\" and controls escaped."""
+    if type(value) is str and len(value) <= MAX_VALUE_CHARS and _LOGFMT_BARE.fullmatch(value):
+        return value  # the common case, one regex pass
+    plain = ref_scalar(value)
+    if plain is None:
+        text = ""
+    elif plain is True or plain is False:
+        text = "true" if plain else "false"
+    elif isinstance(plain, list):
+        text = ",".join("" if v is None else str(v) for v in plain)
+    else:
+        text = str(plain)
+    if text and not _LOGFMT_NEEDS_QUOTES.search(text) and not _UNSAFE.search(text):
+        return text
+    quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + _UNSAFE.sub(_escape_char, quoted) + '"'
+
+
+def ref_render(items: Iterable[tuple[str, object]], fmt: LogFormat) -> str:
+    if fmt == "json":
+        text = json.dumps({_key(k): ref_scalar(v) for k, v in items}, ensure_ascii=False, separators=(",", ":"))
+        # json escapes C0 controls itself; these it leaves raw.
+        return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    if fmt == "logfmt":
+        return " ".join(f"{_key(k)}={ref_logfmt_value(v)}" for k, v in items)
+    raise ValueError(f"unknown log format {fmt!r}: use 'logfmt' or 'json'")
+
+
+class Shouty(str):
+    """A str whose str() is other text: the exact-type fast paths must not take it."""
+
+    def __str__(self) -> str:
+        return self.upper() + " !"
+
+
+class Odd:
+    """An object that prints as hostile text."""
+
+    def __str__(self) -> str:
+        return 'odd "x"=\\\n\u202e\x7f\ud800'
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Ratio(float):
+    pass
+
+
+# Every ASCII character (the fast paths' own ground), the non-ASCII ones that matter to the
+# regexes (whitespace, controls, format characters, surrogates) and some readable ones.
+SPECIAL_CHARS = [chr(c) for c in range(128)] + list(
+    "\x85\xa0\xad\u061c\u1680\u180e\u2000\u200a\u200b\u200f\u2028\u2029\u202e\u202f\u205f"
+    "\u2066\u206f\u3000\ufeff\ufff9\ufffb\ud800\udfff\u00e9\u2603\u65e5\U0001f600\U000e0001"
+)
+chars = st.sampled_from(SPECIAL_CHARS) | st.characters(exclude_categories=())
+texts = st.text(chars, max_size=30)
+# Strings and lists of strings either side of MAX_VALUE_CHARS (the truncation edges).
+long_texts = st.builds(lambda unit, n: (unit * n)[:n], st.text(chars, min_size=1, max_size=3),
+                       st.integers(MAX_VALUE_CHARS - 3, MAX_VALUE_CHARS + 3))
+long_lists = st.builds(
+    lambda unit, size, extra: [unit * size] * (MAX_VALUE_CHARS // (size + 1) + extra),
+    st.text(chars, min_size=1, max_size=1), st.integers(1, 300), st.integers(-1, 1),
+)
+oddities: st.SearchStrategy[object] = st.sampled_from([
+    Shouty("id"), Shouty("a b"), Odd(), Level.HIGH, Ratio(0.1234567), ValueError("x\ny"), True, False, None,
+    -0.0, float("nan"), float("inf"), -float("inf"), 1e-7, 1e300, 10**30, -(10**30), 0, (), [], "", frozenset(),
+    bytearray(b"\xff"),
+])
+hashables = st.none() | st.booleans() | st.integers() | st.floats() | texts | st.binary(max_size=20)
+scalars = hashables | long_texts | oddities
+values = st.recursive(
+    scalars | long_lists,
+    lambda inner: st.lists(inner, max_size=5) | st.lists(inner, max_size=5).map(tuple)
+    | st.sets(hashables, max_size=5) | st.frozensets(hashables, max_size=5),
+    max_leaves=12,
+)
+
+def test_fast_paths_agree_with_the_reference_on_every_character() -> None:
+    """Each character alone, between bare ones, and every code point in runs of 64: the
+    ASCII shortcuts replace the regexes only on ASCII, so this covers their decisions."""
+    cases = [*SPECIAL_CHARS, *(f"a{c}b" for c in SPECIAL_CHARS)]
+    cases += ["".join(map(chr, range(start, min(start + 64, sys.maxunicode + 1))))
+              for start in range(0, sys.maxunicode + 1, 64)]
+    for text in cases:
+        assert logfmt_value(text) == ref_logfmt_value(text), repr(text)
+        assert logfmt_value([text, "x"]) == ref_logfmt_value([text, "x"]), repr(text)
+        for fmt in ("logfmt", "json"):
+            assert _render([("k", text)], fmt) == ref_render([("k", text)], fmt), repr(text)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(values)
+def test_values_render_as_the_reference_does(value: object) -> None:
+    assert logfmt_value(value) == ref_logfmt_value(value)
+    for fmt in ("logfmt", "json"):
+        assert _render([("v", value)], fmt) == ref_render([("v", value)], fmt)
+    assert json.dumps(_scalar(value)) == json.dumps(ref_scalar(value))
+
+
+def test_the_message_line_renders_as_the_reference_does() -> None:
+    """The line every relayed message costs, in both formats."""
+    fields: list[tuple[str, object]] = [
+        ("id", "4fXk2a9Qz1"), ("client", "unknown[127.0.0.1]"), ("helo", "localhost.localdomain"),
+        ("sender", "<a@test.example>"), ("rcpts", ["bob@test.example"]), ("size", 4321), ("verdict", "accept"),
+        ("reason", "ok"), ("rule", ""), ("hits", ["ratelimit:rcpt-flood:tempfail(shadow)"]),
+        ("downstream", "127.0.0.1:2525"), ("reply", "250 2.0.0 Ok: queued as 123"),
+        ("t_total", 0.0123), ("t_scan", 0.0), ("t_relay", 0.0021),
+    ]
+    for fmt in ("logfmt", "json"):
+        assert _render(fields, fmt) == ref_render(fields, fmt)
