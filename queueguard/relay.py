@@ -22,7 +22,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from queueguard import metrics
@@ -195,41 +195,65 @@ class SmtpConnection:
 
     async def read_reply(self, timeout: float = COMMAND_TIMEOUT) -> Reply:
         """One reply, strictly (RFC 5321 4.2): anything else breaks the connection with a
-        DownstreamError, so a garbled "250" can never count as the downstream's acceptance."""
-        lines: list[str] = []
-        code = ""
-        with self._exchange(), self._deadline(timeout):
-            try:
-                while True:
-                    line = await self.reader.readline()
-                    if not line:
-                        raise DownstreamError(self._why_closed("connection closed by downstream"))
-                    if not line.endswith(b"\n"):  # "250" and then the connection closed: no reply
-                        raise DownstreamError(self._why_closed(f"connection closed mid-reply {line[:80]!r}"))
-                    text = line.decode("utf-8", "replace").rstrip("\r\n")
-                    if _REPLY_LINE.match(text) is None or (lines and text[:3] != code):
-                        raise DownstreamError(f"garbled reply {text[:80]!r}")
-                    code = text[:3]
-                    lines.append(text[4:])
-                    if len(text) == 3 or text[3] != "-":
-                        self.stateful = self.stateful or code in SYNTAX_ERRORS
-                        return Reply(int(code), tuple(lines))
-            except OSError as e:
-                raise DownstreamError(self._why_closed(f"reading reply: {e or type(e).__name__}")) from e
-
-    @contextlib.contextmanager
-    def _deadline(self, timeout: float) -> Iterator[None]:
-        """Abort the connection unless the block ends within `timeout`: a read then sees the end
-        of the connection, a drain() its loss. One timer handle, where asyncio.timeout() per reply
-        cost 3 % of a worker's CPU; and it also ends a drain() a downstream no longer reading would
-        hold for ever."""
+        DownstreamError, so a garbled "250" can never count as the downstream's acceptance.
+        Not within `timeout`: the connection is aborted (_time_out)."""
         timer = asyncio.get_running_loop().call_later(timeout, self._time_out, timeout)
         try:
-            yield
+            return await self._reply()
+        except BaseException:
+            self._break()
+            raise
         finally:
             timer.cancel()
 
+    async def _reply(self) -> Reply:
+        lines: list[str] = []
+        code = ""
+        try:
+            while True:
+                line = await self.reader.readline()
+                if not line:
+                    raise DownstreamError(self._why_closed("connection closed by downstream"))
+                if not line.endswith(b"\n"):  # "250" and then the connection closed: no reply
+                    raise DownstreamError(self._why_closed(f"connection closed mid-reply {line[:80]!r}"))
+                text = line.decode("utf-8", "replace").rstrip("\r\n")
+                if _REPLY_LINE.match(text) is None or (lines and text[:3] != code):
+                    raise DownstreamError(f"garbled reply {text[:80]!r}")
+                code = text[:3]
+                lines.append(text[4:])
+                if len(text) == 3 or text[3] != "-":
+                    self.stateful = self.stateful or code in SYNTAX_ERRORS
+                    return Reply(int(code), tuple(lines))
+        except OSError as e:
+            raise DownstreamError(self._why_closed(f"reading reply: {e or type(e).__name__}")) from e
+
+    async def _send(self, what: str, *parts: bytes, timeout: float | None = None) -> None:
+        """Write `parts` and wait until the transport took them, aborting the connection if that
+        takes longer than `timeout` (a downstream no longer reading would hold a drain() for
+        ever)."""
+        timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, self._time_out, timeout)
+        try:
+            for part in parts:
+                self.writer.write(part)
+            await self.writer.drain()
+        except OSError as e:
+            self._break()
+            raise DownstreamError(self._why_closed(f"sending {what}: {e}")) from e
+        except BaseException:
+            self._break()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _break(self) -> None:
+        """An exchange interrupted half-way (cancelled, timed out, failed) leaves a reply in
+        flight that would be read as the next command's answer: the connection is not reused."""
+        self.broken = True
+
     def _time_out(self, timeout: float) -> None:
+        """A timer per exchange, not asyncio.timeout() (3 % of a worker's CPU per reply): it aborts
+        the connection, so a read sees its end and a drain() its loss."""
         self.timed_out = timeout
         self.broken = True
         self.writer.transport.abort()
@@ -237,25 +261,10 @@ class SmtpConnection:
     def _why_closed(self, what: str) -> str:
         return f"{what}: timed out after {self.timed_out:g} s" if self.timed_out else what
 
-    @contextlib.contextmanager
-    def _exchange(self) -> Iterator[None]:
-        """An exchange interrupted half-way (cancelled, timed out, failed) leaves a reply in
-        flight that would be read as the next command's answer: the connection is then broken."""
-        try:
-            yield
-        except BaseException:
-            self.broken = True
-            raise
-
     async def command(self, line: str, timeout: float = COMMAND_TIMEOUT) -> Reply:
         """One command, one reply."""
-        with self._exchange():
-            try:
-                self.writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
-                await self.writer.drain()
-            except OSError as e:
-                raise DownstreamError(f"sending {line.split(' ', 1)[0]}: {e}") from e
-            return await self.read_reply(timeout)
+        await self._send(line.split(" ", 1)[0], line.encode("utf-8", "surrogateescape") + b"\r\n")
+        return await self.read_reply(timeout)
 
     async def mail_and_rcpt(self, mail: str, rcpt: str, timeout: float = COMMAND_TIMEOUT) -> tuple[Reply, Reply | None]:
         """MAIL, and RCPT only if MAIL was accepted; where the downstream offers PIPELINING
@@ -273,12 +282,7 @@ class SmtpConnection:
                 return reply, await self.command(rcpt, timeout)
             except DownstreamError as e:
                 raise RecipientLost(str(e)) from e
-        with self._exchange():
-            try:
-                self.writer.write(f"{mail}\r\n{rcpt}\r\n".encode("utf-8", "surrogateescape"))
-                await self.writer.drain()
-            except OSError as e:
-                raise DownstreamError(f"sending MAIL: {e}") from e
+        await self._send("MAIL", f"{mail}\r\n{rcpt}\r\n".encode("utf-8", "surrogateescape"))
         reply = await self.read_reply(timeout)
         try:
             return reply, await self.read_reply(timeout)
@@ -289,19 +293,10 @@ class SmtpConnection:
 
     async def body(self, raw: bytes, timeout: float) -> Reply:
         """The message after a 354, and the downstream's final answer to it."""
-        with self._exchange():
-            try:
-                with self._deadline(timeout):
-                    message, end = data_parts(raw)
-                    if len(message) <= ONE_WRITE:
-                        self.writer.write(message + end)
-                    else:
-                        self.writer.write(message)
-                        self.writer.write(end)
-                    await self.writer.drain()
-            except OSError as e:
-                raise DownstreamError(self._why_closed(f"sending message data: {e}")) from e
-            return await self.read_reply(timeout)
+        message, end = data_parts(raw)
+        parts = (message + end,) if len(message) <= ONE_WRITE else (message, end)
+        await self._send("message data", *parts, timeout=timeout)
+        return await self.read_reply(timeout)
 
     def close(self) -> None:
         """QUIT without waiting for the 221 (Exim delays it), then close."""
