@@ -3,6 +3,7 @@
     git worktree add /tmp/before <commit>
     .venv/bin/python -m bench.tree_ab /tmp/before . [--workers 2] [--state redis|memory]
                                       [--messages 4000] [--sessions 20] [--rounds 3] [--exim]
+                                      [--together]
 
 Each round measures the bare aiosmtpd sink, then a guard started from each tree (its `queueguard
 serve` imports the tree first on PYTHONPATH), in alternating order, under the same smtp-source
@@ -11,6 +12,11 @@ new connection per message. A shared machine's noise moves a whole round; the pe
 to the bare sink and the CPU per message (the guard's processes) are what to compare. With
 --exim the downstream is a real Exim (queue-only, PROXY v2, as in bench.proxy_bench) instead of
 smtp-sink, and the bare sink is not measured.
+
+With --together both guards run at once, each under its own smtp-source load (half the
+sessions each), and only their CPU per message is compared: on a shared machine whose load
+moves by more than the change being measured (10-30 % from one run to the next), running at the
+same time gives both trees the same noise. Throughput is not comparable in this mode.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -43,7 +50,10 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--exim", action="store_true", help="relay to a real Exim instead of smtp-sink")
+    ap.add_argument("--together", action="store_true", help="both trees at once; CPU per message only")
     args = ap.parse_args()
+    if args.together:
+        return together(args)
     trees = {"before": str(args.before.resolve()), "after": str(args.after.resolve())}
     got: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
     with ExitStack() as stack:
@@ -85,6 +95,40 @@ def main() -> int:
         ratio = "" if args.exim else f", {statistics.median(x for _, _, x in rows):.2f} x bare sink"
         print(f"{name} ({trees[name]}): median {statistics.median(r for r, _, _ in rows):,.0f} msg/s, "
               f"{statistics.median(c for _, c, _ in rows):.2f} ms CPU/msg{ratio}")
+    return 0
+
+
+def together(args: argparse.Namespace) -> int:
+    trees = {"before": str(args.before.resolve()), "after": str(args.after.resolve())}
+    cpu: dict[str, list[float]] = {name: [] for name in trees}
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        redis = {name: stack.enter_context(RedisServer(Path(tmp) / f"redis-{name}")) for name in trees} \
+            if args.state == "redis" else {}
+        for r in range(args.rounds):
+            with ExitStack() as round_stack:
+                guards: dict[str, Guard] = {}
+                for name, tree in trees.items():
+                    settings: dict[str, object] = {
+                        "workers": args.workers,
+                        "downstreams": [{"address": f"127.0.0.1:{round_stack.enter_context(SmtpSink()).port}"}]}
+                    if name in redis:
+                        settings["state"] = redis[name].url
+                    os.environ["PYTHONPATH"] = tree
+                    guards[name] = round_stack.enter_context(Guard(settings, {"default.yaml": shadow_default_policy()}))
+                used = {name: cpu_seconds(g.proc.pid) for name, g in guards.items() if g.proc is not None}
+                with ThreadPoolExecutor(2) as pool:
+                    list(pool.map(lambda g: smtp_source(g.port, args.messages, max(1, args.sessions // 2)),
+                                  guards.values()))
+                for name, g in guards.items():
+                    assert g.proc is not None
+                    cpu[name].append((cpu_seconds(g.proc.pid) - used[name]) / args.messages * 1000)
+            print(f"round {r + 1}: before {cpu['before'][-1]:.3f} ms, after {cpu['after'][-1]:.3f} ms CPU/msg, "
+                  f"after/before {cpu['after'][-1] / cpu['before'][-1]:.3f}", flush=True)
+    ratios = [a / b for a, b in zip(cpu["after"], cpu["before"], strict=True)]
+    print(f"median CPU/msg: before {statistics.median(cpu['before']):.3f} ms, after "
+          f"{statistics.median(cpu['after']):.3f} ms; after/before per round: median {statistics.median(ratios):.3f}, "
+          f"range {min(ratios):.3f}-{max(ratios):.3f}")
     return 0
 
 
