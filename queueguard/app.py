@@ -237,6 +237,8 @@ async def start(app: App, worker: WorkerId | None = None) -> tuple[list[Frontend
         app.tasks.append(loop.create_task(app.scan.run()))
     app.tasks.extend(loop.create_task(t) for t in [*app.router.background(), *app.ratelimit.background()])
     app.tasks.append(loop.create_task(_refresh_quarantine_summary(app.quarantine)))
+    if worker is not None:
+        app.tasks.append(loop.create_task(metrics.flusher()))  # its increments into the shared files
     if worker is None or worker.primary:
         if app.publisher is not None:
             app.tasks.append(loop.create_task(app.publisher.run()))

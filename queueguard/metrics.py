@@ -13,8 +13,10 @@ a shared condition any worker may see (pressure, breaker, Redis down), and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,12 +28,62 @@ from prometheus_client.core import CounterMetricFamily
 P = "queueguard_"
 _M = TypeVar("_M", bound="_FastLabels")
 
+FLUSH_EVERY = 0.1
+"""Seconds a worker's increments may wait before its metric file has them (flusher)."""
+_dirty: dict[Any, None] = {}
+_dirty_lock = threading.Lock()
+
+
+def _buffered(base: Any) -> Any:
+    """prometheus_client's multiprocess value, its increments kept in memory until `flush`.
+
+    Each write to the metric file takes a lock and packs two doubles into the mmap (~1.5 µs);
+    a message makes about fifteen, 4 % of a worker's CPU. Increments (counters, histograms,
+    livesum gauges) are summed here and written at most every FLUSH_EVERY seconds and before this
+    worker answers a scrape; a set() (gauges, with its timestamp) is written at once, as before.
+    A worker killed hard loses at most its last FLUSH_EVERY of increments."""
+
+    class Buffered(base):  # type: ignore[misc]
+        def inc(self, amount: float) -> None:
+            with _dirty_lock:
+                self._value += amount
+                self._timestamp = 0.0
+                _dirty[self] = None
+
+        def set(self, value: float, timestamp: float | None = None) -> None:
+            with _dirty_lock:
+                _dirty.pop(self, None)
+                super().set(value, timestamp)
+
+    return Buffered
+
+
+def flush() -> None:
+    """Write the buffered increments of this process to its metric file."""
+    with _dirty_lock:
+        values = list(_dirty)
+        _dirty.clear()
+        for value in values:
+            value._file.write_value(value._key, value._value, value._timestamp)
+
+
+async def flusher() -> None:
+    """Every FLUSH_EVERY seconds, for as long as the worker runs (and once more when it stops)."""
+    try:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            flush()
+    finally:
+        flush()
+
+
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # prometheus_client calls os.getpid() (a system call) on every inc/set/observe to notice a
     # fork; a worker is exec'd by the supervisor and never forks one that writes metrics, so its
     # pid is fixed: about 20 calls per message, 1.5 % of a worker's CPU.
     _PID = os.getpid()
-    prometheus_client.values.ValueClass = prometheus_client.values.MultiProcessValue(lambda: _PID)  # type: ignore[no-untyped-call]
+    prometheus_client.values.ValueClass = _buffered(
+        prometheus_client.values.MultiProcessValue(lambda: _PID))  # type: ignore[no-untyped-call]
 
 
 class _FastLabels(prometheus_client.metrics.MetricWrapperBase):
@@ -75,6 +127,7 @@ def exposition() -> bytes:
     the supervisor's count of worker restarts."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
+        flush()  # this worker's own increments; the others' are at most FLUSH_EVERY behind
         registry = prometheus_client.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         registry.register(WorkerRestarts(Path(directory) / "restarts.json"))
