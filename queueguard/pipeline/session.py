@@ -381,6 +381,8 @@ class Session:
             metrics.internal_errors.labels(stage).inc()
             log.exception("id=%s internal error in %s stage", txn.id if txn else "-", stage)
             return INTERNAL_ERROR
+        if not result.hits:  # most checks of most messages: nothing to record or resolve
+            return ACCEPT
         for hit in result.hits:
             if txn is not None:
                 txn.hits.append(hit if hit.recipient or recipient is None else
