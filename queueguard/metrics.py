@@ -14,7 +14,9 @@ a shared condition any worker may see (pressure, breaker, Redis down), and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterable
@@ -26,6 +28,7 @@ from prometheus_client import multiprocess
 from prometheus_client.core import CounterMetricFamily
 
 P = "queueguard_"
+log = logging.getLogger("queueguard.metrics")
 _M = TypeVar("_M", bound="_FastLabels")
 
 FLUSH_EVERY = 0.1
@@ -59,22 +62,30 @@ def _buffered(base: Any) -> Any:
 
 
 def flush() -> None:
-    """Write the buffered increments of this process to its metric file."""
+    """Write the buffered increments of this process to its metric file; a value that could not
+    be written stays buffered for the next flush."""
     with _dirty_lock:
-        values = list(_dirty)
-        _dirty.clear()
-        for value in values:
+        while _dirty:
+            value = next(iter(_dirty))
             value._file.write_value(value._key, value._value, value._timestamp)
+            del _dirty[value]
 
 
 async def flusher() -> None:
-    """Every FLUSH_EVERY seconds, for as long as the worker runs (and once more when it stops)."""
+    """Every FLUSH_EVERY seconds, for as long as the worker runs (and once more when it stops).
+    A failing write (the metric files' directory cleaned away) is logged and tried again: it must
+    not stop this worker's counts from reaching the files for good."""
     try:
         while True:
             await asyncio.sleep(FLUSH_EVERY)
-            flush()
+            try:
+                flush()
+            except Exception:
+                log.exception("writing this worker's metrics failed")
+                await asyncio.sleep(10)  # not a log line every 0.1 s
     finally:
-        flush()
+        with contextlib.suppress(Exception):
+            flush()
 
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
