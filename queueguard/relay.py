@@ -259,7 +259,7 @@ class SmtpConnection:
         self.writer.transport.abort()
 
     def _why_closed(self, what: str) -> str:
-        return f"{what}: timed out after {self.timed_out:g} s" if self.timed_out else what
+        return f"no progress within {self.timed_out:g} s: connection closed" if self.timed_out else what
 
     async def command(self, line: str, timeout: float = COMMAND_TIMEOUT) -> Reply:
         """One command, one reply."""
@@ -292,11 +292,14 @@ class SmtpConnection:
             raise RecipientLost(str(e)) from e
 
     async def body(self, raw: bytes, timeout: float) -> Reply:
-        """The message after a 354, and the downstream's final answer to it."""
+        """The message after a 354, and the downstream's final answer to it, both within
+        `timeout` (the client waits for that answer under its own idle timeout)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         message, end = data_parts(raw)
         parts = (message + end,) if len(message) <= ONE_WRITE else (message, end)
         await self._send("message data", *parts, timeout=timeout)
-        return await self.read_reply(timeout)
+        return await self.read_reply(max(0.0, deadline - loop.time()))
 
     def close(self) -> None:
         """QUIT without waiting for the 221 (Exim delays it), then close."""

@@ -27,13 +27,9 @@ def run_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -
         finished: asyncio.Future[T] = loop.create_future()
         finished.set_result(done.value)
         return finished
-    except asyncio.CancelledError:
-        cancelled: asyncio.Future[T] = loop.create_future()
-        cancelled.cancel()
-        return cancelled
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as error:
+    except BaseException as error:  # a CancelledError too: no Task was cancelled, so it is an error
         failed: asyncio.Future[T] = loop.create_future()
         failed.set_exception(error)
         return failed

@@ -118,3 +118,12 @@ async def test_a_coroutine_that_catches_a_cancellation_goes_on() -> None:
     await asyncio.sleep(0)
     ran.cancel()
     assert await ran == "settled anyway"
+
+
+async def test_a_cancellation_raised_before_any_wait_is_an_error_not_a_cancelled_call() -> None:
+    """No Task was cancelled: the front end must answer it (451), not take it for a client gone."""
+    async def work() -> str:
+        raise asyncio.CancelledError
+
+    ran = run_eagerly(asyncio.get_running_loop(), work())
+    assert ran.done() and not ran.cancelled() and isinstance(ran.exception(), asyncio.CancelledError)
