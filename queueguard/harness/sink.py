@@ -181,6 +181,8 @@ class SinkBehaviour:
     data_delay: float = 0.0
     #: close the connection (RST) instead of answering this command; DATA means after the body.
     drop_at: DropStage | None = None
+    #: seconds to wait before answering RSET.
+    rset_delay: float = 0.0
 
 
 class _Handler:
@@ -236,6 +238,14 @@ class _Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
 
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.sink.lock:
+            self.sink.rsets += 1
+            delay = self.sink.behaviour.rset_delay
+        if delay:
+            await asyncio.sleep(delay)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self.sink.lock:
             delay, reply = self.sink.behaviour.data_delay, self.sink.behaviour.data_reply
@@ -289,6 +299,7 @@ class RecordingSink:
         self.messages: list[Received] = []
         self.sessions = 0  # EHLO/HELO greetings seen: how many SMTP sessions clients opened
         self.drops = 0
+        self.rsets = 0  # RSET commands received
         self.in_data = 0  # sessions between DATA and our answer to it, now ...
         self.max_in_data = 0  # ... and at most so far: a downstream-side view of concurrency
         self.lock = threading.Condition()

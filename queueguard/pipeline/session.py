@@ -218,7 +218,9 @@ class Session:
         verdict = OVERSIZE if why is End.OVERSIZE else None
         if verdict is not None:
             metrics.protocol_errors.labels(why.value).inc()
-        await self._finish(txn, verdict, why.value, verdict.reply() if verdict else "")
+        # Runs to its end even if the caller's wait is cancelled (a client that leaves while the
+        # downstream's RSET is pending): cut half-way, its recipients' budgets were never given back.
+        await asyncio.shield(self._finish(txn, verdict, why.value, verdict.reply() if verdict else ""))
         return verdict
 
     def headers(self, txn: Transaction) -> list[tuple[str, str]]:

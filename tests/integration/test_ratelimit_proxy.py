@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import smtplib
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,3 +168,29 @@ def test_a_client_that_leaves_right_after_its_final_dot_is_still_charged(sink: R
         assert "reason=ok" in guard.log() and "reason=client_disconnected" not in guard.log()
         codes = [send(guard.port, ["info@dest.example"], n)["info@dest.example"] for n in range(2)]
         assert codes == [250, 451]  # the first message took one of the two
+
+
+def test_a_client_that_leaves_while_its_transaction_is_reset_gets_its_budget_back(sink: RecordingSink) -> None:
+    """RSET (or a new EHLO) ends the open transaction: the downstream is reset, then the
+    recipients' reservations are given back. A client that closed its connection while the
+    downstream's RSET was still pending had that end cancelled half-way, and its budget was never
+    given back (found in review): stricter than the MTA behind us. The end now runs to its end."""
+    limit = "ratelimits:\n  - name: flood\n    key: recipient\n    rate: 2/1h\n    action: tempfail\n"
+    sink.behaviour.rset_delay = 0.5  # the downstream takes its time over the reset
+    with Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}, {"limits.yaml": limit}) as guard:
+        with socket.create_connection(("127.0.0.1", guard.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO c.example\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            s.sendall(b"MAIL FROM:<a@client.example>\r\nRCPT TO:<info@dest.example>\r\n")
+            assert [f.readline()[:3] for _ in range(2)] == [b"250", b"250"]
+            s.sendall(b"RSET\r\n")
+            wait_for("the downstream's RSET pending", lambda: sink.rsets == 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # then a reset
+            f.close()  # (the socket closes only once its file is closed too)
+        wait_for("the abandoned transaction's end in the log", lambda: "reason=rset" in guard.log())
+        sink.behaviour.rset_delay = 0.0
+        codes = [send(guard.port, ["info@dest.example"], n)["info@dest.example"] for n in range(3)]
+        assert codes == [250, 250, 451]  # both of the two are there: the reset one took none
