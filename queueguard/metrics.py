@@ -40,8 +40,9 @@ _dirty_lock = threading.Lock()
 def _buffered(base: Any) -> Any:
     """prometheus_client's multiprocess value, its increments kept in memory until `flush`.
 
-    Each write to the metric file takes a lock and packs two doubles into the mmap (~1.5 µs);
-    a message makes about fifteen, 4 % of a worker's CPU. Increments (counters, histograms,
+    Each write to the metric file takes a lock and packs two doubles into the mmap; a message
+    makes about fifteen. Buffered, a counter's inc() costs 0.7 µs instead of 1.4 and a histogram's
+    observe() 1.0 instead of 2.7: about 1 % of a worker's CPU. Increments (counters, histograms,
     livesum gauges) are summed here and written at most every FLUSH_EVERY seconds and before this
     worker answers a scrape; a set() (gauges, with its timestamp) is written at once, as before.
     A worker killed hard loses at most its last FLUSH_EVERY of increments."""
