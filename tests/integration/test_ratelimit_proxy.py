@@ -8,6 +8,7 @@ not timings: the number of 250s is bounded by the burst plus what the elapsed ti
 
 from __future__ import annotations
 
+import contextlib
 import math
 import smtplib
 import socket
@@ -15,6 +16,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -144,21 +146,29 @@ def test_one_mailbox_spelled_many_ways_is_one_budget() -> None:
         assert len(final.wait_maildir("info", BURST)) == BURST
 
 
+TWO_AN_HOUR = "ratelimits:\n  - name: flood\n    key: recipient\n    rate: 2/1h\n    action: tempfail\n"
+
+
+@contextlib.contextmanager
+def past_ehlo(port: int) -> Iterator[tuple[socket.socket, BinaryIO]]:
+    """A raw connection, greeted and past EHLO: for clients that leave at a chosen byte."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s, s.makefile("rb") as f:
+        f.readline()
+        s.sendall(b"EHLO c.example\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        yield s, f
+
+
 def test_a_client_that_leaves_right_after_its_final_dot_is_still_charged(sink: RecordingSink) -> None:
     """The downstream has the message once the final dot is relayed: a client that closes its
     connection right after sending it (without waiting for our reply) must not get the delivery
     free. It did: aiosmtpd cancelled the session, the transaction ended as `client_disconnected`
     and its budget was given back while the downstream delivered (red team: 21 of 150 such
     messages delivered past a limit of 2). The transaction now runs to its end."""
-    limit = "ratelimits:\n  - name: flood\n    key: recipient\n    rate: 2/1h\n    action: tempfail\n"
     sink.behaviour.data_delay = 0.5  # the downstream takes its time over the message
-    with Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}, {"limits.yaml": limit}) as guard:
-        with socket.create_connection(("127.0.0.1", guard.port), timeout=10) as s:
-            f = s.makefile("rb")
-            f.readline()
-            s.sendall(b"EHLO c.example\r\n")
-            while not f.readline().startswith(b"250 "):
-                pass
+    with Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}, {"limits.yaml": TWO_AN_HOUR}) as guard:
+        with past_ehlo(guard.port) as (s, f):
             s.sendall(b"MAIL FROM:<a@client.example>\r\nRCPT TO:<info@dest.example>\r\nDATA\r\n")
             assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
             s.sendall(b"Subject: hit and run\r\n\r\nbody\r\n.\r\n")
@@ -175,15 +185,9 @@ def test_a_client_that_leaves_while_its_transaction_is_reset_gets_its_budget_bac
     recipients' reservations are given back. A client that closed its connection while the
     downstream's RSET was still pending had that end cancelled half-way, and its budget was never
     given back (found in review): stricter than the MTA behind us. The end now runs to its end."""
-    limit = "ratelimits:\n  - name: flood\n    key: recipient\n    rate: 2/1h\n    action: tempfail\n"
     sink.behaviour.rset_delay = 0.5  # the downstream takes its time over the reset
-    with Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}, {"limits.yaml": limit}) as guard:
-        with socket.create_connection(("127.0.0.1", guard.port), timeout=10) as s:
-            f = s.makefile("rb")
-            f.readline()
-            s.sendall(b"EHLO c.example\r\n")
-            while not f.readline().startswith(b"250 "):
-                pass
+    with Guard({"downstreams": [{"address": f"127.0.0.1:{sink.port}"}]}, {"limits.yaml": TWO_AN_HOUR}) as guard:
+        with past_ehlo(guard.port) as (s, f):
             s.sendall(b"MAIL FROM:<a@client.example>\r\nRCPT TO:<info@dest.example>\r\n")
             assert [f.readline()[:3] for _ in range(2)] == [b"250", b"250"]
             s.sendall(b"RSET\r\n")
