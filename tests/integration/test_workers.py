@@ -371,7 +371,9 @@ def test_a_status_page_login_holds_on_every_worker(redis: RedisServer) -> None:
                                          "downstreams": [{"address": f"127.0.0.1:{sink.port}"}],
                                          "status": {"password_hash": hash_password("right horse")}}) as guard:
         assert guard.proc is not None
-        wait_for("two workers", lambda: len(children(guard.proc.pid)) == 2)
+        # Both listening (the supervisor says so once every worker is), not only both started: a
+        # worker still starting left all 30 requests to the other (seen once in CI).
+        wait_for("both workers ready", lambda: "queueguard ready: 2 workers" in guard.log())
 
         def call(method: str, path: str, cookie: str = "", body: str = "") -> tuple[int, str, bytes]:
             c = http.client.HTTPConnection("127.0.0.1", guard.metrics_port, timeout=10)
