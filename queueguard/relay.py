@@ -252,8 +252,9 @@ class SmtpConnection:
         self.broken = True
 
     def _time_out(self, timeout: float) -> None:
-        """A timer per exchange, not asyncio.timeout() (3 % of a worker's CPU per reply): it aborts
-        the connection, so a read sees its end and a drain() its loss."""
+        """A timer per exchange, not asyncio.timeout() (an empty scope 4.8 µs against 2.5 for a
+        timer set and cancelled, four replies a message): it aborts the connection, so a read sees
+        its end and a drain() its loss."""
         self.timed_out = timeout
         self.broken = True
         self.writer.transport.abort()
