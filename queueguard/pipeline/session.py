@@ -151,8 +151,9 @@ class Session:
             txn.rcpt_options[recipient] = tuple(options)
         return ACCEPT
 
-    async def data(self, raw: bytes) -> Outcome:
-        """The end of DATA: everything from the message bytes to the transaction's end.
+    def data(self, raw: bytes) -> asyncio.Future[Outcome]:
+        """The end of DATA: everything from the message bytes to the transaction's end, as a
+        future to await (or, for a front end without a Task of its own, to add a callback to).
 
         When we relay (the proxy), it runs to its end even when the front end's wait is
         cancelled (the client closed the connection right after its final dot, and the front end
@@ -161,13 +162,14 @@ class Session:
         nothing was sent. (A client that left without our 250 retries, as after any lost reply:
         SMTP's duplicate, not a loss.) Behind a milter the MTA holds the message, and a
         cancelled wait (its timeout answered 451) cancels the work as before."""
+        loop = asyncio.get_running_loop()
         txn = self.txn
         if txn is None:
-            return Outcome(INTERNAL_ERROR)
-        self._data = asyncio.get_running_loop().create_task(self._settle(txn, raw))
-        if self.pipeline.relay is None:
-            return await self._data
-        return await asyncio.shield(self._data)
+            refused: asyncio.Future[Outcome] = loop.create_future()
+            refused.set_result(Outcome(INTERNAL_ERROR))
+            return refused
+        self._data = loop.create_task(self._settle(txn, raw))
+        return self._data if self.pipeline.relay is None else asyncio.shield(self._data)
 
     async def _settle(self, txn: Transaction, raw: bytes) -> Outcome:
         self.in_data = True
