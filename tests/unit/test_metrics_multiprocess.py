@@ -1,5 +1,5 @@
-"""Workers' metrics (PROMETHEUS_MULTIPROC_DIR): increments are buffered and flushed, so a scrape
-answered by one worker sees every worker's counts; a gauge's set is written at once.
+"""Workers' metrics (PROMETHEUS_MULTIPROC_DIR): increments and a gauge's sets are buffered and
+flushed, so a scrape answered by one worker sees every worker's values.
 
 Each "worker" here is a real Python process importing queueguard.metrics with the variable set,
 as the supervisor starts them; the scrape is this module's exposition() in another process."""
@@ -56,8 +56,30 @@ def test_a_scrape_sees_what_every_worker_flushed(tmp_path: Path) -> None:
     assert 'queueguard_downstream_up{downstream="ds"} 1.0' in lines
 
 
-def test_a_gauge_set_is_written_at_once_and_unflushed_increments_are_all_a_hard_kill_loses(tmp_path: Path) -> None:
+def test_unflushed_changes_are_all_a_hard_kill_loses(tmp_path: Path) -> None:
     run(WORKER, tmp_path, "5", "killed")
     lines = run(SCRAPE, tmp_path).splitlines()
-    assert 'queueguard_downstream_up{downstream="ds"} 1.0' in lines
     assert not any(line.startswith("queueguard_transactions_total{") and not line.endswith(" 0.0") for line in lines)
+    assert 'queueguard_downstream_up{downstream="ds"} 1.0' not in lines
+    run(WORKER, tmp_path, "2", "flusher")
+    assert 'queueguard_downstream_up{downstream="ds"} 1.0' in run(SCRAPE, tmp_path).splitlines()
+
+
+def test_a_gauge_takes_its_last_set_and_the_increments_after_it(tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        from queueguard import metrics
+        gauge = metrics.connections_active.labels("smtp")
+        gauge.inc(5)
+        gauge.set(2)
+        gauge.inc(1)
+        metrics.flush()
+        metrics.downstream_up.labels("ds").set(1)
+        metrics.downstream_up.labels("ds").set(0)
+        metrics.flush()
+    """)
+    run(code, tmp_path)
+    scrape = SCRAPE.replace('"queueguard_downstream_up{"',
+                            '"queueguard_downstream_up{", "queueguard_connections_active{"')
+    lines = run(scrape, tmp_path).splitlines()
+    assert 'queueguard_connections_active{frontend="smtp"} 3.0' in lines
+    assert 'queueguard_downstream_up{downstream="ds"} 0.0' in lines
