@@ -209,7 +209,13 @@ def on_journal(environ: Mapping[str, str], stream_stat: os.stat_result | None) -
 
 
 class StructuredFormatter(logging.Formatter):
-    """ts, level, logger, msg, then the record's fields (and exc), on one line."""
+    """ts, level, logger, msg, then the record's fields (and exc), on one line.
+
+    The line `_render` would make of those items, built straight from the record: what
+    repeats from line to line (a field's key, clash renaming included; the level and logger
+    part; the timestamp's second) is rendered once and kept. `fmt` and `journal` are read at
+    construction: the kept renderings depend on them.
+    """
 
     def __init__(self, fmt: LogFormat = "logfmt", journal: bool = False) -> None:
         super().__init__()
@@ -217,27 +223,71 @@ class StructuredFormatter(logging.Formatter):
             raise ValueError(f"unknown log format {fmt!r}: use 'logfmt' or 'json'")
         self.fmt: LogFormat = fmt
         self.journal = journal
-        self._second = -1
-        self._stamp = ""
+        own = ("level", "logger", "msg", "exc")
+        self._taken = frozenset(own if journal else ("ts", *own))  # a field by one of these names gets a '_'
+        self._stamp = (-1, "")  # one tuple, so a thread never reads one second's stamp with another's
+        # Renderings keyed by exact strs only: a str subclass equal to a cached name may print otherwise.
+        self._heads: dict[tuple[str, str], str] = {}  # "level=info logger=name msg=" in logfmt
+        self._keys: dict[str, str] = {}  # field name -> its key as written
 
     def format(self, record: logging.LogRecord) -> str:
-        items: list[tuple[str, object]] = []
-        if not self.journal:
-            second = int(record.created)
-            if second != self._second:  # strftime once a second, not once a line
-                self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            items.append(("ts", f"{self._stamp}.{int(record.msecs):03d}Z"))
-        items += [("level", record.levelname.lower()), ("logger", record.name), ("msg", record.getMessage())]
-        extra = getattr(record, FIELDS_ATTR, None)
-        if isinstance(extra, Mapping):
-            taken = {k for k, _ in items} | {"exc"}
-            items += [(f"{k}_" if k in taken else str(k), v) for k, v in extra.items()]
-        if record.exc_info:
-            items.append(("exc", self.formatException(record.exc_info)))
-        line = _render(items, self.fmt)
+        line = self._json(record) if self.fmt == "json" else self._logfmt(record)
         if self.journal:
             return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}"
         return line
+
+    def _ts(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        stamp = self._stamp
+        if stamp[0] != second:  # strftime once a second, not once a line
+            stamp = self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        return f"{stamp[1]}.{int(record.msecs):03d}Z"
+
+    def _logfmt(self, record: logging.LogRecord) -> str:
+        levelname, name = record.levelname, record.name
+        cacheable = type(levelname) is str and type(name) is str
+        head = self._heads.get((levelname, name)) if cacheable else None
+        if head is None:
+            head = f"level={logfmt_value(levelname.lower())} logger={logfmt_value(name)} msg="
+            if cacheable and len(self._heads) < 1024:
+                self._heads[levelname, name] = head
+        msg = logfmt_value(record.getMessage())
+        # The timestamp is digits, '-', 'T', ':' and '.': bare, as logfmt_value would leave it.
+        parts = [head, msg] if self.journal else [f"ts={self._ts(record)} ", head, msg]
+        extra = getattr(record, FIELDS_ATTR, None)
+        if isinstance(extra, Mapping):
+            keys = self._keys
+            for k, v in extra.items():
+                parts.append((keys.get(k) if type(k) is str else None) or self._new_key(k))
+                parts.append(logfmt_value(v))
+        if record.exc_info:
+            parts.append(" exc=")
+            parts.append(logfmt_value(self.formatException(record.exc_info)))
+        return "".join(parts)
+
+    def _json(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {} if self.journal else {"ts": self._ts(record)}
+        data["level"] = _scalar(record.levelname.lower())
+        data["logger"] = _scalar(record.name)
+        data["msg"] = _scalar(record.getMessage())
+        extra = getattr(record, FIELDS_ATTR, None)
+        if isinstance(extra, Mapping):
+            keys = self._keys
+            for k, v in extra.items():
+                data[(keys.get(k) if type(k) is str else None) or self._new_key(k)] = _scalar(v)
+        if record.exc_info:
+            data["exc"] = _scalar(self.formatException(record.exc_info))
+        return _json_line(data)
+
+    def _new_key(self, name: object) -> str:
+        """A field's key as this format writes it (`' key='` in logfmt), renamed with a '_' when
+        it would clash with the line's own; kept for the next line if `name` is an exact str."""
+        key = _key(f"{name}_" if name in self._taken else str(name))
+        if self.fmt == "logfmt":
+            key = f" {key}="
+        if type(name) is str and len(self._keys) < 1024:
+            self._keys[name] = key
+        return key
 
 
 _handler: logging.Handler | None = None

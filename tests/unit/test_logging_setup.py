@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import enum
 import io
 import json
@@ -9,7 +10,9 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+import time
+import types
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -19,10 +22,13 @@ from hypothesis import strategies as st
 from queueguard import logging_setup
 from queueguard.logging_setup import (
     _LOGFMT_BARE,
+    _SYSLOG_PRIORITY,
     _UNSAFE,
+    FIELDS_ATTR,
     MAX_VALUE_CHARS,
     MESSAGE_FIELDS,
     LogFormat,
+    StructuredFormatter,
     _escape_char,
     _key,
     _render,
@@ -415,3 +421,201 @@ def test_the_message_line_renders_as_the_reference_does() -> None:
     ]
     for fmt in ("logfmt", "json"):
         assert _render(fields, fmt) == ref_render(fields, fmt)
+
+
+# --- differential: whole lines against the formatter they replaced ------------------------------------
+#
+# `RefStructuredFormatter` is StructuredFormatter as it was before it built lines straight from the
+# record (renamed, body verbatim but for `ref_render` in place of `_render`). Every record must come
+# out as the same bytes, whatever its level, logger, message, arguments, fields and exception.
+
+
+class RefStructuredFormatter(logging.Formatter):
+    """ts, level, logger, msg, then the record's fields (and exc), on one line."""
+
+    def __init__(self, fmt: LogFormat = "logfmt", journal: bool = False) -> None:
+        super().__init__()
+        if fmt not in ("logfmt", "json"):
+            raise ValueError(f"unknown log format {fmt!r}: use 'logfmt' or 'json'")
+        self.fmt: LogFormat = fmt
+        self.journal = journal
+        self._second = -1
+        self._stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        items: list[tuple[str, object]] = []
+        if not self.journal:
+            second = int(record.created)
+            if second != self._second:  # strftime once a second, not once a line
+                self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            items.append(("ts", f"{self._stamp}.{int(record.msecs):03d}Z"))
+        items += [("level", record.levelname.lower()), ("logger", record.name), ("msg", record.getMessage())]
+        extra = getattr(record, FIELDS_ATTR, None)
+        if isinstance(extra, Mapping):
+            taken = {k for k, _ in items} | {"exc"}
+            items += [(f"{k}_" if k in taken else str(k), v) for k, v in extra.items()]
+        if record.exc_info:
+            items.append(("exc", self.formatException(record.exc_info)))
+        line = ref_render(items, self.fmt)
+        if self.journal:
+            return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
+
+
+FORMATS: list[tuple[LogFormat, bool]] = [("logfmt", False), ("logfmt", True), ("json", False), ("json", True)]
+# One formatter per kind for all examples, as a process has: what it keeps from one line must not
+# leak into the next.
+FORMATTERS = {kind: StructuredFormatter(*kind) for kind in FORMATS}
+REFERENCES = {kind: RefStructuredFormatter(*kind) for kind in FORMATS}
+
+
+def exc_info_of(text: str) -> logging._SysExcInfoType:
+    try:
+        raise ValueError(text)
+    except ValueError:
+        return sys.exc_info()
+
+
+def make_record(
+    name: str, level: int, msg: object, args: tuple[object, ...], fields: object, exc: str | None, created: float
+) -> logging.LogRecord:
+    exc_info = exc_info_of(exc) if exc is not None else None
+    record = logging.LogRecord(name, level, "(unknown file)", 0, msg, args, exc_info)
+    record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0  # as LogRecord sets them
+    if fields is not None:
+        setattr(record, FIELDS_ATTR, fields)
+    return record
+
+
+def assert_formats_as_the_reference(record: logging.LogRecord) -> None:
+    for kind in FORMATS:
+        line = FORMATTERS[kind].format(record)
+        assert line == REFERENCES[kind].format(record), kind
+        assert_one_line(line)
+
+
+# Names the line's own keys take (clash renaming), keys that sanitise alike, and keys that are not
+# exact strs but equal or hash like ones a line may already have kept.
+field_names = st.sampled_from([
+    "ts", "level", "logger", "msg", "exc", "level_", "msg=", "id", "", "bad key=", "rcpts",
+    Shouty("id"), Shouty("level"), 1, True, 1.5, None, b"id", Level.HIGH,
+]) | texts
+logger_names = texts | st.sampled_from(
+    ["queueguard.message", "queueguard.ratelimit", "root", Shouty("queueguard.message")]
+)
+levels = st.sampled_from([logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL, 25, 5, 0])
+messages: st.SearchStrategy[tuple[object, tuple[object, ...]]] = st.one_of(
+    texts.map(lambda t: (t, ())),  # no args: '%' stays as written
+    st.tuples(texts, values).map(lambda p: (p[0].replace("%", "%%") + " %s=%r", (p[1], p[0]))),
+    st.tuples(texts, st.integers()).map(lambda p: ("%(who)s sent %(n)d", ({"who": p[0], "n": p[1]},))),
+    oddities.map(lambda v: (v, ())),
+)
+all_fields = st.one_of(
+    st.none(),
+    st.dictionaries(field_names, values, max_size=6),
+    st.just(types.MappingProxyType({"id": "q1", "level": "evil"})),
+    st.just(["not", "a", "mapping"]),
+)
+# Seconds either side of a change of second, and far apart, so kept timestamps go stale.
+moments = st.sampled_from([1796668904.373, 1796668904.9995, 1796668905.0, 0.0, 951782400.5]) | st.floats(0, 4e9)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(logger_names, levels, messages, all_fields, st.none() | texts, moments)
+def test_records_format_as_the_reference_does(
+    name: str, level: int, message: tuple[object, tuple[object, ...]], fields: object, exc: str | None,
+    created: float,
+) -> None:
+    msg, args = message
+    assert_formats_as_the_reference(make_record(name, level, msg, args, fields, exc, created))
+
+
+def test_kept_renderings_are_not_given_to_lookalikes() -> None:
+    """A key, logger name or level name kept for an exact str is not used for a str subclass
+    equal to it, nor for 1 after True: they print otherwise."""
+    for fields in ({"id": 1, "level": 2}, {Shouty("id"): 1, Shouty("level"): 2}, {True: 1}, {1: 1}, {1.0: 1}):
+        for name in ("queueguard.message", Shouty("queueguard.message")):
+            record = make_record(name, logging.INFO, "message", (), fields, None, 1796668904.373)
+            assert_formats_as_the_reference(record)
+            record.levelname = Shouty(record.levelname)
+            assert_formats_as_the_reference(record)
+
+
+def test_the_timestamp_follows_the_second() -> None:
+    """Forward, back and far: a kept second is never shown for another."""
+    for created in (1796668904.373, 1796668904.9995, 1796668905.0, 1796668904.5, 0.0, 1796668904.001):
+        assert_formats_as_the_reference(make_record("q", logging.INFO, "tick", (), None, None, created))
+
+
+def test_the_two_lines_every_message_costs() -> None:
+    """The message line and the rate-limit line, byte for byte as written before."""
+    created = calendar.timegm((2026, 12, 7, 18, 41, 44)) + 0.3735
+    ratelimit = make_record(
+        "queueguard.ratelimit", logging.INFO, "ratelimit %s%s %s rcpt=%s %s txn=%s",
+        ("flood-to-one-address", " (shadow) would", "tempfail", "bob@test.example",
+         "key=bob@test.example|test.example retry_after=39847s", "1a251cfd3b5befeadb7"), None, None, created,
+    )
+    message = make_record("queueguard.message", logging.INFO, "message", (), {
+        "id": "1a251cfd3b5befeadb7", "client": "unknown[127.0.0.1]", "helo": "vm", "sender": "<a@test.example>",
+        "rcpts": ["bob@test.example"], "size": 4226, "verdict": "accept", "reason": "ok", "rule": "",
+        "hits": ["ratelimit:flood-to-one-address(shadow)"], "downstream": "", "reply": "250 2.0.0 Ok",
+        "t_total": 0.0003, "t_scan": 0.0, "t_relay": 0.0,
+    }, None, created)
+    assert FORMATTERS["logfmt", False].format(ratelimit) == (
+        'ts=2026-12-07T18:41:44.373Z level=info logger=queueguard.ratelimit msg="ratelimit flood-to-one-address'
+        ' (shadow) would tempfail rcpt=bob@test.example key=bob@test.example|test.example retry_after=39847s'
+        ' txn=1a251cfd3b5befeadb7"'
+    )
+    assert FORMATTERS["logfmt", False].format(message) == (
+        "ts=2026-12-07T18:41:44.373Z level=info logger=queueguard.message msg=message id=1a251cfd3b5befeadb7"
+        ' client=unknown[127.0.0.1] helo=vm sender=<a@test.example> rcpts=bob@test.example size=4226'
+        ' verdict=accept reason=ok rule="" hits=ratelimit:flood-to-one-address(shadow) downstream=""'
+        ' reply="250 2.0.0 Ok" t_total=0.0003 t_scan=0.0 t_relay=0.0'
+    )
+    for record in (ratelimit, message):
+        assert_formats_as_the_reference(record)
+
+
+class Keep(logging.Handler):
+    """Keeps the records it is given, to format them again with the reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("journal", [False, True])
+@pytest.mark.parametrize("fmt", ["logfmt", "json"])
+def test_a_file_gets_the_reference_lines(
+    root_logger: logging.Logger, tmp_path: Path, fmt: LogFormat, journal: bool
+) -> None:
+    """Through logging and configure's handler into a real file: fields, %-args, exceptions,
+    non-ASCII and control characters, each record one line as the reference writes it."""
+    path = tmp_path / "log"
+    keep = Keep()
+    with path.open("w", encoding="utf-8") as stream:
+        st_ = os.fstat(stream.fileno())
+        environ = {"JOURNAL_STREAM": f"{st_.st_dev}:{st_.st_ino}"} if journal else {}
+        configure(fmt, "debug", stream=stream, environ=environ)
+        root_logger.addHandler(keep)
+        msglog, other = logging.getLogger("queueguard.message"), logging.getLogger("queueguard.t\u00e9st\n\u202e")
+        log_event(msglog, "message", **message_fields())
+        log_event(msglog, "message", **{**message_fields(), "helo": "Jos\u00e9\x1b[2J\u2028", "msg": "x", "ts": 1})
+        other.warning("ratelimit %s%s rcpt=%s", "rule", " (shadow) would", "b\u00f6b@x\r\n\x00")
+        other.info("%(who)s sent %(n)d", {"who": "a b", "n": 3})
+        other.debug("100% plain\t")
+        log_event(other, "odd", logging.ERROR, level="evil", exc=ValueError("v"), rcpts=("a", "b c"), raw=b"\xff")
+        try:
+            raise RuntimeError("boom\n\u202esecond line \ud800")
+        except RuntimeError:
+            other.exception("failed %s", "here")
+            log_event(msglog, "failed", logging.CRITICAL, id="q1")
+            msglog.error("with fields too", exc_info=True, extra={FIELDS_ATTR: {"id": "q2"}})
+    reference = RefStructuredFormatter(fmt, journal)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    assert lines.pop() == ""
+    assert len(keep.records) == 9
+    assert lines == [reference.format(r) for r in keep.records]
