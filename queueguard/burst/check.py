@@ -103,9 +103,10 @@ class BurstCheck:
         rules = ctx.policy.bursts
         if not rules:
             return StageResult()
-        fps = fingerprints(ctx.parsed)
+        skeleton = subject_skeleton(ctx.parsed.subject)
+        fps = fingerprints(ctx.parsed, skeleton)
         ctx.fingerprints.update(fps.as_dict())
-        seen = sighting(fps, subject_skeleton(ctx.parsed.subject), ctx.parsed.url_hosts)
+        seen = sighting(fps, skeleton, ctx.parsed.url_hosts)
         result = StageResult()
         now = self.clock()
         for rule in rules:

@@ -10,15 +10,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from queueguard.burst import fingerprint as fp
+from tests.unit.burst.test_fingerprint_keys_unchanged import (
+    REF_DROP,
+    REF_K1,
+    REF_K2,
+    REF_K3,
+    REF_MASK64,
+    ref_fold,
+    ref_token_value,
+)
 
 OLD_TOKEN_RE = re.compile(r"(?:https?://|www\.)\S+|[^\W_]+(?:['\u2019][^\W_]+)?|[.!?]+(?=\s|$)|\n[^\S\n]*\n")
 """The tokenizer as it was before, verbatim."""
 
 
 def old_shingle_hashes(text: str) -> set[int]:
-    hs = [h for h in map(fp._token_value, OLD_TOKEN_RE.findall(fp.fold(text))) if h != fp._DROP]
+    hs = [h for h in map(ref_token_value, OLD_TOKEN_RE.findall(ref_fold(text))) if h != REF_DROP]
     return {
-        (a * fp._K1 + b * fp._K2 + c * fp._K3) & fp._MASK64
+        (a * REF_K1 + b * REF_K2 + c * REF_K3) & REF_MASK64
         for a, b, c in zip(hs, hs[1:], hs[2:], strict=False)
         if (a | b | c) >= 0 and not (a & b & c & 1)
     }
