@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import ipaddress
 import logging
 import socket
@@ -552,33 +553,43 @@ class SmtpConnection(asyncio.Protocol):
 
     def _message(self, content: bytes) -> None:
         """The Session's answer; the transaction stays open on it until then, so a client
-        vanishing mid-way is ended by closed(). Waited for without a Task of ours: the Session
-        settles the message in its own (~8 µs a Task)."""
+        vanishing mid-way is ended by closed(). Waited for without a Task of ours (~8 µs a Task):
+        the Session settles the message in its own, and `reply` stands for the wait."""
         assert self.session is not None
         # Checks and relay get the whole budget; the relay's own DATA timeout (data_timeout)
         # expires first, so the client always hears our 451 rather than a silent close.
-        settings = self.proxy.settings
-        self._arm(settings.data_timeout + 60)
+        self._arm(self.proxy.settings.data_timeout + 60)
         self.junk = 0
         self._flush()
-        settled = self.session.data(content)
         reply: asyncio.Future[str | None] = self.loop.create_future()
+        self.task = reply
+        reply.add_done_callback(self._done)
+        try:
+            settled = self.session.data(content)
+        except Exception as error:  # a bug of ours: 451, as from a Task
+            reply.set_exception(error)
+            return
+        # The client gone (_gone cancels `reply`): the wait is cancelled as a Task's would be, and
+        # Session.data's shield keeps a relayed message settling to its end.
+        reply.add_done_callback(lambda _: settled.cancel() if reply.cancelled() else None)
+        settled.add_done_callback(functools.partial(self._settled, reply))
 
-        def answer(outcome: asyncio.Future[Outcome]) -> None:
-            self._arm(settings.data_timeout)
+    def _settled(self, reply: asyncio.Future[str | None], outcome: asyncio.Future[Outcome]) -> None:
+        """The message's outcome as `reply`'s result: the verdict's reply line, or the error (451)."""
+        try:
+            self._arm(self.proxy.settings.data_timeout)
             error = None if outcome.cancelled() else outcome.exception()  # retrieved even if unused
             if reply.done():
-                return  # the client is gone (_gone cancelled the wait)
+                return  # the client is gone
             if outcome.cancelled():
                 reply.cancel()
             elif error is not None:
                 reply.set_exception(error)
             else:
                 reply.set_result(outcome.result().verdict.reply())
-
-        settled.add_done_callback(answer)
-        self.task = reply
-        reply.add_done_callback(self._done)
+        except Exception as error:
+            if not reply.done():
+                reply.set_exception(error)
 
     def smtp_rset(self, arg: str | None) -> None:
         if arg:

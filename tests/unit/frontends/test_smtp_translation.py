@@ -306,6 +306,45 @@ async def test_a_client_leaving_mid_data_ends_its_transaction_unanswered() -> No
     assert seen.raw == [] and getattr(p.pipeline.rcpt_checks[0], "ended", None) == (["ok@example.org"], False)
 
 
+class Slow:
+    name = "slow"
+
+    async def on_message(self, ctx: MessageContext) -> StageResult:
+        await asyncio.sleep(0.05)
+        return StageResult()
+
+
+async def test_a_client_leaving_while_its_message_is_judged_cancels_the_judging_without_a_relay() -> None:
+    """The front end waits on the Session's future, not in a Task of its own: leaving must still
+    cancel that wait as it cancelled the Task. Without a relay nothing reached a downstream, so the
+    judging stops and the transaction ends unpassed (with one, Session.data's shield keeps it)."""
+    pipeline = Pipeline(frontend="smtp", policy=Policy, rcpt_checks=[Refuse()], message_checks=[Slow()])
+    p = SmtpProxy(pipeline, SmtpSettings(hostname="guard.test", max_message_size=200_000))
+    c = await greeted(p)
+    await c.send(b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:<ok@example.org>\r\n", b"DATA\r\n")
+    c.conn.data_received(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+    assert c.conn.task is not None
+    c.conn.connection_lost(None)
+    await asyncio.gather(*p._pending)
+    assert getattr(p.pipeline.rcpt_checks[0], "ended", None) == (["ok@example.org"], False)
+    assert await c.send() == []
+
+
+async def test_a_failure_handing_the_message_to_the_session_is_a_451() -> None:
+    p, _ = proxy()
+    c = await greeted(p)
+    await c.send(b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:<ok@example.org>\r\n", b"DATA\r\n")
+    assert c.conn.session is not None
+
+    def broken(raw: bytes) -> asyncio.Future[Any]:
+        raise RuntimeError("a bug")
+
+    c.conn.session.data = broken  # type: ignore[method-assign]
+    replies = await c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+    assert len(replies) == 1 and replies[0].startswith("451 4.3.0"), replies
+    assert await c.send(b"NOOP\r\n") == ["250 OK"]  # the session goes on
+
+
 async def test_lines_that_are_no_command_count_towards_goodbye() -> None:
     p, _ = proxy()
     c = await greeted(p)
