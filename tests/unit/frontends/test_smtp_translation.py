@@ -60,7 +60,7 @@ class Wire(asyncio.Transport):
 
     def __init__(self, protocol: asyncio.Protocol) -> None:
         super().__init__()
-        self.protocol, self.closing, self.paused, self.full = protocol, False, False, False
+        self.protocol, self.closing, self.paused, self.full, self.aborted = protocol, False, False, False, False
         self.writes: list[bytes] = []
 
     def write(self, data: Any) -> None:
@@ -75,6 +75,9 @@ class Wire(asyncio.Transport):
 
     def close(self) -> None:
         self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("192.0.2.9", 4000) if name == "peername" else default
@@ -309,8 +312,11 @@ async def test_a_client_leaving_mid_data_ends_its_transaction_unanswered() -> No
 class Slow:
     name = "slow"
 
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds = seconds
+
     async def on_message(self, ctx: MessageContext) -> StageResult:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(self.seconds)
         return StageResult()
 
 
@@ -343,6 +349,26 @@ async def test_a_failure_handing_the_message_to_the_session_is_a_451() -> None:
     replies = await c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
     assert len(replies) == 1 and replies[0].startswith("451 4.3.0"), replies
     assert await c.send(b"NOOP\r\n") == ["250 OK"]  # the session goes on
+
+
+async def test_the_idle_timeout_runs_from_the_last_reply_through_every_stage() -> None:
+    """One idle timer per connection, re-armed lazily: after a message whose settling outlasted
+    data_timeout (it has data_timeout + 60) a client that says nothing more is hung up on
+    data_timeout after our last reply, not later and not earlier."""
+    pipeline = Pipeline(frontend="smtp", policy=Policy, rcpt_checks=[Refuse()], message_checks=[Slow(0.6)])
+    p = SmtpProxy(pipeline, SmtpSettings(hostname="guard.test", max_message_size=200_000, data_timeout=0.4))
+    c = await greeted(p)
+    await c.send(b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:<ok@example.org>\r\n", b"DATA\r\n")
+    await asyncio.sleep(0.3)  # most of a timeout spent before the message: the timer must move on
+    c.conn.data_received(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+    while c.conn.task is not None:  # judged for 0.6 s, past the idle timeout
+        await asyncio.sleep(0.01)
+    assert await c.send() == ["250 2.0.0 Ok"] and not c.wire.aborted
+    answered = asyncio.get_running_loop().time()
+    while not c.wire.aborted:
+        assert asyncio.get_running_loop().time() - answered < 5, "never timed out"
+        await asyncio.sleep(0.01)
+    assert asyncio.get_running_loop().time() - answered >= 0.39
 
 
 async def test_lines_that_are_no_command_count_towards_goodbye() -> None:
