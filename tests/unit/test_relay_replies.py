@@ -45,3 +45,29 @@ async def reply_to(wire: bytes) -> str:
 ])
 async def test_reply_parsing(wire: bytes, read: str) -> None:
     assert await reply_to(wire) == read
+
+
+async def test_each_exchange_gets_its_own_deadline_on_the_connections_one_timer() -> None:
+    """One timer per downstream connection, moved lazily: a reply within its deadline is not cut
+    off when the timer goes off at an earlier exchange's, and a short deadline after a long one
+    still aborts on time (the long one's timer is not kept)."""
+    replies = asyncio.Queue[bytes]()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            writer.write(await replies.get())
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        conn = SmtpConnection(reader, writer, None)
+        loop = asyncio.get_running_loop()
+        replies.put_nowait(b"250 first\r\n")
+        assert str(await conn.read_reply(timeout=0.2)) == "250 first"  # its timer stays, 0.2 s out
+        loop.call_later(0.5, replies.put_nowait, b"250 second\r\n")
+        assert str(await conn.read_reply(timeout=10)) == "250 second"  # the timer went off meanwhile
+        started = loop.time()
+        with pytest.raises(DownstreamError, match=r"no progress within 0\.2 s"):
+            await conn.read_reply(timeout=0.2)  # nothing comes; the timer was 10 s out
+        assert 0.19 <= loop.time() - started < 5
+        conn.close()
