@@ -411,10 +411,6 @@ def _short_hash(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def subject_keys(subject: str) -> tuple[str, ...]:
-    return skeleton_keys(subject_skeleton(subject))
-
-
 def skeleton_keys(skeleton: str) -> tuple[str, ...]:
     return (f"s:{_short_hash(skeleton)}",) if skeleton else ()
 
